@@ -1,0 +1,10 @@
+"""fastdit: the DiT (Peebles & Xie) training and sampling stack on fused GPU kernels.
+
+Drop-in for facebookresearch/DiT:  from fastdit import DiT_models, create_diffusion
+"""
+__version__ = "0.1.0"
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .models import DiT, DiT_models
+
+__all__ = ["DiT", "DiT_models", "load_checkpoint", "CheckpointError", "__version__"]

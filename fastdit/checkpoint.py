@@ -1,0 +1,122 @@
+"""Loading DiT weights from untrusted files: official releases, DiT train.py and fastdit checkpoints.
+
+A checkpoint file is untrusted input. `.pt`/`.pth` files are read with
+`torch.load(weights_only=True)`, which unpickles tensors and plain containers only, plus the
+allow-listed argparse.Namespace that DiT's train.py stores under "args"; `.safetensors` files
+hold tensors only. Arbitrary pickled objects are refused unless the caller passes trusted=True.
+"""
+import argparse
+import os
+import pickle
+
+import torch
+
+# Keys under which training scripts store weights, in order of preference: EMA weights are
+# the ones DiT samples with.
+WEIGHT_KEYS = ("ema", "model", "state_dict", "model_state_dict")
+PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def _read(path, map_location, trusted):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a valid .safetensors file ({e})") from e
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except Exception as e:  # a corrupt file fails anywhere in the unpickler, with any error type
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            raise CheckpointError(
+                f"{path} contains pickled objects beyond tensors and plain containers, which are not "
+                f"loaded from untrusted files. If you trust the file, pass trusted=True. ({e})"
+            ) from e
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a corrupt one ({type(e).__name__}: {e})") from e
+
+
+def extract_state_dict(obj, key=None, source="checkpoint"):
+    """The model state_dict inside a loaded checkpoint object, with wrapper prefixes removed.
+
+    obj: a state_dict, or a training checkpoint dict holding one under `key` (default: the
+    first of "ema", "model", "state_dict", "model_state_dict" present).
+    """
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(f"{source} has no key {key!r}; its keys are {sorted(map(str, obj))[:20]}")
+        sd = obj[key]
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        found = [k for k in WEIGHT_KEYS if isinstance(obj.get(k), dict)]
+        if not found:
+            raise CheckpointError(
+                f"{source} is neither a state_dict (name -> tensor) nor a training checkpoint with one of "
+                f"the keys {WEIGHT_KEYS}; its keys are {sorted(map(str, obj))[:20]}"
+            )
+        sd = obj[found[0]]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{source}: the weights under {key!r} are not a name -> tensor mapping")
+    return {_strip_prefixes(k): v for k, v in sd.items()}
+
+
+def _strip_prefixes(name):
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in PREFIXES:
+            if name.startswith(p):
+                name, stripped = name[len(p) :], True
+    return name
+
+
+def load_checkpoint(path, model=None, key=None, strict=True, map_location="cpu", trusted=False):
+    """Read DiT weights from `path`; load them into `model` if given.
+
+    Accepts an official DiT release (a bare state_dict), a DiT train.py checkpoint
+    ({"model", "ema", "opt", "args"}: the EMA weights are preferred), a fastdit checkpoint,
+    a `.safetensors` file, and keys prefixed by "module." or "_orig_mod.".
+
+    Returns the state_dict, or `model` when one is given. Raises FileNotFoundError for a missing
+    file and CheckpointError (a ValueError) for an unreadable one or one that does not fit.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
+    sd = extract_state_dict(_read(path, map_location, trusted), key=key, source=str(path))
+    if model is None:
+        return sd
+    _check_fits(model, sd, path, strict)
+    model.load_state_dict(sd, strict=strict)
+    return model
+
+
+def _check_fits(model, sd, path, strict):
+    own = model.state_dict()
+    problems = []
+    for name, value in sd.items():
+        if name in own and own[name].shape != value.shape:
+            problems.append(f"{name}: checkpoint {tuple(value.shape)}, model {tuple(own[name].shape)}")
+    if strict:
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing:
+            problems.append(f"missing from the checkpoint: {_some(missing)}")
+        if unexpected:
+            problems.append(f"not in the model: {_some(unexpected)}")
+    if problems:
+        hint = ""
+        if any(p.startswith("pos_embed") for p in problems):
+            hint = " (pos_embed differs: was the model built with the checkpoint's input_size and patch_size?)"
+        raise CheckpointError(f"{path} does not fit the model{hint}:\n  " + "\n  ".join(problems))
+
+
+def _some(names, n=8):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

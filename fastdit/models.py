@@ -1,0 +1,382 @@
+"""DiT backbone: the public API and state_dict of facebookresearch/DiT's models.py, on fused ops.
+
+Same constructor arguments and defaults, the same twelve configs, the same state_dict keys
+and shapes, the same initialisation (and the same random draws, so a seed gives the same
+weights). What differs is the forward: patch embedding, LayerNorm+modulate, gated residuals,
+attention and unpatchify go through `fastdit.ops`, and each block's closing gated residual is
+fused with the LayerNorm+modulate that opens the next block (or the final layer).
+"""
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+
+#################################################################################
+#               Embedding layers for patches, timesteps and class labels        #
+#################################################################################
+
+
+def _pair(v, name):
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise ValueError(f"{name} must be an int or a pair of ints (H, W), got {v!r}")
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: a stride-p convolution, computed as patchify + one GEMM.
+
+    Keeps the Conv2d parameter `proj` so checkpoints keep the key `x_embedder.proj.*`.
+    """
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
+        super().__init__()
+        self.img_size = _pair(img_size, "input_size")
+        self.patch_size = (patch_size, patch_size)
+        if any(s % patch_size for s in self.img_size):
+            raise ValueError(f"input_size {self.img_size} must be divisible by patch_size {patch_size}")
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x):
+        tokens = ops.patchify(x, self.patch_size[0])  # (B, T, C*p*p), features in Conv2d weight order
+        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # (B, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal frequencies, then a 2-layer MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """(N,) possibly fractional timesteps -> (N, dim): [cos(t f), sin(t f)], f geometric in [1, 1/max_period)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        args = t[:, None].float() * freqs[None]  # (N, half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors; with dropout_prob > 0 an extra 'null' class drops labels for CFG."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)  # (N, D)
+
+
+#################################################################################
+#                                 Core DiT model                                #
+#################################################################################
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. The qkv GEMM's output, viewed (B, T, 3, H, Dh), already is the
+    (B, T, H, Dh) layout fastdit.ops.attention takes: q, k and v are strided views, never copied."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, Dh)
+        o = ops.attention(*qkv.unbind(2))  # (B, T, H, Dh)
+        return self.proj(o.reshape(B, T, D))  # (B, T, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        # Parameter-free, kept for API parity (and their eps): the ops below do the normalisation.
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        """The official block: x (B, T, D), c (B, D) -> (B, T, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = ops.modulate_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (B, T, D)
+        x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        return ops.gated_residual(x, self.mlp(h), gate_mlp)
+
+    def chained_forward(self, x, h, mod, nxt):
+        """The block as DiT.forward runs it, fused with the LayerNorm+modulate that follows it.
+
+        x: residual stream (B, T, D); h = modulate_layer_norm(x, shift_msa, scale_msa) (B, T, D);
+        mod: this block's six adaLN outputs (B, D); nxt: (shift, scale, eps) of the next
+        LayerNorm+modulate. Returns the new residual stream and that LayerNorm+modulate's output.
+        """
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        return ops.gated_residual_modulate_layer_norm(x, self.mlp(h), gate_mlp, *nxt)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(ops.modulate_layer_norm(x, shift, scale, self.norm_final.eps))  # (B, T, p*p*C)
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone (Peebles & Xie), drop-in for facebookresearch/DiT.
+
+    input_size may also be a pair (H, W) for non-square latents; forward accepts any H, W divisible
+    by patch_size (the fixed sin-cos position embedding is computed for other grids).
+    """
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+    ):
+        super().__init__()
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.gradient_checkpointing = False
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos embedding, stored (as the official model does) but never trained.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        # Patch embedding initialised like nn.Linear, not nn.Conv2d.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity, and the output layer at zero.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def set_gradient_checkpointing(self, enabled=True):
+        """Recompute each block's activations in the backward instead of storing them."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def _grid(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        p = self.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(f"x's height and width {(H, W)} must be divisible by patch_size {p}")
+        return H // p, W // p
+
+    def _pos_embed(self, grid, like):
+        if grid == self.x_embedder.grid_size:
+            return self.pos_embed
+        return _sincos_pos_embed_tensor(self.pos_embed.shape[-1], grid, like.device, like.dtype)
+
+    def unpatchify(self, x, grid_size=None):
+        """x: (N, T, p*p*C) -> imgs (N, C, H, W); grid_size (h, w) defaults to a square grid."""
+        return ops.unpatchify(x, self.patch_size, self.out_channels, grid_size=grid_size)
+
+    def forward(self, x, t, y):
+        """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels."""
+        grid = self._grid(x)
+        x = self.x_embedder(x) + self._pos_embed(grid, self.pos_embed)  # (N, T, D), T = H * W / p**2
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = F.silu(c)  # every adaLN_modulation opens with this SiLU: apply it once
+        mods = [block.adaLN_modulation[1](c).chunk(6, dim=1) for block in self.blocks]  # depth x 6 x (N, D)
+        final = self.final_layer
+        # Each LayerNorm+modulate after the first is fused into the gated residual before it.
+        norms = [(m[0], m[1], block.norm1.eps) for m, block in zip(mods, self.blocks)]  # (shift, scale, eps)
+        norms.append((*final.adaLN_modulation[1](c).chunk(2, dim=1), final.norm_final.eps))
+        h = ops.modulate_layer_norm(x, *norms[0])  # (N, T, D)
+        for block, mod, nxt in zip(self.blocks, mods, norms[1:]):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, h = checkpoint(block.chained_forward, x, h, mod, nxt, use_reentrant=False)
+            else:
+                x, h = block.chained_forward(x, h, mod, nxt)  # (N, T, D) each
+        x = final.linear(h)  # (N, T, p*p*out_channels)
+        return self.unpatchify(x, grid)  # (N, out_channels, H, W)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels="paper"):
+        """Forward with classifier-free guidance; the batch is [conditional half, unconditional half].
+
+        cfg_channels: "paper" guides the first 3 channels, as the official code (and its reported
+        FIDs) do; "all" guides every predicted-noise channel (the standard formulation).
+        """
+        if cfg_channels not in ("paper", "all"):
+            raise ValueError(f"cfg_channels must be 'paper' or 'all', got {cfg_channels!r}")
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        n = 3 if cfg_channels == "paper" else self.in_channels
+        eps, rest = model_out[:, :n], model_out[:, n:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+#################################################################################
+#                   Sine/cosine positional embedding                            #
+#################################################################################
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False, extra_tokens=0):
+    """grid_size: int (square) or (h, w) -> (h*w, embed_dim) float64, tokens row-major over (h, w).
+
+    The first half of the channels encodes the column (w) coordinate, the second half the row,
+    as in MAE and DiT.
+    """
+    gh, gw = _pair(grid_size, "grid_size")
+    grid_w, grid_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))  # (h, w) each
+    if embed_dim % 2:
+        raise ValueError(f"hidden_size must be even for the 2-D sin-cos position embedding, got {embed_dim}")
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_w)  # (h*w, D/2)
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_h)  # (h*w, D/2)
+    emb = np.concatenate([emb_w, emb_h], axis=1)  # (h*w, D)
+    if cls_token and extra_tokens > 0:
+        emb = np.concatenate([np.zeros([extra_tokens, embed_dim]), emb], axis=0)
+    return emb
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
+    """pos: positions of any shape (M values) -> (M, embed_dim) = [sin(pos w), cos(pos w)]."""
+    if embed_dim % 2:
+        raise ValueError(f"embed_dim must be even, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))  # (D/2,)
+    out = np.outer(pos.reshape(-1), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
+
+
+@lru_cache(maxsize=16)
+def _sincos_pos_embed_tensor(embed_dim, grid, device, dtype):
+    pos = get_2d_sincos_pos_embed(embed_dim, grid)
+    return torch.from_numpy(pos).to(device=device, dtype=torch.float32).to(dtype).unsqueeze(0)  # (1, T, D)
+
+
+#################################################################################
+#                                   DiT configs                                 #
+#################################################################################
+
+_CONFIGS = {  # name: (depth, hidden_size, num_heads)
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+}
+
+
+def _config(cls, size, patch_size):
+    depth, hidden_size, num_heads = _CONFIGS[size]
+
+    def make(**kwargs):
+        return cls(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+
+    make.__name__ = f"DiT_{size}_{patch_size}"
+    make.__doc__ = f"DiT-{size}/{patch_size}: depth {depth}, hidden size {hidden_size}, {num_heads} heads."
+    return make
+
+
+def model_configs(cls):
+    """The twelve named configurations 'DiT-XL/2' ... 'DiT-S/8' of a DiT-like class."""
+    return {f"DiT-{size}/{p}": _config(cls, size, p) for size in _CONFIGS for p in (2, 4, 8)}
+
+
+DiT_models = model_configs(DiT)
+DiT_XL_2, DiT_XL_4, DiT_XL_8 = (DiT_models[f"DiT-XL/{p}"] for p in (2, 4, 8))
+DiT_L_2, DiT_L_4, DiT_L_8 = (DiT_models[f"DiT-L/{p}"] for p in (2, 4, 8))
+DiT_B_2, DiT_B_4, DiT_B_8 = (DiT_models[f"DiT-B/{p}"] for p in (2, 4, 8))
+DiT_S_2, DiT_S_4, DiT_S_8 = (DiT_models[f"DiT-S/{p}"] for p in (2, 4, 8))

@@ -1,0 +1,45 @@
+"""fastdit's fused ops (contracts in DESIGN.md) and the choice of backend that runs them.
+
+    from fastdit import ops
+    r, h = ops.gated_residual_modulate_layer_norm(x, y, gate, shift, scale)
+    with ops.use_backend("reference"):
+        ...
+
+Each op lives in the module of the same name (kernels, launchers, autograd, dispatch). Those
+modules import Triton, so they load on first use of the op, not on `import fastdit`.
+"""
+import importlib
+import sys
+import types
+
+from ._dispatch import BACKENDS, get_backend, use_backend
+
+OPS = (
+    "modulate_layer_norm",
+    "gated_residual",
+    "gated_residual_modulate_layer_norm",
+    "patchify",
+    "unpatchify",
+    "attention",
+)
+__all__ = list(OPS) + ["BACKENDS", "get_backend", "use_backend"]
+
+
+def __getattr__(name):
+    if name not in OPS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    fn = getattr(importlib.import_module(f"{__name__}.{name}"), name)
+    globals()[name] = fn
+    return fn
+
+
+class _OpsPackage(types.ModuleType):
+    # Importing submodule X makes Python set package attribute X to the module; for the ops,
+    # `fastdit.ops.X` must stay the function of that name.
+    def __setattr__(self, name, value):
+        if name in OPS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _OpsPackage

@@ -1,0 +1,54 @@
+"""Which implementation an op runs: FASTDIT_BACKEND, use_backend(), and the tensors' device.
+
+  auto       Triton kernels on CUDA tensors, the pure-PyTorch reference on CPU tensors (default)
+  reference  fastdit.reference everywhere
+  triton     the Triton kernels everywhere; on CPU tensors through Triton's interpreter
+  cuda       the native extension fastdit._C (optional; an error when it is not built)
+"""
+import contextlib
+import os
+import threading
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+ENV_VAR = "FASTDIT_BACKEND"
+
+_local = threading.local()
+
+
+def _check_name(name, source):
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def get_backend():
+    """The backend in force: the innermost use_backend(...), else $FASTDIT_BACKEND, else 'auto'."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the ops inside the block with backend `name` (one of BACKENDS); nests, per thread."""
+    _check_name(name, "backend")
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def resolve(device):
+    """The implementation ('reference', 'triton' or 'cuda') an op runs for tensors on `device`."""
+    backend = get_backend()
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "cuda":
+        raise RuntimeError(
+            "FASTDIT_BACKEND=cuda needs fastdit's native extension (fastdit._C), which is not "
+            "built in this installation; use 'auto' or 'triton'"
+        )
+    return backend

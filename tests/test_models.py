@@ -1,0 +1,245 @@
+"""The DiT backbone against the facebookresearch/DiT contract: keys, shapes, init, forward, CFG."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdit
+from fastdit import DiT, DiT_models, ops
+from fastdit.models import get_2d_sincos_pos_embed
+from fastdit.reference_model import ReferenceDiT, reference_DiT_models
+
+CONFIGS = {  # the official table: name -> (depth, hidden_size, patch_size, num_heads)
+    "DiT-XL/2": (28, 1152, 2, 16), "DiT-XL/4": (28, 1152, 4, 16), "DiT-XL/8": (28, 1152, 8, 16),
+    "DiT-L/2": (24, 1024, 2, 16), "DiT-L/4": (24, 1024, 4, 16), "DiT-L/8": (24, 1024, 8, 16),
+    "DiT-B/2": (12, 768, 2, 12), "DiT-B/4": (12, 768, 4, 12), "DiT-B/8": (12, 768, 8, 12),
+    "DiT-S/2": (12, 384, 2, 6), "DiT-S/4": (12, 384, 4, 6), "DiT-S/8": (12, 384, 8, 6),
+}  # fmt: skip
+
+
+def official_state_dict_shapes(depth, D, p, input_size=32, C=4, num_classes=1000, learn_sigma=True):
+    """Key -> shape of an official DiT checkpoint, written out from the DiT contract."""
+    out = 2 * C if learn_sigma else C
+    shapes = {
+        "pos_embed": (1, (input_size // p) ** 2, D),
+        "x_embedder.proj.weight": (D, C, p, p),
+        "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256),
+        "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D),
+        "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (num_classes + 1, D),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+            b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
+            b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
+            b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,),
+        })  # fmt: skip
+    shapes.update({
+        "final_layer.linear.weight": (p * p * out, D), "final_layer.linear.bias": (p * p * out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+    })  # fmt: skip
+    return shapes
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_dict_keys_and_shapes_match_official(name):
+    depth, D, p, heads = CONFIGS[name]
+    with torch.device("meta"):
+        model = DiT_models[name]()
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == official_state_dict_shapes(depth, D, p)
+    assert (len(model.blocks), model.num_heads, model.patch_size) == (depth, heads, p)
+
+
+def test_twelve_configs_and_parameter_count():
+    assert sorted(DiT_models) == sorted(CONFIGS)
+    with torch.device("meta"):
+        xl = DiT_models["DiT-XL/2"]()
+    assert sum(p.numel() for p in xl.parameters()) == 675_129_632  # the count DiT's train.py logs
+
+
+def test_constructor_defaults_are_official():
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(DiT).parameters.items()}
+    assert defaults == dict(
+        input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+        mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
+    )  # fmt: skip
+
+
+def test_import_is_light():
+    code = "import sys, fastdit; bad = [m for m in ('triton', 'flash_attn', 'xformers', 'fastdit._C') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def small(cls=DiT, **kw):
+    args = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    args.update(kw)
+    return cls(**args)
+
+
+def randomize(model):
+    """Like a trained model: the zero-initialised weights (adaLN-Zero, output layer, biases)
+    drawn at a small scale, so that no check is vacuous."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def inputs(n=3, C=4, H=8, W=8, num_classes=10):
+    return torch.randn(n, C, H, W), torch.randint(0, 1000, (n,)).float(), torch.randint(0, num_classes, (n,))
+
+
+def test_same_seed_same_weights_as_reference_model():
+    torch.manual_seed(3)
+    a = small()
+    torch.manual_seed(3)
+    b = small(ReferenceDiT)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-S/4", "DiT-B/8"])
+def test_forward_matches_official_semantics_fp32(name):
+    ref = randomize(reference_DiT_models[name](input_size=16, num_classes=10, math_attention=True)).eval()
+    model = DiT_models[name](input_size=16, num_classes=10).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x, t, y = inputs(3, H=16, W=16)
+    with ops.use_backend("reference"), torch.no_grad():
+        out, expected = model(x, t, y), ref(x, t, y)
+    assert out.shape == (3, 8, 16, 16)
+    rel = (out - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-5, f"max relative error {rel:.3g}"
+
+
+def test_official_block_forward_matches_reference_block():
+    ref = randomize(small(ReferenceDiT, math_attention=True))
+    model = small()
+    model.load_state_dict(ref.state_dict())
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    with ops.use_backend("reference"):
+        torch.testing.assert_close(model.blocks[0](x, c), ref.blocks[0](x, c), rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_gradients_match_reference_model():
+    ref = randomize(small(ReferenceDiT, math_attention=True, class_dropout_prob=0.0))
+    model = small(class_dropout_prob=0.0)
+    model.load_state_dict(ref.state_dict())
+    x, t, y = inputs()
+    with ops.use_backend("reference"):
+        model(x, t, y).square().mean().backward()
+    ref(x, t, y).square().mean().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = randomize(small(class_dropout_prob=0.0))
+    x, t, y = inputs()
+    model(x, t, y).square().mean().backward()
+    plain = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    model.set_gradient_checkpointing(True)
+    model(x, t, y).square().mean().backward()
+    for g, p in zip(plain, (p for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_adaln_zero_init_blocks_are_identity_and_output_is_zero():
+    model = small()
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    for block in model.blocks:
+        torch.testing.assert_close(block(x, c), x, rtol=0, atol=0)
+    out = model(*inputs(2))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_forward_with_cfg_paper_and_all():
+    model = randomize(small()).eval()
+    x, t, _ = inputs(2)
+    x = torch.cat([x[:1], x[:1]])
+    y = torch.tensor([3, 10])  # conditional, then the null class
+    t = torch.cat([t[:1], t[:1]])
+    raw = model(x, t, y)
+    cond, uncond = raw[:1], raw[1:]
+    for mode, n in (("paper", 3), ("all", 4)):
+        out = model.forward_with_cfg(x, t, y, 4.0, cfg_channels=mode)
+        guided = uncond[:, :n] + 4.0 * (cond[:, :n] - uncond[:, :n])
+        torch.testing.assert_close(out[0, :n], guided[0])
+        torch.testing.assert_close(out[1, :n], guided[0])
+        torch.testing.assert_close(out[:, n:], raw[:, n:])
+    assert torch.equal(model.forward_with_cfg(x, t, y, 4.0), model.forward_with_cfg(x, t, y, 4.0, "paper"))
+    with pytest.raises(ValueError, match="cfg_channels"):
+        model.forward_with_cfg(x, t, y, 4.0, cfg_channels="some")
+
+
+def test_non_square_input():
+    model = randomize(small(input_size=(8, 16))).eval()
+    assert model.pos_embed.shape == (1, 4 * 8, 64)
+    x = torch.randn(2, 4, 8, 16)
+    out = model(x, torch.tensor([1.0, 500.0]), torch.tensor([1, 2]))
+    assert out.shape == (2, 8, 8, 16)
+    # A square model runs other grids with the matching fixed sin-cos embedding.
+    square = small(input_size=8).eval()
+    square.load_state_dict({k: v for k, v in model.state_dict().items() if k != "pos_embed"}, strict=False)
+    torch.testing.assert_close(square(x, torch.tensor([1.0, 500.0]), torch.tensor([1, 2])), out)
+
+
+def test_sincos_pos_embed_layout():
+    emb = get_2d_sincos_pos_embed(8, (2, 3))  # 2 rows, 3 columns
+    assert emb.shape == (6, 8)
+    # Token 4 is row 1, column 1; the first half encodes the column, the second the row.
+    col, row = 1.0, 1.0
+    omega = 1.0 / 10000 ** (torch.arange(2, dtype=torch.float64) / 2)
+    expect = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])
+    torch.testing.assert_close(torch.from_numpy(emb[4]), expect)
+    torch.testing.assert_close(torch.from_numpy(emb[2, 4:]), torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_label_dropout_uses_null_class():
+    model = small(class_dropout_prob=1.0)
+    emb = model.y_embedder(torch.tensor([1, 2]), train=True)
+    torch.testing.assert_close(emb, model.y_embedder.embedding_table.weight[[10, 10]])
+    forced = model.y_embedder(torch.tensor([1, 2]), train=False, force_drop_ids=torch.tensor([0, 1]))
+    torch.testing.assert_close(forced, model.y_embedder.embedding_table.weight[[1, 10]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hidden_size=65, num_heads=4), "divisible by num_heads"),
+        (dict(input_size=9), "divisible by patch_size"),
+        (dict(input_size="big"), "input_size"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small(**kwargs)
+
+
+def test_bad_forward_inputs():
+    model = small()
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        model(torch.randn(2, 4, 9, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+
+
+def test_readme_one_liner():
+    m = fastdit.DiT_models["DiT-S/2"](input_size=8, num_classes=10)
+    assert m(*inputs(2)).shape == (2, 8, 8, 8)

@@ -1,0 +1,107 @@
+"""fastdit.ops: backend selection and input validation shared by every op."""
+import pytest
+import torch
+
+from fastdit import ops, reference
+from fastdit.ops import _dispatch
+
+
+def test_every_contract_op_is_exposed():
+    for name in ("modulate_layer_norm", "gated_residual", "gated_residual_modulate_layer_norm",
+                 "patchify", "unpatchify", "attention"):  # fmt: skip
+        assert callable(getattr(ops, name)), name
+
+
+def test_op_names_stay_functions_after_their_modules_load():
+    import importlib
+
+    importlib.import_module("fastdit.ops.modulate_layer_norm")
+    importlib.import_module("fastdit.ops.gated_residual_modulate_layer_norm")
+    assert callable(ops.modulate_layer_norm) and callable(ops.gated_residual_modulate_layer_norm)
+
+
+def test_backend_selection(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("FASTDIT_BACKEND", raising=False)
+    assert ops.get_backend() == "auto"
+    assert _dispatch.resolve(cpu) == "reference" and _dispatch.resolve(cuda) == "triton"
+    monkeypatch.setenv("FASTDIT_BACKEND", "triton")
+    assert _dispatch.resolve(cpu) == "triton"
+    with ops.use_backend("reference"):
+        assert _dispatch.resolve(cuda) == "reference"
+        with ops.use_backend("auto"):
+            assert _dispatch.resolve(cpu) == "reference"
+        assert ops.get_backend() == "reference"
+    assert ops.get_backend() == "triton"
+    monkeypatch.setenv("FASTDIT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTDIT_BACKEND must be one of"):
+        ops.get_backend()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with ops.use_backend("tpu"):
+            pass
+    monkeypatch.setenv("FASTDIT_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="native extension"):
+        _dispatch.resolve(cpu)
+
+
+def rows(B=2, T=3, D=8, dtype=torch.float32):
+    return torch.randn(B, T, D, dtype=dtype), torch.randn(B, D, dtype=dtype)
+
+
+BAD_ROW_INPUTS = [
+    # (call, exception, message fragment)
+    (lambda x, v: ops.modulate_layer_norm(x[0], v, v), ValueError, "x must be 3-D"),
+    (lambda x, v: ops.modulate_layer_norm(x, v[:, :4], v), ValueError, r"shift must have shape \(B, D\) = \(2, 8\)"),
+    (lambda x, v: ops.modulate_layer_norm(x, v, v[:1]), ValueError, "scale must have shape"),
+    (lambda x, v: ops.modulate_layer_norm(x.long(), v, v), TypeError, "x must be float32, float16 or bfloat16"),
+    (lambda x, v: ops.modulate_layer_norm(x, v, "s"), TypeError, "scale must be a torch.Tensor"),
+    (lambda x, v: ops.modulate_layer_norm(x, v, v, eps=0), ValueError, "eps must be a positive float"),
+    (lambda x, v: ops.modulate_layer_norm(x, v, v.to("meta")), ValueError, "one device"),
+    (lambda x, v: ops.modulate_layer_norm(x[:, :0], v, v), ValueError, "non-empty"),
+    (lambda x, v: ops.gated_residual(x, x[:, :2], v), ValueError, "y must have shape"),
+    (lambda x, v: ops.gated_residual(x, x, v.int()), TypeError, "gate must be float32"),
+    (lambda x, v: ops.gated_residual_modulate_layer_norm(x, x, v, v, v[:, 1:]), ValueError, "scale must have shape"),
+    (lambda x, v: ops.gated_residual_modulate_layer_norm(x, x.transpose(1, 2), v, v, v), ValueError, "y must"),
+]
+
+
+@pytest.mark.parametrize("call, exc, match", BAD_ROW_INPUTS)
+def test_row_ops_reject_bad_inputs(call, exc, match):
+    x, v = rows()
+    with pytest.raises(exc, match=match):
+        call(x, v)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: ops.patchify(torch.randn(1, 4, 9, 8), 2), ValueError, "multiples of patch_size=2"),
+        (lambda: ops.patchify(torch.randn(4, 8, 8), 2), ValueError, "x must be 4-D"),
+        (lambda: ops.patchify(torch.randn(1, 4, 8, 8), 0), ValueError, "patch_size must be a positive int"),
+        (lambda: ops.patchify(torch.randn(1, 4, 8, 8), 2.0), ValueError, "patch_size must be a positive int"),
+        (lambda: ops.unpatchify(torch.randn(1, 16, 15), 2, 4), ValueError, "last dimension must be"),
+        (lambda: ops.unpatchify(torch.randn(1, 15, 16), 2, 4), ValueError, "not a square grid"),
+        (lambda: ops.unpatchify(torch.randn(1, 16, 16), 2, 4, grid_size=(3, 5)), ValueError, "holds 15 tokens"),
+        (lambda: ops.unpatchify(torch.randn(1, 16, 16), 2, 0), ValueError, "channels must be"),
+        (lambda: ops.attention(*[torch.randn(1, 4, 2, 8)] * 2, torch.randn(1, 5, 2, 8)), ValueError, "same shape"),
+        (lambda: ops.attention(torch.randn(1, 4, 2, 8), *[torch.randn(1, 4, 2, 4)] * 2), ValueError, "match q"),
+        (lambda: ops.attention(torch.randn(4, 2, 8), *[torch.randn(1, 4, 2, 8)] * 2), ValueError, "q must be 4-D"),
+        (
+            lambda: ops.attention(torch.randn(1, 4, 2, 8).half(), *[torch.randn(1, 4, 2, 8)] * 2),
+            TypeError,
+            "one dtype",
+        ),
+    ],
+)
+def test_layout_and_attention_ops_reject_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_reference_backend_is_the_reference():
+    x, v = rows()
+    s = torch.randn_like(v)
+    with ops.use_backend("reference"):
+        assert torch.equal(ops.modulate_layer_norm(x, v, s), reference.modulate_layer_norm(x, v, s))
+        img = torch.randn(2, 3, 4, 6)
+        assert torch.equal(ops.patchify(img, 2), reference.patchify(img, 2))
