@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastdit
-from fastdit.diffusion import create_diffusion, gd, space_timesteps
+from fastdit.diffusion import SpacedDiffusion, create_diffusion, gd, space_timesteps
 from fastdit.diffusion.diffusion_utils import (
     approx_standard_normal_cdf,
     continuous_gaussian_log_likelihood,
@@ -52,7 +52,9 @@ def test_matches_official(case):
     for key, exp in expected.items():
         out = got[key]
         name = f"{case}[{key}]"
-        assert out.dtype == exp.dtype and out.shape == exp.shape, f"{name}: {out.dtype} {tuple(out.shape)}, official {exp.dtype} {tuple(exp.shape)}"
+        assert (out.dtype, out.shape) == (exp.dtype, exp.shape), (
+            f"{name}: {out.dtype} {tuple(out.shape)}, official {exp.dtype} {tuple(exp.shape)}"
+        )
         if key == "next_draw" or not exp.is_floating_point():
             # The random stream after sampling, and integer timesteps, must be exact.
             assert torch.equal(out, exp), f"{name}: {out.tolist()} != official {exp.tolist()}"
@@ -94,7 +96,8 @@ def test_q_mean_variance_and_sample_closed_form():
     torch.testing.assert_close(mean, a.sqrt() * x0, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(var.double(), (1 - a).expand_as(x0), rtol=1e-6, atol=0)
     torch.testing.assert_close(log_var.double(), (1 - a).log().expand_as(x0), rtol=1e-6, atol=0)
-    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), a.sqrt() * x0 + (1 - a).sqrt() * noise, rtol=1e-6, atol=1e-6)
+    x_t = diffusion.q_sample(x0, t, noise)
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise, rtol=1e-6, atol=1e-6)
 
 
 def test_posterior_is_bayes_of_the_forward_process():
@@ -115,7 +118,8 @@ def test_posterior_is_bayes_of_the_forward_process():
     np.testing.assert_allclose(diffusion.posterior_mean_coef1[t], post_var * prior_mean_coef / prior_var, rtol=1e-9)
     np.testing.assert_allclose(diffusion.posterior_mean_coef2[t], post_var * lik_coef / lik_var, rtol=1e-9)
     assert diffusion.posterior_variance[0] == 0 and abs(diffusion.posterior_mean_coef1[0] - 1) < 1e-12
-    np.testing.assert_array_equal(diffusion.posterior_log_variance_clipped[:2], np.log(diffusion.posterior_variance[[1, 1]]))
+    clipped = diffusion.posterior_log_variance_clipped
+    np.testing.assert_array_equal(clipped[:2], np.log(diffusion.posterior_variance[[1, 1]]))
 
     # The same numerically, on a grid, for one scalar x_0 and x_t, through the public tensor method.
     x0, xt = 0.3, -0.7
@@ -215,11 +219,13 @@ def test_bad_arguments_name_the_argument():
         create_diffusion("", diffusion_steps=0)
     with pytest.raises(ValueError, match="beta_schedule"):
         gd.get_beta_schedule("nope", beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=10)
+    kinds = dict(
+        model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE
+    )
     with pytest.raises(ValueError, match="betas"):
-        gd.GaussianDiffusion(
-            betas=[0.1, 0.0], model_mean_type=gd.ModelMeanType.EPSILON,
-            model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE,
-        )
+        gd.GaussianDiffusion(betas=[0.1, 0.0], **kinds)
+    with pytest.raises(ValueError, match="use_timesteps"):
+        SpacedDiffusion(use_timesteps=[0, 5], betas=[0.1] * 5, **kinds)
 
 
 # --------------------------------------------------------------------------------------------------

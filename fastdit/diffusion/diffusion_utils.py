@@ -24,7 +24,10 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
         raise TypeError("normal_kl: at least one of mean1, logvar1, mean2, logvar2 must be a torch.Tensor")
     # torch.exp needs tensors: lift scalar log-variances to the first tensor's dtype and device.
     logvar1, logvar2 = (v if isinstance(v, torch.Tensor) else torch.tensor(v).to(like) for v in (logvar1, logvar2))
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+    # Summed left to right in DiT's order, so that losses match it bit for bit.
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x):

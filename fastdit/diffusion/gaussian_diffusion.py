@@ -281,7 +281,7 @@ class GaussianDiffusion:
         elif self.model_mean_type == ModelMeanType.EPSILON:
             pred_xstart = self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
         else:
-            raise NotImplementedError(f"model_mean_type {self.model_mean_type} is not supported for sampling")
+            raise NotImplementedError(f"p_mean_variance supports START_X and EPSILON models, not {self.model_mean_type}")
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
@@ -326,45 +326,14 @@ class GaussianDiffusion:
         sample = out["mean"] + self._nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-    ):
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                      model_kwargs=None, device=None, progress=False):
         """Samples of `shape` (N, C, ...) by ancestral (DDPM) sampling; see p_sample_loop_progressive."""
-        return _last_sample(
-            self.p_sample_loop_progressive(
-                model,
-                shape,
-                noise=noise,
-                clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn,
-                cond_fn=cond_fn,
-                model_kwargs=model_kwargs,
-                device=device,
-                progress=progress,
-            )
-        )
+        return _last_sample(self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress))
 
-    def p_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-    ):
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                  cond_fn=None, model_kwargs=None, device=None, progress=False):
         """Yield p_sample's dict at every step, from t = T-1 down to 0.
 
         noise: the starting x_{T-1} (drawn with torch.randn(*shape, device=device) when None).
@@ -372,30 +341,24 @@ class GaussianDiffusion:
         progress: show a tqdm progress bar.
         """
         yield from self._sample_loop_progressive(
-            self.p_sample,
-            model,
-            shape,
-            noise,
-            device,
-            progress,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-        )
+            self.p_sample, model, shape, noise, device, progress,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs)
 
-    def ddim_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
-    ):
-        """One DDIM step (Song et al. 2020, eq. 12) to the previous timestep; eta = 0 is deterministic,
-        eta = 1 matches DDPM's variance. Returns {"sample", "pred_xstart"}."""
+    def _ddim_prediction(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs):
+        """p_mean_variance, conditioned on the score by cond_fn, and the eps its x_0 prediction implies."""
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Re-derive eps from x_0 so that x_0- and eps-predicting models take the same path.
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        return out, self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                    eta=0.0):
+        """One DDIM step (Song et al. 2020, eq. 12) to the previous timestep; eta = 0 is deterministic,
+        eta = 1 matches DDPM's variance. Returns {"sample", "pred_xstart"}."""
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         alpha_bar = self._extract("alphas_cumprod", t, x.dim())
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.dim())
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
@@ -404,78 +367,28 @@ class GaussianDiffusion:
         sample = mean_pred + self._nonzero_mask(t, x) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
-    ):
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                            model_kwargs=None, eta=0.0):
         """One step of the deterministic DDIM ODE forward in time: x_t -> x_{t+1}."""
         if eta != 0.0:
             raise ValueError(f"eta must be 0.0 for the reverse (deterministic) DDIM ODE, got {eta!r}")
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-        )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         alpha_bar_next = self._extract("alphas_cumprod_next", t, x.dim())
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-    ):
+    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                         model_kwargs=None, device=None, progress=False, eta=0.0):
         """Samples of `shape` by DDIM; arguments as p_sample_loop, plus eta."""
-        return _last_sample(
-            self.ddim_sample_loop_progressive(
-                model,
-                shape,
-                noise=noise,
-                clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn,
-                cond_fn=cond_fn,
-                model_kwargs=model_kwargs,
-                device=device,
-                progress=progress,
-                eta=eta,
-            )
-        )
+        return _last_sample(self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta))
 
-    def ddim_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-    ):
+    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0):
         """Yield ddim_sample's dict at every step; arguments as p_sample_loop_progressive, plus eta."""
         yield from self._sample_loop_progressive(
-            self.ddim_sample,
-            model,
-            shape,
-            noise,
-            device,
-            progress,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            eta=eta,
-        )
+            self.ddim_sample, model, shape, noise, device, progress, clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
 
     def _sample_loop_progressive(self, step, model, shape, noise, device, progress, **step_kwargs):
         """Run `step` (p_sample or ddim_sample) from t = T-1 down to 0, yielding each step's dict."""

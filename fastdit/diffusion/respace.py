@@ -83,7 +83,8 @@ class SpacedDiffusion(GaussianDiffusion):
         self.use_timesteps = set(use_timesteps)
         base_betas = np.array(kwargs["betas"], dtype=np.float64)
         self.original_num_steps = len(base_betas)
-        unknown = sorted(s for s in self.use_timesteps if not (isinstance(s, (int, np.integer)) and 0 <= s < len(base_betas)))
+        valid = set(range(len(base_betas)))
+        unknown = sorted(self.use_timesteps - valid, key=str)
         if unknown:
             raise ValueError(f"use_timesteps must be steps in [0, {len(base_betas)}), got {unknown[:5]}")
         self.timestep_map = []

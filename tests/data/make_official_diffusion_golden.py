@@ -5,8 +5,9 @@
 /path/to/DiT is a directory holding the official `diffusion/` package (facebookresearch/DiT:
 diffusion/__init__.py, gaussian_diffusion.py, respace.py, diffusion_utils.py; they need only numpy
 and torch). It is imported from there and never committed here. The committed fixture was made
-from the files as stored at facebookresearch/DiT commit OFFICIAL_COMMIT (below), on CPU with the
-torch printed into the fixture's metadata.
+from the files of facebookresearch/DiT at commit OFFICIAL_COMMIT (below; code lines copied verbatim
+from a stored copy of that commit, docstrings left out), on CPU, with the torch version recorded in
+the fixture's metadata. On that machine fastdit reproduced every number bit for bit.
 
 The cases below are also what tests/test_diffusion.py runs against fastdit: each case takes a
 `create_diffusion` function and returns named tensors, so the official and fastdit results come
