@@ -182,6 +182,9 @@ def main(argv=None):
         rows = len((report._read_json(raw / f"{name}.json") or {}).get("rows", []))
         statuses[name] = {"status": status_of(rc), "returncode": rc, "duration_s": round(seconds, 1), "summary": summarise_log(log), "log": f"logs/{name}.log"}
         print(f"{statuses[name]['status']}: {rows} rows, {seconds:.0f} s {statuses[name]['summary']}", flush=True)
+        if rc != 0:
+            failures = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith(("FAILED", "ERROR"))]
+            print("".join(f"    {ln}\n" for ln in failures[:20]) + f"    (full log: {log})", flush=True)
         (raw / "run.json").write_text(json.dumps(run_info, indent=1))
     run_info["finished"] = time.time()
     (raw / "run.json").write_text(json.dumps(run_info, indent=1))

@@ -52,7 +52,7 @@ def load_run(out_dir):
         if path.stem in ("environment", "run"):
             continue
         data = _read_json(path) or {}
-        rows = [normalise(r) for r in data.get("rows", [])]
+        rows = [{**normalise(r), "file": path.stem} for r in data.get("rows", [])]
         suites[path.stem] = {**run.get("suites", {}).get(path.stem, {}), "complete": data.get("complete"), "rows": rows}
     for name, status in run.get("suites", {}).items():
         suites.setdefault(name, {**status, "complete": False, "rows": []})
@@ -81,10 +81,10 @@ def normalise(row):
 
 
 def rows_of(run, suite=None, **match):
-    """Rows recorded for `suite` (any file may hold them; all rows if None) whose fields equal `match`."""
+    """Rows of `suite` (labelled so, or in bench_<suite>.py's file; all rows if None) whose fields equal `match`."""
     return [
         r for s in run["suites"].values() for r in s["rows"]
-        if (suite is None or r.get("suite") == suite) and all(r.get(k) == v for k, v in match.items())
+        if suite in (None, r.get("suite"), r.get("file")) and all(r.get(k) == v for k, v in match.items())
     ]  # fmt: skip
 
 
@@ -293,7 +293,7 @@ def _train_headline(run, missing, sources):
         speedup_vs_compile=ratio(fd["img_per_s"], comp["img_per_s"]) if measured(comp) else None,
         peak_mem_ratio_vs_eager=ratio(fd.get("peak_mem_gib"), eager.get("peak_mem_gib")) if measured(eager) else None,
     )
-    sources["train"] = f"fastdit = {E2E_LABELS[fd['impl']]} (the faster of fastdit and torch.compile(fastdit)), {fd.get('config')}"
+    sources["train"] = f"fastdit = {E2E_LABELS[fd['impl']]} (the faster of fastdit and torch.compile(fastdit))" + (f", {fd['config']}" if fd.get("config") else "")
     reasons = {
         "mfu": "no MFU: the bf16 matmul rate is not measured in smoke mode",
         "speedup_vs_eager": _why_missing(eager, "reference eager"),
@@ -601,13 +601,13 @@ def render_plots(run, plot_dir):
     for ax, suite in zip(axes.flat, KERNELS):
         groups = kernel_groups(run, suite)
         kinds = _impl_kinds(groups)
-        series = {k: [_pct(g["impls"].get(k)) for g in groups] for k in kinds}
+        series = {k: [(g["impls"].get(k) or {}).get("pct_copy_bw") for g in groups] for k in kinds}
         _bars(ax, [f"{_shape_label(g)} {g['mode']}" for g in groups], series, suite, "% of copy bandwidth",
               _suite_absent(run, suite) or "no % of copy bandwidth (ceilings not measured)")  # fmt: skip
     groups = attention_groups(run)
     kinds = _impl_kinds(groups)
     series = {k: [g["impls"][k].get("pct_matmul") if k in g["impls"] else None for g in groups] for k in kinds}
-    _bars(axes.flat[5], [f"T{g['T']} hd{g['Dh']} {g['mode']}" for g in groups], series, "attention", "% of bf16 matmul rate",
+    _bars(axes.flat[5], [f"B{g['B']} H{g['H']} T{g['T']} hd{g['Dh']} {g['mode']}" for g in groups], series, "attention", "% of bf16 matmul rate",
           _suite_absent(run, "attention") or "no % of matmul rate (ceilings not measured)")  # fmt: skip
     save(fig, "roofline.png", "% of the measured roofline per kernel and implementation")
 
@@ -627,10 +627,6 @@ def render_plots(run, plot_dir):
 def _speedup(g, base):
     fd, other = best_fastdit(g["impls"]), g["impls"].get(base)
     return ratio(other["ms"], fd["ms"]) if fd and measured(other) else None
-
-
-def _pct(row):
-    return row.get("pct_copy_bw") if row else None
 
 
 def _shape_label(g):

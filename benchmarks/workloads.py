@@ -11,6 +11,7 @@ per image: the paper's 118.6 "GFLOPs" count a multiply-add once); tests cross-ch
 against torch.utils.flop_counter.FlopCounterMode.
 """
 import contextlib
+import functools
 import time
 
 import torch
@@ -153,6 +154,12 @@ class TrainStep:
             torch._foreach_lerp_(self.ema, self.params, 1 - EMA_DECAY)
 
 
+@functools.lru_cache(maxsize=None)
+def _respaced(steps):
+    """create_diffusion(str(steps)), made once: its tables reach the GPU on first use, not every run."""
+    return create_diffusion(str(steps))
+
+
 class Sampler:
     """DiT's sample.py loop: n latents with class labels plus their unconditional twins (label
     NUM_CLASSES), model.forward_with_cfg at scale 4, in bf16 autocast."""
@@ -167,7 +174,7 @@ class Sampler:
         self.y = torch.cat([y, torch.full_like(y, NUM_CLASSES)])  # (2n,)
 
     def __call__(self, sampler, steps):
-        diffusion = create_diffusion(str(steps))
+        diffusion = _respaced(steps)
         loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
         with autocast():
             return loop(
