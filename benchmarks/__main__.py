@@ -33,7 +33,7 @@ from benchmarks import report
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
-SUITE_WEIGHTS = {"end_to_end": 6.0, "attention": 1.5}  # others 1: shares of --quick's budget
+SUITE_WEIGHTS = {"end_to_end": 8.0, "attention": 1.5}  # others 1: shares of --quick's budget
 QUICK_BUDGET_S = 450
 REPORT_RESERVE_S = 30  # of the budget, kept for building the report
 GRACE_S = 20  # past its deadline before a suite is killed (it should stop itself earlier)

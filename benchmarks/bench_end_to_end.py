@@ -13,6 +13,7 @@ mode the torch.compile rows are recorded as skipped (compiling on a CPU runner t
 unless FASTDIT_BENCH_COMPILE=1.
 """
 import os
+import traceback
 
 import pytest
 
@@ -59,14 +60,13 @@ def run_job(task, model, resolution, train_batch, sample_batch, impl):
         task=task, model=model, resolution=resolution, impl=impl, config=workloads.describe(cfg),
         case=f"{task} {model} {resolution}",
     )  # fmt: skip
-    if task == "sample":
-        base["batch"] = sample_batch
-    elif task == "train":
-        base["batch"] = train_batch
+    base["batch"] = sample_batch if task == "sample" else train_batch
+    suite = profile_step.SUITE if task == "profile" else SUITE
     skip = _skip_reason(impl)
     if skip:
         rows = [{"sampler": s, "steps": n} for s, n in workloads.SAMPLERS.items()] if task == "sample" else [{}]
-        return [harness.record(SUITE, **base, **r, ms=None, status=skip) for r in rows][0]
+        return [harness.record(suite, **base, **r, ms=None, status=skip) for r in rows][0]
+    workloads.release()
     try:
         if task == "train":
             return measure_train(base, cfg, train_batch)
@@ -74,13 +74,17 @@ def run_job(task, model, resolution, train_batch, sample_batch, impl):
             return measure_sample(base, cfg, sample_batch)
         return profile_step.record_breakdown(base, cfg, train_batch)
     except Exception as exc:
-        status = f"out of memory at batch {base.get('batch', train_batch)}" if workloads.is_oom(exc) else f"error: {type(exc).__name__}: {exc}"
-        row = harness.record(SUITE if task != "profile" else profile_step.SUITE, **base, ms=None, status=status[:500])
-        if not workloads.is_oom(exc):
-            raise
-        return row
+        oom = workloads.is_oom(exc)
+        status = f"out of memory at batch {base['batch']}" if oom else f"error: {type(exc).__name__}: {exc}"
+        row = harness.record(suite, **base, ms=None, status=status[:500])
+        if oom:  # a measurement outcome, not a failure
+            return row
+        failure = traceback.format_exc()
     finally:
         workloads.release()
+    # Failing outside the except clause drops the exception and its frames (and their GPU tensors),
+    # which pytest would otherwise keep alive for the rest of the suite.
+    pytest.fail(failure, pytrace=False)
 
 
 def _skip_reason(impl):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+NVIDIA_SMI_FIELDS = ("driver_version", "clocks.max.sm", "clocks.max.memory", "power.limit")  # one query each: one unsupported field fails a query
 OPTIONAL_PACKAGES = ("triton", "flash-attn", "xformers", "apex", "numpy", "pytest-benchmark", "matplotlib")
 
 
@@ -55,18 +56,16 @@ def collect():
     env["triton"] = env["packages"]["triton"]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        query = "--query-gpu=driver_version,clocks.max.sm,clocks.max.memory,power.limit"
-        smi = _run("nvidia-smi", query, "--format=csv,noheader,nounits", "-i", "0")
-        fields = [f.strip() for f in smi.split(",")] if smi else [None] * 4
+        smi = {f: _run("nvidia-smi", f"--query-gpu={f}", "--format=csv,noheader,nounits", "-i", "0") for f in NVIDIA_SMI_FIELDS}
         env.update(
             gpu=props.name,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             sm_count=props.multi_processor_count,
             compute_capability=f"{props.major}.{props.minor}",
-            driver=fields[0],
-            max_sm_clock_mhz=fields[1],
-            max_memory_clock_mhz=fields[2],
-            power_limit_w=fields[3],
+            driver=smi["driver_version"],
+            max_sm_clock_mhz=smi["clocks.max.sm"],
+            max_memory_clock_mhz=smi["clocks.max.memory"],
+            power_limit_w=smi["power.limit"],
             cudnn=torch.backends.cudnn.version(),
         )
     else:

@@ -71,7 +71,7 @@ def record_breakdown(base, cfg, batch):
     step = workloads.TrainStep(workloads.build(base["impl"], cfg), base["impl"], cfg, batch)
     ops, total = breakdown(step)
     clock = "device" if harness.DEVICE == "cuda" else "cpu"
-    common = dict(base, batch=batch, clock=clock, total_ms=total)
+    common = dict(base, clock=clock, total_ms=total)
     rows = [harness.record(SUITE, **common, level="op", ms=o["ms"], **{k: o[k] for k in ("op", "category", "calls", "pct")}) for o in ops[:TOP_OPS]]
     rest = ops[TOP_OPS:]
     if rest:

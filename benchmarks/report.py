@@ -35,6 +35,7 @@ IMPL_ALIASES = {
     "cuda": "cuda", "fastdit-cuda": "cuda", "fastdit_cuda": "cuda", "native": "cuda",
 }  # fmt: skip
 FASTDIT_KERNEL_IMPLS = ("triton", "cuda")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 MODE_ALIASES = {"forward": "fwd", "fwd": "fwd", "backward": "bwd", "bwd": "bwd", "fwd+bwd": "fwd+bwd", "fwd_bwd": "fwd+bwd", "fwdbwd": "fwd+bwd"}
 
 
@@ -76,7 +77,8 @@ def normalise(row):
     if row.get("mode") is not None:
         row["mode"] = MODE_ALIASES.get(str(row["mode"]).lower(), str(row["mode"]))
     if row.get("dtype") is not None:
-        row["dtype"] = str(row["dtype"]).replace("torch.", "")
+        dtype = str(row["dtype"]).replace("torch.", "")
+        row["dtype"] = DTYPE_ALIASES.get(dtype.lower(), dtype)
     return row
 
 
@@ -183,7 +185,7 @@ def _kernel_headline(run, kernel, missing, sources):
         out[keys[0]] = fd.get("pct_copy_bw")
         out[keys[1]] = ratio(comp["ms"], fd["ms"]) if measured(comp) else None
         if out[keys[0]] is None:
-            missing[f"kernels.{kernel}.{keys[0]}"] = "no % of copy bandwidth: ceilings not measured (smoke mode)"
+            missing[f"kernels.{kernel}.{keys[0]}"] = _no_rate_reason(run, "copy_bandwidth_gbs", "pct_copy_bw")
         if out[keys[1]] is None:
             missing[f"kernels.{kernel}.{keys[1]}"] = _why_missing(comp, "torch.compile(reference)")
         sources[f"kernels.{kernel}.{mode}"] = (
@@ -191,6 +193,12 @@ def _kernel_headline(run, kernel, missing, sources):
             + ("" if _is_headline_shape(g) else "; the headline shape (D=1152, 65536 tokens, bf16) was not measured: closest shape used")
         )  # fmt: skip
     return out
+
+
+def _no_rate_reason(run, ceiling, field):
+    if run["ceilings"].get(ceiling) is None:
+        return f"no {field}: the ceiling {ceiling} is not measured in smoke mode"
+    return f"the fastdit row carries no {field}"
 
 
 def _is_headline_shape(g):
@@ -295,7 +303,7 @@ def _train_headline(run, missing, sources):
     )
     sources["train"] = f"fastdit = {E2E_LABELS[fd['impl']]} (the faster of fastdit and torch.compile(fastdit))" + (f", {fd['config']}" if fd.get("config") else "")
     reasons = {
-        "mfu": "no MFU: the bf16 matmul rate is not measured in smoke mode",
+        "mfu": _no_rate_reason(run, "bf16_matmul_tflops", "mfu"),
         "speedup_vs_eager": _why_missing(eager, "reference eager"),
         "speedup_vs_compile": _why_missing(comp, "torch.compile(reference)"),
         "peak_mem_ratio_vs_eager": "peak memory is measured on CUDA only"

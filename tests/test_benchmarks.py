@@ -172,7 +172,7 @@ def test_headline_falls_back_to_the_closest_kernel_shape_and_says_so(tmp_path):
     assert results["headline"]["kernels"]["patchify"]["fwd_speedup_vs_compile"] == 3.0
     assert "closest shape used" in results["headline_sources"]["kernels.patchify.fwd"]
     assert "no bwd rows" in results["missing"]["kernels.patchify.bwd_pct_copy_bw"]
-    assert "ceilings not measured" in results["missing"]["kernels.patchify.fwd_pct_copy_bw"]
+    assert "not measured in smoke mode" in results["missing"]["kernels.patchify.fwd_pct_copy_bw"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,3 +230,22 @@ def test_shapes_follow_the_mode(monkeypatch):
     head = harness.HEADLINE_KERNEL_SHAPE
     assert any(B * T == head["tokens"] and D == head["D"] for B, T, D in harness.DIT_TOKEN_SHAPES_QUICK)
     assert head == report.HEADLINE_KERNEL
+
+
+def test_end_to_end_job_records_oom_and_fails_on_errors(monkeypatch):
+    from benchmarks import bench_end_to_end
+
+    monkeypatch.setattr(harness, "RESULTS", [])  # keep these rows out of the process's own
+
+    def build(error):
+        def fail(*args, **kwargs):
+            raise error
+        return fail
+
+    monkeypatch.setattr(workloads, "TrainStep", build(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
+    row = bench_end_to_end.run_job("train", "DiT-XL/2", 256, 4, 2, "eager")
+    assert row["ms"] is None and row["status"] == "out of memory at batch 4"
+    monkeypatch.setattr(workloads, "TrainStep", build(RuntimeError("kernel exploded")))
+    with pytest.raises(pytest.fail.Exception, match="kernel exploded"):
+        bench_end_to_end.run_job("train", "DiT-XL/2", 256, 4, 2, "fastdit")
+    assert harness.RESULTS[-1]["status"] == "error: RuntimeError: kernel exploded"
