@@ -159,9 +159,10 @@ def memory_bound_row(suite, case, impl, ms, spread_ms, nbytes, **extra):
                   pct_copy_bw=pct, **extra)  # fmt: skip
 
 
-def not_installed(suite, case, impl, why="not installed"):
-    """A row for an alternative that could not run here: listed, never silently dropped."""
-    return record(suite, case=case, impl=impl, ms=None, status=why)
+def not_installed(suite, case, impl, why="not installed", **extra):
+    """A row for an alternative that could not run here: listed, never silently dropped. Pass the
+    case's mode/dtype/shape fields in `extra` so the report puts it beside the case's other rows."""
+    return record(suite, case=case, impl=impl, ms=None, status=why, **extra)
 
 
 def compiled(fn):

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
@@ -649,7 +650,8 @@ def _bars(ax, labels, series, title, ylabel, empty_reason, baseline=None):
     series = {k: v for k, v in series.items() if any(x is not None for x in v)}
     ax.set_title(title, fontsize=9)
     if not labels or not series:
-        ax.text(0.5, 0.5, f"no data:\n{empty_reason}", ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+        text = "no data:\n" + textwrap.fill(empty_reason, 45)
+        ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
         return
