@@ -8,7 +8,7 @@ For each model of workloads.cases() and each implementation of workloads.IMPLS:
   profile a per-op breakdown of one training step (benchmarks/profile_step.py), for the headline model
 
 Jobs run headline model first, so a time budget (--quick) cuts the less important ones. A job
-that runs out of memory is recorded as such; one that fails is recorded and re-raised. In smoke
+that runs out of memory is recorded as such; one that fails is recorded and its test fails. In smoke
 mode the torch.compile rows are recorded as skipped (compiling on a CPU runner takes minutes)
 unless FASTDIT_BENCH_COMPILE=1.
 """
