@@ -56,7 +56,7 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, help="report folder (default benchmarks/reports/<gpu-slug>, smoke: a temporary folder)")
     parser.add_argument("--only", help="comma-separated suite names to run, e.g. end_to_end,attention")
     parser.add_argument("--resume", action="store_true", help="keep DIR's finished suites and run the rest (and --only's)")
-    parser.add_argument("--budget", type=float, help=f"seconds for the whole --quick run (default {QUICK_BUDGET_S})")
+    parser.add_argument("--budget", type=float, help=f"seconds for the whole run (default: {QUICK_BUDGET_S} with --quick, else none)")
     args = parser.parse_args(argv)
     suites = discover()
     if args.only:
@@ -157,8 +157,8 @@ def main(argv=None):
     print(f"  GPU: {gpu or 'none (CPU)'}; copy bandwidth {report.fmt(ceilings.get('copy_bandwidth_gbs'))} GB/s; "
           f"bf16 matmul {report.fmt(ceilings.get('bf16_matmul_tflops'))} TFLOP/s; report folder {out}", flush=True)  # fmt: skip
 
-    budget = args.budget or QUICK_BUDGET_S
-    end = t0 + budget - REPORT_RESERVE_S if mode == "quick" else None
+    budget = args.budget or (QUICK_BUDGET_S if mode == "quick" else None)
+    end = t0 + budget - REPORT_RESERVE_S if budget else None
     done = {s for s in args.suites if s not in (args.only or ()) and suite_done(raw, s, previous)}
     to_run = [s for s in (args.only or args.suites) if s not in done]
     statuses = dict(previous)  # kept for the suites this run does not repeat (--resume)

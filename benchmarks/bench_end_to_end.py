@@ -91,7 +91,7 @@ def _skip_reason(impl):
     if harness.SMOKE and impl in workloads.COMPILED and not COMPILE_IN_SMOKE:
         return "skipped: smoke mode (compiling on CPU is too slow; FASTDIT_BENCH_COMPILE=1 runs it)"
     if harness.time_left() < MIN_SECONDS[impl]:
-        return "skipped: the --quick time budget ran out before this job"
+        return "skipped: the time budget (--quick or --budget) ran out before this job"
     return None
 
 
