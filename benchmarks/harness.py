@@ -7,9 +7,20 @@ report the spread, so differences inside it read as noise.
 
 Without CUDA (or with FASTDIT_BENCH_SMOKE=1) every suite runs in smoke mode: tiny shapes,
 one timed call, no ceilings. Smoke numbers prove the suites run; they are not measurements.
+
+What `python -m benchmarks` (benchmarks/__main__.py) passes to every suite it runs:
+  FASTDIT_BENCH_JSON      where this suite's rows go (written after every test: a crash keeps them)
+  FASTDIT_BENCH_QUICK=1   --quick: suites run `shapes(...)`'s quick subset
+  FASTDIT_BENCH_SMOKE=1   --smoke (or no CUDA)
+  FASTDIT_BENCH_CEILINGS  the ceilings the runner measured once (JSON), so every suite divides by
+                          the same numbers and none re-measures them
+  FASTDIT_BENCH_DEADLINE  a Unix time this suite should finish by (--quick's time budget); a
+                          suite checks `time_left()` before an expensive case and records the
+                          case as skipped when it would not fit
 """
 import functools
 import json
+import math
 import os
 import statistics
 import time
@@ -20,6 +31,15 @@ SMOKE = os.environ.get("FASTDIT_BENCH_SMOKE") == "1" or not torch.cuda.is_availa
 QUICK = os.environ.get("FASTDIT_BENCH_QUICK") == "1"
 DEVICE = "cpu" if SMOKE and not torch.cuda.is_available() else "cuda"
 L2_ROTATE_BYTES = 256 * 2**20  # cycle through input sets totalling this much when one set fits in L2
+DEADLINE = float(os.environ.get("FASTDIT_BENCH_DEADLINE") or math.inf)
+
+# Implementation names the report understands (third-party alternatives keep their own names:
+# flash_attn, xformers, apex, sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math, ...).
+EAGER, COMPILE, TRITON, CUDA = "eager", "compile", "triton", "cuda"
+
+# The kernel shape the report's headline quotes (BENCHMARKING.md: the DiT-XL/2 width, 64K tokens
+# = batch 256 at 256^2 or batch 64 at 512^2, bf16). Quick subsets must include it.
+HEADLINE_KERNEL_SHAPE = {"D": 1152, "tokens": 65536, "dtype": "bfloat16"}
 
 RESULTS = []  # rows recorded by the suites in this process; benchmarks/conftest.py writes them out
 
@@ -30,7 +50,10 @@ def bytes_of(*tensors):
 
 @functools.lru_cache(maxsize=None)
 def ceilings():
-    """{'copy_bandwidth_gbs', 'bf16_matmul_tflops'} of this GPU, measured once per process."""
+    """{'copy_bandwidth_gbs', 'bf16_matmul_tflops'} of this GPU, measured once per process
+    (or once per run: taken from FASTDIT_BENCH_CEILINGS when the runner set it)."""
+    if os.environ.get("FASTDIT_BENCH_CEILINGS"):
+        return json.loads(os.environ["FASTDIT_BENCH_CEILINGS"])
     if SMOKE:
         return {"copy_bandwidth_gbs": None, "bf16_matmul_tflops": None}
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_(0, 255)  # 1 GiB
@@ -61,6 +84,28 @@ def rotating(make_inputs, set_bytes):
     return next_set
 
 
+def shapes(full, quick=None, smoke=None):
+    """The cases a suite runs in this mode: `smoke` in smoke mode (tiny, CPU-interpretable; default
+    the first of `full`), `quick` with --quick (a representative subset that includes the headline
+    shape; default `full`), else `full`."""
+    if SMOKE:
+        return list(smoke) if smoke is not None else list(full)[:1]
+    if QUICK and quick is not None:
+        return list(quick)
+    return list(full)
+
+
+# (B, T, D) activations of the DiT family (BENCHMARKING.md): widths of S, B, L and XL; 256^2 and
+# 512^2 latents of the /2 models; training batches and a CFG sampling batch (2 x 64).
+DIT_TOKEN_SHAPES = [(B, T, D) for D in (384, 768, 1024, 1152) for B, T in ((32, 256), (128, 256), (256, 256), (64, 1024))]
+DIT_TOKEN_SHAPES_QUICK = [(256, 256, 1152), (32, 256, 1152), (256, 256, 768), (64, 1024, 1152)]
+
+
+def time_left():
+    """Seconds until this suite's deadline (inf without one)."""
+    return DEADLINE - time.time()
+
+
 def time_ms(fn, grad_to_none=None):
     """(median ms, spread ms): the median of two independent timings and their difference."""
     if SMOKE:
@@ -70,6 +115,32 @@ def time_ms(fn, grad_to_none=None):
         return (time.perf_counter() - t0) * 1e3, 0.0
     a, b = _median_ms(fn, grad_to_none), _median_ms(fn, grad_to_none)
     return statistics.mean((a, b)), abs(a - b)
+
+
+def time_steps(fn, iters, warmup=1):
+    """(ms per call, spread ms) of a long-running `fn` with side effects (a training step, a sampling
+    loop): `warmup` untimed calls, then two timings of `iters` back-to-back calls, each bracketed by
+    CUDA events (perf_counter in smoke mode); their mean and difference, per call."""
+    for _ in range(warmup):
+        fn()
+    timings = [_time_block(fn, iters) / iters for _ in range(2)]
+    return statistics.mean(timings), abs(timings[0] - timings[1])
+
+
+def _time_block(fn, iters):
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def record(suite, **row):
@@ -88,9 +159,10 @@ def memory_bound_row(suite, case, impl, ms, spread_ms, nbytes, **extra):
                   pct_copy_bw=pct, **extra)  # fmt: skip
 
 
-def not_installed(suite, case, impl, why="not installed"):
-    """A row for an alternative that could not run here: listed, never silently dropped."""
-    return record(suite, case=case, impl=impl, ms=None, status=why)
+def not_installed(suite, case, impl, why="not installed", **extra):
+    """A row for an alternative that could not run here: listed, never silently dropped. Pass the
+    case's mode/dtype/shape fields in `extra` so the report puts it beside the case's other rows."""
+    return record(suite, case=case, impl=impl, ms=None, status=why, **extra)
 
 
 def compiled(fn):
@@ -101,9 +173,12 @@ def compiled(fn):
         return None
 
 
-def write_results(path):
-    with open(path, "w") as f:
-        json.dump({"ceilings": ceilings(), "rows": RESULTS}, f, indent=1)
+def write_results(path, complete=True):
+    """Write every row recorded so far; complete=False while the suite is still running."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"ceilings": ceilings(), "complete": complete, "rows": RESULTS}, f, indent=1)
+    os.replace(tmp, path)  # a reader (or a crash) never sees half a file
 
 
 def run_case(benchmark, measure):

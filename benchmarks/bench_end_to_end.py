@@ -1,0 +1,131 @@
+"""End to end: DiT training steps and CFG sampling, fastdit against the reference eager and compiled.
+
+For each model of workloads.cases() and each implementation of workloads.IMPLS:
+  train   images/s of DiT's training step, MFU (3 x forward FLOPs / step time / measured bf16
+          matmul rate), peak memory (torch.cuda.max_memory_allocated)
+  sample  images/s of 250-step DDPM and 50-step DDIM with CFG (scale 4); in quick and smoke mode a
+          few steps are timed and the per-step time extrapolated (rows say so: `extrapolated`)
+  profile a per-op breakdown of one training step (benchmarks/profile_step.py), for the headline model
+
+Jobs run headline model first, so a time budget (--quick) cuts the less important ones. A job
+that runs out of memory is recorded as such; one that fails is recorded and its test fails. In smoke
+mode the torch.compile rows are recorded as skipped (compiling on a CPU runner takes minutes)
+unless FASTDIT_BENCH_COMPILE=1.
+"""
+import os
+import traceback
+
+import pytest
+
+from benchmarks import harness, profile_step, workloads
+
+SUITE = "end_to_end"
+PROFILE_IMPLS = ("eager", "fastdit")
+# The headline model's jobs that the headline block needs, then its profile: they run first.
+HEADLINE_FIRST = [("train", "eager"), ("train", "fastdit"), ("sample", "fastdit"), ("train", "compile"), ("sample", "compile")]
+HEADLINE_FIRST += [("profile", impl) for impl in PROFILE_IMPLS]
+# Seconds a job needs at least, to start it before the deadline (compilation dominates).
+MIN_SECONDS = {"eager": 15, "fastdit": 15, "compile": 90, "fastdit+compile": 90}
+TRAIN_WARMUP, TRAIN_ITERS = (1, 1) if harness.SMOKE else (3, 5) if harness.QUICK else (5, 20)
+COMPILE_IN_SMOKE = os.environ.get("FASTDIT_BENCH_COMPILE") == "1"
+
+
+def jobs():
+    """(task, model, resolution, train batch, sample batch, impl) in the order they run: for the
+    headline model, what the headline needs first (a time budget cuts from the end), then the rest;
+    then the other models."""
+    out = []
+    for i, (model, res, train_batch, sample_batch) in enumerate(workloads.cases()):
+        case = (model, res, train_batch, sample_batch)
+        order = list(HEADLINE_FIRST) if i == 0 else []
+        order += [(task, impl) for task in ("train", "sample") for impl in workloads.IMPLS if (task, impl) not in order]
+        out += [(task, *case, impl) for task, impl in order]
+    return out
+
+
+def _job_id(job):
+    task, model, res, _, _, impl = job
+    return f"{task}-{model}-{res}-{impl}"
+
+
+@pytest.mark.parametrize("job", jobs(), ids=_job_id)
+def test_end_to_end(benchmark, job):
+    with workloads.cpu_threads_for_smoke():
+        harness.run_case(benchmark, lambda: run_job(*job))
+
+
+def run_job(task, model, resolution, train_batch, sample_batch, impl):
+    cfg = workloads.config(model, resolution)
+    base = dict(
+        task=task, model=model, resolution=resolution, impl=impl, config=workloads.describe(cfg),
+        case=f"{task} {model} {resolution}",
+    )  # fmt: skip
+    base["batch"] = sample_batch if task == "sample" else train_batch
+    suite = profile_step.SUITE if task == "profile" else SUITE
+    skip = _skip_reason(impl)
+    if skip:
+        rows = [{"sampler": s, "steps": n} for s, n in workloads.SAMPLERS.items()] if task == "sample" else [{}]
+        return [harness.record(suite, **base, **r, ms=None, status=skip) for r in rows][0]
+    workloads.release()
+    try:
+        if task == "train":
+            return measure_train(base, cfg, train_batch)
+        if task == "sample":
+            return measure_sample(base, cfg, sample_batch)
+        return profile_step.record_breakdown(base, cfg, train_batch)
+    except Exception as exc:
+        oom = workloads.is_oom(exc)
+        status = f"out of memory at batch {base['batch']}" if oom else f"error: {type(exc).__name__}: {exc}"
+        row = harness.record(suite, **base, ms=None, status=status[:500])
+        if oom:  # a measurement outcome, not a failure
+            return row
+        failure = traceback.format_exc()
+    finally:
+        workloads.release()
+    # Failing outside the except clause drops the exception and its frames (and their GPU tensors),
+    # which pytest would otherwise keep alive for the rest of the suite.
+    pytest.fail(failure, pytrace=False)
+
+
+def _skip_reason(impl):
+    if harness.SMOKE and impl in workloads.COMPILED and not COMPILE_IN_SMOKE:
+        return "skipped: smoke mode (compiling on CPU is too slow; FASTDIT_BENCH_COMPILE=1 runs it)"
+    if harness.time_left() < MIN_SECONDS[impl]:
+        return "skipped: the time budget (--quick or --budget) ran out before this job"
+    return None
+
+
+def measure_train(base, cfg, batch):
+    step = workloads.TrainStep(workloads.build(base["impl"], cfg), base["impl"], cfg, batch)
+    first_call_s = workloads.timed_first_call(step)
+    with workloads.peak_memory() as mem:
+        ms, spread = harness.time_steps(step, TRAIN_ITERS, warmup=TRAIN_WARMUP)
+    flops = 3 * workloads.forward_flops(**cfg) * batch
+    return harness.record(
+        SUITE, **base, ms=ms, spread_ms=spread, img_per_s=batch / ms * 1e3, first_call_s=first_call_s,
+        **_flop_rates(flops, ms), **mem,
+    )  # fmt: skip
+
+
+def measure_sample(base, cfg, n):
+    sampler = workloads.Sampler(workloads.build(base["impl"], cfg), base["impl"], cfg, n)
+    first_call_s = workloads.timed_first_call(lambda: sampler("ddpm", 2))  # 1 step does not respace
+    step_flops = workloads.forward_flops(**cfg) * 2 * n  # the model sees the conditional + unconditional batch
+    rows = []
+    for name, steps in workloads.SAMPLERS.items():
+        timed = workloads.SMOKE_TIMED_STEPS if harness.SMOKE else workloads.QUICK_TIMED_STEPS if harness.QUICK else steps
+        loop_ms, spread = harness.time_steps(lambda: sampler(name, timed), iters=1, warmup=0)  # warm: first call
+        ms = loop_ms * steps / timed  # the whole sampling run
+        rows.append(harness.record(
+            SUITE, **base, sampler=name, steps=steps, timed_steps=timed, extrapolated=timed != steps,
+            ms=ms, spread_ms=spread * steps / timed, ms_per_step=loop_ms / timed, img_per_s=n / ms * 1e3,
+            first_call_s=first_call_s, **_flop_rates(step_flops * steps, ms),
+        ))  # fmt: skip
+    return rows[0]
+
+
+def _flop_rates(flops, ms):
+    """{'tflops', 'mfu'}: achieved TFLOP/s and its % of the measured bf16 matmul rate."""
+    tflops = flops / ms / 1e9
+    peak = harness.ceilings()["bf16_matmul_tflops"]
+    return {"flops": flops, "tflops": tflops, "mfu": 100 * tflops / peak if peak else None}
