@@ -17,13 +17,12 @@ SUITE = "gated_residual"
 IMPLS = kb.implementations(ops.gated_residual, reference.gated_residual)
 
 
-def nbytes(B, T, D, mode, e=2):
+def traffic(B, T, D, e=2):
+    """(forward bytes, backward bytes): the docstring's formulas."""
     N = B * T
-    fwd = 3 * N * D * e + B * D * e
-    bwd = 3 * N * D * e + 2 * B * D * e
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return 3 * N * D * e + B * D * e, 3 * N * D * e + 2 * B * D * e
 
 
 @pytest.mark.parametrize("shape, mode, impl", kb.cases(kb.ROW_SHAPES, kb.SMOKE_ROW_SHAPE, IMPLS), ids=str)
 def test_gated_residual(benchmark, shape, mode, impl):
-    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=2, vectors=1, nbytes=nbytes)
+    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=2, vectors=1, traffic=traffic)

@@ -32,13 +32,12 @@ def apex(case, D):
 IMPLS = kb.implementations(ops.gated_residual_modulate_layer_norm, reference.gated_residual_modulate_layer_norm, apex=apex)
 
 
-def nbytes(B, T, D, mode, e=2):
+def traffic(B, T, D, e=2):
+    """(forward bytes, backward bytes): the docstring's formulas."""
     N = B * T
-    fwd = 4 * N * D * e + 3 * B * D * e + 2 * N * 4
-    bwd = 6 * N * D * e + 5 * B * D * e + 2 * N * 4
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return 4 * N * D * e + 3 * B * D * e + 2 * N * 4, 6 * N * D * e + 5 * B * D * e + 2 * N * 4
 
 
 @pytest.mark.parametrize("shape, mode, impl", kb.cases(kb.ROW_SHAPES, kb.SMOKE_ROW_SHAPE, IMPLS), ids=str)
 def test_gated_residual_modulate_layer_norm(benchmark, shape, mode, impl):
-    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=2, vectors=3, nbytes=nbytes)
+    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=2, vectors=3, traffic=traffic)

@@ -18,13 +18,12 @@ IMPLS = kb.implementations(
 )
 
 
-def nbytes(B, T, D, mode, e=2):
+def traffic(B, T, D, e=2):
+    """(forward bytes, backward bytes): the docstring's formulas."""
     N = B * T
-    fwd = 2 * N * D * e + 2 * B * D * e + 2 * N * 4
-    bwd = 3 * N * D * e + 3 * B * D * e + 2 * N * 4
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return 2 * N * D * e + 2 * B * D * e + 2 * N * 4, 3 * N * D * e + 3 * B * D * e + 2 * N * 4
 
 
 @pytest.mark.parametrize("shape, mode, impl", kb.cases(kb.ROW_SHAPES, kb.SMOKE_ROW_SHAPE, IMPLS), ids=str)
 def test_modulate_layer_norm(benchmark, shape, mode, impl):
-    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=1, vectors=2, nbytes=nbytes)
+    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=1, vectors=2, traffic=traffic)

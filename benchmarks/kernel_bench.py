@@ -148,14 +148,16 @@ def row_inputs(B, T, D, tensors, vectors):
     return make
 
 
-def run_row_case(benchmark, suite, impls, shape, mode, impl, tensors, vectors, nbytes):
+def run_row_case(benchmark, suite, impls, shape, mode, impl, tensors, vectors, traffic):
     """One row op's (shape, mode, impl) case: `tensors` (B, T, D) and `vectors` (B, D) inputs;
-    nbytes(B, T, D, mode) its bytes."""
+    traffic(B, T, D) -> (forward bytes, backward bytes)."""
     B, T, D = shape
     fields = dict(B=B, T=T, D=D, tokens=B * T)
     case = f"B={B},T={T},D={D}"
     fn = impls[impl](case, D)
-    measure(benchmark, suite, case, fields, impl, fn, row_inputs(B, T, D, tensors, vectors), mode, nbytes(B, T, D, mode))
+    fwd, bwd = traffic(B, T, D)
+    nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    measure(benchmark, suite, case, fields, impl, fn, row_inputs(B, T, D, tensors, vectors), mode, nbytes)
 
 
 def apex_modulate_layer_norm(D):
