@@ -81,8 +81,8 @@ COMPILE_BACKENDS = [
         "inductor",
         marks=pytest.mark.skipif(
             not torch.cuda.is_available(),
-            reason="Inductor's CPU compile of even a 2-block DiT takes ~45 s on the 2-core CI box; aot_eager "
-            "checks the same tracing (fake kernels, autograd registration, no graph breaks)",
+            reason="Inductor's cold CPU compile of even a 1-2 block DiT takes 30-60 s on the 2-core CI box; "
+            "aot_eager checks the same tracing (fake kernels, autograd registration, no graph breaks)",
         ),
     ),
 ]
@@ -96,4 +96,5 @@ def test_compile_fullgraph(backend, device):
     got = loss_and_grads(compiled, inputs, "triton")
     eager = loss_and_grads(model, inputs, "triton")
     for name, g, e in zip(names(model), got, eager):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        err = float((g - e).abs().max() / e.abs().max())
+        assert err <= 1e-5, f"{name}: compiled differs from eager by {err:.3g} of its largest value"
