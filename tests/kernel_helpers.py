@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from fastdit import ops
-from fastdit.ops import _triton_utils
+from fastdit.ops import _rows, _triton_utils
 from fastdit.ops._triton_utils import triton
-from fastdit.ops import _rows
 from tests.helpers import DTYPES, assert_close, reference_pair
 
 
@@ -71,7 +70,6 @@ def upstream_grad(kind, shape, dtype, device):
     if kind == "expanded":
         return torch.randn((), dtype=dtype, device=device).expand(shape)
     return torch.randn(1, T, D, dtype=dtype, device=device).expand(shape)
-
 
 
 SHAPES = [(1, 1, 72), (3, 5, 216), (2, 9, 1152)]  # (B, T, D): T = 1, odd B, D = 72k not a power of two
@@ -143,10 +141,8 @@ class RowOpTests:
 
 def check_exact(fn, ref_fn, x, grad_kind="contiguous"):
     """A layout op moves elements: output and gradient equal the reference's bit for bit."""
-    ref_out = ref_fn(x)
-    grad = upstream_grad(grad_kind, ref_out.shape, x.dtype, x.device) if ref_out.dim() == 3 else None
-    if grad is None:  # an image output: the same gradient kinds, one dimension up
-        grad = upstream_grad(grad_kind, ref_out.flatten(2).shape, x.dtype, x.device).unflatten(2, ref_out.shape[2:])
+    ref_out = ref_fn(x)  # tokens (B, T, F), or an image (B, C, H, W): its gradient is made (B, C, H*W)
+    grad = upstream_grad(grad_kind, ref_out.flatten(2).shape, x.dtype, x.device).unflatten(2, ref_out.shape[2:])
     (out,), (dx,) = run_op(fn, [x], [grad])
     (ref_out,), (ref_dx,) = run_op(ref_fn, [x], [grad])
     assert out.dtype == ref_out.dtype and out.shape == ref_out.shape

@@ -163,8 +163,8 @@ def _backward_kernel(
             acc_gate += tl.sum(d * _load_tile(Y, b, sy_b, t, sy_t, cols, mask), axis=0)
         if HAS_NORM:
             _store(DX, dense, d, mask)
-    part = offset64(b, tl.num_programs(1), chunk, 1) * D + cols  # [BLOCK_D] in one (B, chunks, D) slice
-    n_slice = B * tl.num_programs(1) * D
+    part = offset64(b, tl.num_programs(1), chunk, 1) * D + cols  # [BLOCK_D]: (b, chunk) of a slice
+    n_slice = tl.num_programs(1).to(tl.int64) * D * B  # elements in one (B, chunks, D) slice
     if HAS_NORM:
         tl.store(PART + part, acc_shift, mask=col_ok)
         tl.store(PART + n_slice + part, acc_scale, mask=col_ok)
