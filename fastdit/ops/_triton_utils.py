@@ -5,9 +5,12 @@ whether a kernel is compiled or interpreted, from TRITON_INTERPRET: a process wi
 interprets (so the `triton` backend runs on CPU tensors); set TRITON_INTERPRET=1 yourself
 before fastdit's kernels load to interpret on a machine that has a GPU.
 """
+import functools
 import os
 
 import torch
+
+from ._dispatch import resolve
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -33,3 +36,50 @@ def check_device(name, t):
 def row_major(t):
     """`t` with a unit stride in its last dimension (the kernels take the other strides as given)."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def empty(shape, dtype, device):
+    """Every buffer a kernel fills: one place, so tests can poison them (NaN) before the kernels write."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device, asked once per device (at first launch, not import)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def offset64(i, stride_i, j, stride_j):
+    """i * stride_i + j * stride_j in 64 bits: tensors past 2**31 elements index correctly."""
+    return i.to(tl.int64) * stride_i + j.to(tl.int64) * stride_j
+
+
+def use_triton(name, t):
+    """Whether an op runs its Triton kernels on `t` (raising if they cannot run there) or the reference."""
+    if resolve(t.device) == "reference":
+        return False
+    check_device(name, t)
+    return True
+
+
+# Tile sizes (elements of a BLOCK_T x BLOCK_COLS program tile). On the GPU, 4096 elements over 8
+# warps is 16 per thread per live tensor. Compiled for sm_90 ahead of time (ptxas resource usage,
+# no GPU needed), the heaviest kernel, the fused op's backward, takes 128 registers at D = 384,
+# 768, 1024 and 1152 without spilling (2 programs, 16 warps, per SM), the forward at most 77.
+# Reasoned and compile-checked, not yet timed on a GPU. The interpreter
+# runs programs one after another, paying per operation, not per element: there, bigger tiles
+# and fewer programs are simply faster.
+GPU_TILE = 4096
+INTERPRET_TILE = 1 << 15
+
+
+def tile_rows(rows, block_cols, device):
+    """BLOCK_T: how many rows of `block_cols` columns one tile holds (a power of two)."""
+    budget = GPU_TILE if device.type == "cuda" else INTERPRET_TILE
+    return min(max(1, budget // block_cols), triton.next_power_of_2(rows))
+
+
+def num_warps(tile_elems):
+    """Warps for a tile: about 16 elements per thread, 4 to 16 warps."""
+    return min(16, max(4, tile_elems // 512))

@@ -1,6 +1,62 @@
-"""gated_residual_modulate_layer_norm: a gated residual and the LayerNorm+modulate after it, in one pass."""
+"""gated_residual_modulate_layer_norm: a gated residual and the LayerNorm+modulate after it, in one pass.
+
+Triton: the row kernels of _rows.py with both the residual and the norm. The forward reads x,
+y (and b's gate, shift, scale rows) once and writes r and the modulated output; the backward
+saves r (an output the caller keeps anyway), y, gate, scale and the per-row fp32 mean and rstd,
+and writes dx, dy and the partial sums of d-gate, d-shift and d-scale in one pass.
+"""
+import torch
+from torch import Tensor
+
 from .. import reference
+from . import _rows
 from ._checks import check_eps, check_like, check_rows
+from ._triton_utils import use_triton
+
+
+@torch.library.custom_op("fastdit::gated_residual_modulate_layer_norm_fwd", mutates_args=())
+def _fwd(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _rows.forward(x, y=y, gate=gate, shift=shift, scale=scale, eps=eps)  # r, out (B, T, D); mean, rstd (B, T)
+
+
+@_fwd.register_fake
+def _(x, y, gate, shift, scale, eps):
+    return _rows.forward_buffers(x, y=y, gate=gate, shift=shift, scale=scale)
+
+
+@torch.library.custom_op("fastdit::gated_residual_modulate_layer_norm_bwd", mutates_args=())
+def _bwd(
+    grad_r: Tensor, grad_out: Tensor, r: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor,
+    rstd: Tensor, x_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return _rows.backward(
+        x_dtype, grad_out=grad_out, r=r, scale=scale, mean=mean, rstd=rstd, grad_r=grad_r, y=y, gate=gate
+    )  # dx, dy (B, T, D); (3, B, D) fp32: d-shift, d-scale, d-gate
+
+
+@_bwd.register_fake
+def _(grad_r, grad_out, r, y, gate, scale, mean, rstd, x_dtype):
+    return _rows.backward_fake(x_dtype, grad_out=grad_out, grad_r=grad_r, y=y)
+
+
+def _setup(ctx, inputs, output):
+    x, y, gate, shift, scale, _ = inputs
+    r, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(r, y, gate, scale, mean, rstd)
+    ctx.dtypes = x.dtype, shift.dtype
+
+
+def _backward(ctx, grad_r, grad_out, _grad_mean, _grad_rstd):
+    r, y, gate, scale, mean, rstd = ctx.saved_tensors
+    x_dtype, shift_dtype = ctx.dtypes
+    dx, dy, sums = _bwd(grad_r, grad_out, r, y, gate, scale, mean, rstd, x_dtype)
+    return dx, dy, sums[2].to(gate.dtype), sums[0].to(shift_dtype), sums[1].to(scale.dtype), None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps=1e-6):
@@ -8,4 +64,8 @@ def gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps=1e-6):
     check_rows(x, "x", {"gate": gate, "shift": shift, "scale": scale})
     check_like("y", y, x)
     check_eps(eps)
-    return reference.gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps)
+    if not use_triton("x", x):
+        return reference.gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps)
+    _rows.check_width(x.shape[-1])
+    r, out, _, _ = _fwd(x, y, gate, shift, scale, float(eps))
+    return r, out

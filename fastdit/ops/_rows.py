@@ -1,0 +1,252 @@
+"""Row kernels behind modulate_layer_norm, gated_residual and gated_residual_modulate_layer_norm.
+
+One forward and one backward kernel serve the three ops, specialised by two constexpr flags:
+  HAS_RESIDUAL  r = x + gate * y                         (gated_residual, the fused op)
+  HAS_NORM      out = layer_norm(r) * (1 + scale) + shift (modulate_layer_norm with r = x, the fused op)
+
+A program owns a chunk of consecutive tokens of one batch element b and walks it in tiles of
+BLOCK_T rows x BLOCK_D columns (BLOCK_D = D rounded up to a power of two, masked). b's gate,
+shift and scale rows are loaded once per program; in the backward the per-batch gradients
+(d-shift, d-scale, d-gate: sums over tokens) accumulate in fp32 registers and each program
+writes its partial sums once to a (B, chunks, D) fp32 buffer, which torch then sums over the
+chunks: deterministic, no atomics. Statistics and arithmetic are fp32 whatever the storage
+dtypes; each output is rounded once, to torch's promotion of the inputs that make it.
+"""
+from collections import namedtuple
+
+import torch
+
+from . import _triton_utils as tu
+from ._triton_utils import offset64, row_major, tl, triton
+
+# A program holds whole rows in registers: at D = 8192 they still fit (sm_90, 16 warps), to 16384
+# the kernels are correct but spill; wider rows would need a kernel that loops over D.
+MAX_D = 16384
+# Programs per SM to aim for. The backward aims lower: every program adds a row of partial
+# sums per reduced vector, and at T = 256 each extra chunk costs ~1/T of the op's traffic.
+FWD_PROGRAMS_PER_SM = 4
+BWD_PROGRAMS_PER_SM = 2
+
+Blocking = namedtuple("Blocking", "block_t block_d rows chunks num_warps")
+
+
+def check_width(D):
+    if D > MAX_D:
+        raise ValueError(f"x's last dimension D={D} exceeds the Triton row kernels' maximum of {MAX_D}")
+
+
+def blocking(B, T, D, device, programs_per_sm):
+    """Tile shape, tokens per program (a multiple of the tile's rows) and chunks per batch element.
+
+    On the GPU, enough chunks that B * chunks reaches programs_per_sm per SM; interpreted, one
+    program per batch element (the interpreter runs programs one at a time).
+    """
+    block_d = triton.next_power_of_2(D)
+    block_t = tu.tile_rows(T, block_d, device)
+    target = programs_per_sm * tu.sm_count(device) if device.type == "cuda" else 1
+    tiles = triton.cdiv(T, block_t)
+    rows = triton.cdiv(tiles, min(tiles, triton.cdiv(target, B))) * block_t
+    return Blocking(block_t, block_d, rows, triton.cdiv(T, rows), tu.num_warps(block_t * block_d))
+
+
+def _promote(dtype, *tensors):
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@triton.jit
+def _load_vec(P, b, stride_b, cols, col_ok):
+    """Row b of a (B, D) tensor as fp32 [BLOCK_D]."""
+    return tl.load(P + offset64(b, stride_b, cols, 1), mask=col_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_tile(P, b, stride_b, t, stride_t, cols, mask):
+    """Rows t of batch element b of a (B, T, D) tensor (unit column stride) as fp32 [BLOCK_T, BLOCK_D]."""
+    return tl.load(P + offset64(b, stride_b, t, stride_t)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(P, offsets, value, mask):
+    tl.store(P + offsets, value.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _forward_kernel(
+    X, Y, GATE, SHIFT, SCALE,  # x, y (B, T, D); gate, shift, scale (B, D): any batch/token strides
+    R, OUT, MEAN, RSTD,  # r, out (B, T, D) and mean, rstd (B, T) fp32: contiguous
+    T, D, rows, eps,
+    sx_b, sx_t, sy_b, sy_t, s_gate, s_shift, s_scale,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    t_begin = tl.program_id(1) * rows
+    t_end = tl.minimum(t_begin + rows, T)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_RESIDUAL:
+        gate = _load_vec(GATE, b, s_gate, cols, col_ok)
+    if HAS_NORM:
+        shift = _load_vec(SHIFT, b, s_shift, cols, col_ok)
+        scale1 = 1.0 + _load_vec(SCALE, b, s_scale, cols, col_ok)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        row_ok = t < t_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        row = offset64(b, T, t, 1)  # (b, t) in the contiguous outputs [BLOCK_T]
+        dense = row[:, None] * D + cols[None, :]
+        x = _load_tile(X, b, sx_b, t, sx_t, cols, mask)
+        if HAS_RESIDUAL:
+            r = (x + gate[None, :] * _load_tile(Y, b, sy_b, t, sy_t, cols, mask)).to(R.dtype.element_ty)
+            tl.store(R + dense, r, mask=mask)
+            x = r.to(tl.float32)  # normalise r as stored: what the backward reloads
+        if HAS_NORM:
+            mean = tl.sum(x, axis=1) / D
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+            tl.store(MEAN + row, mean, mask=row_ok)
+            tl.store(RSTD + row, rstd, mask=row_ok)
+            _store(OUT, dense, xc * rstd[:, None] * scale1[None, :] + shift[None, :], mask)
+
+
+# Backward. With xhat = (r - mean) * rstd and out = xhat * (1 + scale) + shift, per batch
+# element b and row t (sums over t run over b's tokens, means over the D columns):
+#   d-shift = sum_t dout          d-scale = sum_t dout * xhat
+#   g = dout * (1 + scale);  d-xhat = g, and through xhat = (r - mean(r)) / sqrt(var(r) + eps):
+#   dr = rstd * (g - mean(g) - xhat * mean(g * xhat))
+# The fused op adds the gradient arriving at r itself: dr_total = dr + grad_r. Through
+# r = x + gate * y:  dx = dr_total,  dy = dr_total * gate,  d-gate = sum_t dr_total * y.
+# gated_residual alone has no norm: dr_total = grad_r, and dx = grad_r needs no kernel.
+@triton.jit
+def _backward_kernel(
+    DOUT, DR, R, Y, GATE, SCALE, MEAN, RSTD,  # grads of out and r (B, T, D); saved r (or x), y, gate, scale, mean, rstd
+    DX, DY, PART,  # dx, dy (B, T, D) contiguous; partial sums (n_sums, B, chunks, D) fp32
+    B, T, D, rows,
+    sdo_b, sdo_t, sdr_b, sdr_t, sr_b, sr_t, sy_b, sy_t, s_gate, s_scale,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    t_begin = chunk * rows
+    t_end = tl.minimum(t_begin + rows, T)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_RESIDUAL:
+        gate = _load_vec(GATE, b, s_gate, cols, col_ok)
+        acc_gate = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_NORM:
+        scale1 = 1.0 + _load_vec(SCALE, b, s_scale, cols, col_ok)
+        acc_shift = tl.zeros([BLOCK_D], tl.float32)
+        acc_scale = tl.zeros([BLOCK_D], tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        row_ok = t < t_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        row = offset64(b, T, t, 1)
+        dense = row[:, None] * D + cols[None, :]
+        d = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        if HAS_NORM:
+            dout = _load_tile(DOUT, b, sdo_b, t, sdo_t, cols, mask)
+            mean = tl.load(MEAN + row, mask=row_ok, other=0.0)
+            rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)  # 0 on masked rows: their d stays 0
+            xhat = tl.where(mask, (_load_tile(R, b, sr_b, t, sr_t, cols, mask) - mean[:, None]) * rstd[:, None], 0.0)
+            acc_shift += tl.sum(dout, axis=0)
+            acc_scale += tl.sum(dout * xhat, axis=0)
+            g = dout * scale1[None, :]
+            mean_g = tl.sum(g, axis=1) / D
+            mean_gx = tl.sum(g * xhat, axis=1) / D
+            d = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+        if HAS_RESIDUAL:
+            d += _load_tile(DR, b, sdr_b, t, sdr_t, cols, mask)
+            _store(DY, dense, d * gate[None, :], mask)
+            acc_gate += tl.sum(d * _load_tile(Y, b, sy_b, t, sy_t, cols, mask), axis=0)
+        if HAS_NORM:
+            _store(DX, dense, d, mask)
+    part = offset64(b, tl.num_programs(1), chunk, 1) * D + cols  # [BLOCK_D]: (b, chunk) of a slice
+    n_slice = tl.num_programs(1).to(tl.int64) * D * B  # elements in one (B, chunks, D) slice
+    if HAS_NORM:
+        tl.store(PART + part, acc_shift, mask=col_ok)
+        tl.store(PART + n_slice + part, acc_scale, mask=col_ok)
+        if HAS_RESIDUAL:
+            tl.store(PART + 2 * n_slice + part, acc_gate, mask=col_ok)
+    else:
+        tl.store(PART + part, acc_gate, mask=col_ok)
+
+
+def forward_buffers(x, y=None, gate=None, shift=None, scale=None):
+    """(r, out, mean, rstd) as the forward writes them (None where the op has no such output).
+
+    Also the ops' fake implementations: under torch.compile's fake mode these are fake tensors.
+    """
+    B, T, D = x.shape
+    r = out = mean = rstd = None
+    dtype = x.dtype
+    if y is not None:
+        dtype = _promote(dtype, y, gate)
+        r = tu.empty((B, T, D), dtype, x.device)
+    if shift is not None:
+        out = tu.empty((B, T, D), _promote(dtype, shift, scale), x.device)
+        mean, rstd = (tu.empty((B, T), torch.float32, x.device) for _ in range(2))
+    return r, out, mean, rstd
+
+
+def forward(x, y=None, gate=None, shift=None, scale=None, eps=0.0):
+    """Launch the forward: y and gate for the residual, shift and scale for the norm; -> forward_buffers."""
+    r, out, mean, rstd = outputs = forward_buffers(x, y, gate, shift, scale)
+    B, T, D = x.shape
+    x, y, gate, shift, scale = (None if t is None else row_major(t) for t in (x, y, gate, shift, scale))
+    blk = blocking(B, T, D, x.device, FWD_PROGRAMS_PER_SM)
+    _forward_kernel[(B, blk.chunks)](
+        x, y, gate, shift, scale, r, out, mean, rstd,
+        T, D, blk.rows, eps,
+        *_strides(x, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(shift, 1), *_strides(scale, 1),
+        HAS_RESIDUAL=y is not None, HAS_NORM=shift is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
+        num_warps=blk.num_warps,
+    )  # fmt: skip
+    return outputs
+
+
+def _grad_buffers(like, x_dtype, has_norm, y):
+    """dx (x_dtype) when there is a norm, dy (y's dtype) when there is a residual; else None."""
+    dx = tu.empty(like.shape, x_dtype, like.device) if has_norm else None
+    dy = tu.empty(like.shape, y.dtype, like.device) if y is not None else None
+    return dx, dy
+
+
+def backward_fake(x_dtype, grad_out=None, grad_r=None, y=None, **_):
+    """What backward returns, as empty tensors of the right shapes: the ops' fake implementations."""
+    like = grad_out if grad_out is not None else grad_r
+    B, _, D = like.shape
+    n_sums = 2 * (grad_out is not None) + (y is not None)
+    return (*_grad_buffers(like, x_dtype, grad_out is not None, y), like.new_empty((n_sums, B, D), dtype=torch.float32))
+
+
+def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, grad_r=None, y=None, gate=None):
+    """Launch the backward -> (dx, dy, sums).
+
+    The norm's inputs: grad_out (gradient of out), r (what was normalised: x or r), scale, mean,
+    rstd. The residual's: grad_r (gradient arriving at r), y, gate. An op passes the ones it has.
+    dx (x_dtype) comes with a norm, dy (y's dtype) with a residual; sums (n_sums, B, D) fp32 holds
+    [d-shift, d-scale] with a norm, then [d-gate] with a residual.
+    """
+    like = grad_out if grad_out is not None else grad_r
+    B, T, D = like.shape
+    dx, dy = _grad_buffers(like, x_dtype, grad_out is not None, y)
+    grad_out, r, scale, grad_r, y, gate = (None if t is None else row_major(t) for t in (grad_out, r, scale, grad_r, y, gate))
+    blk = blocking(B, T, D, like.device, BWD_PROGRAMS_PER_SM)
+    n_sums = 2 * (grad_out is not None) + (y is not None)
+    partial = tu.empty((n_sums, B, blk.chunks, D), torch.float32, like.device)
+    _backward_kernel[(B, blk.chunks)](
+        grad_out, grad_r, r, y, gate, scale, mean, rstd, dx, dy, partial,
+        B, T, D, blk.rows,
+        *_strides(grad_out, 2), *_strides(grad_r, 2), *_strides(r, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(scale, 1),
+        HAS_RESIDUAL=y is not None, HAS_NORM=grad_out is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
+        num_warps=blk.num_warps,
+    )  # fmt: skip
+    return dx, dy, partial.sum(dim=2)  # second stage: a fixed-order reduction over the chunks
+
+
+def _strides(t, n):
+    """The first n strides of t (zeros for an absent tensor)."""
+    return t.stride()[:n] if t is not None else (0,) * n

@@ -1,0 +1,150 @@
+"""What the Triton kernel tests share: the triton backend, NaN-poisoned buffers, and one check of an
+op (outputs and every gradient) against fastdit.reference by the DESIGN.md rule."""
+import pytest
+import torch
+
+from fastdit import ops
+from fastdit.ops import _rows, _triton_utils
+from fastdit.ops._triton_utils import triton
+from tests.helpers import DTYPES, assert_close, reference_pair
+
+
+@pytest.fixture
+def triton_backend():
+    with ops.use_backend("triton"):
+        yield
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer a kernel fills starts as NaN (integers: -1), so an element it fails to write shows."""
+    empty = _triton_utils.empty
+
+    def poisoned_empty(shape, dtype, device):
+        t = empty(shape, dtype, device)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(_triton_utils, "empty", poisoned_empty)
+
+
+KERNEL_FIXTURES = pytest.mark.usefixtures("triton_backend", "poisoned")
+
+
+def run_op(fn, inputs, grad_out):
+    """fn(*inputs) -> (outputs, gradients of every input) with upstream gradients grad_out."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return outs, torch.autograd.grad(outs, leaves, grad_out)
+
+
+def check_op(fn, ref_fn, inputs, grad_out=None, names=None):
+    """fn (the kernels) against ref_fn (fastdit.reference): every output and every input's gradient.
+
+    inputs keep their strides (e.g. .chunk views); grad_out (default random) may be strided too.
+    Returns the kernels' (outputs, gradients).
+    """
+    pt, ref, grad_out = reference_pair(ref_fn, inputs, grad_out)
+    outs, grads = run_op(fn, inputs, grad_out)
+    names = names or [f"input {i}" for i in range(len(inputs))]
+    for i, (o, p, r) in enumerate(zip(outs, pt["out"], ref["out"])):
+        assert_close(f"output {i}", o, p.detach(), r.detach())
+    for name, g, p, r in zip(names, grads, pt["grad"], ref["grad"]):
+        assert_close(f"d{name}", g, p, r)
+    return outs, grads
+
+
+def adaln_rows(B, D, n, dtype, device):
+    """n (B, D) views with row stride 6*D, as adaLN_modulation(c).chunk(6, dim=1) gives them."""
+    return torch.randn(B, 6 * D, dtype=dtype, device=device).chunk(6, dim=1)[:n]
+
+
+def upstream_grad(kind, shape, dtype, device):
+    """An upstream gradient: 'contiguous', 'transposed' (last stride != 1), 'expanded' (all strides 0,
+    as from .sum()) or 'batch_broadcast' (batch stride 0, unit last stride)."""
+    B, T, D = shape
+    if kind == "contiguous":
+        return torch.randn(shape, dtype=dtype, device=device)
+    if kind == "transposed":
+        return torch.randn(B, D, T, dtype=dtype, device=device).transpose(1, 2)
+    if kind == "expanded":
+        return torch.randn((), dtype=dtype, device=device).expand(shape)
+    return torch.randn(1, T, D, dtype=dtype, device=device).expand(shape)
+
+
+SHAPES = [(1, 1, 72), (3, 5, 216), (2, 9, 1152)]  # (B, T, D): T = 1, odd B, D = 72k not a power of two
+
+
+def gpu_like_blocking(B, T, D, device, programs_per_sm):
+    """The GPU's launch shape in miniature: 2-row tiles, 4 tokens per program, several chunks per
+    batch element (the interpreter's own choice is one program per batch element)."""
+    return _rows.Blocking(2, triton.next_power_of_2(D), 4, -(-T // 4), 4)
+
+
+class RowOpTests:
+    """The checks every row op (modulate_layer_norm, gated_residual, the fused op) passes; a test
+    class per op sets `op`, `ref` (its fastdit.reference twin) and `names` (its tensor inputs in
+    order: x and y are (B, T, D), the others (B, D) adaLN views)."""
+
+    op = ref = names = None
+
+    def inputs(self, B, T, D, dtype, device, vec_dtype=None):
+        rows = iter(adaln_rows(B, D, len(self.names), vec_dtype or dtype, device))
+        return [torch.randn(B, T, D, dtype=dtype, device=device) if n in "xy" else next(rows) for n in self.names]
+
+    def check(self, inputs, grad_out=None):
+        return check_op(type(self).op, type(self).ref, inputs, grad_out, self.names)
+
+    def n_outputs(self, inputs):
+        outs = type(self).ref(*inputs)
+        return len(outs) if isinstance(outs, tuple) else 1
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    def test_matches_reference(self, shape, dtype, device):
+        self.check(self.inputs(*shape, dtype, device))
+
+    @pytest.mark.parametrize("x_dtype, vec_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)])
+    def test_mixed_dtypes(self, x_dtype, vec_dtype, device):
+        # bf16 autocast: fp32 residual stream, bf16 GEMM outputs; outputs follow torch's promotion
+        self.check(self.inputs(2, 5, 216, x_dtype, device, vec_dtype=vec_dtype))
+
+    def test_strided_inputs(self, device):
+        B, T, D = 3, 4, 72
+        inputs = [
+            torch.randn(T, B, D + 8, device=device).transpose(0, 1)[..., :D] if n in "xy" else v
+            for n, v in zip(self.names, self.inputs(B, T, D, torch.float32, device))
+        ]  # x, y: batch stride D + 8, token stride B * (D + 8)
+        self.check(inputs)
+
+    @pytest.mark.parametrize("kind", ["transposed", "expanded", "batch_broadcast"])
+    def test_strided_upstream_gradients(self, kind, device):
+        inputs = self.inputs(3, 4, 72, torch.float32, device)
+        self.check(inputs, [upstream_grad(kind, (3, 4, 72), torch.float32, device) for _ in range(self.n_outputs(inputs))])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_gpu_blocking_is_correct_and_deterministic(self, dtype, device, monkeypatch):
+        # several chunks per batch element, several tiles per chunk and a ragged last tile (T = 11)
+        monkeypatch.setattr(_rows, "blocking", gpu_like_blocking)
+        inputs = self.inputs(3, 11, 216, dtype, device)
+        grad_out = [torch.randn(3, 11, 216, dtype=dtype, device=device) for _ in range(self.n_outputs(inputs))]
+        outs, grads = self.check(inputs, grad_out)
+        again_outs, again_grads = run_op(type(self).op, inputs, grad_out)
+        for a, b in zip([*outs, *grads], [*again_outs, *again_grads]):
+            assert torch.equal(a, b), "two runs differ: the reductions must be deterministic"
+
+    def test_rejects_rows_wider_than_the_kernels(self, device):
+        D = _rows.MAX_D + 1
+        with pytest.raises(ValueError, match=f"D={D} exceeds"):
+            type(self).op(*self.inputs(1, 1, D, torch.float32, device))
+
+
+def check_exact(fn, ref_fn, x, grad_kind="contiguous"):
+    """A layout op moves elements: output and gradient equal the reference's bit for bit."""
+    ref_out = ref_fn(x)  # tokens (B, T, F), or an image (B, C, H, W): its gradient is made (B, C, H*W)
+    grad = upstream_grad(grad_kind, ref_out.flatten(2).shape, x.dtype, x.device).unflatten(2, ref_out.shape[2:])
+    (out,), (dx,) = run_op(fn, [x], [grad])
+    (ref_out,), (ref_dx,) = run_op(ref_fn, [x], [grad])
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    assert torch.equal(out, ref_out), "forward differs from the reference"
+    assert torch.equal(dx, ref_dx), "gradient differs from the reference"
