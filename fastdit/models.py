@@ -51,6 +51,13 @@ class PatchEmbed(nn.Module):
         return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # (B, T, D)
 
 
+def _frequencies(dim, max_period=10000):
+    """(dim // 2,) float32 frequencies, geometric from 1 to 1/max_period, computed on the CPU as the
+    official model computes them (a GPU's exp can differ in the last bit)."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal frequencies, then a 2-layer MLP."""
 
@@ -62,20 +69,30 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        # Kept on the model's device (not in the state_dict): no host-to-device copy per forward,
+        # which CUDA-graph capture of a sampling loop would not allow.
+        self.register_buffer("freqs", _frequencies(frequency_embedding_size), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Casting the module (.half(), .to(bf16)) must not round the table: recompute it in float32.
+        self.freqs = _frequencies(self.frequency_embedding_size).to(self.freqs.device)
+        return self
 
     @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        """(N,) possibly fractional timesteps -> (N, dim): [cos(t f), sin(t f)], f geometric in [1, 1/max_period)."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = t[:, None].float() * freqs[None]  # (N, half)
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
+    def timestep_embedding(t, dim, max_period=10000, freqs=None):
+        """(N,) possibly fractional timesteps -> (N, dim) float32: [cos(t f), sin(t f)] (zero-padded if dim is odd)."""
+        if freqs is None:
+            freqs = _frequencies(dim, max_period).to(t.device)
+        args = t[:, None].float() * freqs[None]  # (N, dim // 2)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * (dim // 2))
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, freqs=self.freqs)  # (N, 256)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D); a no-op cast unless the model was cast
 
 
 class LabelEmbedder(nn.Module):

@@ -243,3 +243,14 @@ def test_bad_forward_inputs():
 def test_readme_one_liner():
     m = fastdit.DiT_models["DiT-S/2"](input_size=8, num_classes=10)
     assert m(*inputs(2)).shape == (2, 8, 8, 8)
+
+
+def test_timestep_frequencies_stay_float32_and_out_of_the_state_dict():
+    model = small().to(torch.bfloat16)
+    assert model.t_embedder.freqs.dtype == torch.float32
+    assert not any("freqs" in k for k in model.state_dict())
+    expected = fastdit.models.TimestepEmbedder.timestep_embedding(torch.tensor([3.0, 999.0]), 256)
+    got = model.t_embedder.timestep_embedding(torch.tensor([3.0, 999.0]), 256, freqs=model.t_embedder.freqs)
+    assert torch.equal(got, expected)
+    x, t, y = inputs(2)
+    assert model(x.bfloat16(), t, y).dtype == torch.bfloat16  # a cast model runs end to end
