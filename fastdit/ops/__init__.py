@@ -4,6 +4,8 @@
     r, h = ops.gated_residual_modulate_layer_norm(x, y, gate, shift, scale)
     with ops.use_backend("reference"):
         ...
+    with ops.use_attention_backend("triton"), ops.use_deterministic(True):
+        o = ops.attention(q, k, v)          # ops.last_attention_backend() == "triton"
 
 Each op lives in the module of the same name (kernels, launchers, autograd, dispatch). Those
 modules import Triton, so they load on first use of the op, not on `import fastdit`.
@@ -12,6 +14,13 @@ import importlib
 import sys
 import types
 
+from ._attention_policy import (
+    ATTENTION_BACKENDS,
+    attention_backend,
+    last_attention_backend,
+    use_attention_backend,
+    use_deterministic,
+)
 from ._dispatch import BACKENDS, get_backend, use_backend
 
 OPS = (
@@ -22,7 +31,10 @@ OPS = (
     "unpatchify",
     "attention",
 )
-__all__ = list(OPS) + ["BACKENDS", "get_backend", "use_backend"]
+__all__ = list(OPS) + [
+    "BACKENDS", "get_backend", "use_backend",
+    "ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "attention_backend", "last_attention_backend",
+]  # fmt: skip
 
 
 def __getattr__(name):
