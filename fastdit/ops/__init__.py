@@ -31,16 +31,18 @@ OPS = (
     "unpatchify",
     "attention",
 )
-__all__ = list(OPS) + [
+# Further public functions of an op's module: name -> module.
+EXTRAS = {"attention_packed": "attention"}
+__all__ = list(OPS) + list(EXTRAS) + [
     "BACKENDS", "get_backend", "use_backend",
     "ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "attention_backend", "last_attention_backend",
 ]  # fmt: skip
 
 
 def __getattr__(name):
-    if name not in OPS:
+    if name not in OPS and name not in EXTRAS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    fn = getattr(importlib.import_module(f"{__name__}.{name}"), name)
+    fn = getattr(importlib.import_module(f"{__name__}.{EXTRAS.get(name, name)}"), name)
     globals()[name] = fn
     return fn
 

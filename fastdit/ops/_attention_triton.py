@@ -20,6 +20,7 @@ float32 before each dot when interpreting; the rounding of p and dS to the input
 GPU kernels do, is kept.
 """
 import dataclasses
+import math
 
 import torch
 
@@ -99,9 +100,13 @@ def _add_rows(ptr, rows, row_stride, n_rows, x0, x1, D0: tl.constexpr, D1: tl.co
 
 
 @triton.jit
-def _head_offset(bh, H, stride_b, stride_h):
-    """Element offset of (batch, head) bh // H, bh % H; int64, since batch offsets outgrow int32."""
-    return (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+def _head_offset(bh, H, stride_b, stride_h, ALIGN: tl.constexpr):
+    """Element offset of (batch, head) bh // H, bh % H; int64, since batch offsets outgrow int32.
+
+    ALIGN divides every batch and head stride. Triton only sees strides that are multiples of 16;
+    without the hint a head stride of 72 makes every load scalar and unpipelined (seen in the PTX).
+    """
+    return tl.multiple_of((bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h, ALIGN)
 
 
 @triton.jit
@@ -110,16 +115,16 @@ def _attention_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     H, Tq, Tk, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M query rows of one (batch, head), streaming all keys in BLOCK_N steps with
     # the online softmax (running max m, running sum l, rescaled accumulator), in base 2.
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    Q += _head_offset(bh, H, stride_qb, stride_qh)
-    K += _head_offset(bh, H, stride_kb, stride_kh)
-    V += _head_offset(bh, H, stride_vb, stride_vh)
-    O += _head_offset(bh, H, stride_ob, stride_oh)
+    Q += _head_offset(bh, H, stride_qb, stride_qh, ALIGN)
+    K += _head_offset(bh, H, stride_kb, stride_kh, ALIGN)
+    V += _head_offset(bh, H, stride_vb, stride_vh, ALIGN)
+    O += _head_offset(bh, H, stride_ob, stride_oh, ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q0, q1 = _load_rows(Q, rows, stride_qt, Tq, D0, D1, HEAD_DIM, TAIL)  # (BLOCK_M, D0), (BLOCK_M, D1)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -147,19 +152,21 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_delta_kernel(
-    O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
-    H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh, H, Tq,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # delta_i = sum_d dO_id O_id (float32), the row sums of dP * P the backward needs (see below).
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    O += _head_offset(bh, H, stride_ob, stride_oh)
-    DO += _head_offset(bh, H, stride_db, stride_dh)
+    O += _head_offset(bh, H, stride_ob, stride_oh, ALIGN)
+    DO += _head_offset(bh, H, stride_db, stride_dh, ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < Tq) & (cols[None, :] < HEAD_DIM)
-    o = tl.load(O + rows[:, None] * stride_ot + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + rows[:, None] * stride_dt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
+    o0, o1 = _load_rows(O, rows, stride_ot, Tq, D0, D1, HEAD_DIM, TAIL)
+    do0, do1 = _load_rows(DO, rows, stride_dt, Tq, D0, D1, HEAD_DIM, TAIL)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if TAIL:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
 
 
 # Backward. With S = scale Q K^T (scale = 1/sqrt(Dh)), P = softmax(S) by rows, O = P V and the
@@ -182,7 +189,7 @@ def _attention_bwd_dkdv_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh, stride_ab, stride_at, stride_ah,
     H, Tq, Tk, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -190,13 +197,13 @@ def _attention_bwd_dkdv_kernel(
     # in BLOCK_M steps, in the transposed orientation (keys as rows). With ATOMIC_DQ, it also adds
     # its share scale dS K of dQ into the float32 buffer DQ (strides a).
     pid_n, bh = tl.program_id(0), tl.program_id(1)
-    Q += _head_offset(bh, H, stride_qb, stride_qh)
-    K += _head_offset(bh, H, stride_kb, stride_kh)
-    V += _head_offset(bh, H, stride_vb, stride_vh)
-    DO += _head_offset(bh, H, stride_db, stride_dh)
-    DK += _head_offset(bh, H, stride_gb, stride_gh)
-    DV += _head_offset(bh, H, stride_gb, stride_gh)
-    DQ += _head_offset(bh, H, stride_ab, stride_ah)
+    Q += _head_offset(bh, H, stride_qb, stride_qh, ALIGN)
+    K += _head_offset(bh, H, stride_kb, stride_kh, ALIGN)
+    V += _head_offset(bh, H, stride_vb, stride_vh, ALIGN)
+    DO += _head_offset(bh, H, stride_db, stride_dh, ALIGN)
+    DK += _head_offset(bh, H, stride_gb, stride_gh, ALIGN)
+    DV += _head_offset(bh, H, stride_gb, stride_gh, ALIGN)
+    DQ += _head_offset(bh, H, stride_ab, stride_ah, ALIGN)
     LSE += bh.to(tl.int64) * Tq
     DELTA += bh.to(tl.int64) * Tq
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -241,17 +248,17 @@ def _attention_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh,
     H, Tq, Tk, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program: dQ of BLOCK_M queries of one (batch, head), over all keys in BLOCK_N steps, in a
     # fixed order: deterministic.
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    Q += _head_offset(bh, H, stride_qb, stride_qh)
-    K += _head_offset(bh, H, stride_kb, stride_kh)
-    V += _head_offset(bh, H, stride_vb, stride_vh)
-    DO += _head_offset(bh, H, stride_db, stride_dh)
-    DQ += _head_offset(bh, H, stride_gb, stride_gh)
+    Q += _head_offset(bh, H, stride_qb, stride_qh, ALIGN)
+    K += _head_offset(bh, H, stride_kb, stride_kh, ALIGN)
+    V += _head_offset(bh, H, stride_vb, stride_vh, ALIGN)
+    DO += _head_offset(bh, H, stride_db, stride_dh, ALIGN)
+    DQ += _head_offset(bh, H, stride_gb, stride_gh, ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q0, q1 = _load_rows(Q, rows, stride_qt, Tq, D0, D1, HEAD_DIM, TAIL)  # (BLOCK_M, D0), (BLOCK_M, D1)
     do0, do1 = _load_rows(DO, rows, stride_dt, Tq, D0, D1, HEAD_DIM, TAIL)
@@ -303,31 +310,43 @@ def split_head_dim(head_dim):
 
 
 # Tiles by padded head width W = D0 + D1 (64 for Dh = 64, 80 for Dh = 72, 96, 128, 256), chosen by
-# reasoning (no GPU to measure on when written; benchmarks/bench_attention.py compares them):
-# - forward: 128 queries per program keeps the K/V stream reused across many rows (FA2 and the
-#   Triton tutorial's best Hopper configs); the float32 accumulator 128 x W over 4 warps is W
-#   registers a thread, fine up to W = 80; at 96-128 a second warp group halves that; at 256 the
-#   query tile shrinks to 64 rows.
-# - backward dK/dV: 128 keys per program hold K, V and two float32 accumulators (the tutorial's
-#   BLOCK_N1 = 128, BLOCK_M1 = 32 step over queries, deep pipelining of the small Q/dO tiles); above
-#   W = 64 those four tiles need 8 warps to stay in registers.
+# reasoning and by compiling for sm_90a on a CPU box (python -m fastdit.ops._attention_codegen:
+# registers, stack/local spills, shared memory), with no GPU to time them on; the benchmark suite
+# compares alternatives (FASTDIT_BENCH_ATTENTION_CONFIGS=1).
+# - forward: 128 queries per program reuse each K/V tile across many rows (FA2's and the Triton
+#   tutorial's Hopper choice). 4 warps hold the 128 x W float32 accumulator in 216 (W 64) / 245
+#   (W 80) registers without spilling, two programs per SM; from W 96 a second warp group is needed.
+# - backward dK/dV: 128 keys per program keep K, V and two float32 accumulators resident while Q/dO
+#   tiles of 32 rows stream through a deep pipeline (the tutorial's BLOCK_N1 = 128, BLOCK_M1 = 32).
+#   With 4 warps that is 255 registers plus stack at W 64 and 264 bytes of stack at W 80; 8 warps:
+#   166 / 200 registers, none.
 # - backward dQ (deterministic variant): 128 queries, 32-key steps (the tutorial's BLOCK_M2/N2).
 # Under the interpreter, small tiles make T = 33 exercise multi-block loops and masked tails.
-_GPU_CONFIGS = (  # (max padded width, forward, backward dK/dV, backward dQ)
-    (64, Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 5), Blocks(128, 32, 4, 5)),
-    (80, Blocks(128, 64, 4, 3), Blocks(32, 128, 8, 4), Blocks(128, 32, 8, 4)),
-    (128, Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 4), Blocks(128, 32, 8, 4)),
-    (256, Blocks(64, 64, 4, 2), Blocks(32, 64, 8, 2), Blocks(64, 32, 8, 2)),
-)
+# - float32 (IEEE dots on FMA units, the accuracy path, not the fast one): the 16-bit tiles spill
+#   kilobytes of stack; half-size tiles over 8 warps spill none.
+_GPU_CONFIGS = {  # dtype class -> ((max padded width, forward, backward dK/dV, backward dQ), ...)
+    "16-bit": (
+        (64, Blocks(128, 64, 4, 3), Blocks(32, 128, 8, 5), Blocks(128, 32, 4, 5)),
+        (80, Blocks(128, 64, 4, 3), Blocks(32, 128, 8, 4), Blocks(128, 32, 8, 4)),
+        (128, Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 4), Blocks(128, 32, 8, 4)),
+        (256, Blocks(64, 64, 4, 2), Blocks(32, 32, 8, 2), Blocks(64, 32, 8, 2)),
+    ),
+    "float32": (
+        (128, Blocks(64, 32, 8, 2), Blocks(16, 64, 8, 2), Blocks(64, 16, 8, 2)),
+        (256, Blocks(32, 32, 8, 2), Blocks(16, 32, 8, 2), Blocks(32, 16, 8, 2)),
+    ),
+}
 _INTERPRETER_CONFIG = (Blocks(16, 16),) * 3
+DELTA_BLOCK_M = 16 if INTERPRET else 64  # the delta pre-pass: memory-bound, (64, W) tiles over 4 warps
 
 
-def configs(head_dim):
-    """(forward, backward dK/dV, backward dQ) Blocks for this head dim."""
+def configs(head_dim, dtype):
+    """(forward, backward dK/dV, backward dQ) Blocks for this head dim and input dtype."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
     width = sum(split_head_dim(head_dim))
-    return next(c[1:] for c in _GPU_CONFIGS if width <= c[0])
+    table = _GPU_CONFIGS["float32" if dtype == torch.float32 else "16-bit"]
+    return next(c[1:] for c in table if width <= c[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,14 +366,19 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _head_dim_args(q):
-    """Kernel arguments describing the head dim and the dots for q's dtype."""
-    head_dim = q.shape[-1]
+def _layout_args(*tensors):
+    """Kernel arguments describing the head dim and the (batch, head) stride alignment of `tensors`."""
+    head_dim = tensors[0].shape[-1]
     d0, d1 = split_head_dim(head_dim)
-    return dict(
-        HEAD_DIM=head_dim, D0=d0, D1=max(d1, 16), TAIL=d1 > 0,
-        UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else None,
-    )  # fmt: skip
+    g = 0
+    for t in tensors:
+        g = math.gcd(g, t.stride(0), t.stride(2))
+    return dict(HEAD_DIM=head_dim, D0=d0, D1=max(d1, 16), TAIL=d1 > 0, ALIGN=min(16, g & -g) if g else 16)
+
+
+def _dot_args(q):
+    """How the kernels' dots run for q's dtype."""
+    return dict(UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else None)
 
 
 def forward(q, k, v):
@@ -364,48 +388,49 @@ def forward(q, k, v):
     B, Tq, H, Dh = q.shape
     o = torch.empty((B, Tq, H, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    blocks = configs(Dh)[0]
-    grid = (triton.cdiv(Tq, blocks.block_m), B * H)
-    _attention_fwd_kernel[grid](
+    blocks = configs(Dh, q.dtype)[0]
+    _attention_fwd_kernel[(triton.cdiv(Tq, blocks.block_m), B * H)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, Tq, k.shape[1], Dh**-0.5 * LOG2E, **_head_dim_args(q), **blocks.launch(),
+        H, Tq, k.shape[1], Dh**-0.5 * LOG2E, **_layout_args(q, k, v, o), **_dot_args(q), **blocks.launch(),
     )  # fmt: skip
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, deterministic):
-    """(dq, dk, dv), each contiguous in the input dtype; `deterministic` avoids atomics."""
+def backward(do, q, k, v, o, lse, deterministic, grads=None):
+    """(dq, dk, dv) in the input dtype; `deterministic` avoids atomics.
+
+    grads: (dq, dk, dv) buffers to write (dk and dv with equal strides, e.g. views of one packed
+    (B, T, 3, H, Dh) gradient), else new contiguous tensors.
+    """
     _check(q, k, v)
     do, q, k, v = row_major(do), row_major(q), row_major(k), row_major(v)
     B, Tq, H, Dh = q.shape
     Tk = k.shape[1]
-    head = _head_dim_args(q)
-    fwd_blocks, dkdv_blocks, dq_blocks = configs(Dh)
+    _, dkdv_blocks, dq_blocks = configs(Dh, q.dtype)
+    if grads is None:
+        grads = [torch.empty((B, T, H, Dh), dtype=q.dtype, device=q.device) for T in (Tq, Tk, Tk)]
+    dq, dk, dv = grads
 
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(Tq, fwd_blocks.block_m), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, Tq,
-        HEAD_DIM=Dh, BLOCK_D=triton.next_power_of_2(Dh), BLOCK_M=fwd_blocks.block_m,
+    _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Tq, **_layout_args(o, do), BLOCK_M=DELTA_BLOCK_M,
     )  # fmt: skip
 
-    dk = torch.empty((B, Tk, H, Dh), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, Tk, H, Dh), dtype=v.dtype, device=q.device)
-    # Atomic dQ accumulates in float32 (zeroed); the deterministic kernel writes dq directly.
-    dq_acc = torch.zeros((B, Tq, H, Dh), dtype=torch.float32, device=q.device) if not deterministic else dk
+    # Atomic dQ accumulates in float32 (zeroed), copied into dq after; the deterministic kernel writes dq.
+    dq_acc = torch.zeros((B, Tq, H, Dh), dtype=torch.float32, device=q.device) if not deterministic else dq
     sm_scale = Dh**-0.5
     _attention_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_blocks.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, dq_acc,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dq_acc),
-        H, Tq, Tk, sm_scale, sm_scale * LOG2E, ATOMIC_DQ=not deterministic, **head, **dkdv_blocks.launch(),
+        H, Tq, Tk, sm_scale, sm_scale * LOG2E, ATOMIC_DQ=not deterministic,
+        **_layout_args(q, k, v, do, dk, dv, dq_acc), **_dot_args(q), **dkdv_blocks.launch(),
     )  # fmt: skip
     if not deterministic:
-        return dq_acc.to(q.dtype), dk, dv
-
-    dq = torch.empty((B, Tq, H, Dh), dtype=q.dtype, device=q.device)
+        return dq.copy_(dq_acc), dk, dv
     _attention_bwd_dq_kernel[(triton.cdiv(Tq, dq_blocks.block_m), B * H)](
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Tq, Tk, sm_scale, sm_scale * LOG2E, **head, **dq_blocks.launch(),
+        H, Tq, Tk, sm_scale, sm_scale * LOG2E, **_layout_args(q, k, v, do, dq), **_dot_args(q), **dq_blocks.launch(),
     )  # fmt: skip
     return dq, dk, dv
 
@@ -415,17 +440,27 @@ def backward(do, q, k, v, o, lse, deterministic):
 # --------------------------------------------------------------------------------------------
 
 
+# Two entry points share the kernels: attention_fwd/_bwd on q, k, v (any strided views), and
+# attention_packed_fwd/_bwd on the qkv GEMM output (B, T, 3, H, Dh), whose backward writes dq, dk
+# and dv into one packed gradient: the model's qkv.unbind(2) would otherwise stack them (a copy of
+# 3 B T D elements every layer). `deterministic` picks the backward algorithm; it rides on the
+# forward so the backward (which may run on another thread) sees the choice in force at forward.
+
+
+def _forward_fake(q):
+    B, Tq, H, Dh = q.shape
+    return q.new_empty((B, Tq, H, Dh)), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
 @torch.library.custom_op("fastdit::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse2). `deterministic` picks the backward algorithm: it rides on the forward so the
-    backward (which may run on another thread) sees the choice in force when the forward ran."""
+    """(o, lse2) of q, k, v (B, T, H, Dh)."""
     return forward(q, k, v)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, deterministic):
-    B, Tq, H, Dh = q.shape
-    return q.new_empty((B, Tq, H, Dh)), q.new_empty((B, H, Tq), dtype=torch.float32)
+    return _forward_fake(q)
 
 
 @torch.library.custom_op("fastdit::attention_bwd", mutates_args=())
@@ -443,22 +478,58 @@ def _attention_bwd_fake(do, q, k, v, o, lse, deterministic):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, deterministic = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.deterministic = deterministic
-    ctx.mark_non_differentiable(lse)
+    *tensors, ctx.deterministic = inputs
+    ctx.save_for_backward(*tensors, *output)
+    ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.deterministic)
-    return dq, dk, dv, None
+    return *attention_bwd(do, q, k, v, o, lse, ctx.deterministic), None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastdit::attention_packed_fwd", mutates_args=())
+def attention_packed_fwd(qkv: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse2) of qkv (B, T, 3, H, Dh)."""
+    return forward(*qkv.unbind(2))
+
+
+@attention_packed_fwd.register_fake
+def _attention_packed_fwd_fake(qkv, deterministic):
+    return _forward_fake(qkv[:, :, 0])
+
+
+@torch.library.custom_op("fastdit::attention_packed_bwd", mutates_args=())
+def attention_packed_bwd(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, deterministic: bool
+) -> torch.Tensor:  # fmt: skip
+    """dqkv (B, T, 3, H, Dh) contiguous, of attention_packed_fwd given the upstream gradient do of o."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    backward(do, *qkv.unbind(2), o, lse, deterministic, grads=dqkv.unbind(2))
+    return dqkv
+
+
+@attention_packed_bwd.register_fake
+def _attention_packed_bwd_fake(do, qkv, o, lse, deterministic):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_backward(ctx, do, dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return attention_packed_bwd(do, qkv, o, lse, ctx.deterministic), None
+
+
+attention_packed_fwd.register_autograd(_packed_backward, setup_context=_setup_context)
+
+
 def attention(q, k, v, deterministic=False):
     """softmax(q k^T / sqrt(Dh)) v with the Triton kernels; (B, Tq, H, Dh) contiguous."""
     return attention_fwd(q, k, v, deterministic)[0]
+
+
+def attention_packed(qkv, deterministic=False):
+    """attention(*qkv.unbind(2)) for qkv (B, T, 3, H, Dh), with one packed gradient."""
+    return attention_packed_fwd(qkv, deterministic)[0]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from . import _attention_policy as policy
-from ._checks import check_qkv
+from ._checks import check_qkv, check_tensor
 
 # --------------------------------------------------------------------------------------------
 # backends: run(q, k, v, deterministic) -> o (B, Tq, H, Dh) contiguous. Optional packages are
@@ -44,14 +44,25 @@ def _sdpa(kernel):
     return run
 
 
-def _flash_attn(q, k, v, deterministic):
+def _flash_attn_module(device):
     # FlashAttention-3 (Hopper) when installed, else FlashAttention-2; both take (B, T, H, Dh) views.
-    if "flash_attn_interface" in INSTALLED and torch.cuda.get_device_capability(q.device)[0] == 9:
-        from flash_attn_interface import flash_attn_func
+    if "flash_attn_interface" in INSTALLED and torch.cuda.get_device_capability(device)[0] == 9:
+        import flash_attn_interface as module
     else:
-        from flash_attn import flash_attn_func
-    o = flash_attn_func(q, k, v, deterministic=deterministic)
-    return (o[0] if isinstance(o, tuple) else o).contiguous()  # some FA3 versions also return the lse
+        import flash_attn as module
+    return module
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the lse
+
+
+def _flash_attn(q, k, v, deterministic):
+    return _first(_flash_attn_module(q.device).flash_attn_func(q, k, v, deterministic=deterministic)).contiguous()
+
+
+def _flash_attn_packed(qkv, deterministic):
+    return _first(_flash_attn_module(qkv.device).flash_attn_qkvpacked_func(qkv, deterministic=deterministic))
 
 
 def _xformers(q, k, v, deterministic):
@@ -66,6 +77,12 @@ def _triton(q, k, v, deterministic):
     return _attention_triton.attention(q, k, v, deterministic)
 
 
+def _triton_packed(qkv, deterministic):
+    from . import _attention_triton
+
+    return _attention_triton.attention_packed(qkv, deterministic)
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     run: Callable
@@ -75,12 +92,15 @@ class Backend:
     half_only: bool = False  # float16 / bfloat16 inputs only
     max_head_dim: Optional[int] = None
     deterministic: bool = False  # its backward can be made deterministic (auto keeps only these then)
+    run_packed: Optional[Callable] = None  # (qkv (B, T, 3, H, Dh), deterministic) -> o, one packed gradient
 
 
 BACKENDS = {
-    "triton": Backend(_triton, ("triton",), "pip install triton", max_head_dim=256, deterministic=True),
+    "triton": Backend(_triton, ("triton",), "pip install triton", max_head_dim=256, deterministic=True,
+                      run_packed=_triton_packed),
     "flash_attn": Backend(_flash_attn, ("flash_attn", "flash_attn_interface"), "pip install flash-attn",
-                          cuda_only=True, half_only=True, max_head_dim=256, deterministic=True),  # fmt: skip
+                          cuda_only=True, half_only=True, max_head_dim=256, deterministic=True,
+                          run_packed=_flash_attn_packed),
     "xformers": Backend(_xformers, ("xformers",), "pip install xformers", cuda_only=True),
     "sdpa": Backend(_sdpa(None)),
     "sdpa_flash": Backend(_sdpa("FLASH_ATTENTION")),
@@ -209,6 +229,13 @@ def resolve(q, k, v, backend=None):
 # --------------------------------------------------------------------------------------------
 
 
+def _select(q, k, v, backend):
+    check_qkv(q, k, v)
+    name = resolve(q, k, v, backend)
+    policy.note_ran(name)
+    return BACKENDS[name]
+
+
 def attention(q, k, v, backend=None):
     """softmax(q k^T / sqrt(Dh)) v; q (B, Tq, H, Dh), k and v (B, Tk, H, Dh) -> (B, Tq, H, Dh) contiguous.
 
@@ -216,7 +243,20 @@ def attention(q, k, v, backend=None):
     fastdit.ops.ATTENTION_BACKENDS, or None for the one in force (see use_attention_backend);
     fastdit.ops.last_attention_backend() tells which ran.
     """
-    check_qkv(q, k, v)
-    name = resolve(q, k, v, backend)
-    policy.note_ran(name)
-    return BACKENDS[name].run(q, k, v, policy.deterministic())
+    return _select(q, k, v, backend).run(q, k, v, policy.deterministic())
+
+
+def attention_packed(qkv, backend=None):
+    """attention(*qkv.unbind(2), backend) for the qkv GEMM output viewed (B, T, 3, H, Dh).
+
+    The same forward; backends that can (triton, flash_attn) return one packed gradient for qkv
+    instead of dq, dk and dv, which unbind's backward would stack into it with a copy.
+    """
+    check_tensor("qkv", qkv, 5, "(B, T, 3, H, Dh)")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, T, 3, H, Dh), got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    b = _select(q, k, v, backend)
+    if b.run_packed is None:
+        return b.run(q, k, v, policy.deterministic())
+    return b.run_packed(qkv, policy.deterministic())
