@@ -51,9 +51,9 @@ def requested_attention_backend(backend=None):
     """The backend name asked for (possibly 'auto'), by the precedence in this module's docstring."""
     if backend is not None:
         return check_attention_backend(backend)
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    name = getattr(_local, "name", None)
+    if name is not None:
+        return name
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env:
         return check_attention_backend(env, ENV_VAR)
@@ -64,12 +64,11 @@ def requested_attention_backend(backend=None):
 def use_attention_backend(name):
     """Run fastdit.ops.attention inside the block on backend `name` (one of ATTENTION_BACKENDS); nests, per thread."""
     check_attention_backend(name)
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(name)
+    previous, _local.name = getattr(_local, "name", None), name
     try:
         yield name
     finally:
-        stack.pop()
+        _local.name = previous
 
 
 class use_deterministic:

@@ -55,48 +55,54 @@ def _dot_heads(a0, a1, b0, b1, M: tl.constexpr, N: tl.constexpr, TAIL: tl.conste
 
 
 @triton.jit
+def _tile(ptr, rows, row_stride, n_rows, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pointers and mask of columns [START, START + WIDTH) at rows `rows` of a (n_rows, HEAD_DIM) tensor."""
+    cols = START + tl.arange(0, WIDTH)
+    return ptr + rows[:, None] * row_stride + cols[None, :], (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+
+
+@triton.jit
 def _load_rows(ptr, rows, row_stride, n_rows, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr,
                TAIL: tl.constexpr):  # fmt: skip
-    """Rows `rows` of a (n_rows, HEAD_DIM) tile as (x0, x1): columns [0, D0) and [D0, D0 + D1).
-
-    Rows past n_rows and columns past HEAD_DIM read as 0, so they add nothing to any product.
-    Without a tail, x1 is x0 and unused.
-    """
-    cols = tl.arange(0, D0)
-    x0 = tl.load(ptr + rows[:, None] * row_stride + cols[None, :],
-                 mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)  # fmt: skip
+    """Rows `rows` of a (n_rows, HEAD_DIM) tensor as the split tile (x0, x1): columns [0, D0) and
+    [D0, D0 + D1). Rows past n_rows and columns past HEAD_DIM read as 0, so they add nothing to any
+    product. Without a tail, x1 is x0 and unused."""
+    ptrs, mask = _tile(ptr, rows, row_stride, n_rows, 0, D0, HEAD_DIM)
+    x0 = tl.load(ptrs, mask=mask, other=0.0)
     x1 = x0
     if TAIL:
-        cols = D0 + tl.arange(0, D1)
-        x1 = tl.load(ptr + rows[:, None] * row_stride + cols[None, :],
-                     mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)  # fmt: skip
+        ptrs, mask = _tile(ptr, rows, row_stride, n_rows, D0, D1, HEAD_DIM)
+        x1 = tl.load(ptrs, mask=mask, other=0.0)
     return x0, x1
 
 
 @triton.jit
 def _store_rows(ptr, rows, row_stride, n_rows, x0, x1, D0: tl.constexpr, D1: tl.constexpr,
-                HEAD_DIM: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
-    """Store the split tile (x0, x1) at rows `rows` of a (n_rows, HEAD_DIM) tensor, cast to its dtype."""
-    cols = tl.arange(0, D0)
-    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x0.to(ptr.dtype.element_ty),
-             mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))  # fmt: skip
+                HEAD_DIM: tl.constexpr, TAIL: tl.constexpr, ATOMIC_ADD: tl.constexpr = False):  # fmt: skip
+    """Store the split tile (x0, x1) at rows `rows` of a (n_rows, HEAD_DIM) tensor, cast to its dtype;
+    with ATOMIC_ADD, add it atomically instead (float32 tensors)."""
+    ptrs, mask = _tile(ptr, rows, row_stride, n_rows, 0, D0, HEAD_DIM)
+    _store(ptrs, x0, mask, ATOMIC_ADD)
     if TAIL:
-        cols = D0 + tl.arange(0, D1)
-        tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x1.to(ptr.dtype.element_ty),
-                 mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))  # fmt: skip
+        ptrs, mask = _tile(ptr, rows, row_stride, n_rows, D0, D1, HEAD_DIM)
+        _store(ptrs, x1, mask, ATOMIC_ADD)
 
 
 @triton.jit
-def _add_rows(ptr, rows, row_stride, n_rows, x0, x1, D0: tl.constexpr, D1: tl.constexpr,
-              HEAD_DIM: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
-    """Atomically add the float32 split tile (x0, x1) into rows `rows` of a float32 tensor."""
-    cols = tl.arange(0, D0)
-    tl.atomic_add(ptr + rows[:, None] * row_stride + cols[None, :], x0,
-                  mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), sem="relaxed")  # fmt: skip
-    if TAIL:
-        cols = D0 + tl.arange(0, D1)
-        tl.atomic_add(ptr + rows[:, None] * row_stride + cols[None, :], x1,
-                      mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), sem="relaxed")  # fmt: skip
+def _store(ptrs, x, mask, ATOMIC_ADD: tl.constexpr):
+    if ATOMIC_ADD:
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _program(n_rows, BLOCK: tl.constexpr):
+    """(row block, batch*head) of this program. One grid axis: the second is capped at 65535, which
+    B*H can pass; row blocks vary fastest, so the programs sharing a head's K/V run together (L2)."""
+    n_blocks = tl.cdiv(n_rows, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
 
 
 @triton.jit
@@ -120,7 +126,7 @@ def _attention_fwd_kernel(
 ):  # fmt: skip
     # One program: BLOCK_M query rows of one (batch, head), streaming all keys in BLOCK_N steps with
     # the online softmax (running max m, running sum l, rescaled accumulator), in base 2.
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    pid_m, bh = _program(Tq, BLOCK_M)
     Q += _head_offset(bh, H, stride_qb, stride_qh, ALIGN)
     K += _head_offset(bh, H, stride_kb, stride_kh, ALIGN)
     V += _head_offset(bh, H, stride_vb, stride_vh, ALIGN)
@@ -157,7 +163,7 @@ def _attention_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # delta_i = sum_d dO_id O_id (float32), the row sums of dP * P the backward needs (see below).
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    pid_m, bh = _program(Tq, BLOCK_M)
     O += _head_offset(bh, H, stride_ob, stride_oh, ALIGN)
     DO += _head_offset(bh, H, stride_db, stride_dh, ALIGN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -196,7 +202,7 @@ def _attention_bwd_dkdv_kernel(
     # One program: BLOCK_N keys of one (batch, head); dK, dV (strides g) accumulate over all queries
     # in BLOCK_M steps, in the transposed orientation (keys as rows). With ATOMIC_DQ, it also adds
     # its share scale dS K of dQ into the float32 buffer DQ (strides a).
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    pid_n, bh = _program(Tk, BLOCK_N)
     Q += _head_offset(bh, H, stride_qb, stride_qh, ALIGN)
     K += _head_offset(bh, H, stride_kb, stride_kh, ALIGN)
     V += _head_offset(bh, H, stride_vb, stride_vh, ALIGN)
@@ -237,7 +243,7 @@ def _attention_bwd_dkdv_kernel(
             dq1 = dq0
             if TAIL:
                 dq1 = _dot(ds, k1, tl.zeros([BLOCK_M, D1], tl.float32), UPCAST, PRECISION) * sm_scale
-            _add_rows(DQ, rows, stride_at, Tq, dq0, dq1, D0, D1, HEAD_DIM, TAIL)
+            _store_rows(DQ, rows, stride_at, Tq, dq0, dq1, D0, D1, HEAD_DIM, TAIL, ATOMIC_ADD=True)
     _store_rows(DK, keys, stride_gt, Tk, dk0 * sm_scale, dk1 * sm_scale, D0, D1, HEAD_DIM, TAIL)
     _store_rows(DV, keys, stride_gt, Tk, dv0, dv1, D0, D1, HEAD_DIM, TAIL)
 
@@ -253,7 +259,7 @@ def _attention_bwd_dq_kernel(
 ):  # fmt: skip
     # One program: dQ of BLOCK_M queries of one (batch, head), over all keys in BLOCK_N steps, in a
     # fixed order: deterministic.
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    pid_m, bh = _program(Tq, BLOCK_M)
     Q += _head_offset(bh, H, stride_qb, stride_qh, ALIGN)
     K += _head_offset(bh, H, stride_kb, stride_kh, ALIGN)
     V += _head_offset(bh, H, stride_vb, stride_vh, ALIGN)
@@ -389,7 +395,7 @@ def forward(q, k, v):
     o = torch.empty((B, Tq, H, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     blocks = configs(Dh, q.dtype)[0]
-    _attention_fwd_kernel[(triton.cdiv(Tq, blocks.block_m), B * H)](
+    _attention_fwd_kernel[(triton.cdiv(Tq, blocks.block_m) * B * H,)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, k.shape[1], Dh**-0.5 * LOG2E, **_layout_args(q, k, v, o), **_dot_args(q), **blocks.launch(),
     )  # fmt: skip
@@ -412,14 +418,14 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     dq, dk, dv = grads
 
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
+    _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, **_layout_args(o, do), BLOCK_M=DELTA_BLOCK_M,
     )  # fmt: skip
 
     # Atomic dQ accumulates in float32 (zeroed), copied into dq after; the deterministic kernel writes dq.
     dq_acc = torch.zeros((B, Tq, H, Dh), dtype=torch.float32, device=q.device) if not deterministic else dq
     sm_scale = Dh**-0.5
-    _attention_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_blocks.block_n), B * H)](
+    _attention_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_blocks.block_n) * B * H,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dq_acc),
         H, Tq, Tk, sm_scale, sm_scale * LOG2E, ATOMIC_DQ=not deterministic,
@@ -427,7 +433,7 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     )  # fmt: skip
     if not deterministic:
         return dq.copy_(dq_acc), dk, dv
-    _attention_bwd_dq_kernel[(triton.cdiv(Tq, dq_blocks.block_m), B * H)](
+    _attention_bwd_dq_kernel[(triton.cdiv(Tq, dq_blocks.block_m) * B * H,)](
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Tq, Tk, sm_scale, sm_scale * LOG2E, **_layout_args(q, k, v, do, dq), **_dot_args(q), **dq_blocks.launch(),

@@ -89,7 +89,7 @@ class Backend:
     packages: tuple = ()  # import names, any one of which makes the backend installed
     install: str = ""
     cuda_only: bool = False
-    half_only: bool = False  # float16 / bfloat16 inputs only
+    cuda_half_only: bool = False  # on CUDA, float16 / bfloat16 inputs only
     max_head_dim: Optional[int] = None
     deterministic: bool = False  # its backward can be made deterministic (auto keeps only these then)
     run_packed: Optional[Callable] = None  # (qkv (B, T, 3, H, Dh), deterministic) -> o, one packed gradient
@@ -99,13 +99,13 @@ BACKENDS = {
     "triton": Backend(_triton, ("triton",), "pip install triton", max_head_dim=256, deterministic=True,
                       run_packed=_triton_packed),
     "flash_attn": Backend(_flash_attn, ("flash_attn", "flash_attn_interface"), "pip install flash-attn",
-                          cuda_only=True, half_only=True, max_head_dim=256, deterministic=True,
+                          cuda_only=True, cuda_half_only=True, max_head_dim=256, deterministic=True,
                           run_packed=_flash_attn_packed),
     "xformers": Backend(_xformers, ("xformers",), "pip install xformers", cuda_only=True),
     "sdpa": Backend(_sdpa(None)),
-    "sdpa_flash": Backend(_sdpa("FLASH_ATTENTION")),
+    "sdpa_flash": Backend(_sdpa("FLASH_ATTENTION"), cuda_half_only=True),
     "sdpa_efficient": Backend(_sdpa("EFFICIENT_ATTENTION"), cuda_only=True),
-    "sdpa_cudnn": Backend(_sdpa("CUDNN_ATTENTION"), cuda_only=True),
+    "sdpa_cudnn": Backend(_sdpa("CUDNN_ATTENTION"), cuda_only=True, cuda_half_only=True),
     "sdpa_math": Backend(_sdpa("MATH"), deterministic=True),
     "math": Backend(_math, deterministic=True),
 }
@@ -124,8 +124,8 @@ def unavailable(name, q):
         return f"needs the {b.packages[0]} package, which is not installed ({b.install})"
     if b.cuda_only and q.device.type != "cuda":
         return f"runs on CUDA tensors only; the inputs are on {q.device}"
-    if b.half_only and q.dtype not in (torch.float16, torch.bfloat16):
-        return f"takes float16 or bfloat16 only; the inputs are {q.dtype}"
+    if b.cuda_half_only and q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
+        return f"takes float16 or bfloat16 CUDA tensors only; the inputs are {q.dtype}"
     if b.max_head_dim is not None and q.shape[-1] > b.max_head_dim:
         return f"takes head dims up to {b.max_head_dim}; got {q.shape[-1]}"
     return None
@@ -143,19 +143,19 @@ STATIC_PREFERENCE = ("triton", "flash_attn", "sdpa")
 AUTO_CACHE = {}  # (Tq, Tk, Dh, dtype, device, training, deterministic) -> backend name
 
 
-def _cuda_median_ms(fn, reps=5, target_ms=25.0):
-    """Median time of fn() in ms by CUDA events, after a warm-up call (compilation, library loads)."""
+def _cuda_median_ms(fn, min_reps=5, max_reps=100, target_ms=25.0):
+    """Median time of fn() in ms by CUDA events, after a warm-up call (compilation, library loads);
+    small shapes get more repeats (about target_ms in all), to resolve differences of a few percent."""
     fn()
-    times = []
-    for i in range(reps):
+    times, reps = [], min_reps
+    while len(times) < reps:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-        if i == 0:  # small shapes: more repeats, to resolve a few percent
-            reps = min(100, max(reps, int(target_ms / max(times[0], 1e-3))))
+        reps = min(max_reps, max(min_reps, int(target_ms / max(times[0], 1e-3))))
     return statistics.median(times)
 
 
