@@ -184,6 +184,23 @@ def test_auto_measures_once_skips_failures_and_never_measures_while_tracing(monk
     assert attention_module.pick_auto(("other",), ["sdpa", "math"], measure, can_measure=True) == "sdpa"
 
 
+def test_auto_measurement_runs_inside_activation_checkpointing(monkeypatch):
+    """auto times backends in the first forward, which may be inside torch.utils.checkpoint."""
+    timed = []
+    monkeypatch.setattr(attention_module, "_cuda_median_ms", lambda fn: (fn(), fn(), timed.append(1), 1.0)[-1])
+    x = torch.randn(2, 5, 3, 2, 8, requires_grad=True)
+
+    def block(x):
+        q, k, v = x.unbind(2)
+        assert attention_module.time_backend("sdpa", q, k, v, training=True, deterministic=False) == 1.0
+        return ops.attention(q, k, v, backend="math")
+
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).square().sum().backward()
+    expected = torch.autograd.grad(reference.attention(*x.unbind(2)).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    assert len(timed) == 2  # the forward and the checkpoint's recomputation
+
+
 def test_backend_selection_precedence(monkeypatch):
     q = torch.randn(1, 3, 2, 8)
     monkeypatch.delenv("FASTDIT_ATTENTION", raising=False)

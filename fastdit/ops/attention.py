@@ -160,7 +160,7 @@ def _cuda_median_ms(fn, min_reps=5, max_reps=100, target_ms=25.0):
 
 
 def time_backend(name, q, k, v, training, deterministic):
-    """ms of one forward (plus backward when training) of backend `name` on copies of q, k, v's views."""
+    """ms of one forward (plus backward when training) of backend `name` on q, k, v (detached: only read)."""
     run = BACKENDS[name].run
     leaves = [t.detach().requires_grad_(training) for t in (q, k, v)]
     with torch.enable_grad() if training else torch.no_grad():
