@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from unittest import mock
 
 import torch
@@ -90,7 +91,7 @@ def _resources(kernel, args, kwargs, arch, workdir):
     )  # fmt: skip
 
 
-def report(head_dim, dtype=torch.bfloat16, arch=90, workdir="/tmp", B=2, T=256, H=16):
+def report(head_dim, dtype=torch.bfloat16, arch=90, B=2, T=256, H=16):
     """Resource rows for every kernel the forward and both backwards launch at this head dim."""
     from . import _attention_triton as at
 
@@ -105,9 +106,10 @@ def report(head_dim, dtype=torch.bfloat16, arch=90, workdir="/tmp", B=2, T=256, 
             at.backward(torch.empty_like(o), q, k, v, o, lse, deterministic)
 
     rows = []
-    for kernel, args, kwargs in _capture_launches(at, run):
-        if not any(r["kernel"] == kernel.__name__ and r["atomic_dq"] == kwargs.get("ATOMIC_DQ") for r in rows):
-            rows.append(dict(head_dim=head_dim, dtype=str(dtype)[6:], **_resources(kernel, args, kwargs, arch, workdir)))
+    with tempfile.TemporaryDirectory() as workdir:
+        for kernel, args, kwargs in _capture_launches(at, run):
+            if not any(r["kernel"] == kernel.__name__ and r["atomic_dq"] == kwargs.get("ATOMIC_DQ") for r in rows):
+                rows.append(dict(head_dim=head_dim, dtype=str(dtype)[6:], **_resources(kernel, args, kwargs, arch, workdir)))
     return rows
 
 
@@ -116,14 +118,10 @@ def main():
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dims", default="64,72,96,128")
     parser.add_argument("--dtype", default="bfloat16", choices=[str(t)[6:] for t in _TYPES])
-    parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for head_dim in (int(d) for d in args.head_dims.split(",")):
-            for row in report(head_dim, getattr(torch, args.dtype), args.arch, args.workdir or tmp):
-                print(json.dumps(row), flush=True)
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+        for row in report(head_dim, getattr(torch, args.dtype), args.arch):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

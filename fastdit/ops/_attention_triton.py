@@ -327,9 +327,9 @@ def split_head_dim(head_dim):
 #   With 4 warps that is 255 registers plus stack at W 64 and 264 bytes of stack at W 80; 8 warps:
 #   166 / 200 registers, none.
 # - backward dQ (deterministic variant): 128 queries, 32-key steps (the tutorial's BLOCK_M2/N2).
-# Under the interpreter, small tiles make T = 33 exercise multi-block loops and masked tails.
 # - float32 (IEEE dots on FMA units, the accuracy path, not the fast one): the 16-bit tiles spill
 #   kilobytes of stack; half-size tiles over 8 warps spill none.
+# Under the interpreter, small tiles make T = 33 exercise multi-block loops and masked tails.
 _GPU_CONFIGS = {  # dtype class -> ((max padded width, forward, backward dK/dV, backward dQ), ...)
     "16-bit": (
         (64, Blocks(128, 64, 4, 3), Blocks(32, 128, 8, 5), Blocks(128, 32, 4, 5)),
