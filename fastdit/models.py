@@ -125,7 +125,8 @@ class LabelEmbedder(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention. The qkv GEMM's output, viewed (B, T, 3, H, Dh), already is the
-    (B, T, H, Dh) layout fastdit.ops.attention takes: q, k and v are strided views, never copied."""
+    (B, T, H, Dh) layout fastdit.ops.attention takes: q, k and v are strided views, never copied;
+    ops.attention_packed takes the view whole, so the backward writes one packed qkv gradient."""
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -139,7 +140,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, Dh)
-        o = ops.attention(*qkv.unbind(2))  # (B, T, H, Dh)
+        o = ops.attention_packed(qkv)  # (B, T, H, Dh)
         return self.proj(o.reshape(B, T, D))  # (B, T, D)
 
 

@@ -4,6 +4,8 @@
     r, h = ops.gated_residual_modulate_layer_norm(x, y, gate, shift, scale)
     with ops.use_backend("reference"):
         ...
+    with ops.use_attention_backend("triton"), ops.use_deterministic(True):
+        o = ops.attention(q, k, v)          # ops.last_attention_backend() == "triton"
 
 Each op lives in the module of the same name (kernels, launchers, autograd, dispatch). Those
 modules import Triton, so they load on first use of the op, not on `import fastdit`.
@@ -12,6 +14,13 @@ import importlib
 import sys
 import types
 
+from ._attention_policy import (
+    ATTENTION_BACKENDS,
+    attention_backend,
+    last_attention_backend,
+    use_attention_backend,
+    use_deterministic,
+)
 from ._dispatch import BACKENDS, get_backend, use_backend
 
 OPS = (
@@ -22,13 +31,18 @@ OPS = (
     "unpatchify",
     "attention",
 )
-__all__ = list(OPS) + ["BACKENDS", "get_backend", "use_backend"]
+# Further public functions of an op's module: name -> module.
+EXTRAS = {"attention_packed": "attention"}
+__all__ = list(OPS) + list(EXTRAS) + [
+    "BACKENDS", "get_backend", "use_backend",
+    "ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "attention_backend", "last_attention_backend",
+]  # fmt: skip
 
 
 def __getattr__(name):
-    if name not in OPS:
+    if name not in OPS and name not in EXTRAS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    fn = getattr(importlib.import_module(f"{__name__}.{name}"), name)
+    fn = getattr(importlib.import_module(f"{__name__}.{EXTRAS.get(name, name)}"), name)
     globals()[name] = fn
     return fn
 

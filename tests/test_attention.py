@@ -1,0 +1,304 @@
+"""fastdit.ops.attention: the Triton kernels (forward, both backwards) and every installed backend
+against fastdit.reference.attention, backend selection, determinism, the model, torch.compile."""
+import importlib
+
+import pytest
+import torch
+
+from fastdit import ops, reference
+from fastdit.models import DiT
+from fastdit.ops import _attention_policy
+from tests.helpers import assert_close, reference_pair
+
+attention_module = importlib.import_module("fastdit.ops.attention")  # the module; ops.attention is the function
+
+
+def qkv_views(B, T, H, Dh, dtype, device):
+    """q, k, v as the model passes them: strided views of one (B, T, 3, H, Dh) GEMM output."""
+    return torch.randn(B, T, 3, H, Dh, dtype=dtype, device=device).unbind(2)
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Every buffer allocated with torch.empty starts as NaN, so an unwritten element shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def check_against_reference(q, k, v, backend, grad_out=None):
+    """Output and gradients of ops.attention(backend) vs the reference in q's dtype and float64."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # keep q, k, v's strides
+    out = ops.attention(*leaves, backend=backend)
+    assert out.is_contiguous() and ops.last_attention_backend() == backend
+    pt, ref, grad_out = reference_pair(reference.attention, [q, k, v], grad_out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert_close(f"{backend} out", out.detach(), pt["out"][0].detach(), ref["out"][0].detach())
+    for name, g, g_pt, g_ref in zip("qkv", grads, pt["grad"], ref["grad"]):
+        if k.shape[1] == 1 and name != "v":
+            # One key: the softmax is constant, dq and dk vanish; only rounding noise may remain.
+            assert g.abs().max() <= 1e-5 * ref["grad"][2].abs().max(), f"d{name} at T=1: {g.abs().max()}"
+        else:
+            assert_close(f"{backend} d{name}", g, g_pt, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("Dh", [32, 64, 72])
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_triton_matches_reference(T, Dh, dtype, device, nan_outputs):
+    check_against_reference(*qkv_views(3, T, 2, Dh, dtype, device), "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("T, Dh", [(7, 64), (33, 72), (33, 32)])
+def test_triton_deterministic_backward_matches_reference(T, Dh, dtype, device, nan_outputs):
+    with ops.use_deterministic(True):
+        check_against_reference(*qkv_views(3, T, 2, Dh, dtype, device), "triton")
+
+
+@pytest.mark.parametrize("Dh", [8, 96, 128])
+def test_triton_other_head_dims(Dh, device, nan_outputs):
+    check_against_reference(*qkv_views(2, 7, 2, Dh, torch.float16, device), "triton")
+
+
+def test_triton_bfloat16(device, nan_outputs):
+    check_against_reference(*qkv_views(2, 33, 2, 72, torch.bfloat16, device), "triton")
+
+
+def test_triton_cross_attention_and_plain_layouts(device):
+    """Tq != Tk, contiguous (B, T, H, Dh) inputs and a transposed-memory q (unit Dh stride kept)."""
+    q = torch.randn(2, 2, 5, 72, device=device).transpose(1, 2)  # (B, Tq, H, Dh), head-major memory
+    k, v = torch.randn(2, 2, 19, 2, 72, device=device).unbind(1)
+    check_against_reference(q, k, v, "triton")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_packed_qkv_matches_reference(deterministic, device, nan_outputs):
+    """attention_packed: the qkv GEMM output whole, one packed (B, T, 3, H, Dh) gradient."""
+    qkv = torch.randn(2, 33, 3, 2, 72, dtype=torch.float16, device=device)
+    leaf = qkv.clone().requires_grad_()
+    with ops.use_deterministic(deterministic):
+        out = ops.attention_packed(leaf, backend="triton")
+    pt, ref, grad_out = reference_pair(lambda t: reference.attention(*t.unbind(2)), [qkv])
+    (grad,) = torch.autograd.grad(out, leaf, grad_out)
+    assert_close("packed out", out.detach(), pt["out"][0].detach(), ref["out"][0].detach())
+    assert_close("packed dqkv", grad, pt["grad"][0], ref["grad"][0])
+    with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3, H, Dh\)"):
+        ops.attention_packed(qkv[:, :, :2])
+
+
+def test_triton_expanded_upstream_gradient(device):
+    """o.sum() sends a stride-0 gradient into the backward."""
+    q, k, v = (t.detach().requires_grad_() for t in qkv_views(2, 9, 2, 72, torch.float32, device))
+    ops.attention(q, k, v, backend="triton").sum().backward()
+    pt, ref, _ = reference_pair(lambda *a: reference.attention(*a).sum(), [q, k, v], [torch.tensor(1.0, device=device)])
+    for name, leaf, g_pt, g_ref in zip("qkv", (q, k, v), pt["grad"], ref["grad"]):
+        assert_close(f"d{name}", leaf.grad, g_pt, g_ref)
+
+
+def test_deterministic_backward_is_bitwise_reproducible(device):
+    q, k, v = (t.detach().requires_grad_() for t in qkv_views(2, 33, 2, 72, torch.float16, device))
+    do = torch.randn(2, 33, 2, 72, dtype=torch.float16, device=device)
+    runs = []
+    for _ in range(2):
+        with ops.use_deterministic(True):
+            out = ops.attention(q, k, v, backend="triton")
+        runs.append(torch.autograd.grad(out, (q, k, v), do))
+    for name, a, b in zip("qkv", *runs):
+        assert torch.equal(a, b), f"d{name} differs between two deterministic backwards"
+
+
+def test_use_deterministic_setter_context_and_torch_flag():
+    assert not _attention_policy.deterministic()
+    with ops.use_deterministic(True):
+        assert _attention_policy.deterministic()
+        with ops.use_deterministic(False):
+            assert not _attention_policy.deterministic()
+        assert _attention_policy.deterministic()
+    assert not _attention_policy.deterministic()
+    try:
+        ops.use_deterministic(True)
+        assert _attention_policy.deterministic()
+    finally:
+        ops.use_deterministic(False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _attention_policy.deterministic()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", [b for b in ops.ATTENTION_BACKENDS if b not in ("auto", "triton")])
+def test_other_backends_match_reference(backend, dtype, device):
+    q, k, v = qkv_views(2, 33, 2, 72, dtype, device)
+    why = attention_module.unavailable(backend, q)
+    if why is not None:
+        pytest.skip(f"{backend} {why}")
+    check_against_reference(q, k, v, backend)
+
+
+def test_missing_backends_raise_a_clear_error_and_auto_skips_them(monkeypatch):
+    monkeypatch.delenv("FASTDIT_ATTENTION", raising=False)
+    monkeypatch.delenv("FASTDIT_BACKEND", raising=False)
+    q = torch.randn(1, 4, 2, 8)
+    missing = [b for b in ("flash_attn", "xformers") if not attention_module.INSTALLED.intersection(
+        attention_module.BACKENDS[b].packages)]  # fmt: skip
+    for name in missing:
+        with pytest.raises(RuntimeError, match=f"attention backend '{name}' needs the .* package, which is not installed"):
+            ops.attention(q, q, q, backend=name)
+    with pytest.raises(RuntimeError, match="'sdpa_cudnn' runs on CUDA tensors only"):
+        ops.attention(q, q, q, backend="sdpa_cudnn")
+    with pytest.raises(ValueError, match="backend must be one of auto, triton"):
+        ops.attention(q, q, q, backend="cudnn")
+    assert ops.attention_backend(q) == "math"  # auto on CPU: the oracle
+
+
+def test_auto_measures_once_skips_failures_and_never_measures_while_tracing(monkeypatch):
+    monkeypatch.setattr(attention_module, "AUTO_CACHE", {})
+    times = {"triton": 2.0, "flash_attn": 1.0, "sdpa_cudnn": 0.5}
+    calls = []
+
+    def measure(name):
+        calls.append(name)
+        if name == "sdpa_cudnn":
+            raise RuntimeError("no cuDNN kernel for this shape")
+        return times[name]
+
+    usable = ["triton", "flash_attn", "sdpa_cudnn", "sdpa", "math"]
+    key = (256, 256, 72, torch.bfloat16, "cuda:0", True, False)
+    # While compiling or capturing: the static preference, nothing measured or cached.
+    assert attention_module.pick_auto(key, usable, measure, can_measure=False) == "triton"
+    assert calls == [] and attention_module.AUTO_CACHE == {}
+    assert attention_module.pick_auto(key, usable, measure, can_measure=True) == "flash_attn"
+    assert sorted(calls) == ["flash_attn", "sdpa_cudnn", "triton"]
+    assert attention_module.pick_auto(key, usable, measure, can_measure=True) == "flash_attn"
+    assert attention_module.pick_auto(key, usable, measure, can_measure=False) == "flash_attn"  # cached
+    assert len(calls) == 3
+    # Nothing measurable: the static preference; missing packages are never picked.
+    assert attention_module.pick_auto(("other",), ["sdpa", "math"], measure, can_measure=True) == "sdpa"
+
+
+def test_auto_measurement_runs_inside_activation_checkpointing(monkeypatch):
+    """auto times backends in the first forward, which may be inside torch.utils.checkpoint."""
+    timed = []
+    monkeypatch.setattr(attention_module, "_cuda_median_ms", lambda fn: (fn(), fn(), timed.append(1), 1.0)[-1])
+    x = torch.randn(2, 5, 3, 2, 8, requires_grad=True)
+
+    def block(x):
+        q, k, v = x.unbind(2)
+        assert attention_module.time_backend("sdpa", q, k, v, training=True, deterministic=False) == 1.0
+        return ops.attention(q, k, v, backend="math")
+
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).square().sum().backward()
+    expected = torch.autograd.grad(reference.attention(*x.unbind(2)).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    assert len(timed) == 2  # the forward and the checkpoint's recomputation
+
+
+def test_backend_selection_precedence(monkeypatch):
+    q = torch.randn(1, 3, 2, 8)
+    monkeypatch.delenv("FASTDIT_ATTENTION", raising=False)
+    monkeypatch.setenv("FASTDIT_BACKEND", "reference")
+    assert ops.attention_backend(q) == "math"
+    monkeypatch.setenv("FASTDIT_BACKEND", "triton")
+    assert ops.attention_backend(q) == "triton"
+    monkeypatch.setenv("FASTDIT_ATTENTION", "sdpa")
+    assert ops.attention_backend(q) == "sdpa"  # the attention setting beats the global one
+    with ops.use_backend("reference"), ops.use_attention_backend("sdpa_math"):
+        assert ops.attention_backend(q) == "sdpa_math"
+        with ops.use_attention_backend("math"):
+            ops.attention(q, q, q)
+            assert ops.last_attention_backend() == "math"
+        ops.attention(q, q, q, backend="sdpa")  # the argument beats everything
+        assert ops.last_attention_backend() == "sdpa"
+    monkeypatch.setenv("FASTDIT_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="FASTDIT_ATTENTION must be one of"):
+        ops.attention(q, q, q)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with ops.use_attention_backend("flash"):
+            pass
+
+
+def test_triton_rejects_head_dims_past_256():
+    q = torch.randn(1, 2, 1, 264)
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
+        ops.attention(q, q, q, backend="triton")
+
+
+def test_dit_with_triton_attention_matches_math(device):
+    """A small DiT-S/2-like model (head dim 72: the XL tail case) with only attention on Triton."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, hidden_size=144, depth=2, num_heads=2, num_classes=10).to(device)
+    with torch.no_grad():
+        for p in model.parameters():  # leave adaLN-Zero's zeros: every block must contribute
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    t = torch.tensor([3.0, 700.0], device=device)
+    y = torch.tensor([1, 7], device=device)
+    results = {}
+    for attn in ("math", "triton"):
+        model.zero_grad()
+        with ops.use_backend("reference"), ops.use_attention_backend(attn):
+            out = model(x, t, y)
+            assert ops.last_attention_backend() == attn
+            out.square().mean().backward()
+        results[attn] = (out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    (out, grads), (ref, ref_grads) = results["triton"], results["math"]
+    rel = (out - ref).abs().max() / ref.abs().max()
+    assert rel < 1e-4, f"model output: max relative error {rel:.3g}"
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    for name, g, g_ref in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6 * g_ref.abs().max().item(), msg=name)
+
+
+def test_torch_compile_fullgraph_traces_triton_attention(device):
+    q, k, v = (t.detach().requires_grad_() for t in qkv_views(2, 9, 2, 72, torch.float32, device))
+
+    def f(q, k, v):
+        with_context = ops.attention(q, k, v)  # selection through the context manager is traced too
+        packed = ops.attention_packed(torch.stack([q, k, v], dim=2), backend="triton")
+        return ops.attention(q, k, v, backend="triton") + with_context + packed
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with ops.use_attention_backend("triton"):
+        out = compiled(q, k, v)
+        expected = f(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    expected_grads = torch.autograd.grad(expected, (q, k, v), torch.ones_like(out))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_kernels_compile_for_hopper_without_spills():
+    """What the interpreter cannot show: the GPU code. The kernels at the DiT head dims (64, and 72 =
+    64 + a 16-wide tail) compile for sm_90a through Triton's whole pipeline, keep tensor-core dots
+    (wgmma), pipelined copies (cp.async) and 16-byte loads, and spill nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not hasattr(triton.compiler, "ASTSource") or not os.path.exists(cuobjdump):
+        pytest.skip("this Triton build cannot compile ahead of time for NVIDIA GPUs")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    cmd = [sys.executable, "-m", "fastdit.ops._attention_codegen", "--arch", "90", "--head-dims", "64,72"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 10, done.stdout
+    for r in rows:
+        where = f"{r['kernel']} at Dh={r['head_dim']} (atomic dQ: {r['atomic_dq']}): {r}"
+        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"spills in {where}"
+        assert r["vector_loads"] > 0, f"no 16-byte loads in {where}"
+        if r["kernel"] != "_attention_bwd_delta_kernel":
+            assert r["wgmma"] > 0 and r["cp_async"] > 0, f"no wgmma or no cp.async in {where}"
