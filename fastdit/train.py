@@ -319,13 +319,20 @@ class Trainer:
                                           diffusion_steps=a.diffusion_steps)
 
     def _shard(self):
-        """FSDP2: shard every block, then the rest; the EMA copy is sharded the same way."""
-        from torch.distributed.fsdp import fully_shard
+        """FSDP2: each block's attention and MLP are units of their own, everything else the root unit.
+
+        Not whole blocks: DiT.forward computes every block's adaLN modulation up front and runs
+        blocks through chained_forward, so a block's forward hooks (where FSDP gathers its
+        parameters) would never fire. The EMA copy is sharded the same way.
+        """
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for module in (self.raw, self.ema):
             for block in module.blocks:
-                fully_shard(block)
+                fully_shard(block.attn)
+                fully_shard(block.mlp)
             fully_shard(module)
+            register_fsdp_forward_method(module, "forward_with_cfg")  # sampling enters through it
         self.model = self.raw
 
     def _out_dir(self):
@@ -425,10 +432,12 @@ class Trainer:
 
         a = self.args
         labels, per_row = grid_labels(self.dataset.num_classes, self.input_size)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            # CPUs lack fast fp16 (and often bf16) matmuls: there the grids are sampled in fp32.
             images = generate(self.ema, labels, cfg_scale=a.cfg_scale, cfg_channels=a.cfg_channels, sampler="ddpm",
                               steps=a.sample_steps, seed=a.seed, device=self.device, codec=self._decoder(),
-                              precision=a.precision, diffusion_steps=a.diffusion_steps)
+                              precision=a.precision if cuda else "fp32", diffusion_steps=a.diffusion_steps)
         if self.dist.is_main:
             _util.save_grid(images, path, nrow=per_row)
         return path
