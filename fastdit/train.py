@@ -347,13 +347,15 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------
 
     def _state_dicts(self):
-        """Full (unsharded) model, EMA and optimizer state dicts, on the CPU under FSDP."""
-        if not self.args.fsdp:
-            return self.raw.state_dict(), self.ema.state_dict(), self.opt.state_dict()
+        """Full model, EMA and optimizer state dicts (gathered on the CPU under FSDP).
+
+        The optimizer state is keyed by parameter name (torch.distributed.checkpoint's layout),
+        the same with and without FSDP, so DDP and FSDP runs resume each other's checkpoints.
+        """
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=bool(self.args.fsdp))
         return (get_model_state_dict(self.raw, options=opts), get_model_state_dict(self.ema, options=opts),
                 get_optimizer_state_dict(self.raw, self.opt, options=opts))
 
@@ -375,19 +377,14 @@ class Trainer:
         return path
 
     def _load_state(self):
-        ck, d = self.ckpt, self.dist
-        if self.args.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.raw, ck["model"], options=opts)
-            set_model_state_dict(self.ema, ck["ema"], options=opts)
-            set_optimizer_state_dict(self.raw, self.opt, ck["opt"], options=opts)
-        else:
-            self.raw.load_state_dict(ck["model"])
-            self.ema.load_state_dict(ck["ema"])
-            self.opt.load_state_dict(ck["opt"])
+        ck, d = self.ckpt, self.dist
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.raw, ck["model"], options=opts)
+        set_model_state_dict(self.ema, ck["ema"], options=opts)
+        set_optimizer_state_dict(self.raw, self.opt, ck["opt"], options=opts)
         self.scaler.load_state_dict(ck["scaler"])
         self.step, self.skipped = ck["step"], ck.get("skipped", 0)
         self.position = tuple(ck["data_position"])

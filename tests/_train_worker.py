@@ -3,14 +3,17 @@ per-step losses and a digest of its full model weights to OUT.rank<r>.json.
 
 usage: python -m torch.distributed.run ... tests/_train_worker.py OUT CRASH_AT -- TRAIN_ARGS...
 CRASH_AT > 0 makes every rank die (exit code 3) when it is about to run step CRASH_AT + 1.
+FASTDIT_TEST_NAN_AT="3,5" makes rank 1's loss NaN on those (1-based) steps.
 """
 import hashlib
 import json
+import os
 import sys
 
 import torch
 
 from fastdit import train
+from fastdit.diffusion import create_diffusion
 
 
 def digest(state_dict):
@@ -23,12 +26,28 @@ def digest(state_dict):
 
 def main():
     out, crash_at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[4:]
+    nan_at = {int(s) for s in os.environ.get("FASTDIT_TEST_NAN_AT", "").split(",") if s}
     fit, train_step = train.Trainer.fit, train.Trainer.train_step
+    current = {}
 
-    def crashing_step(self, x, y):
-        if self.step == crash_at:
+    def patched_step(self, x, y):
+        if crash_at and self.step == crash_at:
             sys.exit(3)  # like a kill: no checkpoint, no clean-up beyond the process dying
+        current["step"], current["rank"] = self.step + 1, self.dist.rank
         return train_step(self, x, y)
+
+    def nan_diffusion(**kwargs):
+        diffusion = create_diffusion(**kwargs)
+        losses = diffusion.training_losses
+
+        def training_losses(*args, **kw):
+            out = losses(*args, **kw)
+            if current["rank"] == 1 and current["step"] in nan_at:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        diffusion.training_losses = training_losses
+        return diffusion
 
     def reporting_fit(self):
         result = fit(self)
@@ -38,9 +57,9 @@ def main():
                            world=self.dist.world_size), f)
         return result
 
-    if crash_at:
-        train.Trainer.train_step = crashing_step
+    train.Trainer.train_step = patched_step
     train.Trainer.fit = reporting_fit
+    train.create_diffusion = nan_diffusion
     torch.set_num_threads(1)
     train.main(argv)
 
