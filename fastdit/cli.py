@@ -5,7 +5,6 @@ Bad input ends with one line on stderr and exit code 2; a training run that cann
 (NaN/Inf losses) with exit code 1.
 """
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,8 +62,11 @@ def bench(args):
         print("fastdit bench: error: the benchmarks live in the source checkout (benchmarks/ next to fastdit/); "
               "this fastdit is installed without them. Clone the repository and pip install -e it", file=sys.stderr)
         return 2
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    return subprocess.call([sys.executable, "-m", "benchmarks", *args], env=env)
+    # `python -m benchmarks` with the checkout first on sys.path (plain -m would prefer the current
+    # folder), run from the user's folder so that relative paths in ARGS mean what they say.
+    launcher = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                "runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)")
+    return subprocess.call([sys.executable, "-c", launcher, str(root), *args])
 
 
 def main(argv=None):
