@@ -33,8 +33,9 @@ CHECKPOINT_FORMAT = "fastdit-train"
 
 # Defaults that depend on the job: the embedded digits (tiny, CPU-sized) or your data (DiT's values).
 PRESETS = {
-    "digits": dict(model="DiT-Tiny/2", image_size=8, global_batch_size=128, lr=1e-3, steps=2000, ema_decay=0.999,
-                   ckpt_every=1000, sample_every=1000, sample_steps=100, cfg_scale=2.0),
+    # EMA 0.995: DiT's 0.9999 would still be ~86% the initial weights after 1500 steps.
+    "digits": dict(model="DiT-Tiny/2", image_size=8, global_batch_size=128, lr=1e-3, steps=1500, ema_decay=0.995,
+                   ckpt_every=500, sample_every=500, sample_steps=100, cfg_scale=2.0),
     "data": dict(model="DiT-XL/2", image_size=256, global_batch_size=256, lr=1e-4, steps=400_000, ema_decay=0.9999,
                  ckpt_every=50_000, sample_every=10_000, sample_steps=250, cfg_scale=4.0),
 }
@@ -489,7 +490,7 @@ class Trainer:
                     losses.append(out[0])
                     window.append(out[0])
                     self._record(log, dict(step=self.step, loss=out[0], grad_norm=out[1]))
-                    bar.set_postfix(loss=f"{out[0]:.4f}")
+                    bar.set_postfix(loss=f"{out[0]:.4f}", refresh=False)
                 if self.step % a.log_every == 0 or self.step == a.steps:
                     t_window = self._log(log, bar, window, t_window)
                     window = []

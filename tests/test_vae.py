@@ -91,3 +91,25 @@ def test_latents_round_trip_train_and_sample(tmp_path, trained_vae):
     from PIL import Image
 
     assert Image.open(png).size[0] >= 2 * 16  # decoded 16x16 images, not 4x4 latents
+
+
+def test_image_folder_training_pixel_and_latent_space(tmp_path, trained_vae):
+    """--data FOLDER trains in pixel space (RGB, random flips); with --vae it encodes each batch on the fly."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    common = ["--data", str(tmp_path / "imgs"), "--model", "DiT-Tiny/2", "--global-batch-size", "4", "--steps", "2",
+              "--sample-steps", "2"]
+    pixel = train.main(common + ["--image-size", "8", "--out", str(tmp_path / "pixel")])
+    stored = torch.load(pixel.checkpoint, weights_only=True)
+    assert stored["model_config"]["in_channels"] == 3 and stored["args"]["lr"] == 1e-4  # DiT's defaults for data
+    assert stored["data"]["classes"] == ["a", "b"] and stored["vae"] is None
+    latent = train.main(common + ["--image-size", "16", "--vae", trained_vae["path"], "--out", str(tmp_path / "lat")])
+    stored = torch.load(latent.checkpoint, weights_only=True)
+    assert stored["model_config"]["in_channels"] == 4 and stored["model_config"]["input_size"] == [4, 4]
+    assert stored["vae"]["kind"] == "small" and all(v is not None for v in latent.losses)
