@@ -63,7 +63,8 @@ def add_arguments(p):
     p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (fastdit VAE checkpoint or "
                                  "local diffusers AutoencoderKL folder) and train in latent space")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)}; {both('model')}")
-    p.add_argument("--image-size", type=int, help=f"image size in pixels; {both('image_size')}")
+    p.add_argument("--image-size", type=int, help=f"image size in pixels; {both('image_size')}; 32 for --data "
+                                                  f"without --vae (pixel space)")
     p.add_argument("--global-batch-size", type=int, help=f"summed over all processes; {both('global_batch_size')}")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate, constant; {both('lr')}")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as DiT)")
@@ -124,6 +125,8 @@ def resolve_args(args, saved=None):
         if key not in MACHINE_ARGS and getattr(a, key, None) is None:
             setattr(a, key, value)
     preset = PRESETS["digits" if a.data is None and a.latents is None else "data"]
+    if a.data is not None and a.vae is None and a.image_size is None:
+        a.image_size = 32  # pixel space: 256x256 pixels would be 16384 tokens for DiT-XL/2
     for key, value in {**COMMON, **preset}.items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
