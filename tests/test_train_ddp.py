@@ -1,13 +1,20 @@
-"""fastdit train under torchrun with 2 CPU processes (gloo): DDP replicas stay identical, a NaN on one rank
-skips the step on both, a crash + --resume is bit-exact, and FSDP continues a DDP checkpoint to the same weights."""
+"""torchrun with 2 CPU processes (gloo). fastdit train: DDP replicas stay identical, a NaN on one rank skips the
+step on both, a crash + --resume is bit-exact, FSDP continues a DDP checkpoint to the same weights.
+fastdit sample-ddp: each rank samples its shard with its own seed, rank 0 writes one .npz."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.distributed as dist
+
+from fastdit import train
+from fastdit.cli import main as cli
+
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 ROOT = WORKER.parent.parent
@@ -16,14 +23,18 @@ ARGS = ["--global-batch-size", "16", "--steps", "4", "--ckpt-every", "2", "--sam
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def torchrun(tmp_path, name, argv, crash_at=0, nan_at=""):
-    """Run the worker on 2 processes; returns (exit code, [rank 0 report, rank 1 report] or None)."""
+def run2(argv, **env):
+    """`torchrun --nproc_per_node 2 ARGV` -> the finished process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", FASTDIT_TEST_NAN_AT=nan_at)
+               OMP_NUM_THREADS="1", **env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def torchrun(tmp_path, name, argv, crash_at=0, nan_at=""):
+    """Run the training worker on 2 processes; returns (exit code, [rank 0 report, rank 1 report] or None, log)."""
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out), str(crash_at), "--", *argv]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run2([str(WORKER), str(out), str(crash_at), "--", *argv], FASTDIT_TEST_NAN_AT=nan_at)
     reports = [out.with_name(f"{name}.rank{r}.json") for r in range(2)]
     if not all(r.exists() for r in reports):
         return proc.returncode, None, proc.stdout + proc.stderr
@@ -52,3 +63,18 @@ def test_ddp_two_processes_identical_replicas_nan_skip_and_bit_exact_resume(tmp_
     assert code == 0, log
     assert f0["losses"] == f1["losses"] == r0["losses"][2:]
     assert f0["model"] == r0["model"] and f0["ema"] == r0["ema"]  # rank 0 holds the gathered full weights
+
+
+def test_sample_ddp_two_processes(tmp_path):
+    ckpt = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")]).checkpoint
+    args = ["--ckpt", ckpt, "--num-samples", "5", "--per-proc-batch-size", "2", "--steps", "2", "--seed", "0"]
+    proc = run2(["-m", "fastdit.cli", "sample-ddp", *args, "--out", str(tmp_path / "two.npz")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    two = np.load(tmp_path / "two.npz")["arr_0"]
+    assert two.dtype == np.uint8 and two.shape == (5, 8, 8, 1)  # 8 sampled (2 ranks x 2 batches x 2), trimmed
+    assert cli(["sample-ddp", *args, "--out", str(tmp_path / "one.npz")]) == 0
+    one = np.load(tmp_path / "one.npz")["arr_0"]
+    # Rank r seeds with seed * world_size + r: rank 0 of 2 draws what a single process draws first.
+    assert np.array_equal(two[:2], one[:2])
+    assert not np.array_equal(two[4], two[0]) and not np.array_equal(two[4], one[4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "run", "two.npz"]  # shards removed

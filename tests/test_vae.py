@@ -105,7 +105,7 @@ def test_image_folder_training_pixel_and_latent_space(tmp_path, trained_vae):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
     common = ["--data", str(tmp_path / "imgs"), "--model", "DiT-Tiny/2", "--global-batch-size", "4", "--steps", "2",
               "--sample-steps", "2"]
-    pixel = train.main(common + ["--image-size", "8", "--out", str(tmp_path / "pixel")])
+    pixel = train.main(common + ["--image-size", "8", "--num-workers", "1", "--out", str(tmp_path / "pixel")])
     stored = torch.load(pixel.checkpoint, weights_only=True)
     assert stored["model_config"]["in_channels"] == 3 and stored["args"]["lr"] == 1e-4  # DiT's defaults for data
     assert stored["data"]["classes"] == ["a", "b"] and stored["vae"] is None
