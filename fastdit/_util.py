@@ -30,6 +30,8 @@ def atomic_write(path, write):
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 -> what open() would have given
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -43,6 +45,12 @@ def atomic_write(path, write):
         finally:
             os.close(dir_fd)
     return path
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj, path):

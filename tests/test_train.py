@@ -182,6 +182,9 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         _util.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     old = torch.load(path, weights_only=True)
     assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
 
