@@ -1,0 +1,99 @@
+"""The `fastdit` command: train, sample, sample-ddp, latents, vae, bench.
+
+Multi-GPU / multi-node: torchrun --nproc_per_node=8 -m fastdit.cli train --data DIR ...
+Bad input ends with one line on stderr and exit code 2; a training run that cannot go on
+(NaN/Inf losses) with exit code 1.
+"""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from ._util import UsageError
+from .checkpoint import CheckpointError
+
+DESCRIPTION = """\
+fastdit: DiT training and sampling on fused kernels.
+
+  fastdit train          the main job: a small DiT trained in pixel space on the embedded
+                         handwritten digits (scikit-learn, 8x8, 10 classes; no download), a few
+                         minutes on a CPU -> runs/digits-.../ with a checkpoint, samples.png, loss.png
+  fastdit train --data DIR [--vae VAE] | --latents FILE   your data (DiT's defaults: DiT-XL/2, ...)
+  fastdit sample --ckpt CKPT                              a PNG grid of samples
+  fastdit sample-ddp --ckpt CKPT --out samples.npz        sharded sampling into an ADM .npz (FID tools)
+  fastdit vae                                             train the small VAE on the digits
+  fastdit latents --vae VAE --out latents.pt              encode a dataset once
+  fastdit bench ...                                       the benchmarks (source checkout)
+
+Under torchrun every command that samples or trains runs one process per device."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser():
+    from . import data, sample, train, vae
+
+    p = _Parser(prog="fastdit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,sample-ddp,latents,vae,bench}")
+    commands = [
+        ("train", "train a DiT (no arguments: the digits main job)", train.add_arguments, train.run, train.__doc__),
+        ("sample", "sample a PNG grid from a checkpoint", sample.add_arguments, sample.sample, sample.__doc__),
+        ("sample-ddp", "sample many images (torchrun-sharded) into an ADM .npz", sample.add_ddp_arguments,
+         sample.sample_ddp, sample.__doc__),
+        ("latents", "encode a dataset into a latents file", data.add_latents_arguments, data.make_latents,
+         data.encode_latents.__doc__),
+        ("vae", "train the small VAE on the digits or an image folder", vae.add_arguments, vae.train_vae, vae.__doc__),
+    ]
+    for name, help, add, func, doc in commands:
+        sp = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add(sp)
+        sp.set_defaults(func=func)
+    sub.add_parser("bench", help="run the benchmarks (python -m benchmarks ARGS; needs a source checkout)")
+    return p
+
+
+def bench(args):
+    """Forward to `python -m benchmarks` from the source checkout this fastdit was imported from."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print("fastdit bench: error: the benchmarks live in the source checkout (benchmarks/ next to fastdit/); "
+              "this fastdit is installed without them. Clone the repository and pip install -e it", file=sys.stderr)
+        return 2
+    # `python -m benchmarks` with the checkout first on sys.path (plain -m would prefer the current
+    # folder), run from the user's folder so that relative paths in ARGS mean what they say.
+    launcher = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                "runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)")
+    return subprocess.call([sys.executable, "-c", launcher, str(root), *args])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmarks, --help included
+        return bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .train import TrainingError
+
+    try:
+        args.func(args)
+    except (UsageError, CheckpointError, FileNotFoundError) as e:
+        print(f"fastdit {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"fastdit {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _one_line(error):
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""`fastdit sample` (a PNG grid) and `fastdit sample-ddp` (an ADM-format .npz for FID tools), as DiT's scripts.
+
+Both rebuild the model from the config stored in a fastdit checkpoint (its EMA weights), or take
+an official DiT checkpoint with --model and --image-size. Latent models are decoded with the VAE
+recorded in the checkpoint (or --vae). The random draws follow DiT's sample.py / sample_ddp.py:
+seed, then the model is built, then z ~ N(0, I) (doubled with the null class under CFG).
+"""
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._dist import init_distributed
+from ._registry import build_model, model_from_config
+from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_write, save_grid, to_uint8
+from .checkpoint import CheckpointError, _read, extract_state_dict
+
+DIT_SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py's ImageNet classes
+
+
+def sampling_diffusion(sampler, steps, learn_sigma=True, diffusion_steps=1000):
+    """DDPM respaced to `steps` steps, or DDIM with `steps` steps (DiT's timestep_respacing strings)."""
+    from .diffusion import create_diffusion
+
+    if sampler not in ("ddpm", "ddim"):
+        raise UsageError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+    if not 1 <= steps <= diffusion_steps:
+        raise UsageError(f"--steps must be in [1, {diffusion_steps}], got {steps}")
+    spacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    return create_diffusion(timestep_respacing=spacing, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
+
+
+def grid_labels(num_classes, input_size):
+    """Labels of a sample grid and its row length: a row per class (at most 10), 10 per row for small images."""
+    if num_classes == 1000:
+        return DIT_SAMPLE_LABELS, 4
+    per_class = 10 if input_size <= 32 else 4
+    return [c for c in range(min(num_classes, 10)) for _ in range(per_class)], per_class
+
+
+@torch.no_grad()
+def generate(model, labels, *, cfg_scale, cfg_channels="paper", sampler="ddpm", steps=250, seed=None, device="cpu",
+             z=None, use_cfg=None, codec=None, precision="fp32", diffusion_steps=1000, compile=False, cuda_graphs=False,
+             progress=False):
+    """Images (N, C, H, W) in [-1, 1], one per label, sampled from `model` (in eval mode).
+
+    seed None continues the current torch RNG (DiT's scripts seed before building the model);
+    z: the initial noise (default: drawn here). use_cfg (default: cfg_scale > 1, as DiT's
+    sample_ddp.py; DiT's sample.py always uses it) doubles the batch with the null class and
+    guides cfg_channels ('paper': the first 3 channels, DiT's; 'all'). Pixel-space samples are
+    clipped to [-1, 1] at every step; latents are not (DiT's clip_denoised=False) and are
+    decoded with `codec`.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    diffusion = sampling_diffusion(sampler, steps, model.learn_sigma, diffusion_steps)
+    if seed is not None:
+        torch.manual_seed(seed)
+    if z is None:
+        z = torch.randn(len(labels), model.in_channels, *model.x_embedder.img_size, device=device)
+    y = torch.as_tensor(labels, device=device)
+    guided = cfg_scale > 1 if use_cfg is None else use_cfg
+    if guided:
+        if model.y_embedder.dropout_prob <= 0:
+            raise UsageError("classifier-free guidance needs a model trained with label dropout (it has no null "
+                             "class): use --cfg-scale 1")
+        z = torch.cat([z, z], 0)
+        y = torch.cat([y, torch.full_like(y, model.y_embedder.num_classes)], 0)
+        fn, kwargs = model.forward_with_cfg, dict(y=y, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    else:
+        fn, kwargs = model.forward, dict(y=y)
+    fn = speedup(fn, device, compile, cuda_graphs)
+    fn = amp_forward(fn, device.type, PRECISION_DTYPES[precision])
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    samples = loop(fn, z.shape, z, clip_denoised=codec is None, model_kwargs=kwargs, progress=progress, device=device)
+    if guided:
+        samples, _ = samples.chunk(2, dim=0)  # drop the null-class half
+    model.train(was_training)
+    return codec.decode(samples) if codec is not None else samples.clamp(-1, 1)
+
+
+def speedup(fn, device, compile, cuda_graphs):
+    """The model function, optionally torch.compile'd and/or replayed from CUDA graphs (both: torch.compile's
+    own CUDA graphs, mode="reduce-overhead")."""
+    if cuda_graphs and device.type != "cuda":
+        raise UsageError("--cuda-graphs needs a CUDA device (this run is on the CPU)")
+    if compile:
+        return torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None)
+    return CudaGraphed(fn) if cuda_graphs else fn
+
+
+class CudaGraphed:
+    """Capture fn once per input signature on CUDA and replay the graph afterwards.
+
+    Sampling calls the model hundreds of times with the same shapes: a replay launches the whole
+    forward at once instead of kernel by kernel. Inputs are copied into static buffers; the
+    output is copied out of the graph's buffer (the next replay overwrites it).
+    """
+
+    def __init__(self, fn):
+        self.fn, self.graphs = fn, {}
+
+    def __call__(self, x, t, **kwargs):
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        others = tuple(sorted((k, v) for k, v in kwargs.items() if k not in tensors))
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, others,
+               tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items())))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, t, tensors, dict(others))
+        graph, static_in, static_out = self.graphs[key]
+        for buf, value in zip(static_in, (x, t, *[tensors[k] for k in sorted(tensors)])):
+            buf.copy_(value)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x, t, tensors, others):
+        names = sorted(tensors)
+        static_in = [x.clone(), t.clone(), *[tensors[k].clone() for k in names]]
+
+        def call():
+            return self.fn(static_in[0], static_in[1], **dict(zip(names, static_in[2:])), **others)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (lazy init, autotuning) outside the capture
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = call()
+        return graph, static_in, static_out
+
+
+#################################################################################
+#                       Loading a model for sampling                            #
+#################################################################################
+
+
+def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=None, weights="ema", device="cpu"):
+    """(model in eval mode, codec or None) from a fastdit checkpoint, or an official one with --model/--image-size.
+
+    Call after seeding: building the model draws its initial weights (as DiT's sample.py does).
+    """
+    if not os.path.isfile(ckpt):
+        raise UsageError(f"--ckpt {ckpt!r} does not exist or is not a file")
+    obj = _read(ckpt, "cpu", trusted=False)
+    ours = isinstance(obj, dict) and "model_config" in obj
+    record = obj.get("vae") if ours else None
+    if ours:
+        net = model_from_config(obj["model_config"])
+    else:
+        if model is None or image_size is None:
+            raise UsageError(f"{ckpt} holds no model config (an official DiT checkpoint?): give --model and --image-size")
+        if image_size % 8:
+            raise UsageError(f"--image-size {image_size} must be divisible by 8 (official DiT models sample SD-VAE latents)")
+        net, _ = build_model(model, input_size=image_size // 8, num_classes=num_classes)
+        if vae is None:
+            raise UsageError("official DiT checkpoints generate SD-VAE latents: give --vae, a local folder with diffusers "
+                             "AutoencoderKL weights (e.g. stabilityai/sd-vae-ft-ema, downloaded beforehand)")
+    try:
+        sd = extract_state_dict(obj, key=weights if ours else None, source=str(ckpt))
+        net.load_state_dict(sd, strict=True)
+    except (CheckpointError, RuntimeError) as e:
+        raise UsageError(f"--ckpt {ckpt}: the weights do not fit the model ({str(e).splitlines()[0]})") from e
+    codec = None
+    if vae is not None or record is not None:
+        from .vae import load_vae
+
+        codec = load_vae(vae or record["path"], device)
+    return net.to(device).eval(), codec
+
+
+def add_common_arguments(p):
+    p.add_argument("--ckpt", required=True, help="fastdit checkpoint (or an official DiT one with --model/--image-size)")
+    p.add_argument("--model", help="for official checkpoints: the DiT config name, e.g. DiT-XL/2")
+    p.add_argument("--image-size", type=int, help="for official checkpoints: 256 or 512")
+    p.add_argument("--num-classes", type=int, default=1000, help="for official checkpoints (default 1000)")
+    p.add_argument("--vae", help="VAE for latent models: fastdit VAE checkpoint or local diffusers AutoencoderKL "
+                                 "folder (default: the one recorded in the checkpoint)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a fastdit checkpoint")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default 4.0; "
+                                                                 "sample-ddp: 1.5, as DiT)")
+    p.add_argument("--cfg-channels", choices=["paper", "all"], help="paper: guide the first 3 channels (DiT's); all; "
+                                                                    "default paper with >= 3 channels, else all")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for the sampling loop")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the model forward once per shape and replay it (CUDA)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def add_arguments(p):
+    add_common_arguments(p)
+    p.add_argument("--classes", help="comma-separated class labels, one grid row each (default: 0-9, or DiT's 8 "
+                                     "ImageNet classes for 1000-class models)")
+    p.add_argument("--per-class", type=int, help="samples per class (default 10 for small images, else 4)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+
+
+def add_ddp_arguments(p):
+    add_common_arguments(p)
+    p.add_argument("--num-samples", type=int, default=50_000, help="total samples (default 50000, for FID-50K)")
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--rgb", action="store_true", help="store grayscale samples as 3 identical channels (FID tools want RGB)")
+    p.add_argument("--out", required=True, help=".npz file to write (arr_0: uint8 (N, H, W, C))")
+
+
+def _prepare(args, dist, seed):
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.model is not None:
+        from ._registry import check_model_name
+
+        check_model_name(args.model)
+    torch.manual_seed(seed)  # before the model is built, as DiT's scripts
+    model, codec = load_sampler_model(args.ckpt, args.model, args.image_size, args.num_classes, args.vae,
+                                      args.weights, dist.device)
+    cfg_channels = args.cfg_channels or ("paper" if model.in_channels >= 3 else "all")
+    return model, codec, cfg_channels
+
+
+def sample(args):
+    """fastdit sample: one PNG grid, a row per class."""
+    dist = init_distributed(args.device)
+    try:
+        model, codec, cfg_channels = _prepare(args, dist, args.seed)
+        num_classes = model.y_embedder.num_classes
+        if args.classes:
+            try:
+                classes = [int(c) for c in args.classes.split(",")]
+            except ValueError as e:
+                raise UsageError(f"--classes must be comma-separated integers, got {args.classes!r}") from e
+            if any(not 0 <= c < num_classes for c in classes):
+                raise UsageError(f"--classes must be in [0, {num_classes}), got {args.classes}")
+            per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
+            labels = [c for c in classes for _ in range(per)]
+        else:
+            labels, per = grid_labels(num_classes, model.x_embedder.img_size[0])
+            if args.per_class:
+                labels, per = [c for c in dict.fromkeys(labels) for _ in range(args.per_class)], args.per_class
+        t0 = time.time()
+        guided = model.y_embedder.dropout_prob > 0  # DiT's sample.py always guides, even at scale 1
+        images = generate(model, labels, cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale,
+                          use_cfg=guided, cfg_channels=cfg_channels, sampler=args.sampler, steps=args.steps, device=dist.device,
+                          codec=codec, precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                          progress=True)
+        if dist.is_main:
+            save_grid(images, args.out, nrow=per)
+            print(f"sampled {len(labels)} images in {time.time() - t0:.1f}s -> {args.out}")
+        return args.out
+    finally:
+        dist.close()
+
+
+def sample_ddp(args):
+    """fastdit sample-ddp: every rank samples its share with seed * world_size + rank; rank 0 writes the .npz."""
+    dist = init_distributed(args.device)
+    try:
+        if args.num_samples < 1 or args.per_proc_batch_size < 1:
+            raise UsageError("--num-samples and --per-proc-batch-size must be positive")
+        out = Path(args.out)
+        if out.suffix != ".npz":
+            raise UsageError(f"--out must be a .npz file, got {args.out!r}")
+        # DiT sample_ddp.py's per-rank seed, set before the model is built
+        model, codec, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank)
+        global_batch = args.per_proc_batch_size * dist.world_size
+        total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
+        num_classes = model.y_embedder.num_classes
+        shards = out.parent / f".{out.name}.shards"
+        if dist.is_main:
+            shutil.rmtree(shards, ignore_errors=True)
+            shards.mkdir(parents=True)
+        dist.barrier()
+        from tqdm import tqdm
+
+        chunks = []
+        for _ in tqdm(range(total // global_batch), disable=not dist.is_main, desc="sample-ddp"):
+            z = torch.randn(args.per_proc_batch_size, model.in_channels, *model.x_embedder.img_size, device=dist.device)
+            y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device)
+            images = generate(model, y, z=z, cfg_scale=1.5 if args.cfg_scale is None else args.cfg_scale,
+                              cfg_channels=cfg_channels, sampler=args.sampler, steps=args.steps, device=dist.device,
+                              codec=codec, precision=args.precision, compile=args.compile,
+                              cuda_graphs=args.cuda_graphs)
+            chunks.append(to_uint8(images))
+        shard = np.concatenate(chunks)
+        if args.rgb and shard.shape[-1] == 1:
+            shard = np.repeat(shard, 3, axis=-1)
+        np.save(shards / f"rank{dist.rank:05d}.npy", shard)
+        dist.barrier()
+        if dist.is_main:
+            arr = np.concatenate([np.load(shards / f"rank{r:05d}.npy") for r in range(dist.world_size)])
+            arr = arr[: args.num_samples]
+            atomic_write(out, lambda f: np.savez(f, arr_0=arr))
+            shutil.rmtree(shards, ignore_errors=True)
+            print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
+        dist.barrier()
+        return str(out)
+    finally:
+        dist.close()
+
+

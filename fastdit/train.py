@@ -1,0 +1,589 @@
+"""`fastdit train`: DiT training as in facebookresearch/DiT train.py, resumable bit-exactly.
+
+With no data option this is the main job: DiT-Tiny/2 trained in PIXEL space on scikit-learn's
+handwritten digits (1797 real 8x8 grayscale images, 10 classes, shipped with scikit-learn), a
+few minutes on a laptop CPU. With --data FOLDER it trains on your images (pixel space, or
+latent space with --vae encoding on the fly); with --latents FILE on latents precomputed by
+`fastdit latents`.
+
+One process per device under torchrun (DistributedDataParallel, or FSDP with --fsdp); a plain
+`python`/`fastdit` run is a world of one. Checkpoints hold everything a run depends on (model,
+EMA, optimizer, grad scaler, step, every rank's RNG states, the data position, the arguments),
+so `--resume` continues with exactly the losses an uninterrupted run would have produced.
+"""
+import argparse
+import copy
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _util
+from ._dist import env_world_size, init_distributed
+from ._registry import MODELS, build_model, check_model_name
+from ._util import PRECISION_DTYPES as PRECISIONS, UsageError, amp_forward, atomic_save, load_plain, plain
+from .data import LatentsDataset, ShardedBatches, build_dataset, make_loader
+
+CHECKPOINT_FORMAT = "fastdit-train"
+
+# Defaults that depend on the job: the embedded digits (tiny, CPU-sized) or your data (DiT's values).
+PRESETS = {
+    # EMA 0.995: DiT's 0.9999 would still be ~86% the initial weights after 1500 steps.
+    "digits": dict(model="DiT-Tiny/2", image_size=8, global_batch_size=128, lr=1e-3, steps=1500, ema_decay=0.995,
+                   ckpt_every=500, sample_every=500, sample_steps=100, cfg_scale=2.0),
+    "data": dict(model="DiT-XL/2", image_size=256, global_batch_size=256, lr=1e-4, steps=400_000, ema_decay=0.9999,
+                 ckpt_every=50_000, sample_every=10_000, sample_steps=250, cfg_scale=4.0),
+}
+COMMON = dict(precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing=False, compile=False, fsdp=False,
+              max_bad_steps=10, seed=0, log_every=100, num_workers=0, diffusion_steps=1000, class_dropout_prob=0.1,
+              flip=None, cfg_channels=None, device="auto")
+# Not taken from a resumed checkpoint: they describe this machine, not the run.
+MACHINE_ARGS = ("resume", "out", "device", "num_workers", "compile")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN/Inf); the message says why and what to try."""
+
+
+def add_arguments(p):
+    d, c = PRESETS["data"], PRESETS["digits"]
+
+    def both(key):
+        return f"default {d[key]} ({c[key]} for the digits job)"
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips). "
+                                    "Default: the embedded digits (the main job)")
+    src.add_argument("--latents", help="latents file from `fastdit latents` (latent-space training)")
+    p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (fastdit VAE checkpoint or "
+                                 "local diffusers AutoencoderKL folder) and train in latent space")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)}; {both('model')}")
+    p.add_argument("--image-size", type=int, help=f"image size in pixels; {both('image_size')}; 32 for --data "
+                                                  f"without --vae (pixel space)")
+    p.add_argument("--global-batch-size", type=int, help=f"summed over all processes; {both('global_batch_size')}")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate, constant; {both('lr')}")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as DiT)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help=f"total training steps; {both('steps')}")
+    steps.add_argument("--epochs", type=int, help="train this many epochs instead of --steps")
+    p.add_argument("--precision", choices=list(PRECISIONS), help="autocast dtype of the model (loss in fp32; "
+                                                                 "fp16 uses a GradScaler); default fp32")
+    p.add_argument("--ema-decay", type=float, help=f"EMA of the weights, the ones sampled from; {both('ema_decay')}")
+    p.add_argument("--grad-clip", type=float, help="clip the global grad norm to this (default 0: off)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in "
+                                                                                       "the backward (less memory)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="shard parameters, gradients and optimizer "
+                                                                         "state over the processes (FSDP2) instead of DDP")
+    p.add_argument("--max-bad-steps", type=int, help="abort after this many NaN/Inf losses in a row (default 10); "
+                                                     "each one skips its step")
+    p.add_argument("--resume", help="checkpoint file, or a run folder (its latest checkpoint); options not given "
+                                    "again are taken from the checkpoint")
+    p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (and at the end); {both('ckpt_every')}")
+    p.add_argument("--sample-every", type=int, help=f"EMA sample grid every N steps, 0: only at the end; "
+                                                    f"{both('sample_every')}")
+    p.add_argument("--sample-steps", type=int, help=f"DDPM steps of the sample grids; {both('sample_steps')}")
+    p.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance of the sample grids; {both('cfg_scale')}")
+    p.add_argument("--cfg-channels", choices=["paper", "all"], help="channels CFG guides: paper = the first 3 (DiT's), "
+                                                                    "all; default paper with >= 3 channels, else all")
+    p.add_argument("--log-every", type=int, help="log every N steps (default 100)")
+    p.add_argument("--seed", type=int, help="global seed (default 0); rank r uses seed * world_size + r as DiT")
+    p.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
+    p.add_argument("--diffusion-steps", type=int, help="diffusion timesteps T (default 1000)")
+    p.add_argument("--class-dropout-prob", type=float, help="label dropout for CFG (default 0.1)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
+                                                                         "image folders, off for the digits)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda:LOCAL_RANK if present")
+    p.add_argument("--out", help="run folder (default runs/<data>-<model>-<time>, or the resumed run's folder)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="fastdit train")
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """Parse `fastdit train` arguments and train. Returns a TrainResult."""
+    return run(parse_args(argv))
+
+
+#################################################################################
+#                          Arguments, checkpoints, RNG                          #
+#################################################################################
+
+
+def resolve_args(args, saved=None):
+    """Fill every option left unset (None): from the resumed run's arguments, else the job's presets."""
+    a = argparse.Namespace(**vars(args))
+    for key, value in (saved or {}).items():
+        if key not in MACHINE_ARGS and getattr(a, key, None) is None:
+            setattr(a, key, value)
+    preset = PRESETS["digits" if a.data is None and a.latents is None else "data"]
+    if a.data is not None and a.vae is None and a.image_size is None:
+        a.image_size = 32  # pixel space: 256x256 pixels would be 16384 tokens for DiT-XL/2
+    for key, value in {**COMMON, **preset}.items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    return a
+
+
+def check_args(a, world):
+    check_model_name(a.model)
+    if a.global_batch_size < 1 or a.global_batch_size % world:
+        raise UsageError(f"--global-batch-size {a.global_batch_size} must be a positive multiple of the world size "
+                         f"{world} (the number of processes)")
+    if a.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {a.precision!r}")
+    for name in ("steps", "log_every", "sample_steps", "max_bad_steps", "image_size", "diffusion_steps"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.epochs is not None and a.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {a.epochs}")
+    for name in ("ckpt_every", "sample_every", "num_workers", "grad_clip", "weight_decay"):
+        if getattr(a, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if not a.lr > 0:
+        raise UsageError(f"--lr must be positive, got {a.lr}")
+    if not 0 <= a.ema_decay < 1:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
+    if not 0 <= a.class_dropout_prob < 1:
+        raise UsageError(f"--class-dropout-prob must be in [0, 1), got {a.class_dropout_prob}")
+    if a.vae and not a.data:
+        raise UsageError("--vae encodes --data images on the fly; with --latents the VAE is recorded in the file")
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or a run folder's latest checkpoints/NNNNNNN.pt."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted((f for f in (p / "checkpoints").glob("*.pt") if re.fullmatch(r"\d+\.pt", f.name)),
+                       key=lambda f: int(f.stem))
+        if not found:
+            raise UsageError(f"--resume {path}: no checkpoints/NNNNNNN.pt in this folder")
+        return found[-1]
+    if not p.is_file():
+        raise UsageError(f"--resume {path}: no such checkpoint file or run folder")
+    return p
+
+
+def rng_state(device):
+    """This process's RNG states as tensors and plain values (torch.load(weights_only=True) reads them)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        python=[version, list(py_state), py_gauss],
+    )
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, with the same two ops per tensor as DiT's update_ema."""
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+#################################################################################
+#                                  The run                                      #
+#################################################################################
+
+
+@dataclass
+class TrainResult:
+    out: str
+    checkpoint: str
+    grid: str
+    curve: str
+    losses: list = field(default_factory=list)  # this invocation's per-step mean losses (None: skipped step)
+    final_loss: float = float("nan")  # mean loss of the last (up to) 100 steps
+    skipped: int = 0
+    seconds: float = 0.0
+
+
+class Trainer:
+    def __init__(self, args):
+        self.dist = init_distributed(args.device or "auto")
+        self.device = self.dist.device
+        try:
+            self._setup(args)
+        except BaseException:
+            self.dist.close()
+            raise
+
+    # -- setup -----------------------------------------------------------------
+
+    def _setup(self, args):
+        self.ckpt, saved = None, None
+        if args.resume:
+            self.ckpt_path = find_checkpoint(args.resume)
+            self.ckpt = load_plain(self.ckpt_path, "checkpoint")
+            if not isinstance(self.ckpt, dict) or self.ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise UsageError(f"{self.ckpt_path} is not a fastdit training checkpoint (to fine-tune official "
+                                 f"weights, start a new run)")
+            saved = self.ckpt["args"]
+        a = self.args = resolve_args(args, saved)
+        world = self.dist.world_size
+        check_args(a, world)
+        self._build_data()
+        if a.epochs is not None:
+            a.steps = a.epochs * self.batches.per_epoch
+        self._build_model()
+        self.out = Path(self.dist.broadcast_object(str(self._out_dir())))
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.step, self.position, self.skipped, self.last_checkpoint = 0, (0, 0), 0, None
+        if self.ckpt is not None:
+            self._load_state()
+        else:
+            seed_everything(a.seed * world + self.dist.rank)  # DiT's per-rank seed
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            # Steps after the checkpoint will be redone: drop them from the log.
+            kept = [r for r in _util.read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            _util.write_jsonl(self.metrics_path, kept)
+
+    def _build_data(self):
+        a, d = self.args, self.dist
+        self.codec, self.vae_record = None, None
+        if a.latents:
+            self.dataset = LatentsDataset(a.latents)
+            self.vae_record = self.dataset.meta["vae"]
+            a.image_size = self.dataset.meta["image_size"]
+            if a.flip and not self.dataset.flip:
+                raise UsageError(f"--flip: {a.latents} holds no flipped latents (encode with `fastdit latents --flips both`)")
+        else:
+            if a.vae:
+                from .vae import load_vae
+
+                self.codec = load_vae(a.vae, self.device)
+                self.vae_record = self.codec.describe()
+                if a.image_size % self.codec.factor:
+                    raise UsageError(f"--image-size {a.image_size} must be divisible by the VAE's factor {self.codec.factor}")
+            self.dataset = build_dataset(a.data, a.image_size, channels=self.codec and self.codec.image_channels)
+        flip = self.dataset.flip if a.flip is None else a.flip
+        self.batches = ShardedBatches(len(self.dataset), a.global_batch_size, d.rank, d.world_size, a.seed, flip)
+        self.channels = self.codec.latent_channels if self.codec else self.dataset.channels
+        self.input_size = a.image_size // self.codec.factor if self.codec else self.dataset.image_size
+        if a.cfg_channels is None:
+            a.cfg_channels = "paper" if self.channels >= 3 else "all"
+
+    def _build_model(self):
+        a = self.args
+        torch.manual_seed(a.seed)  # the same initial weights on every rank
+        try:
+            model, self.model_config = build_model(
+                a.model, input_size=self.input_size, in_channels=self.channels, num_classes=self.dataset.num_classes,
+                class_dropout_prob=a.class_dropout_prob,
+            )
+        except ValueError as e:
+            raise UsageError(f"--model {a.model} at input size {self.input_size}: {e}") from e
+        self.raw = model.to(self.device)
+        self.raw.set_gradient_checkpointing(bool(a.grad_checkpointing))
+        self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
+        if a.fsdp:
+            self._shard()
+        elif self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.model = self.raw
+        self.model.train()  # label dropout on: it trains the null class used by CFG
+        if a.compile:
+            self.model = torch.compile(self.model)
+        self.forward = amp_forward(self.model, self.device.type, PRECISIONS[a.precision])
+        self.opt = torch.optim.AdamW(self.raw.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=a.precision == "fp16")
+        self.params = list(self.raw.parameters())
+        self.ema_params = list(self.ema.parameters())
+        self.diffusion = create_diffusion(timestep_respacing="", learn_sigma=self.raw.learn_sigma,
+                                          diffusion_steps=a.diffusion_steps)
+
+    def _shard(self):
+        """FSDP2: each block's attention and MLP are units of their own, everything else the root unit.
+
+        Not whole blocks: DiT.forward computes every block's adaLN modulation up front and runs
+        blocks through chained_forward, so a block's forward hooks (where FSDP gathers its
+        parameters) would never fire. The EMA copy is sharded the same way.
+        """
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        for module in (self.raw, self.ema):
+            for block in module.blocks:
+                fully_shard(block.attn)
+                fully_shard(block.mlp)
+            fully_shard(module)
+            register_fsdp_forward_method(module, "forward_with_cfg")  # sampling enters through it
+        self.model = self.raw
+
+    def _out_dir(self):
+        a = self.args
+        if a.out:
+            return Path(a.out)
+        if self.ckpt is not None:
+            return self.ckpt_path.resolve().parent.parent
+        name = "digits" if a.data is None and a.latents is None else self.dataset.name
+        return Path("runs") / f"{name}-{a.model.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def _state_dicts(self):
+        """Full model, EMA and optimizer state dicts (gathered on the CPU under FSDP).
+
+        The optimizer state is keyed by parameter name (torch.distributed.checkpoint's layout),
+        the same with and without FSDP, so DDP and FSDP runs resume each other's checkpoints.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=bool(self.args.fsdp))
+        return (get_model_state_dict(self.raw, options=opts), get_model_state_dict(self.ema, options=opts),
+                get_optimizer_state_dict(self.raw, self.opt, options=opts))
+
+    def save_checkpoint(self):
+        a = self.args
+        model_sd, ema_sd, opt_sd = self._state_dicts()
+        rngs = self.dist.all_gather_object(rng_state(self.device))
+        path = self.out / "checkpoints" / f"{self.step:07d}.pt"
+        if self.dist.is_main:
+            atomic_save(dict(
+                format=CHECKPOINT_FORMAT, model=model_sd, ema=ema_sd, opt=opt_sd, scaler=self.scaler.state_dict(),
+                step=self.step, data_position=list(self.position), rng=rngs, world_size=self.dist.world_size,
+                skipped=self.skipped, args=plain({k: v for k, v in vars(a).items() if k not in MACHINE_ARGS}),
+                model_name=a.model, model_config=self.model_config, vae=self.vae_record,
+                data=self.dataset.describe() if a.latents is None else dict(kind="latents", path=a.latents),
+            ), path)
+        self.dist.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def _load_state(self):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
+        ck, d = self.ckpt, self.dist
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.raw, ck["model"], options=opts)
+        set_model_state_dict(self.ema, ck["ema"], options=opts)
+        set_optimizer_state_dict(self.raw, self.opt, ck["opt"], options=opts)
+        self.scaler.load_state_dict(ck["scaler"])
+        self.step, self.skipped = ck["step"], ck.get("skipped", 0)
+        self.position = tuple(ck["data_position"])
+        self.batches.start = self.position
+        if ck["world_size"] == d.world_size:
+            set_rng_state(ck["rng"][d.rank], self.device)
+        else:  # the random streams cannot continue: derive new ones, deterministic per (seed, step, rank)
+            seed_everything((self.args.seed * d.world_size + d.rank) * 1_000_003 + self.step)
+            if d.is_main:
+                print(f"note: resuming a {ck['world_size']}-process run on {d.world_size} processes: the data order "
+                      f"continues, the random streams restart (not bit-exact)")
+        self.last_checkpoint = self.ckpt_path
+        self.ckpt = None  # free the memory
+
+    # -- training --------------------------------------------------------------
+
+    def train_step(self, x, y):
+        """One optimizer step; returns (mean loss over ranks, grad norm), or None for a skipped NaN/Inf step."""
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
+        loss = self.diffusion.training_losses(self.forward, x, t, dict(y=y))["loss"].mean()
+        # One all-reduce gives every rank the mean loss and whether any rank saw a NaN/Inf, so all skip together.
+        stats = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
+        mean_loss, bad = self.dist.all_reduce_sum(stats).tolist()
+        if bad:
+            return None
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip or math.inf)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm) and not self.scaler.is_enabled():  # fp16: the scaler skips and rescales
+            self.opt.zero_grad(set_to_none=True)
+            return None
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema_params, self.params, self.args.ema_decay)
+        return mean_loss / self.dist.world_size, norm
+
+    def sample_grid(self, path):
+        """EMA samples, a row per class, from a fixed seed: training's RNG streams are left untouched."""
+        from .sample import generate, grid_labels
+
+        a = self.args
+        labels, per_row = grid_labels(self.dataset.num_classes, self.input_size)
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            # CPUs lack fast fp16 (and often bf16) matmuls: there the grids are sampled in fp32.
+            images = generate(self.ema, labels, cfg_scale=a.cfg_scale, cfg_channels=a.cfg_channels, sampler="ddpm",
+                              steps=a.sample_steps, seed=a.seed, device=self.device, codec=self._decoder(),
+                              precision=a.precision if cuda else "fp32", diffusion_steps=a.diffusion_steps)
+        if self.dist.is_main:
+            _util.save_grid(images, path, nrow=per_row)
+        return path
+
+    def _decoder(self):
+        if self.codec is not None or self.vae_record is None:
+            return self.codec
+        from .vae import load_vae
+
+        self.codec = load_vae(self.vae_record["path"], self.device)
+        return self.codec
+
+    def fit(self):
+        from tqdm import tqdm
+
+        a, d = self.args, self.dist
+        if self.step >= a.steps:
+            raise UsageError(f"the run is already at step {self.step} of --steps {a.steps}; pass a larger --steps")
+        if d.is_main:
+            n_params = sum(p.numel() for p in self.raw.parameters())
+            print(f"fastdit train: {a.model} ({n_params / 1e6:.2f}M parameters, input {self.channels}x{self.input_size}"
+                  f"x{self.input_size}, {'latent' if self.vae_record else 'pixel'} space) on {self.dataset.name} "
+                  f"({len(self.dataset)} items, {self.dataset.num_classes} classes), {d.world_size} process(es) on "
+                  f"{self.device.type}, {a.precision}, global batch {a.global_batch_size}; "
+                  f"{'resuming at step ' + str(self.step) if self.step else 'from scratch'} -> {self.out}")
+        loader = make_loader(self.dataset, self.batches, a.num_workers, self.device.type == "cuda", a.seed)
+        losses, bad_run, window = [], 0, []
+        log = open(self.metrics_path, "a") if d.is_main else None
+        bar = tqdm(total=a.steps, initial=self.step, disable=not d.is_main, desc="train", dynamic_ncols=True)
+        t_start = t_window = time.time()
+        try:
+            for x, y in loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.codec is not None:
+                    x = self.codec.encode(x, sample=True)  # DiT: a fresh posterior sample every step
+                out = self.train_step(x, y)
+                self.step += 1
+                self.position = self.batches.advance(self.position)
+                bar.update(1)
+                if out is None:
+                    self.skipped, bad_run = self.skipped + 1, bad_run + 1
+                    losses.append(None)
+                    self._record(log, dict(step=self.step, loss=None, skipped=True))
+                    if bad_run >= a.max_bad_steps:
+                        raise TrainingError(
+                            f"the loss or gradients were NaN/Inf for {bad_run} steps in a row (steps "
+                            f"{self.step - bad_run + 1}-{self.step}, {self.skipped} skipped in all); stopping. Last "
+                            f"checkpoint: {self.last_checkpoint or 'none'}. Try a lower --lr, --grad-clip 1, or "
+                            f"--precision bf16 instead of fp16")
+                else:
+                    bad_run = 0
+                    losses.append(out[0])
+                    window.append(out[0])
+                    self._record(log, dict(step=self.step, loss=out[0], grad_norm=out[1]))
+                    bar.set_postfix(loss=f"{out[0]:.4f}", refresh=False)
+                if self.step % a.log_every == 0 or self.step == a.steps:
+                    t_window = self._log(log, bar, window, t_window)
+                    window = []
+                if a.ckpt_every and self.step % a.ckpt_every == 0 and self.step < a.steps:
+                    self.save_checkpoint()
+                if a.sample_every and self.step % a.sample_every == 0 and self.step < a.steps:
+                    self.sample_grid(self.out / "samples" / f"{self.step:07d}.png")
+                if self.step >= a.steps:
+                    break
+            checkpoint = self.save_checkpoint()
+            grid = self.sample_grid(self.out / "samples.png")
+            curve = self.out / "loss.png"
+            if d.is_main:
+                plot_loss_curve(_util.read_jsonl(self.metrics_path), curve, title=f"{a.model} on {self.dataset.name}")
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        seconds = time.time() - t_start
+        finite = [v for v in losses if v is not None][-100:]
+        final = sum(finite) / len(finite) if finite else float("nan")
+        if d.is_main:
+            print(f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {len(finite)} "
+                  f"steps), {self.skipped} skipped\n  checkpoint {checkpoint}\n  samples    {grid}\n  loss curve {curve}")
+        return TrainResult(str(self.out), str(checkpoint), str(grid), str(curve), losses, final, self.skipped, seconds)
+
+    def _record(self, log, record):
+        if log:
+            log.write(_util.json_line(record))
+            log.flush()
+
+    def _log(self, log, bar, window, t_window):
+        now = time.time()
+        steps = len(window)
+        rate = steps / max(now - t_window, 1e-9)
+        mem = _util.memory_bytes(self.device) / 2**30
+        rec = dict(event="log", step=self.step, loss=sum(window) / steps if steps else None, steps_per_s=rate,
+                   images_per_s=rate * self.args.global_batch_size, memory_gb=mem, skipped=self.skipped)
+        if self.dist.is_main:
+            self._record(log, rec)
+            loss = f"{rec['loss']:.4f}" if steps else "n/a"
+            bar.write(f"step {self.step:7d}  loss {loss}  {rec['images_per_s']:.0f} img/s  "
+                      f"{'cuda max allocated' if self.device.type == 'cuda' else 'peak RSS'} {mem:.2f} GiB"
+                      + (f"  skipped {self.skipped}" if self.skipped else ""))
+        return now
+
+    def close(self):
+        self.dist.close()
+
+
+def plot_loss_curve(records, path, title):
+    """Per-step loss (faint) and its moving average, log scale, from the metrics log (covers resumed runs)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = [(r["step"], r["loss"]) for r in records if "event" not in r and r.get("loss") is not None]
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if pts:
+        steps, loss = map(np.asarray, zip(*pts))
+        ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
+        k = max(1, min(50, len(loss) // 10))
+        avg = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], avg, color="tab:blue", linewidth=1.8, label=f"moving average ({k} steps)")
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("diffusion loss (MSE + VLB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _util.save_figure(fig, path)
+
+
+def run(args):
+    """Train with parsed arguments (unset options resolved from --resume or the presets)."""
+    if args.model is not None:
+        check_model_name(args.model)  # before any process group or data: the cheapest error first
+    if args.global_batch_size is not None and args.global_batch_size % env_world_size():
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
+                         f"{env_world_size()} (the number of processes)")
+    trainer = Trainer(args)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def create_diffusion(**kwargs):
+    """fastdit.diffusion.create_diffusion (imported on first use; tests wrap it)."""
+    from .diffusion import create_diffusion as make
+
+    return make(**kwargs)

@@ -1,0 +1,220 @@
+"""Autoencoders for latent diffusion: a small convolutional VAE trained here, or diffusers' AutoencoderKL.
+
+Both are used through the same codec interface (`load_vae(path)`): encode(images in [-1, 1],
+sample) -> latents multiplied by the scale factor (unit-variance-ish, what the DiT trains on),
+decode(scaled latents) -> images. The scale factor travels with the weights and is recorded in
+every latents file. Nothing is ever downloaded: AutoencoderKL weights come from a local folder.
+"""
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._util import UsageError, atomic_save, load_plain, save_grid
+
+VAE_FORMAT = "fastdit-vae"
+
+
+class SmallVAE(nn.Module):
+    """A small convolutional VAE: each of `downsample` stages halves the resolution.
+
+    encode(x) -> (mean, logvar) of q(z|x), each (N, latent_channels, H / 2**downsample, W / 2**downsample);
+    decode(z) -> reconstruction (N, in_channels, H, W). Loss: MSE + beta * KL(q(z|x) || N(0, I)).
+    """
+
+    def __init__(self, in_channels=1, latent_channels=4, base_channels=32, downsample=2):
+        super().__init__()
+        self.config = dict(
+            in_channels=in_channels, latent_channels=latent_channels, base_channels=base_channels, downsample=downsample
+        )
+        c = base_channels
+        enc = [nn.Conv2d(in_channels, c, 3, padding=1), nn.SiLU()]
+        for _ in range(downsample):
+            enc += [nn.Conv2d(c, c, 4, stride=2, padding=1), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.SiLU()]
+        enc += [nn.Conv2d(c, 2 * latent_channels, 1)]
+        dec = [nn.Conv2d(latent_channels, c, 3, padding=1), nn.SiLU()]
+        for _ in range(downsample):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1), nn.SiLU()]
+        dec += [nn.Conv2d(c, c, 3, padding=1), nn.SiLU(), nn.Conv2d(c, in_channels, 3, padding=1)]
+        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+
+    def encode(self, x):
+        mean, logvar = self.encoder(x).chunk(2, dim=1)  # (N, Cz, h, w) each
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        return self.decoder(z)  # (N, C, H, W)
+
+    def loss(self, x, beta):
+        """dict(loss, mse, kl): MSE per pixel + beta * KL per pixel (the KL summed over latent dims, averaged over the batch)."""
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # reparameterisation
+        mse = F.mse_loss(self.decode(z), x)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()
+        return dict(loss=mse + beta * kl, mse=mse, kl=kl)
+
+
+class LatentCodec:
+    """What training and sampling use: scaled latents in, images in [-1, 1] out."""
+
+    kind = None
+    trained_on = None  # description of the data a fastdit VAE was trained on
+
+    def __init__(self, path, scale_factor, latent_channels, factor, image_channels, device):
+        self.path, self.scale_factor = str(path), float(scale_factor)
+        self.latent_channels, self.factor, self.image_channels = latent_channels, factor, image_channels
+        self.device = torch.device(device)
+
+    def describe(self):
+        """Plain-typed record of this VAE (stored in latents files and checkpoints)."""
+        return dict(kind=self.kind, path=self.path, scale_factor=self.scale_factor, latent_channels=self.latent_channels,
+                    factor=self.factor, image_channels=self.image_channels)
+
+    @torch.no_grad()
+    def encode(self, x, sample=True):
+        """Images (N, C, H, W) in [-1, 1] -> scaled latents; sample=False takes the posterior mean."""
+        mean, std = self._posterior(x.to(self.device))
+        z = mean + std * torch.randn_like(mean) if sample else mean
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self._decode(z.to(self.device) / self.scale_factor).clamp(-1, 1)
+
+
+class SmallVAECodec(LatentCodec):
+    kind = "small"
+
+    def __init__(self, path, device="cpu"):
+        ckpt = load_plain(path, "VAE checkpoint")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != VAE_FORMAT:
+            raise UsageError(f"{path} is not a fastdit VAE checkpoint (written by `fastdit vae`)")
+        self.vae = SmallVAE(**ckpt["config"]).to(device).eval()
+        self.vae.load_state_dict(ckpt["vae"])
+        cfg = ckpt["config"]
+        self.trained_on = ckpt.get("data")
+        super().__init__(path, ckpt["scale_factor"], cfg["latent_channels"], 2 ** cfg["downsample"], cfg["in_channels"], device)
+
+    def _posterior(self, x):
+        mean, logvar = self.vae.encode(x)
+        return mean, torch.exp(0.5 * logvar)
+
+    def _decode(self, z):
+        return self.vae.decode(z)
+
+
+class DiffusersVAE(LatentCodec):
+    """diffusers' AutoencoderKL (e.g. a local copy of stabilityai/sd-vae-ft-ema) from a local folder."""
+
+    kind = "diffusers"
+
+    def __init__(self, path, device="cpu"):
+        try:
+            from diffusers.models import AutoencoderKL
+        except ImportError as e:
+            raise UsageError(
+                f"--vae {path} is a folder, read as diffusers' AutoencoderKL weights, but diffusers is not installed "
+                f"(pip install diffusers)"
+            ) from e
+        try:
+            self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--vae {path}: not a diffusers AutoencoderKL folder ({e})") from e
+        cfg = self.vae.config
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        super().__init__(path, cfg.scaling_factor, cfg.latent_channels, factor, cfg.in_channels, device)
+
+    def _posterior(self, x):
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean, dist.std
+
+    def _decode(self, z):
+        return self.vae.decode(z).sample
+
+
+def load_vae(path, device="cpu"):
+    """A fastdit VAE checkpoint file (`fastdit vae`) or a local diffusers AutoencoderKL folder -> codec."""
+    p = Path(path)
+    if p.is_dir():
+        return DiffusersVAE(p, device)
+    if p.is_file():
+        return SmallVAECodec(p, device)
+    raise UsageError(
+        f"--vae {path!r} does not exist. Give a checkpoint written by `fastdit vae`, or a local folder holding "
+        f"diffusers AutoencoderKL weights (config.json + weights): fastdit never downloads weights"
+    )
+
+
+#################################################################################
+#                         fastdit vae: train the small VAE                      #
+#################################################################################
+
+
+def add_arguments(parser):
+    parser.add_argument("--data", help="image folder (class per sub-folder); default: the embedded digits")
+    parser.add_argument("--image-size", type=int, default=16, help="default 16 (the 8x8 digits upsampled)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], help="image channels (default: 1 for the digits, 3 for a folder)")
+    parser.add_argument("--latent-channels", type=int, default=4)
+    parser.add_argument("--downsample", type=int, default=2, help="stride-2 stages: latents are image_size / 2**downsample")
+    parser.add_argument("--base-channels", type=int, default=32)
+    parser.add_argument("--beta", type=float, default=1e-3, help="KL weight (per pixel)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", help="output folder (default: runs/vae-<data>-<time>)")
+    parser.add_argument("--log-every", type=int, default=100)
+
+
+def train_vae(args):
+    """Train SmallVAE; write <out>/vae.pt (weights, config, latent scale factor) and a reconstruction grid.
+
+    Returns dict(path, losses (per step), scale_factor, out).
+    """
+    from tqdm import tqdm
+
+    from ._dist import pick_device
+    from .data import build_dataset
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--steps and --batch-size must be positive")
+    if args.image_size % 2**args.downsample:
+        raise UsageError(f"--image-size {args.image_size} must be divisible by 2**--downsample = {2 ** args.downsample}")
+    device = pick_device(args.device, 0)
+    dataset = build_dataset(args.data, args.image_size, channels=args.channels, flip=False)
+    images = dataset.all_images()  # (N, C, S, S) in [-1, 1]
+    out = Path(args.out or f"runs/vae-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    torch.manual_seed(args.seed)
+    vae = SmallVAE(images.shape[1], args.latent_channels, args.base_channels, args.downsample).to(device)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    losses = []
+    bar = tqdm(range(args.steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        x = images[torch.randint(0, len(images), (args.batch_size,))].to(device)
+        parts = vae.loss(x, args.beta)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+        losses.append(parts["loss"].item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", mse=f"{parts['mse'].item():.4f}", kl=f"{parts['kl'].item():.3f}")
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(b.to(device))[0] for b in images.split(512)])
+        scale = 1.0 / means.std().item()  # makes the latents roughly unit variance, like SD's 0.18215
+        shown = images[:32].to(device)
+        recon = vae.decode(vae.encode(shown)[0])
+    path = out / "vae.pt"
+    atomic_save(
+        dict(format=VAE_FORMAT, vae=vae.state_dict(), config=vae.config, scale_factor=scale,
+             data=dataset.describe(), steps=args.steps, beta=args.beta, final_loss=losses[-1]),
+        path,
+    )
+    save_grid(torch.cat([shown, recon]).cpu(), out / "reconstructions.png", nrow=16)
+    print(f"VAE: final loss {losses[-1]:.4f}, latent scale factor {scale:.4f}, latents "
+          f"{args.latent_channels}x{args.image_size // 2**args.downsample}x{args.image_size // 2**args.downsample}")
+    print(f"wrote {path} and {out / 'reconstructions.png'} (top: images, bottom: reconstructions)")
+    return dict(path=str(path), losses=losses, scale_factor=scale, out=str(out))

@@ -1,0 +1,80 @@
+"""torchrun with 2 CPU processes (gloo). fastdit train: DDP replicas stay identical, a NaN on one rank skips the
+step on both, a crash + --resume is bit-exact, FSDP continues a DDP checkpoint to the same weights.
+fastdit sample-ddp: each rank samples its shard with its own seed, rank 0 writes one .npz."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+from fastdit import train
+from fastdit.cli import main as cli
+
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+
+WORKER = Path(__file__).with_name("_train_worker.py")
+ROOT = WORKER.parent.parent
+ARGS = ["--global-batch-size", "16", "--steps", "4", "--ckpt-every", "2", "--sample-steps", "2", "--log-every", "1000"]
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def run2(argv, **env):
+    """`torchrun --nproc_per_node 2 ARGV` -> the finished process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", **env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def torchrun(tmp_path, name, argv, crash_at=0, nan_at=""):
+    """Run the training worker on 2 processes; returns (exit code, [rank 0 report, rank 1 report] or None, log)."""
+    out = tmp_path / name
+    proc = run2([str(WORKER), str(out), str(crash_at), "--", *argv], FASTDIT_TEST_NAN_AT=nan_at)
+    reports = [out.with_name(f"{name}.rank{r}.json") for r in range(2)]
+    if not all(r.exists() for r in reports):
+        return proc.returncode, None, proc.stdout + proc.stderr
+    return proc.returncode, [json.loads(r.read_text()) for r in reports], proc.stdout + proc.stderr
+
+
+def test_ddp_two_processes_identical_replicas_nan_skip_and_bit_exact_resume(tmp_path):
+    # Step 3's loss is NaN on rank 1 only: both ranks must skip it (one all-reduce decides).
+    code, (r0, r1), log = torchrun(tmp_path, "whole", ARGS + ["--out", str(tmp_path / "whole")], nan_at="3")
+    assert code == 0, log
+    assert r0["world"] == 2 and r0["losses"] == r1["losses"] and r0["losses"][2] is None
+    assert r0["model"] == r1["model"] and r0["ema"] == r1["ema"]  # replicas identical
+
+    code, reports, log = torchrun(tmp_path, "split", ARGS + ["--out", str(tmp_path / "split")], crash_at=2, nan_at="3")
+    assert code != 0 and reports is None
+    assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["0000002.pt"]
+    code, (s0, s1), log = torchrun(tmp_path, "resumed", ["--resume", str(tmp_path / "split")], nan_at="3")
+    assert code == 0, log
+    assert s0["losses"] == r0["losses"][2:] and s1["losses"] == r1["losses"][2:]
+    assert s0["model"] == s1["model"] == r0["model"] and s0["ema"] == r0["ema"]
+
+    # FSDP (sharded parameters, gradients and optimizer state) continues the DDP checkpoint identically.
+    ckpt = tmp_path / "split" / "checkpoints" / "0000002.pt"
+    code, (f0, f1), log = torchrun(tmp_path, "fsdp", ["--resume", str(ckpt), "--fsdp", "--out", str(tmp_path / "fsdp")],
+                                   nan_at="3")
+    assert code == 0, log
+    assert f0["losses"] == f1["losses"] == r0["losses"][2:]
+    assert f0["model"] == r0["model"] and f0["ema"] == r0["ema"]  # rank 0 holds the gathered full weights
+
+
+def test_sample_ddp_two_processes(tmp_path):
+    ckpt = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")]).checkpoint
+    args = ["--ckpt", ckpt, "--num-samples", "5", "--per-proc-batch-size", "2", "--steps", "2", "--seed", "0"]
+    proc = run2(["-m", "fastdit.cli", "sample-ddp", *args, "--out", str(tmp_path / "two.npz")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    two = np.load(tmp_path / "two.npz")["arr_0"]
+    assert two.dtype == np.uint8 and two.shape == (5, 8, 8, 1)  # 8 sampled (2 ranks x 2 batches x 2), trimmed
+    assert cli(["sample-ddp", *args, "--out", str(tmp_path / "one.npz")]) == 0
+    one = np.load(tmp_path / "one.npz")["arr_0"]
+    # Rank r seeds with seed * world_size + r: rank 0 of 2 draws what a single process draws first.
+    assert np.array_equal(two[:2], one[:2])
+    assert not np.array_equal(two[4], two[0]) and not np.array_equal(two[4], one[4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "run", "two.npz"]  # shards removed
