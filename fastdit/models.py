@@ -167,23 +167,28 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c):
-        """The official block: x (B, T, D), c (B, D) -> (B, T, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = ops.modulate_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (B, T, D)
-        x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
-        return ops.gated_residual(x, self.mlp(h), gate_mlp)
+    def forward(self, x, c, pending=None, defer_residual=False):
+        """x (B, T, D), c (B, D) -> x (B, T, D): the official block.
 
-    def chained_forward(self, x, h, mod, nxt):
-        """The block as DiT.forward runs it, fused with the LayerNorm+modulate that follows it.
-
-        x: residual stream (B, T, D); h = modulate_layer_norm(x, shift_msa, scale_msa) (B, T, D);
-        mod: this block's six adaLN outputs (B, D); nxt: (shift, scale, eps) of the next
-        LayerNorm+modulate. Returns the new residual stream and that LayerNorm+modulate's output.
+        DiT.forward chains blocks differently, to fuse every gated residual with the
+        LayerNorm+modulate after it: with defer_residual=True the block leaves its closing residual
+        undone and returns (x, (y, gate)); the next block (or the final layer) receives that as
+        `pending` and applies it fused with its opening LayerNorm+modulate.
         """
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x, h = _norm_after(x, pending, shift_msa, scale_msa, self.norm1.eps)  # (B, T, D) each
         x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
-        return ops.gated_residual_modulate_layer_norm(x, self.mlp(h), gate_mlp, *nxt)
+        y = self.mlp(h)  # (B, T, D)
+        if defer_residual:
+            return x, (y, gate_mlp)
+        return ops.gated_residual(x, y, gate_mlp)
+
+
+def _norm_after(x, pending, shift, scale, eps):
+    """(x', modulate_layer_norm(x', shift, scale)) with x' = x plus the pending gated residual (y, gate), if any."""
+    if pending is None:
+        return x, ops.modulate_layer_norm(x, shift, scale, eps)
+    return ops.gated_residual_modulate_layer_norm(x, *pending, shift, scale, eps)
 
 
 class FinalLayer(nn.Module):
@@ -193,9 +198,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c):
+    def forward(self, x, c, pending=None):
+        """x (B, T, D), c (B, D) -> (B, T, p*p*C); `pending`: a block's deferred residual (see DiTBlock)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ops.modulate_layer_norm(x, shift, scale, self.norm_final.eps))  # (B, T, p*p*C)
+        _, h = _norm_after(x, pending, shift, scale, self.norm_final.eps)
+        return self.linear(h)
 
 
 class DiT(nn.Module):
@@ -293,19 +300,13 @@ class DiT(nn.Module):
         grid = self._grid(x)
         x = self.x_embedder(x) + self._pos_embed(grid, self.pos_embed)  # (N, T, D), T = H * W / p**2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        c = F.silu(c)  # every adaLN_modulation opens with this SiLU: apply it once
-        mods = [block.adaLN_modulation[1](c).chunk(6, dim=1) for block in self.blocks]  # depth x 6 x (N, D)
-        final = self.final_layer
-        # Each LayerNorm+modulate after the first is fused into the gated residual before it.
-        norms = [(m[0], m[1], block.norm1.eps) for m, block in zip(mods, self.blocks)]  # (shift, scale, eps)
-        norms.append((*final.adaLN_modulation[1](c).chunk(2, dim=1), final.norm_final.eps))
-        h = ops.modulate_layer_norm(x, *norms[0])  # (N, T, D)
-        for block, mod, nxt in zip(self.blocks, mods, norms[1:]):
+        pending = None  # each block's closing residual, applied fused into the next LayerNorm+modulate
+        for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, h = checkpoint(block.chained_forward, x, h, mod, nxt, use_reentrant=False)
+                x, pending = checkpoint(block, x, c, pending, True, use_reentrant=False)
             else:
-                x, h = block.chained_forward(x, h, mod, nxt)  # (N, T, D) each
-        x = final.linear(h)  # (N, T, p*p*out_channels)
+                x, pending = block(x, c, pending, defer_residual=True)  # (N, T, D), ((N, T, D), (N, D))
+        x = self.final_layer(x, c, pending)  # (N, T, p*p*out_channels)
         return self.unpatchify(x, grid)  # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels="paper"):

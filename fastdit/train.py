@@ -323,18 +323,13 @@ class Trainer:
                                           diffusion_steps=a.diffusion_steps)
 
     def _shard(self):
-        """FSDP2: each block's attention and MLP are units of their own, everything else the root unit.
-
-        Not whole blocks: DiT.forward computes every block's adaLN modulation up front and runs
-        blocks through chained_forward, so a block's forward hooks (where FSDP gathers its
-        parameters) would never fire. The EMA copy is sharded the same way.
-        """
+        """FSDP2: each DiT block is a unit of its own (its parameters gathered around its forward),
+        the embedders and final layer the root unit. The EMA copy is sharded the same way."""
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for module in (self.raw, self.ema):
             for block in module.blocks:
-                fully_shard(block.attn)
-                fully_shard(block.mlp)
+                fully_shard(block)
             fully_shard(module)
             register_fsdp_forward_method(module, "forward_with_cfg")  # sampling enters through it
         self.model = self.raw
