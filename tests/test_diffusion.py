@@ -297,3 +297,8 @@ def test_timestep_samplers():
     np.testing.assert_allclose(w, 0.999 * losses / losses.sum() + 0.001 / 1000)
     with pytest.raises(ValueError, match="name"):
         create_named_schedule_sampler("nope", diffusion)
+
+
+def test_one_step_respacing_constructs():
+    # DiT constructs a 1-step process too (its tables that need two steps stay empty).
+    assert create_diffusion("1").num_timesteps == 1

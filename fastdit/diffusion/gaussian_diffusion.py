@@ -148,8 +148,10 @@ class GaussianDiffusion:
         self._one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self._log_betas = np.log(self.betas)
         # FIXED_LARGE uses beta_t, except at t = 0 where the posterior variance of t = 1 gives a
-        # better decoder likelihood.
-        self._fixed_large_variance = np.append(self.posterior_variance[1], self.betas[1:])
+        # better decoder likelihood. Like the clipped log-variance, undefined for a 1-step process.
+        self._fixed_large_variance = (
+            np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1 else np.array([])
+        )
         self._fixed_large_log_variance = np.log(self._fixed_large_variance)
         self._device_tables = {}
 
