@@ -59,13 +59,15 @@ def atomic_save(obj, path):
 
 
 def load_plain(path, what):
-    """torch.load a file fastdit wrote (tensors and plain containers only), with one-line errors."""
+    """A file fastdit wrote (tensors and plain containers only), read safely, with one-line errors."""
+    from .checkpoint import CheckpointError, read_checkpoint
+
     if not os.path.isfile(path):
         raise UsageError(f"{what} {str(path)!r} does not exist or is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickler error means "not this kind of file"
-        raise UsageError(f"{what} {str(path)!r} cannot be read ({type(e).__name__}: {e})") from e
+        return read_checkpoint(path)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise UsageError(f"{what}: {e}") from e
 
 
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -21,7 +21,13 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
-def _read(path, map_location, trusted):
+def read_checkpoint(path, map_location="cpu", trusted=False):
+    """The object stored in a checkpoint file, read safely (see the module docstring).
+
+    Raises FileNotFoundError for a missing file and CheckpointError for one that cannot be read.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -88,9 +94,7 @@ def load_checkpoint(path, model=None, key=None, strict=True, map_location="cpu",
     Returns the state_dict, or `model` when one is given. Raises FileNotFoundError for a missing
     file and CheckpointError (a ValueError) for an unreadable one or one that does not fit.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
-    sd = extract_state_dict(_read(path, map_location, trusted), key=key, source=str(path))
+    sd = extract_state_dict(read_checkpoint(path, map_location, trusted), key=key, source=str(path))
     if model is None:
         return sd
     _check_fits(model, sd, path, strict)

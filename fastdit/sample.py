@@ -16,8 +16,8 @@ import torch
 
 from ._dist import init_distributed
 from ._registry import build_model, model_from_config
-from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_write, save_grid, to_uint8
-from .checkpoint import CheckpointError, _read, extract_state_dict
+from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_write, load_plain, save_grid, to_uint8
+from .checkpoint import CheckpointError, extract_state_dict
 
 DIT_SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py's ImageNet classes
 
@@ -147,9 +147,7 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
 
     Call after seeding: building the model draws its initial weights (as DiT's sample.py does).
     """
-    if not os.path.isfile(ckpt):
-        raise UsageError(f"--ckpt {ckpt!r} does not exist or is not a file")
-    obj = _read(ckpt, "cpu", trusted=False)
+    obj = load_plain(ckpt, "--ckpt")
     ours = isinstance(obj, dict) and "model_config" in obj
     record = obj.get("vae") if ours else None
     if ours:

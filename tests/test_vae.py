@@ -51,7 +51,7 @@ def test_vae_path_errors(tmp_path):
     with pytest.raises(UsageError, match="never downloads"):
         vae.load_vae("stabilityai/sd-vae-ft-ema")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(UsageError, match="cannot be read"):
+    with pytest.raises(UsageError, match="not a PyTorch checkpoint"):
         vae.load_vae(tmp_path / "junk.pt")
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(UsageError, match="not a fastdit VAE"):
