@@ -212,6 +212,8 @@ class DiT(nn.Module):
     by patch_size (the fixed sin-cos position embedding is computed for other grids).
     """
 
+    patch_embed_cls, block_cls, final_layer_cls = PatchEmbed, DiTBlock, FinalLayer  # the module tree's parts
+
     def __init__(
         self,
         input_size=32,
@@ -233,14 +235,14 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.gradient_checkpointing = False
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.x_embedder = self.patch_embed_cls(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos embedding, stored (as the official model does) but never trained.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
 
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = self.final_layer_cls(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):

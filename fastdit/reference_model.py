@@ -8,8 +8,9 @@ initialisation and outputs are interchangeable with fastdit.models.DiT. No fastd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .models import DiT, LabelEmbedder, Mlp, TimestepEmbedder, _pair, model_configs
+from .models import DiT, Mlp, _pair, model_configs
 
 
 def modulate(x, shift, scale):
@@ -77,40 +78,18 @@ class ReferenceFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class ReferenceDiT(nn.Module):
-    """Same constructor as fastdit.models.DiT, plus math_attention=True for softmax(qk^T)v in full."""
+class ReferenceDiT(DiT):
+    """fastdit.models.DiT's constructor (the same module tree, parameters and initial weights), plus
+    math_attention=True for softmax(q k^T) v written out; the official forward."""
 
-    def __init__(
-        self,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        learn_sigma=True,
-        math_attention=False,
-    ):
-        super().__init__()
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.x_embedder = ReferencePatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [ReferenceBlock(hidden_size, num_heads, mlp_ratio, math_attention) for _ in range(depth)]
-        )
-        self.final_layer = ReferenceFinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+    patch_embed_cls, final_layer_cls = ReferencePatchEmbed, ReferenceFinalLayer
 
-    initialize_weights = DiT.initialize_weights  # same draws in the same order: same weights per seed
+    def __init__(self, *args, math_attention=False, **kwargs):
+        self.math_attention = math_attention  # read by block_cls while DiT.__init__ builds the blocks
+        super().__init__(*args, **kwargs)
+
+    def block_cls(self, hidden_size, num_heads, mlp_ratio):
+        return ReferenceBlock(hidden_size, num_heads, mlp_ratio, self.math_attention)
 
     def unpatchify(self, x):
         c, p = self.out_channels, self.patch_size
@@ -123,11 +102,12 @@ class ReferenceDiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*out_channels)
         return self.unpatchify(x)  # (N, out_channels, H, W)
-
-    forward_with_cfg = DiT.forward_with_cfg
 
 
 reference_DiT_models = model_configs(ReferenceDiT)
