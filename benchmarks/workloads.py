@@ -18,7 +18,7 @@ import torch
 
 from benchmarks import harness
 from fastdit.diffusion import create_diffusion
-from fastdit.models import DiT, _CONFIGS
+from fastdit.models import CONFIGS, DiT
 from fastdit.reference_model import ReferenceDiT
 
 IMPLS = ("eager", "compile", "fastdit", "fastdit+compile")
@@ -59,7 +59,7 @@ def config(model, resolution):
     size, patch = model.removeprefix("DiT-").split("/")
     if harness.SMOKE:
         return {**{k: SMOKE_CONFIG[k] for k in ("depth", "hidden_size", "num_heads", "latent")}, "patch_size": int(patch)}
-    depth, hidden, heads = _CONFIGS[size]
+    depth, hidden, heads = CONFIGS[size]
     return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch), "latent": resolution // 8}
 
 

@@ -372,7 +372,7 @@ def _sincos_pos_embed_tensor(embed_dim, grid, device, dtype):
 #                                   DiT configs                                 #
 #################################################################################
 
-_CONFIGS = {  # name: (depth, hidden_size, num_heads)
+CONFIGS = {  # DiT size: (depth, hidden_size, num_heads)
     "XL": (28, 1152, 16),
     "L": (24, 1024, 16),
     "B": (12, 768, 12),
@@ -381,7 +381,7 @@ _CONFIGS = {  # name: (depth, hidden_size, num_heads)
 
 
 def _config(cls, size, patch_size):
-    depth, hidden_size, num_heads = _CONFIGS[size]
+    depth, hidden_size, num_heads = CONFIGS[size]
 
     def make(**kwargs):
         return cls(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
@@ -393,7 +393,7 @@ def _config(cls, size, patch_size):
 
 def model_configs(cls):
     """The twelve named configurations 'DiT-XL/2' ... 'DiT-S/8' of a DiT-like class."""
-    return {f"DiT-{size}/{p}": _config(cls, size, p) for size in _CONFIGS for p in (2, 4, 8)}
+    return {f"DiT-{size}/{p}": _config(cls, size, p) for size in CONFIGS for p in (2, 4, 8)}
 
 
 DiT_models = model_configs(DiT)
