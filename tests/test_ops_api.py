@@ -105,3 +105,46 @@ def test_reference_backend_is_the_reference():
         assert torch.equal(ops.modulate_layer_norm(x, v, s), reference.modulate_layer_norm(x, v, s))
         img = torch.randn(2, 3, 4, 6)
         assert torch.equal(ops.patchify(img, 2), reference.patchify(img, 2))
+
+
+def _fresh_python(code, **env):
+    """Run `code` in a new interpreter (nothing imported yet), without the tests' TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDIT_BACKEND")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env})
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="a CPU-only torch build")
+def test_compile_before_any_kernel_loads_on_a_cpu_build():
+    # torch.compile imports triton while tracing, before fastdit's kernel modules load: fastdit must
+    # already have chosen the interpreter, or Triton's own library would not be interpretable.
+    code = """
+import torch, fastdit
+from fastdit import ops
+x, v = torch.randn(2, 3, 8), torch.randn(2, 8)
+f = torch.compile(lambda x, v: ops.modulate_layer_norm(x, v, v), fullgraph=True, backend="aot_eager")
+torch.testing.assert_close(f(x, v), fastdit.reference.modulate_layer_norm(x, v, v))
+print("ok")
+"""
+    proc = _fresh_python(code, FASTDIT_BACKEND="triton")
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="a CPU-only torch build")
+def test_triton_imported_first_gives_a_clear_error_and_reference_still_runs():
+    code = """
+import triton.language, torch, fastdit
+from fastdit import ops
+x, v = torch.randn(2, 3, 8), torch.randn(2, 8)
+ops.modulate_layer_norm(x, v, v)  # auto on CPU: the reference, unaffected
+try:
+    with ops.use_backend("triton"):
+        ops.modulate_layer_norm(x, v, v)
+except RuntimeError as e:
+    print(e)
+"""
+    proc = _fresh_python(code)
+    assert "Triton was imported before TRITON_INTERPRET=1 was set" in proc.stdout, proc.stderr[-2000:]

@@ -11,8 +11,18 @@ Each op lives in the module of the same name (kernels, launchers, autograd, disp
 modules import Triton, so they load on first use of the op, not on `import fastdit`.
 """
 import importlib
+import os
 import sys
 import types
+
+import torch
+
+# A torch built without CUDA (or ROCm) can only run Triton kernels through Triton's interpreter.
+# Triton reads TRITON_INTERPRET when it first defines its own library (triton.language), which
+# torch.compile may import before any fastdit kernel loads: so decide here, from the build alone
+# (no device query), and keep whatever the user set.
+if torch.version.cuda is None and torch.version.hip is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ._attention_policy import (
     ATTENTION_BACKENDS,

@@ -1,9 +1,10 @@
 """Triton setup shared by the op modules: interpreter choice, launch helpers, op registration.
 
 Imported by each op module before it defines kernels. Triton decides at decoration time
-whether a kernel is compiled or interpreted, from TRITON_INTERPRET: a process without CUDA
-interprets (so the `triton` backend runs on CPU tensors); set TRITON_INTERPRET=1 yourself
-before fastdit's kernels load to interpret on a machine that has a GPU.
+whether a kernel is compiled or interpreted, from TRITON_INTERPRET: with a CPU-only torch
+build fastdit.ops sets it on import, and a process without a GPU sets it here, so the `triton`
+backend runs on CPU tensors; set TRITON_INTERPRET=1 yourself, before importing triton, to
+interpret on a machine that has a GPU.
 """
 import functools
 import os
@@ -19,14 +20,20 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+# Triton's own library (tl.sum, ...) is interpreted only if TRITON_INTERPRET was set when it loaded.
+_LIBRARY_INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
 
 
 def check_device(name, t):
     """Raise if the kernels cannot run on `t`'s device in this process."""
-    if t.device.type == "cpu" and not INTERPRET:
+    if t.device.type == "cpu" and not (INTERPRET and _LIBRARY_INTERPRETED):
+        why = (
+            "Triton was imported before TRITON_INTERPRET=1 was set (import fastdit first, or set it in the environment)"
+            if INTERPRET
+            else "fastdit's Triton kernels were compiled for the GPU (set TRITON_INTERPRET=1 before they load)"
+        )
         raise RuntimeError(
-            f"{name} is a CPU tensor but fastdit's Triton kernels were compiled for the GPU; "
-            "set TRITON_INTERPRET=1 before importing fastdit's kernels to run them on CPU, "
+            f"{name} is a CPU tensor, and the Triton kernels cannot run on the CPU in this process: {why}; "
             "or use FASTDIT_BACKEND=reference"
         )
     if t.device.type not in ("cpu", "cuda"):
