@@ -20,6 +20,7 @@ from benchmarks import harness
 from fastdit.diffusion import create_diffusion
 from fastdit.models import CONFIGS, DiT
 from fastdit.reference_model import ReferenceDiT
+from fastdit.train import update_ema
 
 IMPLS = ("eager", "compile", "fastdit", "fastdit+compile")
 IMPL_LABELS = {
@@ -150,8 +151,7 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        with torch.no_grad():  # DiT's update_ema: ema = decay * ema + (1 - decay) * param
-            torch._foreach_lerp_(self.ema, self.params, 1 - EMA_DECAY)
+        update_ema(self.ema, self.params, EMA_DECAY)
 
 
 @functools.lru_cache(maxsize=None)
