@@ -42,7 +42,7 @@ from benchmarks import harness
 from fastdit import ops, reference
 
 SUITE = "attention"
-attention_module = importlib.import_module("fastdit.ops.attention")
+attention_module = importlib.import_module("fastdit.ops._attention")
 
 if harness.SMOKE:
     SHAPES = [(32, 72)]

@@ -12,12 +12,22 @@ def test_every_contract_op_is_exposed():
         assert callable(getattr(ops, name)), name
 
 
-def test_op_names_stay_functions_after_their_modules_load():
+def test_one_name_finds_everything_about_an_op():
+    """ops.<op> is the function (never shadowed by a module), fastdit/ops/_<op>.py holds it and
+    registers fastdit::<op>_fwd / _bwd, and the reference, test file and benchmark suite carry the name."""
     import importlib
+    from pathlib import Path
 
-    importlib.import_module("fastdit.ops.modulate_layer_norm")
-    importlib.import_module("fastdit.ops.gated_residual_modulate_layer_norm")
-    assert callable(ops.modulate_layer_norm) and callable(ops.gated_residual_modulate_layer_norm)
+    root = Path(__file__).resolve().parents[1]
+    importlib.import_module("fastdit.ops._attention_triton")  # attention's custom ops: its Triton backend
+    for name in ops.OPS:
+        module = importlib.import_module(f"fastdit.ops._{name}")
+        assert getattr(ops, name) is getattr(module, name), name
+        assert callable(getattr(reference, name)), name
+        assert (root / "tests" / f"test_{name}.py").exists() and (root / "benchmarks" / f"bench_{name}.py").exists(), name
+        assert hasattr(torch.ops.fastdit, f"{name}_fwd") and hasattr(torch.ops.fastdit, f"{name}_bwd"), name
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("fastdit.ops.attention")
 
 
 def test_backend_selection(monkeypatch):

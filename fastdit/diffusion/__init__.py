@@ -6,7 +6,7 @@
     sampler = create_diffusion("250")                           # sampling: 250 respaced steps
     samples = sampler.p_sample_loop(model, z.shape, z, clip_denoised=False, model_kwargs=..., device=...)
 """
-from ..ops._checks import check_positive_int
+from .._validate import check_positive_int
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
 

@@ -7,13 +7,14 @@
     with ops.use_attention_backend("triton"), ops.use_deterministic(True):
         o = ops.attention(q, k, v)          # ops.last_attention_backend() == "triton"
 
-Each op lives in the module of the same name (kernels, launchers, autograd, dispatch). Those
-modules import Triton, so they load on first use of the op, not on `import fastdit`.
+One name per op: `fastdit.ops.<op>` is the public function, `fastdit/ops/_<op>.py` its module
+(validation, dispatch, custom ops `fastdit::<op>_fwd` / `fastdit::<op>_bwd`, autograd), Triton
+kernels compiled as `<op>_fwd_kernel` / `<op>_bwd_kernel`, `fastdit.reference.<op>` its oracle,
+`tests/test_<op>.py` its tests and `benchmarks/bench_<op>.py` its benchmark suite. The op modules
+import Triton, so they load on first use of the op, not on `import fastdit`.
 """
 import importlib
 import os
-import sys
-import types
 
 import torch
 
@@ -26,7 +27,6 @@ if torch.version.cuda is None and torch.version.hip is None:
 
 from ._attention_policy import (
     ATTENTION_BACKENDS,
-    attention_backend,
     last_attention_backend,
     use_attention_backend,
     use_deterministic,
@@ -41,29 +41,18 @@ OPS = (
     "unpatchify",
     "attention",
 )
-# Further public functions of an op's module: name -> module.
-EXTRAS = {"attention_packed": "attention"}
+# Further public functions of an op's module: name -> op.
+EXTRAS = {"attention_packed": "attention", "attention_backend": "attention"}
 __all__ = list(OPS) + list(EXTRAS) + [
     "BACKENDS", "get_backend", "use_backend",
-    "ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "attention_backend", "last_attention_backend",
+    "ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "last_attention_backend",
 ]  # fmt: skip
 
 
 def __getattr__(name):
+    """The op functions, imported on first use (their modules import Triton)."""
     if name not in OPS and name not in EXTRAS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    fn = getattr(importlib.import_module(f"{__name__}.{EXTRAS.get(name, name)}"), name)
+    fn = getattr(importlib.import_module(f"{__name__}._{EXTRAS.get(name, name)}"), name)
     globals()[name] = fn
     return fn
-
-
-class _OpsPackage(types.ModuleType):
-    # Importing submodule X makes Python set package attribute X to the module; for the ops,
-    # `fastdit.ops.X` must stay the function of that name.
-    def __setattr__(self, name, value):
-        if name in OPS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _OpsPackage

@@ -102,12 +102,3 @@ def last_attention_backend():
 
 def note_ran(name):
     _state["last"] = name
-
-
-def attention_backend(q, k=None, v=None, backend=None):
-    """The backend fastdit.ops.attention(q, k, v, backend) would run (auto resolved, measuring if need be)."""
-    import importlib
-
-    module = importlib.import_module("fastdit.ops.attention")
-    k = q if k is None else k
-    return module.resolve(q, k, k if v is None else v, backend)

@@ -116,7 +116,7 @@ def _head_offset(bh, H, stride_b, stride_h, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _attention_fwd_kernel(
+def attention_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
@@ -157,7 +157,7 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _attention_bwd_delta_kernel(
+def attention_bwd_delta_kernel(
     O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh, H, Tq,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -190,7 +190,7 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
+def attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh, stride_ab, stride_at, stride_ah,
@@ -249,7 +249,7 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(
+def attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh,
@@ -395,7 +395,7 @@ def forward(q, k, v):
     o = torch.empty((B, Tq, H, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     blocks = configs(Dh, q.dtype)[0]
-    _attention_fwd_kernel[(triton.cdiv(Tq, blocks.block_m) * B * H,)](
+    attention_fwd_kernel[(triton.cdiv(Tq, blocks.block_m) * B * H,)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, k.shape[1], Dh**-0.5 * LOG2E, **_layout_args(q, k, v, o), **_dot_args(q), **blocks.launch(),
     )  # fmt: skip
@@ -418,14 +418,14 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     dq, dk, dv = grads
 
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * H,)](
+    attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, **_layout_args(o, do), BLOCK_M=DELTA_BLOCK_M,
     )  # fmt: skip
 
     # Atomic dQ accumulates in float32 (zeroed), copied into dq after; the deterministic kernel writes dq.
     dq_acc = torch.zeros((B, Tq, H, Dh), dtype=torch.float32, device=q.device) if not deterministic else dq
     sm_scale = Dh**-0.5
-    _attention_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_blocks.block_n) * B * H,)](
+    attention_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_blocks.block_n) * B * H,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dq_acc),
         H, Tq, Tk, sm_scale, sm_scale * LOG2E, ATOMIC_DQ=not deterministic,
@@ -433,7 +433,7 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     )  # fmt: skip
     if not deterministic:
         return dq.copy_(dq_acc), dk, dv
-    _attention_bwd_dq_kernel[(triton.cdiv(Tq, dq_blocks.block_m) * B * H,)](
+    attention_bwd_dq_kernel[(triton.cdiv(Tq, dq_blocks.block_m) * B * H,)](
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Tq, Tk, sm_scale, sm_scale * LOG2E, **_layout_args(q, k, v, do, dq), **_dot_args(q), **dq_blocks.launch(),

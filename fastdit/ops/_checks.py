@@ -1,6 +1,8 @@
 """Input validation shared by the ops: every error names the argument and what was expected."""
 import torch
 
+from .._validate import check_positive_int
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -24,11 +26,6 @@ def check_same_device(**tensors):
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all inputs must be on one device, got {where}")
-
-
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_eps(eps):

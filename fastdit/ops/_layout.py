@@ -5,23 +5,35 @@ columns tw*p + j, over all C channels: F = C*p*p features, ordered
   (c, i, j)  patchify's, a Conv2d weight's flattening   CHANNELS_LAST=False
   (i, j, c)  unpatchify's, DiT's final-layer output     CHANNELS_LAST=True
 Both directions are the same permutation, so one kernel moves elements either way (TO_IMAGE),
-and the two custom ops below are each other's gradient:
-  patchify   = image_to_tokens(cij)   its backward tokens_to_image(cij)
-  unpatchify = tokens_to_image(ijc)   its backward image_to_tokens(ijc)
+and each op's backward is the other direction of its forward:
+  patchify   = to_tokens(cij)   its backward to_image(cij)
+  unpatchify = to_image(ijc)    its backward to_tokens(ijc)
+Each specialisation compiles under its op's name (`patchify_fwd_kernel`, ...).
 A program moves a tile of BLOCK_T tokens x BLOCK_F features of one image; images may have any
 strides (no copy), tokens a unit feature stride.
 """
-import torch
-from torch import Tensor
-
 from . import _triton_utils as tu
 from ._triton_utils import offset64, row_major, tl, triton
 
 MAX_F = 16384  # features per token held by one tile row
 
 
-@triton.jit
-def _layout_kernel(
+KERNEL_NAMES = {  # (TO_IMAGE, CHANNELS_LAST) -> compiled name
+    (False, False): "patchify_fwd_kernel",
+    (True, False): "patchify_bwd_kernel",
+    (True, True): "unpatchify_fwd_kernel",
+    (False, True): "unpatchify_bwd_kernel",
+}
+
+
+def _kernel_name(specialization):
+    """Triton `repr`: a specialisation's compiled name, from its constexpr flags."""
+    flags = (specialization.constants["TO_IMAGE"], specialization.constants["CHANNELS_LAST"])
+    return KERNEL_NAMES[tuple(bool(getattr(f, "value", f)) for f in flags)]
+
+
+@triton.jit(repr=_kernel_name)
+def layout_kernel(
     IMG, TOK,  # image (B, C, H, W), tokens (B, T, F)
     T, F, C, p, w, token_blocks,
     si_b, si_c, si_h, si_w, st_b, st_t,
@@ -57,66 +69,33 @@ def _launch(img, tok, p, channels_last, to_image):
     block_f = triton.next_power_of_2(F)
     block_t = tu.tile_rows(T, block_f, img.device)
     token_blocks = triton.cdiv(T, block_t)
-    _layout_kernel[(B * token_blocks,)](
+    layout_kernel[(B * token_blocks,)](
         img, tok, T, F, C, p, W // p, token_blocks, *img.stride(), *tok.stride()[:2],
         TO_IMAGE=to_image, CHANNELS_LAST=channels_last, BLOCK_T=block_t, BLOCK_F=block_f,
         num_warps=tu.num_warps(block_t * block_f),
     )  # fmt: skip
 
 
-def _tokens_like(img, p):
+def tokens_like(img, p):
+    """The (B, T, C*p*p) buffer to_tokens fills (also the ops' fake implementation)."""
     B, C, H, W = img.shape
     return tu.empty((B, (H // p) * (W // p), C * p * p), img.dtype, img.device)
 
 
-def _image_like(tok, p, channels, h, w):
+def image_like(tok, p, channels, h, w):
+    """The (B, C, h*p, w*p) buffer to_image fills (also the ops' fake implementation)."""
     return tu.empty((tok.shape[0], channels, h * p, w * p), tok.dtype, tok.device)
 
 
-@torch.library.custom_op("fastdit::image_to_tokens", mutates_args=())
-def image_to_tokens(img: Tensor, patch_size: int, channels_last: bool) -> Tensor:
+def to_tokens(img, p, channels_last):
     """(B, C, H, W) -> (B, T, C*p*p), features (i, j, c) if channels_last else (c, i, j)."""
-    tok = _tokens_like(img, patch_size)
-    _launch(img, tok, patch_size, channels_last, to_image=False)
+    tok = tokens_like(img, p)
+    _launch(img, tok, p, channels_last, to_image=False)
     return tok
 
 
-@image_to_tokens.register_fake
-def _(img, patch_size, channels_last):
-    return _tokens_like(img, patch_size)
-
-
-@torch.library.custom_op("fastdit::tokens_to_image", mutates_args=())
-def tokens_to_image(tok: Tensor, patch_size: int, channels: int, h: int, w: int, channels_last: bool) -> Tensor:
+def to_image(tok, p, channels, h, w, channels_last):
     """(B, T = h*w, C*p*p) -> (B, C, h*p, w*p), features (i, j, c) if channels_last else (c, i, j)."""
-    img = _image_like(tok, patch_size, channels, h, w)
-    _launch(img, row_major(tok), patch_size, channels_last, to_image=True)
+    img = image_like(tok, p, channels, h, w)
+    _launch(img, row_major(tok), p, channels_last, to_image=True)
     return img
-
-
-@tokens_to_image.register_fake
-def _(tok, patch_size, channels, h, w, channels_last):
-    return _image_like(tok, patch_size, channels, h, w)
-
-
-def _image_to_tokens_setup(ctx, inputs, output):
-    img, ctx.patch_size, ctx.channels_last = inputs
-    ctx.image_shape = img.shape
-
-
-def _image_to_tokens_backward(ctx, grad):
-    _, C, H, W = ctx.image_shape
-    p = ctx.patch_size
-    return tokens_to_image(grad, p, C, H // p, W // p, ctx.channels_last), None, None
-
-
-def _tokens_to_image_setup(ctx, inputs, output):
-    _, ctx.patch_size, _, _, _, ctx.channels_last = inputs
-
-
-def _tokens_to_image_backward(ctx, grad):
-    return image_to_tokens(grad, ctx.patch_size, ctx.channels_last), None, None, None, None, None
-
-
-image_to_tokens.register_autograd(_image_to_tokens_backward, setup_context=_image_to_tokens_setup)
-tokens_to_image.register_autograd(_tokens_to_image_backward, setup_context=_tokens_to_image_setup)

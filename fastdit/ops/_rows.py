@@ -3,6 +3,8 @@
 One forward and one backward kernel serve the three ops, specialised by two constexpr flags:
   HAS_RESIDUAL  r = x + gate * y                         (gated_residual, the fused op)
   HAS_NORM      out = layer_norm(r) * (1 + scale) + shift (modulate_layer_norm with r = x, the fused op)
+Each specialisation compiles under its op's name (`modulate_layer_norm_fwd_kernel`, ...), so a
+profiler trace says which op ran.
 
 A program owns a chunk of consecutive tokens of one batch element b and walks it in tiles of
 BLOCK_T rows x BLOCK_D columns (BLOCK_D = D rounded up to a power of two, masked). b's gate,
@@ -55,6 +57,23 @@ def _promote(dtype, *tensors):
     return dtype
 
 
+OP_OF_FLAGS = {  # (HAS_RESIDUAL, HAS_NORM) -> op
+    (False, True): "modulate_layer_norm",
+    (True, False): "gated_residual",
+    (True, True): "gated_residual_modulate_layer_norm",
+}
+
+
+def _kernel_name(direction):
+    """Triton `repr`: a specialisation's compiled name, from its constexpr flags."""
+
+    def name(specialization):
+        flags = (specialization.constants["HAS_RESIDUAL"], specialization.constants["HAS_NORM"])
+        return f"{OP_OF_FLAGS[tuple(bool(getattr(f, 'value', f)) for f in flags)]}_{direction}_kernel"
+
+    return name
+
+
 @triton.jit
 def _load_vec(P, b, stride_b, cols, col_ok):
     """Row b of a (B, D) tensor as fp32 [BLOCK_D]."""
@@ -72,8 +91,8 @@ def _store(P, offsets, value, mask):
     tl.store(P + offsets, value.to(P.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _forward_kernel(
+@triton.jit(repr=_kernel_name("fwd"))
+def rows_fwd_kernel(
     X, Y, GATE, SHIFT, SCALE,  # x, y (B, T, D); gate, shift, scale (B, D): any batch/token strides
     R, OUT, MEAN, RSTD,  # r, out (B, T, D) and mean, rstd (B, T) fp32: contiguous
     T, D, rows, eps,
@@ -118,8 +137,8 @@ def _forward_kernel(
 # The fused op adds the gradient arriving at r itself: dr_total = dr + grad_r. Through
 # r = x + gate * y:  dx = dr_total,  dy = dr_total * gate,  d-gate = sum_t dr_total * y.
 # gated_residual alone has no norm: dr_total = grad_r, and dx = grad_r needs no kernel.
-@triton.jit
-def _backward_kernel(
+@triton.jit(repr=_kernel_name("bwd"))
+def rows_bwd_kernel(
     DOUT, DR, R, Y, GATE, SCALE, MEAN, RSTD,  # grads of out and r (B, T, D); saved r (or x), y, gate, scale, mean, rstd
     DX, DY, PART,  # dx, dy (B, T, D) contiguous; partial sums (n_sums, B, chunks, D) fp32
     B, T, D, rows,
@@ -197,7 +216,7 @@ def forward(x, y=None, gate=None, shift=None, scale=None, eps=0.0):
     B, T, D = x.shape
     x, y, gate, shift, scale = (None if t is None else row_major(t) for t in (x, y, gate, shift, scale))
     blk = blocking(B, T, D, x.device, FWD_PROGRAMS_PER_SM)
-    _forward_kernel[(B, blk.chunks)](
+    rows_fwd_kernel[(B, blk.chunks)](
         x, y, gate, shift, scale, r, out, mean, rstd,
         T, D, blk.rows, eps,
         *_strides(x, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(shift, 1), *_strides(scale, 1),
@@ -237,7 +256,7 @@ def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, g
     blk = blocking(B, T, D, like.device, BWD_PROGRAMS_PER_SM)
     n_sums = 2 * (grad_out is not None) + (y is not None)
     partial = tu.empty((n_sums, B, blk.chunks, D), torch.float32, like.device)
-    _backward_kernel[(B, blk.chunks)](
+    rows_bwd_kernel[(B, blk.chunks)](
         grad_out, grad_r, r, y, gate, scale, mean, rstd, dx, dy, partial,
         B, T, D, blk.rows,
         *_strides(grad_out, 2), *_strides(grad_r, 2), *_strides(r, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(scale, 1),

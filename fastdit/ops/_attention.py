@@ -236,6 +236,12 @@ def _select(q, k, v, backend):
     return BACKENDS[name]
 
 
+def attention_backend(q, k=None, v=None, backend=None):
+    """The backend attention(q, k, v, backend) would run (auto resolved, measuring if need be)."""
+    k = q if k is None else k
+    return resolve(q, k, k if v is None else v, backend)
+
+
 def attention(q, k, v, backend=None):
     """softmax(q k^T / sqrt(Dh)) v; q (B, Tq, H, Dh), k and v (B, Tk, H, Dh) -> (B, Tq, H, Dh) contiguous.
 
