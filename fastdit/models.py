@@ -7,6 +7,7 @@ attention and unpatchify go through `fastdit.ops`, and each block's closing gate
 fused with the LayerNorm+modulate that opens the next block (or the final layer).
 """
 import math
+import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -22,12 +23,41 @@ from . import ops
 #################################################################################
 
 
+def _is_int(v, minimum=1):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+
+
 def _pair(v, name):
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    raise ValueError(f"{name} must be an int or a pair of ints (H, W), got {v!r}")
+    if _is_int(v):
+        return (int(v), int(v))
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v):
+        return tuple(int(i) for i in v)
+    raise ValueError(f"{name} must be a positive int or a pair of positive ints (H, W), got {v!r}")
+
+
+def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                  class_dropout_prob, num_classes, learn_sigma):
+    """A ValueError naming the first constructor argument outside its domain.
+
+    hidden_size's divisibility is checked where it matters: by num_heads in Attention, by 4 in the
+    position embedding; input_size's by patch_size in PatchEmbed.
+    """
+    sizes = dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
+                 num_heads=num_heads, num_classes=num_classes)
+    for name, value in sizes.items():
+        if not _is_int(value):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _pair(input_size, "input_size")
+    if not (_is_real(mlp_ratio) and math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
+        raise ValueError(f"mlp_ratio must be a finite number with int(hidden_size * mlp_ratio) >= 1, got {mlp_ratio!r}")
+    if not (_is_real(class_dropout_prob) and 0 <= class_dropout_prob <= 1):
+        raise ValueError(f"class_dropout_prob must be a probability in [0, 1], got {class_dropout_prob!r}")
+    if learn_sigma not in (True, False):
+        raise ValueError(f"learn_sigma must be True or False, got {learn_sigma!r}")
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class PatchEmbed(nn.Module):
@@ -228,6 +258,8 @@ class DiT(nn.Module):
         learn_sigma=True,
     ):
         super().__init__()
+        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                      class_dropout_prob, num_classes, learn_sigma)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -260,6 +292,7 @@ class DiT(nn.Module):
         # Patch embedding initialised like nn.Linear, not nn.Conv2d.
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
 
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -279,14 +312,39 @@ class DiT(nn.Module):
         self.gradient_checkpointing = enabled
         return self
 
-    def _grid(self, x):
+    def _check_inputs(self, x, t, y):
+        """forward's arguments against the model: a clear error for each misfit; returns the token grid (h, w)."""
+        for name, v in (("x", x), ("t", t), ("y", y)):
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         p = self.patch_size
         H, W = x.shape[-2:]
         if H % p or W % p:
             raise ValueError(f"x's height and width {(H, W)} must be divisible by patch_size {p}")
+        weight = self.x_embedder.proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model's weights are on {weight.device}")
+        # Under autocast the GEMMs cast their inputs, so x need not match the weights (as with the official model).
+        if x.dtype != weight.dtype and not (x.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(
+                f"x is {x.dtype} but the model's weights are {weight.dtype}: cast x to {weight.dtype} "
+                f"(or the model to x's dtype), or run under torch.autocast"
+            )
+        _check_per_sample("t", t, x, "timesteps as integers or floats", t.dtype != torch.bool and not t.is_complex())
+        _check_per_sample("y", y, x, "class labels as int64 or int32", y.dtype in (torch.int64, torch.int32))
+        if len(y) and _can_read_values(y):
+            self._check_labels(y)
         return H // p, W // p
+
+    def _check_labels(self, y):
+        emb = self.y_embedder
+        lo, hi = (int(v) for v in torch.aminmax(y))  # a device-to-host read: one sync on a GPU
+        if 0 <= lo and hi < emb.embedding_table.num_embeddings:  # num_classes, + 1 (the null class) with dropout
+            return
+        null = f"or the null class {emb.num_classes}" if emb.dropout_prob > 0 else "(no null class: class_dropout_prob is 0)"
+        raise ValueError(f"y holds label {lo if lo < 0 else hi}; labels must be 0..{emb.num_classes - 1} {null}")
 
     def _pos_embed(self, grid, like):
         if grid == self.x_embedder.grid_size:
@@ -298,8 +356,13 @@ class DiT(nn.Module):
         return ops.unpatchify(x, self.patch_size, self.out_channels, grid_size=grid_size)
 
     def forward(self, x, t, y):
-        """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels."""
-        grid = self._grid(x)
+        """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels.
+
+        Bad arguments raise a ValueError or TypeError naming them. Label values are checked in
+        eager mode only (one device-to-host read): not while torch.compile traces or a CUDA graph
+        is captured, where an out-of-range label fails inside the embedding lookup as in PyTorch.
+        """
+        grid = self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self._pos_embed(grid, self.pos_embed)  # (N, T, D), T = H * W / p**2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         pending = None  # each block's closing residual, applied fused into the next LayerNorm+modulate
@@ -314,20 +377,45 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels="paper"):
         """Forward with classifier-free guidance; the batch is [conditional half, unconditional half].
 
-        cfg_channels: "paper" guides the first 3 channels, as the official code (and its reported
-        FIDs) do; "all" guides every predicted-noise channel (the standard formulation).
+        Only predicted-noise (eps) channels are guided, never the learned-sigma ones. cfg_channels:
+        "paper" guides the first min(3, in_channels) channels, as the official code (and its
+        reported FIDs) do for 4-channel latents; "all" guides every eps channel (the standard
+        formulation).
         """
         if cfg_channels not in ("paper", "all"):
             raise ValueError(f"cfg_channels must be 'paper' or 'all', got {cfg_channels!r}")
+        if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {cfg_scale!r}")
+        if isinstance(x, torch.Tensor) and len(x) % 2:
+            raise ValueError(f"forward_with_cfg takes an even batch (conditional half, then unconditional half), got {len(x)}")
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
-        n = 3 if cfg_channels == "paper" else self.in_channels
+        n = min(3, self.in_channels) if cfg_channels == "paper" else self.in_channels
         eps, rest = model_out[:, :n], model_out[:, n:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_per_sample(name, v, x, kind, dtype_ok):
+    """v holds one value per sample of x, of a dtype of `kind`, on x's device."""
+    if tuple(v.shape) != (len(x),):
+        raise ValueError(f"{name} must be ({len(x)},), one value per sample of x, got shape {tuple(v.shape)}")
+    if not dtype_ok:
+        raise TypeError(f"{name} must hold {kind}, got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
+
+
+def _can_read_values(t):
+    """Whether a check may read t's values: not while torch.compile traces (a data-dependent branch
+    breaks fullgraph) nor during CUDA-graph capture (a device-to-host read is not capturable)."""
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 #################################################################################
@@ -343,8 +431,11 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False, extra_tokens=
     """
     gh, gw = _pair(grid_size, "grid_size")
     grid_w, grid_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))  # (h, w) each
-    if embed_dim % 2:
-        raise ValueError(f"hidden_size must be even for the 2-D sin-cos position embedding, got {embed_dim}")
+    if embed_dim % 4:
+        raise ValueError(
+            f"hidden_size must be a multiple of 4 for the 2-D sin-cos position embedding (sin and cos of each "
+            f"axis take a quarter), got {embed_dim}"
+        )
     emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_w)  # (h*w, D/2)
     emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_h)  # (h*w, D/2)
     emb = np.concatenate([emb_w, emb_h], axis=1)  # (h*w, D)

@@ -51,3 +51,17 @@ def reference_pair(fn, inputs, grad_out=None):
         gs = [g.to(o.dtype) for g, o in zip(grad_out, run["out"])]
         run["grad"] = torch.autograd.grad(run["out"], run["leaves"], gs, allow_unused=True)
     return runs["pt"], runs["ref"], grad_out
+
+
+def assert_rel_close(name, got, expected, rel):
+    """max |got - expected| <= rel * max |expected|: a float32 result against official float32 numbers
+    computed another way (other summation orders). NaN never passes; a failure says where."""
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    err = (got.double() - expected.double()).abs()
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    i = tuple(int(j) for j in torch.unravel_index(err.argmax(), err.shape)) if err.numel() else ()
+    assert err.numel() == 0 or err[i] <= rel * scale, (
+        f"{name}: max |error| {err[i]:.3g} at {i} (got {got[i].item():.6g}, expected {expected[i].item():.6g}) "
+        f"> {rel:g} x max |expected| {scale:.3g}"
+    )

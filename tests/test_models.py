@@ -1,4 +1,5 @@
-"""The DiT backbone against the facebookresearch/DiT contract: keys, shapes, init, forward, CFG."""
+"""The DiT backbone against the facebookresearch/DiT contract: keys, shapes, init, forward, CFG, and
+against the official model's own numbers (tests/model_golden.py) and the independent ReferenceDiT."""
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import fastdit
 from fastdit import DiT, DiT_models, ops
 from fastdit.models import get_2d_sincos_pos_embed
 from fastdit.reference_model import ReferenceDiT, reference_DiT_models
+from tests import model_golden
 
 CONFIGS = {  # the official table: name -> (depth, hidden_size, patch_size, num_heads)
     "DiT-XL/2": (28, 1152, 2, 16), "DiT-XL/4": (28, 1152, 4, 16), "DiT-XL/8": (28, 1152, 8, 16),
@@ -101,15 +103,18 @@ def inputs(n=3, C=4, H=8, W=8, num_classes=10):
     return torch.randn(n, C, H, W), torch.randint(0, 1000, (n,)).float(), torch.randint(0, num_classes, (n,))
 
 
-def test_same_seed_same_weights_as_reference_model():
-    torch.manual_seed(3)
-    a = small()
-    torch.manual_seed(3)
-    b = small(ReferenceDiT)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+@pytest.mark.parametrize("name", sorted(model_golden.CONFIGS))
+def test_matches_official_model(name):
+    # Initial weights from a seed, forward, forward_with_cfg, a training forward (class dropout
+    # draws) and every parameter gradient, against the official models.py's numbers.
+    with ops.use_backend("reference"):
+        model_golden.assert_matches_official(DiT, name, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(model_golden.CONFIGS))
+def test_reference_model_matches_official_model(name):
+    # The oracle the other model tests use is itself checked against the official numbers.
+    model_golden.assert_matches_official(ReferenceDiT, name, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["DiT-S/2", "DiT-S/4", "DiT-B/8"])
@@ -169,19 +174,24 @@ def test_adaln_zero_init_blocks_are_identity_and_output_is_zero():
     assert torch.count_nonzero(out) == 0
 
 
-def test_forward_with_cfg_paper_and_all():
-    model = randomize(small()).eval()
-    x, t, _ = inputs(2)
+@pytest.mark.parametrize(
+    "in_channels, learn_sigma, guided",
+    [(4, True, dict(paper=3, all=4)), (1, True, dict(paper=1, all=1)), (2, True, dict(paper=2, all=2)),
+     (3, False, dict(paper=3, all=3))],
+)  # fmt: skip
+def test_forward_with_cfg_guides_eps_channels_only(in_channels, learn_sigma, guided):
+    model = randomize(small(in_channels=in_channels, learn_sigma=learn_sigma)).eval()
+    x, t, _ = inputs(2, C=in_channels)
     x = torch.cat([x[:1], x[:1]])
     y = torch.tensor([3, 10])  # conditional, then the null class
     t = torch.cat([t[:1], t[:1]])
     raw = model(x, t, y)
     cond, uncond = raw[:1], raw[1:]
-    for mode, n in (("paper", 3), ("all", 4)):
+    for mode, n in guided.items():
         out = model.forward_with_cfg(x, t, y, 4.0, cfg_channels=mode)
-        guided = uncond[:, :n] + 4.0 * (cond[:, :n] - uncond[:, :n])
-        torch.testing.assert_close(out[0, :n], guided[0])
-        torch.testing.assert_close(out[1, :n], guided[0])
+        expected = uncond[:, :n] + 4.0 * (cond[:, :n] - uncond[:, :n])
+        torch.testing.assert_close(out[0, :n], expected[0])
+        torch.testing.assert_close(out[1, :n], expected[0])
         torch.testing.assert_close(out[:, n:], raw[:, n:])
     assert torch.equal(model.forward_with_cfg(x, t, y, 4.0), model.forward_with_cfg(x, t, y, 4.0, "paper"))
     with pytest.raises(ValueError, match="cfg_channels"):
@@ -222,9 +232,26 @@ def test_label_dropout_uses_null_class():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(hidden_size=65, num_heads=4), "divisible by num_heads"),
+        (dict(hidden_size=65, num_heads=4), "hidden_size 65 must be divisible by num_heads 4"),
+        (dict(hidden_size=66, num_heads=2), "hidden_size must be a multiple of 4"),
         (dict(input_size=9), "divisible by patch_size"),
         (dict(input_size="big"), "input_size"),
+        (dict(input_size=0), "input_size"),
+        (dict(input_size=(8, -8)), "input_size"),
+        (dict(patch_size=0), "patch_size"),
+        (dict(patch_size=True), "patch_size"),
+        (dict(in_channels=0), "in_channels"),
+        (dict(in_channels=2.5), "in_channels"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(depth=0), "depth"),
+        (dict(num_heads=-1), "num_heads"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(mlp_ratio=0), "mlp_ratio"),
+        (dict(mlp_ratio=float("inf")), "mlp_ratio"),
+        (dict(class_dropout_prob=-0.1), "class_dropout_prob"),
+        (dict(class_dropout_prob=1.5), "class_dropout_prob"),
+        (dict(class_dropout_prob=float("nan")), "class_dropout_prob"),
+        (dict(learn_sigma="yes"), "learn_sigma"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -232,12 +259,71 @@ def test_bad_constructor_arguments(kwargs, match):
         small(**kwargs)
 
 
-def test_bad_forward_inputs():
-    model = small()
-    with pytest.raises(ValueError, match="x must be"):
-        model(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="divisible by patch_size"):
-        model(torch.randn(2, 4, 9, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+X2 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+T2, Y2 = torch.tensor([1, 500]), torch.tensor([3, 7])
+
+
+@pytest.mark.parametrize(
+    "x, t, y, error, match",
+    [
+        (torch.randn(2, 3, 8, 8), T2, Y2, ValueError, r"x must be \(N, 4, H, W\)"),
+        (torch.randn(2, 4, 9, 8), T2, Y2, ValueError, "divisible by patch_size"),
+        (X2.numpy(), T2, Y2, TypeError, "x must be a torch.Tensor"),
+        (X2.double(), T2, Y2, TypeError, "x is torch.float64 but the model's weights are torch.float32"),
+        (X2.long(), T2, Y2, TypeError, "x is torch.int64"),
+        (X2, T2[:1], Y2, ValueError, r"t must be \(2,\)"),
+        (X2, T2[:, None], Y2, ValueError, r"t must be \(2,\)"),
+        (X2, T2, Y2[:1], ValueError, r"y must be \(2,\)"),  # would broadcast over the batch
+        (X2, T2 > 0, Y2, TypeError, "t must hold timesteps"),
+        (X2, T2, Y2.float(), TypeError, "y must hold class labels"),
+        (X2, T2, Y2.to(torch.uint8), TypeError, "y must hold class labels"),
+        (X2, T2, torch.tensor([3, 11]), ValueError, "y holds label 11; labels must be 0..9 or the null class 10"),
+        (X2, T2, torch.tensor([-1, 3]), ValueError, "y holds label -1"),
+        (X2, T2.to("meta"), Y2, ValueError, "t is on meta but x is on cpu"),
+        (X2, T2, Y2.to("meta"), ValueError, "y is on meta but x is on cpu"),
+        (X2.to("meta"), T2, Y2, ValueError, "x is on meta but the model's weights are on cpu"),
+    ],
+)  # fmt: skip
+def test_bad_forward_inputs(x, t, y, error, match):
+    with pytest.raises(error, match=match):
+        small()(x, t, y)
+
+
+def test_null_class_only_with_class_dropout():
+    y = torch.tensor([3, 10])
+    assert small()(X2, T2, y).shape == (2, 8, 8, 8)
+    with pytest.raises(ValueError, match="labels must be 0..9 \\(no null class: class_dropout_prob is 0\\)"):
+        small(class_dropout_prob=0.0)(X2, T2, y)
+
+
+def test_forward_accepts_what_the_official_model_does():
+    model = randomize(small()).eval()
+    ref = model(X2, T2, Y2)
+    assert torch.equal(model(X2, T2.float() + 0.5, Y2.int()), model(X2, T2 + 0.5, Y2))  # fractional t, int32 labels
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast x's dtype need not match the weights
+        for x in (X2, X2.bfloat16()):
+            out = model(x, T2, Y2)
+            assert ((out.float() - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+@pytest.mark.parametrize(
+    "x, scale, match",
+    [(torch.randn(3, 4, 8, 8), 4.0, "even batch"), (torch.randn(2, 4, 8, 8), float("nan"), "cfg_scale must be finite")],
+)
+def test_bad_forward_with_cfg_inputs(x, scale, match):
+    with pytest.raises(ValueError, match=match):
+        small().forward_with_cfg(x, torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.long), scale)
+
+
+def test_label_check_stays_out_of_compiled_graphs():
+    # Reading label values is a device-to-host read: under torch.compile the check is skipped, so
+    # fullgraph tracing works, and a bad label fails in the embedding lookup as in plain PyTorch.
+    model = small().eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(X2, T2, Y2), model(X2, T2, Y2))
+    with pytest.raises(Exception) as info:
+        compiled(X2, T2, torch.tensor([3, 11]))
+    assert "y holds label" not in str(info.value)
 
 
 def test_readme_one_liner():
