@@ -4,10 +4,13 @@ A checkpoint file is untrusted input. `.pt`/`.pth` files are read with
 `torch.load(weights_only=True)`, which unpickles tensors and plain containers only, plus the
 allow-listed argparse.Namespace that DiT's train.py stores under "args"; `.safetensors` files
 hold tensors only. Arbitrary pickled objects are refused unless the caller passes trusted=True.
+A file that is no torch.save file (zip or legacy format) is reported as not a checkpoint, and
+weights that are not floating-point tensors are refused (load_state_dict would cast them silently).
 """
 import argparse
 import os
 import pickle
+import tarfile
 
 import torch
 
@@ -17,8 +20,20 @@ WEIGHT_KEYS = ("ema", "model", "state_dict", "model_state_dict")
 PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
+# How torch.save files begin: a zip archive (torch >= 1.6), or the legacy format's pickled magic
+# number (any pickle protocol); torch.load also reads the tar archives of torch < 0.1.10.
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+_LEGACY_HEADERS = tuple(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1))
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def _is_torch_file(path):
+    with open(path, "rb") as f:
+        head = f.read(max(map(len, _LEGACY_HEADERS)))
+    return head.startswith(_ZIP_SIGNATURES + _LEGACY_HEADERS) or tarfile.is_tarfile(path)
 
 
 def read_checkpoint(path, map_location="cpu", trusted=False):
@@ -35,16 +50,29 @@ def read_checkpoint(path, map_location="cpu", trusted=False):
             return load_file(str(path), device=str(map_location))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a valid .safetensors file ({e})") from e
+    if not _is_torch_file(path):
+        raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save file nor .safetensors)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=not trusted)
     except Exception as e:  # a corrupt file fails anywhere in the unpickler, with any error type
-        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
             raise CheckpointError(
-                f"{path} contains pickled objects beyond tensors and plain containers, which are not "
-                f"loaded from untrusted files. If you trust the file, pass trusted=True. ({e})"
+                f"{path} contains pickled objects beyond tensors and plain containers, which are not loaded "
+                f"from untrusted files (from Python, read_checkpoint or load_checkpoint with trusted=True loads "
+                f"a file you trust). ({_first_line(e)})"
             ) from e
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a corrupt one ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{path}: a corrupt or truncated checkpoint, or one torch.load(weights_only=True) cannot read "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from e
+
+
+def _first_line(error):
+    """The gist of torch.load's error: the line naming what the weights-only unpickler does not
+    support (a global, an opcode), else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported " in line), lines[0] if lines else "")
 
 
 def extract_state_dict(obj, key=None, source="checkpoint"):
@@ -71,6 +99,10 @@ def extract_state_dict(obj, key=None, source="checkpoint"):
         sd = obj[found[0]]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{source}: the weights under {key!r} are not a name -> tensor mapping")
+    # load_state_dict would cast integer or bool tensors into the float parameters without a word.
+    not_float = [f"{k} ({v.dtype})" for k, v in sd.items() if not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{source}: DiT weights are floating-point tensors, but not {_some(not_float)}")
     return {_strip_prefixes(k): v for k, v in sd.items()}
 
 

@@ -1,12 +1,13 @@
 """fastdit.load_checkpoint: official, DiT train.py and wrapped checkpoints, safely, with clear errors."""
 import argparse
 import collections
+import pickle
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastdit import CheckpointError, DiT, load_checkpoint
+from fastdit import CheckpointError, DiT, cli, load_checkpoint
 from fastdit.reference_model import ReferenceDiT
 
 
@@ -77,10 +78,43 @@ def test_arbitrary_pickles_are_refused(tmp_path, weights, capsys):
     assert "executed" not in capsys.readouterr().out
 
 
-def test_corrupt_file(tmp_path):
-    path = tmp_path / "broken.pt"
-    path.write_bytes(b"this is not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+NOT_CHECKPOINTS = {
+    "random": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).tolist()),
+    "text": b"this is not a checkpoint at all" * 10,
+    "empty": b"",
+    "pickle": pickle.dumps({"ema": [1, 2]}),  # a plain pickle, not a torch.save file
+    "pickle_like": b"\x80\x02" + bytes(range(100)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_CHECKPOINTS))
+def test_not_a_checkpoint(tmp_path, kind):
+    path = tmp_path / "random.pt"
+    path.write_bytes(NOT_CHECKPOINTS[kind])
+    with pytest.raises(CheckpointError, match="not a checkpoint") as info:
+        load_checkpoint(str(path), small())
+    assert "trusted" not in str(info.value)
+
+
+def test_cli_reports_random_bytes_as_not_a_checkpoint(tmp_path, capsys):
+    path = tmp_path / "random.pt"
+    path.write_bytes(NOT_CHECKPOINTS["random"])
+    assert cli.main(["sample", "--ckpt", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpoint" in err and "trusted" not in err, err
+
+
+def test_legacy_format_loads(tmp_path, weights):
+    path = tmp_path / "legacy.pt"
+    torch.save(weights, path, _use_new_zipfile_serialization=False)
+    assert_loaded(load_checkpoint(str(path), small()), weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=str)
+def test_integer_or_bool_weights_are_refused(tmp_path, weights, dtype):
+    path = tmp_path / "w.pt"
+    torch.save(dict(weights, **{"final_layer.linear.bias": weights["final_layer.linear.bias"].to(dtype)}), path)
+    with pytest.raises(CheckpointError, match=rf"floating-point tensors, but not final_layer.linear.bias \({dtype}\)"):
         load_checkpoint(str(path), small())
 
 
