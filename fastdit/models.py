@@ -17,21 +17,26 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from ._validate import check_positive_int
 
 #################################################################################
 #               Embedding layers for patches, timesteps and class labels        #
 #################################################################################
 
 
-def _is_int(v, minimum=1):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+def _is_positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _pair(v, name):
-    if _is_int(v):
-        return (int(v), int(v))
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v):
-        return tuple(int(i) for i in v)
+    if _is_positive_int(v):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_positive_int(i) for i in v):
+        return tuple(v)
     raise ValueError(f"{name} must be a positive int or a pair of positive ints (H, W), got {v!r}")
 
 
@@ -45,8 +50,7 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
     sizes = dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
                  num_heads=num_heads, num_classes=num_classes)
     for name, value in sizes.items():
-        if not _is_int(value):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
     _pair(input_size, "input_size")
     if not (_is_real(mlp_ratio) and math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
         raise ValueError(f"mlp_ratio must be a finite number with int(hidden_size * mlp_ratio) >= 1, got {mlp_ratio!r}")
@@ -54,10 +58,6 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
         raise ValueError(f"class_dropout_prob must be a probability in [0, 1], got {class_dropout_prob!r}")
     if learn_sigma not in (True, False):
         raise ValueError(f"learn_sigma must be True or False, got {learn_sigma!r}")
-
-
-def _is_real(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class PatchEmbed(nn.Module):
