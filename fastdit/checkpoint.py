@@ -4,8 +4,9 @@ A checkpoint file is untrusted input. `.pt`/`.pth` files are read with
 `torch.load(weights_only=True)`, which unpickles tensors and plain containers only, plus the
 allow-listed argparse.Namespace that DiT's train.py stores under "args"; `.safetensors` files
 hold tensors only. Arbitrary pickled objects are refused unless the caller passes trusted=True.
-A file that is no torch.save file (zip or legacy format) is reported as not a checkpoint, and
-weights that are not floating-point tensors are refused (load_state_dict would cast them silently).
+A file that is no torch.save file (zip or legacy format) is reported as not a PyTorch
+checkpoint, and weights that are not floating-point tensors are refused (load_state_dict would
+cast them silently).
 """
 import argparse
 import os
@@ -51,7 +52,7 @@ def read_checkpoint(path, map_location="cpu", trusted=False):
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a valid .safetensors file ({e})") from e
     if not _is_torch_file(path):
-        raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save file nor .safetensors)")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save file nor .safetensors)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=not trusted)

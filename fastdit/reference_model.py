@@ -41,11 +41,11 @@ def timestep_embedding(t, dim, max_period=10000):
 def sincos_pos_embed(dim, grid_h, grid_w):
     """(grid_h * grid_w, dim) float32, tokens row-major. MAE's layout: the first half of the channels
     is [sin, cos] of the token's column index, the second half of its row index, at dim // 4
-    frequencies 10000^(-k / (dim // 4)), computed in float64."""
+    frequencies 10000^(-k / (dim // 4)), computed in float64 on the CPU (as the official numpy code)."""
     if dim % 4:
         raise ValueError(f"hidden_size must be a multiple of 4 for the sin-cos position embedding, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (h, w) each
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device="cpu") / (dim // 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, device="cpu"), torch.arange(grid_w, device="cpu"), indexing="ij")
 
     def encode(pos):
         angles = pos.reshape(-1, 1).double() * omega  # (h*w, D/4)

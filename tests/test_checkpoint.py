@@ -91,7 +91,7 @@ NOT_CHECKPOINTS = {
 def test_not_a_checkpoint(tmp_path, kind):
     path = tmp_path / "random.pt"
     path.write_bytes(NOT_CHECKPOINTS[kind])
-    with pytest.raises(CheckpointError, match="not a checkpoint") as info:
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
         load_checkpoint(str(path), small())
     assert "trusted" not in str(info.value)
 
@@ -101,7 +101,7 @@ def test_cli_reports_random_bytes_as_not_a_checkpoint(tmp_path, capsys):
     path.write_bytes(NOT_CHECKPOINTS["random"])
     assert cli.main(["sample", "--ckpt", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "not a checkpoint" in err and "trusted" not in err, err
+    assert "not a PyTorch checkpoint" in err and "trusted" not in err, err
 
 
 def test_legacy_format_loads(tmp_path, weights):
