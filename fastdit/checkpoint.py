@@ -24,7 +24,9 @@ PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 # How torch.save files begin: a zip archive (torch >= 1.6), or the legacy format's pickled magic
 # number (any pickle protocol); torch.load also reads the tar archives of torch < 0.1.10.
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
-_LEGACY_HEADERS = tuple(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1))
+_LEGACY_HEADERS = tuple(
+    pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1)
+)
 
 
 class CheckpointError(ValueError):

@@ -289,7 +289,7 @@ class DiT(nn.Module):
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
 
-        # Patch embedding initialised like nn.Linear, not nn.Conv2d.
+        # Patch embedding initialised like nn.Linear (bias zero), not nn.Conv2d.
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
@@ -315,8 +315,7 @@ class DiT(nn.Module):
     def _check_inputs(self, x, t, y):
         """forward's arguments against the model: a clear error for each misfit; returns the token grid (h, w)."""
         for name, v in (("x", x), ("t", t), ("y", y)):
-            if not isinstance(v, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+            _check_is_tensor(name, v)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         p = self.patch_size
@@ -343,7 +342,8 @@ class DiT(nn.Module):
         lo, hi = (int(v) for v in torch.aminmax(y))  # a device-to-host read: one sync on a GPU
         if 0 <= lo and hi < emb.embedding_table.num_embeddings:  # num_classes, + 1 (the null class) with dropout
             return
-        null = f"or the null class {emb.num_classes}" if emb.dropout_prob > 0 else "(no null class: class_dropout_prob is 0)"
+        null = (f"or the null class {emb.num_classes}" if emb.dropout_prob > 0
+                else "(no null class: class_dropout_prob is 0)")
         raise ValueError(f"y holds label {lo if lo < 0 else hi}; labels must be 0..{emb.num_classes - 1} {null}")
 
     def _pos_embed(self, grid, like):
@@ -386,8 +386,9 @@ class DiT(nn.Module):
             raise ValueError(f"cfg_channels must be 'paper' or 'all', got {cfg_channels!r}")
         if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {cfg_scale!r}")
-        if isinstance(x, torch.Tensor) and len(x) % 2:
-            raise ValueError(f"forward_with_cfg takes an even batch (conditional half, then unconditional half), got {len(x)}")
+        _check_is_tensor("x", x)
+        if len(x) % 2:
+            raise ValueError(f"x must be an even batch (conditional half, then unconditional half), got {len(x)}")
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
@@ -400,6 +401,11 @@ class DiT(nn.Module):
 
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_is_tensor(name, v):
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
 
 
 def _check_per_sample(name, v, x, kind, dtype_ok):

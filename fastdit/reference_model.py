@@ -210,11 +210,11 @@ class ReferenceDiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for modulation in [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]:
-            nn.init.zeros_(modulation.weight)
-            nn.init.zeros_(modulation.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, h*p, w*p): token (i, j)'s features, ordered (p, q, c), fill pixel block (i, j)."""
