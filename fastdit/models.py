@@ -339,7 +339,7 @@ class DiT(nn.Module):
 
     def _check_labels(self, y):
         emb = self.y_embedder
-        lo, hi = (int(v) for v in torch.aminmax(y))  # a device-to-host read: one sync on a GPU
+        lo, hi = (int(v) for v in torch.aminmax(y))  # y is on the CPU: reading it costs no sync
         if 0 <= lo and hi < emb.embedding_table.num_embeddings:  # num_classes, + 1 (the null class) with dropout
             return
         null = (f"or the null class {emb.num_classes}" if emb.dropout_prob > 0
@@ -358,9 +358,10 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels.
 
-        Bad arguments raise a ValueError or TypeError naming them. Label values are checked in
-        eager mode only (one device-to-host read): not while torch.compile traces or a CUDA graph
-        is captured, where an out-of-range label fails inside the embedding lookup as in PyTorch.
+        Bad arguments raise a ValueError or TypeError naming them. Label values are checked where
+        reading them is free: CPU tensors in eager mode. On the GPU that read would stall the
+        training step (a device-to-host sync), and under torch.compile it would break the graph:
+        there an out-of-range label fails inside the embedding lookup, as in PyTorch.
         """
         grid = self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self._pos_embed(grid, self.pos_embed)  # (N, T, D), T = H * W / p**2
@@ -419,9 +420,10 @@ def _check_per_sample(name, v, x, kind, dtype_ok):
 
 
 def _can_read_values(t):
-    """Whether a check may read t's values: not while torch.compile traces (a data-dependent branch
-    breaks fullgraph) nor during CUDA-graph capture (a device-to-host read is not capturable)."""
-    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+    """Whether a check may read t's values: only on the CPU (on a GPU it is a device-to-host sync
+    per forward, and not capturable in a CUDA graph) and not while torch.compile traces (a
+    data-dependent branch breaks fullgraph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 #################################################################################
