@@ -1,13 +1,68 @@
 """Judging a kernel against fastdit.reference, by the rule in DESIGN.md.
 
 The reference runs twice: in the input dtype (`pt`, PyTorch's own rounding) and in float64
-(`ref`). A result passes where |out - ref| <= 2 |pt - ref| + atol, atol being one unit of the
-dtype's precision at the tensor's scale; float32 results pass within a relative error of 1e-5.
-NaN never passes. A failure says where and by how much.
+(`ref`). A float16/bfloat16 result passes when, element by element,
+
+    |out - ref| <= 2 |pt - ref| + ulp + K_NOISE * noise,
+
+`ulp` being the spacing of the output dtype at that element's |ref| (rounding a correct value
+costs up to half of it; an element where pt happens to be exact still gets it) and `noise` the
+RMS of PyTorch's own error over the tensor; and when its error has no systematic part beyond
+PyTorch's: no bias, no scale error (components along 1 and along ref, each within twice
+PyTorch's plus Z_SYSTEMATIC * noise).
+
+Why a floor in units of noise: a kernel that rounds intermediates (attention's P and dS, the fused
+op's stored r) rounds them differently from pt, so where pt happens to land on ref its error is
+its neighbours', not zero. Measured over this suite's fp16/bf16 tensors, correct kernels need up
+to 4.6 noise there (attention gradients at Dh = 128, fp16) and show systematic components up to
+3.5 noise. Why the systematic checks: no per-element floor above that can see a uniform bias of
+1 % of the median output in bfloat16, which is about PyTorch's own RMS error there; summed over
+N elements it stands sqrt(N) times out of the noise (tests/test_helpers.py).
+
+Where PyTorch itself gives inf or NaN it earns no allowance. float32 results pass within a
+relative error of 1e-5 of the tensor's largest |ref|. NaN never passes. A failure says where and
+by how much.
 """
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+K_NOISE = 8.0  # per-element floor, in PyTorch's RMS errors
+Z_SYSTEMATIC = 8.0  # allowance for a bias or scale error's component, in PyTorch's RMS errors
+
+
+def ulp(values, dtype):
+    """Spacing of `dtype` at |values| (float64): 2**floor(log2 |v|) * eps; subnormal spacing below tiny."""
+    finfo = torch.finfo(dtype)
+    return finfo.eps * torch.exp2(torch.floor(torch.log2(values.abs().clamp_min(finfo.tiny))))
+
+
+def _check_low_precision(name, out64, pt64, ref64, dtype):
+    err = out64 - ref64
+    own = torch.where((pt64 - ref64).isfinite(), pt64 - ref64, 0.0)  # PyTorch overflowed there: no credit
+    spacing = ulp(ref64, dtype)
+    noise = float((own.square().mean() + spacing.square().mean() / 12).sqrt())  # PyTorch's RMS error, or a rounding's
+    _report(name, dtype, out64, pt64, ref64, err.abs(), 2 * own.abs() + spacing + K_NOISE * noise)
+    for what, direction in (("a bias", torch.ones_like(ref64)), ("a scale error", ref64)):
+        # The error's component along a unit direction: for independent errors of RMS `noise`, about noise.
+        unit = direction / direction.norm().clamp_min(1e-300)
+        got, pt_got = float((err * unit).sum()), float((own * unit).sum())
+        allowed = 2 * abs(pt_got) + Z_SYSTEMATIC * noise
+        assert abs(got) <= allowed, (
+            f"{name} ({dtype}): systematic error ({what}): its component {got:.3g} exceeds {allowed:.3g} "
+            f"(PyTorch's {pt_got:.3g}, PyTorch's RMS error {noise:.3g}, {err.numel()} elements)"
+        )
+
+
+def _report(name, dtype, out64, pt64, ref64, err, bound):
+    excess = err - bound
+    if (excess > 0).any():
+        i = tuple(int(j) for j in torch.unravel_index(excess.argmax(), excess.shape))
+        raise AssertionError(
+            f"{name} ({dtype}): {int((excess > 0).sum())} of {err.numel()} elements out of tolerance; "
+            f"worst at {i}: got {out64[i].item():.6g}, float64 reference {ref64[i].item():.6g}, "
+            f"PyTorch in {dtype} {pt64[i].item():.6g}; error {err[i].item():.3g} > allowed {bound[i].item():.3g} "
+            f"(max |error| {err.max().item():.3g}, max |ref| {ref64.abs().max().item():.3g})"
+        )
 
 
 def assert_close(name, out, pt, ref, rel_fp32=1e-5):
@@ -16,21 +71,12 @@ def assert_close(name, out, pt, ref, rel_fp32=1e-5):
     nan = torch.isnan(out)
     assert not nan.any(), f"{name}: {int(nan.sum())} NaN values, first at {tuple(nan.nonzero()[0].tolist())}"
     out64, pt64, ref64 = out.double(), pt.double(), ref.double()
-    err = (out64 - ref64).abs()
-    scale = ref64.abs().max().clamp_min(1e-30)
+    assert ref64.isfinite().all(), f"{name}: the float64 reference is not finite: the test's inputs are out of range"
     if out.dtype == torch.float32:
-        bound = torch.full_like(err, rel_fp32 * float(scale))
+        err = (out64 - ref64).abs()
+        _report(name, out.dtype, out64, pt64, ref64, err, torch.full_like(err, rel_fp32 * float(ref64.abs().max())))
     else:
-        bound = 2 * (pt64 - ref64).abs() + torch.finfo(out.dtype).eps * scale
-    excess = err - bound
-    if (excess > 0).any():
-        i = tuple(int(j) for j in torch.unravel_index(excess.argmax(), excess.shape))
-        raise AssertionError(
-            f"{name} ({out.dtype}): {int((excess > 0).sum())} of {err.numel()} elements out of tolerance; "
-            f"worst at {i}: got {out64[i].item():.6g}, float64 reference {ref64[i].item():.6g}, "
-            f"PyTorch in {out.dtype} {pt64[i].item():.6g}; error {err[i].item():.3g} > allowed {bound[i].item():.3g} "
-            f"(max |error| {err.max().item():.3g}, max |ref| {scale.item():.3g})"
-        )
+        _check_low_precision(name, out64, pt64, ref64, out.dtype)
 
 
 def reference_pair(fn, inputs, grad_out=None):

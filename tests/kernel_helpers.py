@@ -1,18 +1,13 @@
 """What the Triton kernel tests share: the triton backend, NaN-poisoned buffers, and one check of an
 op (outputs and every gradient) against fastdit.reference by the DESIGN.md rule."""
+import numpy as np
 import pytest
 import torch
 
 from fastdit import ops
 from fastdit.ops import _rows, _triton_utils
-from fastdit.ops._triton_utils import triton
+from fastdit.ops._triton_utils import INTERPRET, tl, triton
 from tests.helpers import DTYPES, assert_close, reference_pair
-
-
-@pytest.fixture
-def triton_backend():
-    with ops.use_backend("triton"):
-        yield
 
 
 @pytest.fixture
@@ -25,6 +20,46 @@ def poisoned(monkeypatch):
         return t.fill_(float("nan") if t.is_floating_point() else -1)
 
     monkeypatch.setattr(_triton_utils, "empty", poisoned_empty)
+
+
+def bfloat16_bits(data):
+    """bfloat16 bit patterns (numpy uint16, the interpreter's bfloat16 storage) of float32 numpy
+    data, rounded to nearest even as the GPU's cvt.rn.bf16.f32 and torch do: the float32 bits plus
+    half a bfloat16 ulp (less one on a tie with an even last bit), high half kept. Subnormals
+    round alike; past the largest bfloat16, inf; NaN stays NaN."""
+    bits = data.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(data), np.uint32(0x7FC0), rounded).astype(np.uint16)
+
+
+def round_bfloat16_like_the_gpu(monkeypatch):
+    """Interpreted kernels round float32 to bfloat16 to nearest even, as the GPU does (and torch).
+
+    Triton's interpreter casts float32 to bfloat16 by dropping the low 16 bits (its cast passes no
+    rounding mode): up to one ulp off and biased toward zero, so every bfloat16 kernel output and
+    rounded intermediate (attention's P and dS) would carry an error the compiled kernel does not.
+    """
+    if not INTERPRET:
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    cast = builder.cast_impl
+
+    def cast_to_nearest(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(bfloat16_bits(src.data), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "cast_impl", cast_to_nearest)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The triton backend, its interpreted kernels rounding to bfloat16 as on the GPU."""
+    round_bfloat16_like_the_gpu(monkeypatch)
+    with ops.use_backend("triton"):
+        yield
 
 
 KERNEL_FIXTURES = pytest.mark.usefixtures("triton_backend", "poisoned")
