@@ -7,24 +7,21 @@ from fastdit import ops, reference
 from fastdit.models import DiT
 from fastdit.ops import _attention as attention_module
 from fastdit.ops import _attention_policy
-from tests.helpers import assert_close, reference_pair
+from tests.helpers import DTYPES, assert_close, reference_pair
+from tests.kernel_helpers import poisoned  # noqa: F401 (fixture)
+from tests.kernel_helpers import round_bfloat16_like_the_gpu
+
+pytestmark = pytest.mark.usefixtures("poisoned")  # the Triton kernels' buffers start as NaN
+
+
+@pytest.fixture(autouse=True)
+def _bfloat16_like_the_gpu(monkeypatch):
+    round_bfloat16_like_the_gpu(monkeypatch)
 
 
 def qkv_views(B, T, H, Dh, dtype, device):
     """q, k, v as the model passes them: strided views of one (B, T, 3, H, Dh) GEMM output."""
     return torch.randn(B, T, 3, H, Dh, dtype=dtype, device=device).unbind(2)
-
-
-@pytest.fixture
-def nan_outputs(monkeypatch):
-    """Every buffer allocated with torch.empty starts as NaN, so an unwritten element shows."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def check_against_reference(q, k, v, backend, grad_out=None):
@@ -46,23 +43,23 @@ def check_against_reference(q, k, v, backend, grad_out=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("Dh", [32, 64, 72])
 @pytest.mark.parametrize("T", [1, 7, 33])
-def test_triton_matches_reference(T, Dh, dtype, device, nan_outputs):
+def test_triton_matches_reference(T, Dh, dtype, device):
     check_against_reference(*qkv_views(3, T, 2, Dh, dtype, device), "triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("T, Dh", [(7, 64), (33, 72), (33, 32)])
-def test_triton_deterministic_backward_matches_reference(T, Dh, dtype, device, nan_outputs):
+def test_triton_deterministic_backward_matches_reference(T, Dh, dtype, device):
     with ops.use_deterministic(True):
         check_against_reference(*qkv_views(3, T, 2, Dh, dtype, device), "triton")
 
 
 @pytest.mark.parametrize("Dh", [8, 96, 128])
-def test_triton_other_head_dims(Dh, device, nan_outputs):
+def test_triton_other_head_dims(Dh, device):
     check_against_reference(*qkv_views(2, 7, 2, Dh, torch.float16, device), "triton")
 
 
-def test_triton_bfloat16(device, nan_outputs):
+def test_triton_bfloat16(device):
     check_against_reference(*qkv_views(2, 33, 2, 72, torch.bfloat16, device), "triton")
 
 
@@ -73,10 +70,8 @@ def test_triton_cross_attention_and_plain_layouts(device):
     check_against_reference(q, k, v, "triton")
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_triton_packed_qkv_matches_reference(deterministic, device, nan_outputs):
-    """attention_packed: the qkv GEMM output whole, one packed (B, T, 3, H, Dh) gradient."""
-    qkv = torch.randn(2, 33, 3, 2, 72, dtype=torch.float16, device=device)
+def check_packed_against_reference(qkv, deterministic):
+    """attention_packed on the triton backend: output and the one packed gradient vs the reference."""
     leaf = qkv.clone().requires_grad_()
     with ops.use_deterministic(deterministic):
         out = ops.attention_packed(leaf, backend="triton")
@@ -84,8 +79,46 @@ def test_triton_packed_qkv_matches_reference(deterministic, device, nan_outputs)
     (grad,) = torch.autograd.grad(out, leaf, grad_out)
     assert_close("packed out", out.detach(), pt["out"][0].detach(), ref["out"][0].detach())
     assert_close("packed dqkv", grad, pt["grad"][0], ref["grad"][0])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_packed_qkv_matches_reference(deterministic, device):
+    """attention_packed: the qkv GEMM output whole, one packed (B, T, 3, H, Dh) gradient."""
+    qkv = torch.randn(2, 33, 3, 2, 72, dtype=torch.float16, device=device)
+    check_packed_against_reference(qkv, deterministic)
     with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3, H, Dh\)"):
         ops.attention_packed(qkv[:, :, :2])
+
+
+# Logits that put a row's base-2 log-sum-exp below -log2 of the dtype's largest value (the
+# backward computes P in float32 and rounds it, and dS, to the input dtype): near -100 in float32 and
+# bfloat16, -30 in float16. The forward never meets them unscaled; the backward recomputes P from lse.
+EXTREME_LOGIT = {torch.float32: -110.0, torch.float16: -30.0, torch.bfloat16: -110.0}
+
+
+def extreme_rows_qkv(T, Dh, dtype, device):
+    """qkv (1, T, 3, 1, Dh): keys share the direction (1, ..., 1) (k = 1.5 + noise) and every other
+    query points against it, so all that query's logits sit near EXTREME_LOGIT[dtype] (spread about
+    1); the other queries are ordinary."""
+    qkv = torch.randn(1, T, 3, 1, Dh, device=device)
+    q, k, _ = qkv.unbind(2)  # (1, T, 1, Dh) views
+    k.mul_(0.1).add_(1.5)
+    q[:, ::2] = 0.1 * q[:, ::2] + EXTREME_LOGIT[dtype] / (1.5 * Dh**0.5)  # q.k / sqrt(Dh) = EXTREME_LOGIT
+    return qkv.to(dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_backward_is_finite_for_extreme_logit_rows(dtype, deterministic, packed, device):
+    """T = 17 is not a multiple of any key block: the last block's past-the-end keys load as 0, and
+    their P must be 0, not 2^-lse2 (inf for these rows: inf * 0 = NaN in dQ)."""
+    qkv = extreme_rows_qkv(17, 72, dtype, device)
+    if packed:
+        check_packed_against_reference(qkv, deterministic)
+    else:
+        with ops.use_deterministic(deterministic):
+            check_against_reference(*qkv.unbind(2), "triton")
 
 
 def test_triton_expanded_upstream_gradient(device):
@@ -131,7 +164,8 @@ def test_use_deterministic_setter_context_and_torch_flag():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", [b for b in ops.ATTENTION_BACKENDS if b not in ("auto", "triton")])
+# every backend but triton (tested above) and math (fastdit.reference.attention itself: nothing to compare)
+@pytest.mark.parametrize("backend", [b for b in ops.ATTENTION_BACKENDS if b not in ("auto", "triton", "math")])
 def test_other_backends_match_reference(backend, dtype, device):
     q, k, v = qkv_views(2, 33, 2, 72, dtype, device)
     why = attention_module.unavailable(backend, q)

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from . import _triton_utils as tu
 from ._triton_utils import INTERPRET, check_device, row_major, tl, triton
 
 MAX_HEAD_DIM = 256
@@ -113,6 +114,19 @@ def _head_offset(bh, H, stride_b, stride_h, ALIGN: tl.constexpr):
     without the hint a head stride of 72 makes every load scalar and unpipelined (seen in the PTX).
     """
     return tl.multiple_of((bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h, ALIGN)
+
+
+@triton.jit
+def _probs_and_dlogits(s, dp, lse, delta, key_ok, qk_scale):
+    """P and dS = P (dP - delta) of a backward tile from its raw logits s = q.k, dP, and the
+    queries' base-2 lse and delta and the keys' validity, all broadcast to the tile's shape.
+
+    Past-the-end keys get the logit -inf, so P = 0 exactly. Their k loads as 0: left as it is, P =
+    2^(0 - lse2) overflows where a query's logits are all strongly negative (lse2 < -128; rounded to
+    float16, lse2 < -16), and inf times that zero k puts NaN in dQ.
+    """
+    p = tl.math.exp2(tl.where(key_ok, s * qk_scale, float("-inf")) - lse)
+    return p, p * (dp - delta)
 
 
 @triton.jit
@@ -227,9 +241,9 @@ def attention_bwd_dkdv_kernel(
         lse = tl.load(LSE + rows, mask=rows < Tq, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < Tq, other=0.0)
         s_t = _dot_heads(k0, k1, q0, q1, BLOCK_N, BLOCK_M, TAIL, UPCAST, PRECISION)  # S^T (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         dp_t = _dot_heads(v0, v1, do0, do1, BLOCK_N, BLOCK_M, TAIL, UPCAST, PRECISION)  # dP^T
-        ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)  # dS^T (BLOCK_N, BLOCK_M)
+        p_t, ds_t = _probs_and_dlogits(s_t, dp_t, lse[None, :], delta[None, :], (keys < Tk)[:, None], qk_scale)
+        ds_t = ds_t.to(Q.dtype.element_ty)  # dS^T (BLOCK_N, BLOCK_M)
         p_t = p_t.to(DO.dtype.element_ty)
         dv0 = _dot(p_t, do0, dv0, UPCAST, PRECISION)
         dk0 = _dot(ds_t, q0, dk0, UPCAST, PRECISION)
@@ -237,7 +251,6 @@ def attention_bwd_dkdv_kernel(
             dv1 = _dot(p_t, do1, dv1, UPCAST, PRECISION)
             dk1 = _dot(ds_t, q1, dk1, UPCAST, PRECISION)
         if ATOMIC_DQ:
-            # Past-the-end keys loaded as 0 add nothing to dS K.
             ds = tl.trans(ds_t)  # (BLOCK_M, BLOCK_N)
             dq0 = _dot(ds, k0, tl.zeros([BLOCK_M, D0], tl.float32), UPCAST, PRECISION) * sm_scale
             dq1 = dq0
@@ -277,9 +290,9 @@ def attention_bwd_dq_kernel(
         k0, k1 = _load_rows(K, keys, stride_kt, Tk, D0, D1, HEAD_DIM, TAIL)  # (BLOCK_N, D0), (BLOCK_N, D1)
         v0, v1 = _load_rows(V, keys, stride_vt, Tk, D0, D1, HEAD_DIM, TAIL)
         s = _dot_heads(q0, q1, k0, k1, BLOCK_M, BLOCK_N, TAIL, UPCAST, PRECISION)  # S (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
         dp = _dot_heads(do0, do1, v0, v1, BLOCK_M, BLOCK_N, TAIL, UPCAST, PRECISION)  # dP
-        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)  # past-the-end keys: k = 0 below
+        _, ds = _probs_and_dlogits(s, dp, lse[:, None], delta[:, None], (keys < Tk)[None, :], qk_scale)
+        ds = ds.to(K.dtype.element_ty)
         dq0 = _dot(ds, k0, dq0, UPCAST, PRECISION)
         if TAIL:
             dq1 = _dot(ds, k1, dq1, UPCAST, PRECISION)
@@ -392,8 +405,8 @@ def forward(q, k, v):
     _check(q, k, v)
     q, k, v = row_major(q), row_major(k), row_major(v)
     B, Tq, H, Dh = q.shape
-    o = torch.empty((B, Tq, H, Dh), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    o = tu.empty((B, Tq, H, Dh), q.dtype, q.device)
+    lse = tu.empty((B, H, Tq), torch.float32, q.device)
     blocks = configs(Dh, q.dtype)[0]
     attention_fwd_kernel[(triton.cdiv(Tq, blocks.block_m) * B * H,)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -414,10 +427,10 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     Tk = k.shape[1]
     _, dkdv_blocks, dq_blocks = configs(Dh, q.dtype)
     if grads is None:
-        grads = [torch.empty((B, T, H, Dh), dtype=q.dtype, device=q.device) for T in (Tq, Tk, Tk)]
+        grads = [tu.empty((B, T, H, Dh), q.dtype, q.device) for T in (Tq, Tk, Tk)]
     dq, dk, dv = grads
 
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    delta = tu.empty((B, H, Tq), torch.float32, q.device)
     attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, **_layout_args(o, do), BLOCK_M=DELTA_BLOCK_M,
     )  # fmt: skip
@@ -513,7 +526,7 @@ def attention_packed_bwd(
     do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, deterministic: bool
 ) -> torch.Tensor:  # fmt: skip
     """dqkv (B, T, 3, H, Dh) contiguous, of attention_packed_fwd given the upstream gradient do of o."""
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dqkv = tu.empty(qkv.shape, qkv.dtype, qkv.device)
     backward(do, *qkv.unbind(2), o, lse, deterministic, grads=dqkv.unbind(2))
     return dqkv
 
