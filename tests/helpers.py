@@ -70,7 +70,7 @@ def assert_close(name, out, pt, ref, rel_fp32=1e-5):
     assert out.dtype == pt.dtype, f"{name}: dtype {out.dtype}, expected {pt.dtype}"
     nan = torch.isnan(out)
     assert not nan.any(), f"{name}: {int(nan.sum())} NaN values, first at {tuple(nan.nonzero()[0].tolist())}"
-    out64, pt64, ref64 = out.double(), pt.double(), ref.double()
+    out64, pt64, ref64 = (t.detach().double() for t in (out, pt, ref))
     assert ref64.isfinite().all(), f"{name}: the float64 reference is not finite: the test's inputs are out of range"
     if out.dtype == torch.float32:
         err = (out64 - ref64).abs()

@@ -73,19 +73,20 @@ def run_op(fn, inputs, grad_out):
     return outs, torch.autograd.grad(outs, leaves, grad_out)
 
 
-def check_op(fn, ref_fn, inputs, grad_out=None, names=None):
+def check_op(fn, ref_fn, inputs, grad_out=None, names=None, float64_only=False):
     """fn (the kernels) against ref_fn (fastdit.reference): every output and every input's gradient.
 
     inputs keep their strides (e.g. .chunk views); grad_out (default random) may be strided too.
-    Returns the kernels' (outputs, gradients).
+    float64_only: no credit for PyTorch's own error (inputs where PyTorch in the dtype is wrong):
+    the float64 results rounded once to the dtype stand in for pt. Returns the kernels' (outputs, gradients).
     """
     pt, ref, grad_out = reference_pair(ref_fn, inputs, grad_out)
     outs, grads = run_op(fn, inputs, grad_out)
     names = names or [f"input {i}" for i in range(len(inputs))]
-    for i, (o, p, r) in enumerate(zip(outs, pt["out"], ref["out"])):
-        assert_close(f"output {i}", o, p.detach(), r.detach())
-    for name, g, p, r in zip(names, grads, pt["grad"], ref["grad"]):
-        assert_close(f"d{name}", g, p, r)
+    labels = [f"output {i}" for i in range(len(outs))] + [f"d{name}" for name in names]
+    for label, got, p, r in zip(labels, [*outs, *grads], [*pt["out"], *pt["grad"]], [*ref["out"], *ref["grad"]]):
+        p, r = p.detach(), r.detach()
+        assert_close(label, got, r.to(p.dtype) if float64_only else p, r)
     return outs, grads
 
 
@@ -127,8 +128,12 @@ class RowOpTests:
         rows = iter(adaln_rows(B, D, len(self.names), vec_dtype or dtype, device))
         return [torch.randn(B, T, D, dtype=dtype, device=device) if n in "xy" else next(rows) for n in self.names]
 
-    def check(self, inputs, grad_out=None):
-        return check_op(type(self).op, type(self).ref, inputs, grad_out, self.names)
+    def scaled_inputs(self, factor, B, T, D, dtype, device):
+        """inputs() with the (B, T, D) rows, x and y, multiplied by factor."""
+        return [t * factor if n in "xy" else t for n, t in zip(self.names, self.inputs(B, T, D, dtype, device))]
+
+    def check(self, inputs, grad_out=None, float64_only=False):
+        return check_op(type(self).op, type(self).ref, inputs, grad_out, self.names, float64_only)
 
     def n_outputs(self, inputs):
         outs = type(self).ref(*inputs)
@@ -142,8 +147,13 @@ class RowOpTests:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_low_variance_rows(self, dtype, device):
         # Rows of variance ~1e-6, LayerNorm's eps: there a wrong eps shows (randn rows barely feel it).
-        inputs = self.inputs(3, 5, 216, dtype, device)
-        self.check([t * 1e-3 if n in "xy" else t for n, t in zip(self.names, inputs)])
+        self.check(self.scaled_inputs(1e-3, 3, 5, 216, dtype, device))
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # float16 cannot hold 1e20
+    def test_huge_rows_match_float64(self, dtype, device):
+        # x, y ~ 1e20: the squared deviations (1e40) overflow float32, the statistics' dtype, and
+        # PyTorch's own layer_norm with them (its float32 result is NaN, its bfloat16 one `shift`)
+        self.check(self.scaled_inputs(1e20, 2, 3, 216, dtype, device), float64_only=True)
 
     @pytest.mark.parametrize("x_dtype, vec_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)])
     def test_mixed_dtypes(self, x_dtype, vec_dtype, device):

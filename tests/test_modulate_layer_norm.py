@@ -13,6 +13,22 @@ class TestModulateLayerNorm(RowOpTests):
     names = ("x", "shift", "scale")
 
 
+def test_backends_part_only_where_pytorch_layer_norm_overflows():
+    """The documented difference (README, the op's docstring), on CPU: where a row's squared deviations
+    sum past 3.4e38 (here about 1e39), PyTorch's layer_norm, the reference backend, returns `shift`; just
+    below (about 1e38) it is accurate. The Triton kernels match float64 on both sides."""
+    x, shift, scale = torch.randn(2, 3, 1152), torch.randn(2, 1152), torch.randn(2, 1152)
+    for std, overflows in ((3e17, False), (1e18, True)):
+        expected = reference.modulate_layer_norm(x.double() * std, shift.double(), scale.double())
+        for backend in ("reference", "triton"):
+            with ops.use_backend(backend):
+                out = ops.modulate_layer_norm(x * std, shift, scale)
+            if backend == "reference" and overflows:
+                assert torch.equal(out, shift[:, None].expand_as(out)), "PyTorch's layer_norm no longer overflows: update the docs"
+            else:
+                torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
 @triton.jit
 def _offsets_kernel(I, STRIDE_I, J, STRIDE_J, OUT):
     tl.store(OUT, offset64(tl.load(I), tl.load(STRIDE_I), tl.load(J), tl.load(STRIDE_J)))
