@@ -90,9 +90,9 @@ def test_triton_packed_qkv_matches_reference(deterministic, device):
         ops.attention_packed(qkv[:, :, :2])
 
 
-# Logits that put a row's base-2 log-sum-exp below -log2 of the dtype's largest value (the
-# backward computes P in float32 and rounds it, and dS, to the input dtype): near -100 in float32 and
-# bfloat16, -30 in float16. The forward never meets them unscaled; the backward recomputes P from lse.
+# Logits that put a row's base-2 log-sum-exp below -log2 of the largest value P is held in: the
+# backward computes P in float32 and rounds it (and dS) to the input dtype, so lse2 < -128 in float32
+# and bfloat16 (logits below about -89), lse2 < -16 in float16 (about -11); with margin:
 EXTREME_LOGIT = {torch.float32: -110.0, torch.float16: -30.0, torch.bfloat16: -110.0}
 
 
