@@ -138,6 +138,30 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+def fid_from_features(feats, mu, sigma):
+    """The Frechet distance between features (N, D) and N(mu, sigma); the same as
+    frechet_distance(*statistics(feats), mu, sigma).
+
+    With N <= D (few samples: FID in the loop, tests) it avoids the D x D eigendecompositions:
+    S^(1/2) sigma S^(1/2), with S = Xc^T Xc / (N - 1) of the centred features Xc, has the same
+    nonzero eigenvalues as the N x N matrix Xc sigma Xc^T / (N - 1).
+    """
+    feats = np.asarray(feats, dtype=np.float64)
+    n, d = feats.shape
+    if n < 2:
+        raise UsageError(f"FID needs at least 2 feature vectors, got {n}")
+    if n > d:
+        return frechet_distance(*statistics(feats), mu, sigma)
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise UsageError(f"statistics of different shapes: features of dimension {d}, mu {mu.shape}, sigma {sigma.shape}")
+    mean = feats.mean(0)
+    xc = feats - mean  # (N, D)
+    gram = xc @ sigma @ xc.T / (n - 1)  # (N, N)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((gram + gram.T) / 2), 0, None)).sum()
+    return float(np.sum((mean - mu) ** 2) + np.sum(xc**2) / (n - 1) + np.trace(sigma) - 2 * tr_covmean)
+
+
 def inception_score(logits, split_size=IS_SPLIT):
     """ADM's (and improved-GAN's) Inception Score: exp(mean KL(p(y|x) || p(y))) per split of `split_size`, averaged."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
@@ -304,7 +328,7 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
         if metric in metrics:
             key = FEATURE_OF[metric]
             ref_stats = reference.stats[key] if key in reference.stats else statistics(theirs[key])
-            out[metric] = frechet_distance(*statistics(mine[key]), *ref_stats)
+            out[metric] = fid_from_features(mine[key], *ref_stats)
     if "is" in metrics:
         out["is"] = inception_score(mine["logits"])
     if pr:
@@ -357,29 +381,11 @@ def run(args):
 #################################################################################
 
 
-class FeatureMoments:
-    """Running count, sum and sum of outer products of features: all-reduced over ranks into mean and covariance."""
-
-    def __init__(self, dim, device):
-        self.n = torch.zeros((), dtype=torch.float64, device=device)
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-
-    def add(self, feats):
-        f = feats.to(self.sum.device, torch.float64)  # (B, D)
-        self.n += len(f)
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-
-    def statistics(self, dist):
-        """(mean, covariance) over every rank's features (a collective call)."""
-        packed = torch.cat([self.n.view(1), self.sum, self.outer.view(-1)])
-        packed = dist.all_reduce_sum(packed)
-        n, d = packed[0].item(), len(self.sum)
-        total, outer = packed[1 : 1 + d], packed[1 + d :].view(d, d)
-        mu = total / n
-        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+def gather_rows(rows, total, dist, device):
+    """Rank r's rows (r, r + world, r + 2 world, ... of `total`) -> all `total` rows on every rank (a collective)."""
+    full = torch.zeros(total, rows.shape[1], dtype=torch.float32, device=device)
+    full[dist.rank :: dist.world_size] = rows.to(device, torch.float32)
+    return dist.all_reduce_sum(full).cpu().numpy()
 
 
 class FidMonitor:
@@ -400,10 +406,8 @@ class FidMonitor:
             self.ref_stats = reference.stats["pool"]
         else:
             mine = reference.images[dist.rank :: dist.world_size]  # each rank a share of the reference
-            moments = FeatureMoments(2048, device)
-            for lo in range(0, len(mine), batch_size):
-                moments.add(self._pool(mine[lo : lo + batch_size]))
-            self.ref_stats = moments.statistics(dist)
+            feats = [self._pool(mine[lo : lo + batch_size]) for lo in range(0, len(mine), batch_size)]
+            self.ref_stats = statistics(gather_rows(torch.cat(feats), len(reference.images), dist, device))
 
     def _pool(self, images):
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
@@ -414,18 +418,18 @@ class FidMonitor:
         d = self.dist
         per_rank = -(-self.num_samples // d.world_size)
         mine = len(range(d.rank, self.num_samples, d.world_size))  # every rank samples per_rank, keeps `mine`
-        moments = FeatureMoments(2048, self.device)
+        feats = []
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(self.seed * 1_000_003 + d.rank)
             for lo in range(0, per_rank, self.batch):
                 n = min(self.batch, per_rank - lo)
                 labels = torch.randint(0, num_classes, (n,), device=self.device)
-                images = to_uint8(sample(labels))  # (n, H, W, C)
-                keep = images[: max(0, min(n, mine - lo))]
-                if len(keep):
-                    moments.add(self._pool(np.repeat(keep, 3, axis=-1) if keep.shape[-1] == 1 else keep))
-        return frechet_distance(*moments.statistics(d), *self.ref_stats)
+                images = to_uint8(sample(labels))[: max(0, mine - lo)]  # (<= n, H, W, C)
+                if len(images):
+                    feats.append(self._pool(np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images))
+        feats = torch.cat(feats) if feats else torch.zeros(0, 2048)
+        return fid_from_features(gather_rows(feats, self.num_samples, d, self.device), *self.ref_stats)
 
 
 def add_train_arguments(p):
