@@ -105,8 +105,8 @@ def to_8bit(img, channels):
     return img.convert("RGB" if channels == 3 else "L")
 
 
-def read_image(path, image_size, channels):
-    """An image file -> (C, S, S) float32 in [-1, 1]: any PIL mode (to_8bit), ADM center crop.
+def read_uint8(path, image_size, channels):
+    """An image file -> uint8 (S, S, 3) or (S, S): any PIL mode (to_8bit), ADM center crop.
 
     Raises UnreadableImage naming the file for anything Pillow cannot decode (also a truncated file).
     """
@@ -114,10 +114,14 @@ def read_image(path, image_size, channels):
 
     try:
         with Image.open(path) as img:
-            arr = center_crop_arr(to_8bit(img, channels), image_size)
+            return center_crop_arr(to_8bit(img, channels), image_size)
     except Exception as e:  # an untrusted file fails in any decoder, with any error type
         raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
-    x = torch.from_numpy(np.array(arr, dtype=np.float32)).div(127.5).sub(1.0)  # (S, S[, 3]) in [-1, 1]
+
+
+def read_image(path, image_size, channels):
+    """An image file -> (C, S, S) float32 in [-1, 1] (read_uint8, then DiT's normalisation)."""
+    x = torch.from_numpy(np.array(read_uint8(path, image_size, channels), dtype=np.float32)).div(127.5).sub(1.0)
     return x.permute(2, 0, 1) if x.dim() == 3 else x.unsqueeze(0)  # (C, S, S)
 
 

@@ -29,7 +29,6 @@ SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]
 IS_SPLIT = 5000  # ADM's split size for the Inception Score
 PR_NEIGHBOURS = 3  # ADM's k for the precision / recall manifolds
 METRICS = ("fid", "sfid", "is", "precision", "recall")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 #################################################################################
@@ -243,25 +242,21 @@ def load_npz_images(path, what="samples"):
 
 
 def load_folder_images(path, image_size):
-    """Every image under a folder (any depth), RGB, ADM center-cropped to image_size -> uint8 (N, S, S, 3).
+    """Every image under a folder (any depth, any PIL mode), RGB, ADM center-cropped to image_size -> uint8
+    (N, S, S, 3). Unreadable files are skipped with a warning naming each."""
+    from .data import IMAGE_EXTENSIONS, UnreadableImage, read_uint8, warn_unreadable
 
-    Unreadable files are skipped with a warning naming each."""
-    from PIL import Image
-
-    from .data import UnreadableImage, center_crop_arr, to_8bit, warn_unreadable
-
-    files = sorted(f for f in Path(path).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    files = sorted(f for f in Path(path).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
     images, skipped = [], 0
     for f in files:
         try:
-            with Image.open(f) as img:
-                images.append(center_crop_arr(to_8bit(img, 3), image_size))
-        except Exception as e:  # an untrusted file fails in any decoder, with any error type
+            images.append(read_uint8(f, image_size, 3))
+        except UnreadableImage as e:
             skipped += 1
-            warn_unreadable(UnreadableImage(f"{f}: {type(e).__name__}: {e}"), skipped)
+            warn_unreadable(e, skipped)
     if len(images) < 2:
         raise UsageError(f"reference folder {path}: {len(images)} readable image(s) (extensions "
-                         f"{', '.join(IMAGE_SUFFIXES)}); FID needs at least 2")
+                         f"{', '.join(IMAGE_EXTENSIONS)}); FID needs at least 2")
     return np.stack(images)
 
 

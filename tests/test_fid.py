@@ -141,8 +141,7 @@ def test_the_adm_reference_batch_reader(tmp_path):
     assert stats_only.images is None and set(stats_only.stats) == {"pool"}
 
 
-@pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory):
+def random_inception_weights(path):
     """Random Inception-V3 weights in torch-fidelity's layout (He-normal convolutions keep activations O(1))."""
     cls = fid.inception_class()
     module = __import__(cls.__module__, fromlist=["_"])
@@ -153,9 +152,13 @@ def inception_weights(tmp_path_factory):
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pt"
     torch.save(net.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pt")
 
 
 @pytest.fixture

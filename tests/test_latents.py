@@ -1,21 +1,27 @@
 """The SD-VAE path through diffusers' AutoencoderKL (a tiny one with random weights, saved with save_pretrained):
 hub names offline, `fastdit latents` of an image folder (manifest, ADM crop, flips, chunks, resume after a crash,
-shards), `fastdit train --latents DIR`, and sampling that decodes with the same VAE."""
+shards), and README's ImageNet recipe (latents -> train --latents with FID in the loop -> sample-ddp -> fid) at toy
+size, whose sampling decodes with the same VAE."""
 import json
+import math
+import shlex
 import shutil
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fastdit import latents, train, vae
+from fastdit import fid, latents, vae
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 from fastdit.data import read_image
 
 from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
 from _vae_helpers import rgb_folder, save_tiny_sd_vae, sd_vae  # noqa: F401 (fixtures)
+from test_fid import needs_inception, random_inception_weights
 from test_vae import offline_hub
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -138,31 +144,92 @@ def test_latents_skip_unreadable_images_and_list_them(sd_vae, rgb_folder, tmp_pa
     assert labels == [0, 0, 0, 0, 1, 1, 1]
 
 
-def test_train_on_latents_then_sample_decodes_with_the_same_vae(encoded, sd_vae, tmp_path, capsys):
-    """README's recipe at toy size: train --latents DIR, sample (PNG grid) and sample-ddp (.npz of decoded RGB)."""
-    run = train.main(["--latents", str(encoded), "--model", "DiT-Tiny/2", "--steps", "2", "--global-batch-size", "4",
-                      "--sample-steps", "2", "--out", str(tmp_path / "run")])
-    stored = torch.load(run.checkpoint, weights_only=True)
-    manifest = json.loads((encoded / "manifest.json").read_text())
-    assert stored["vae"] == manifest["vae"] and stored["model_config"]["input_size"] == [8, 8]
-    assert stored["model_config"]["in_channels"] == 4 and all(v is not None for v in run.losses)
-    npz = tmp_path / "samples.npz"
-    assert cli(["sample-ddp", "--ckpt", run.checkpoint, "--num-samples", "3", "--per-proc-batch-size", "3",
-                "--steps", "2", "--out", str(npz)]) == 0
-    arr = np.load(npz)["arr_0"]
-    assert arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8  # decoded 16x16 RGB, not 8x8 latents
-    png = tmp_path / "grid.png"
-    assert cli(["sample", "--ckpt", run.checkpoint, "--steps", "2", "--per-class", "1", "--vae", sd_vae,
-                "--out", str(png)]) == 0
-    assert Image.open(png).mode == "RGB"
+ROOT = Path(__file__).resolve().parent.parent
 
+
+def readme_imagenet_commands():
+    """The commands of README's ImageNet recipe, as argv lists for `fastdit` (torchrun's launcher dropped)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### ImageNet", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.strip().splitlines():
+        argv = shlex.split(line)
+        if argv[0] == "torchrun":
+            argv = argv[argv.index("fastdit.cli") + 1 :]
+        else:
+            assert argv[0] == "fastdit", line
+            argv = argv[1:]
+        commands.append(argv)
+    return commands
+
+
+def toy(argv, values, extra):
+    """argv with its option values swapped for toy ones (values: {option: toy value}) and `extra` options added."""
+    out = list(argv)
+    for i, a in enumerate(out[:-1]):
+        if a in values:
+            out[i + 1] = values[a]
+    return out + extra.get(out[0], [])
+
+
+@pytest.fixture(scope="module")
+def recipe(sd_vae, rgb_folder, tmp_path_factory):
+    """README's ImageNet recipe run at toy size in a fresh folder: latents -> train (FID in the loop) -> sample-ddp -> fid."""
+    import os
+
+    work = tmp_path_factory.mktemp("recipe")
+    weights = random_inception_weights(work / "inception.pt")
+    rng = np.random.default_rng(0)
+    # ADM's reference-batch format: images and pool_3 / spatial statistics (63-d spatial: Inception at 75x75 here)
+    np.savez(work / "VIRTUAL_imagenet256_labeled.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8),
+             mu=np.zeros(2048), sigma=np.eye(2048) * 1e-2, mu_s=np.zeros(63), sigma_s=np.eye(63) * 1e-2)
+    values = {"--vae": sd_vae, "--data": str(rgb_folder), "--image-size": "16", "--batch-size": "2",
+              "--num-workers": "0", "--model": "DiT-Tiny/2", "--fid-every": "2", "--fid-samples": "4",
+              "--num-samples": "4", "--ckpt": "runs/in256-xl2/checkpoints/0000002.pt"}
+    extra = {"latents": ["--chunk-size", "3"], "train": ["--steps", "2", "--global-batch-size", "4", "--sample-steps", "2"],
+             "sample-ddp": ["--steps", "2", "--per-proc-batch-size", "4"]}
+    commands = [toy(argv, values, extra) for argv in readme_imagenet_commands()]
+    assert [c[0] for c in commands] == ["latents", "train", "sample-ddp", "fid"]
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        with mock.patch.dict(os.environ, {fid.INCEPTION_ENV: weights}), \
+                mock.patch.object(fid.inception_class(), "INPUT_IMAGE_SIZE", 75):
+            for argv in commands:
+                assert cli(argv) == 0, argv
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+@needs_inception
+def test_readme_imagenet_recipe_at_toy_size(recipe):
+    manifest = json.loads((recipe / "latents" / "in256" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["count"] == 7 and manifest["precision"] == "bf16"
+    ckpt = torch.load(recipe / "runs" / "in256-xl2" / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ckpt["vae"] == manifest["vae"] and ckpt["model_config"]["input_size"] == [8, 8]
+    assert ckpt["model_config"]["in_channels"] == 4 and ckpt["args"]["precision"] == "bf16"
+    fids = [json.loads(line) for line in open(recipe / "runs" / "in256-xl2" / "metrics.jsonl")]
+    assert [r["step"] for r in fids if r.get("event") == "fid"] == [2]
+    arr = np.load(recipe / "samples" / "in256-xl2.npz")["arr_0"]
+    assert arr.shape == (4, 16, 16, 3) and arr.dtype == np.uint8  # decoded 16x16 RGB, not 8x8 latents
+    results = json.loads((recipe / "samples" / "in256-xl2-fid.json").read_text())
+    assert all(math.isfinite(results[m]) for m in fid.METRICS) and results["num_samples"] == 4
+
+
+@needs_inception
+def test_sampling_decodes_with_the_vae_of_the_latents_only(recipe, encoded, sd_vae, tmp_path, capsys):
+    ckpt = str(recipe / "runs" / "in256-xl2" / "checkpoints" / "0000002.pt")
+    png = tmp_path / "grid.png"
+    assert cli(["sample", "--ckpt", ckpt, "--steps", "2", "--per-class", "1", "--vae", sd_vae, "--out", str(png)]) == 0
+    assert Image.open(png).mode == "RGB"  # a local copy of the same VAE decodes
     # Errors: a latent shape the model does not take, and another VAE than the latents were encoded with.
     other = save_tiny_sd_vae(tmp_path / "other-vae", seed=1)
     capsys.readouterr()
     for argv, message in [
         (["train", "--latents", str(encoded), "--image-size", "32"], "--image-size 32: "),
         (["train", "--latents", str(encoded), "--vae", other, "--steps", "1"], "VAE mismatch: the latents were encoded"),
-        (["sample", "--ckpt", run.checkpoint, "--vae", other, "--out", str(png)], "VAE mismatch"),
+        (["sample", "--ckpt", ckpt, "--vae", other, "--out", str(png)], "VAE mismatch"),
         (["train", "--latents", str(encoded / "manifest.json")], "is a file, not a folder"),
     ]:
         assert cli(argv) == 2, argv
