@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._dist import pick_device
 from ._util import UsageError, load_plain, to_uint8
 
 INCEPTION_ENV = "FASTDIT_INCEPTION_WEIGHTS"
@@ -68,8 +69,6 @@ class Inception(torch.nn.Module):
             load_plain(weights, "--inception-weights")  # refuses pickled objects before torch-fidelity's own torch.load
         try:
             self.net = cls("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights)
-        except UsageError:
-            raise
         except Exception as e:  # a failed download (offline), or a file whose weights do not fit
             raise UsageError(
                 f"Inception-V3 weights: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Offline, give "
@@ -86,14 +85,6 @@ class Inception(torch.nn.Module):
     def forward(self, images):
         pool, logits = self.net(images)
         return dict(pool=pool, logits=logits, spatial=self._spatial)
-
-
-def pick_device(device):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but this torch has no CUDA device")
-    return torch.device(device)
 
 
 def features(images, net, batch_size, device, keys=("pool", "logits", "spatial"), progress=False, desc="inception"):
@@ -358,7 +349,7 @@ def run(args):
     if not Path(args.samples).is_file():
         raise UsageError(f"samples {args.samples!r} is not a file (give the .npz `fastdit sample-ddp` wrote)")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    device = pick_device(args.device)
+    device = pick_device(args.device, 0)
     samples = load_npz_images(args.samples)
     reference = Reference(args.ref, image_size=samples.shape[1])
     net = Inception(args.inception_weights).to(device)
