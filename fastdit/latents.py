@@ -216,9 +216,15 @@ def make_latents(args):
         flips = args.flips if args.flips != "auto" else ("both" if dataset.flip else "none")
         settings = plan(dataset, codec, args, flips)
         out = Path(args.out)
+        refused = None
         if dist.is_main:
-            _start(out, settings)
-        dist.barrier()
+            try:
+                _start(out, settings)
+            except UsageError as e:
+                refused = str(e)
+        refused = dist.broadcast_object(refused)  # every rank stops, none waits for the others
+        if refused:
+            raise UsageError(refused)
         t0 = time.time()
         encode_chunks(dataset, codec, out, settings, dist.rank, dist.world_size, args.batch_size, args.num_workers)
         dist.barrier()
