@@ -5,6 +5,7 @@ Bad input ends with one line on stderr and exit code 2; a training run that cann
 (NaN/Inf losses) with exit code 1.
 """
 import argparse
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def build_parser():
         ("vae", "train the small VAE on the digits or an image folder", vae.add_arguments, vae.train_vae, vae.__doc__),
     ]
     for name, help, add, func, doc in commands:
-        sp = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(name, help=help, description=inspect.cleandoc(doc or ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         add(sp)
         sp.set_defaults(func=func)
     sub.add_parser("bench", help="run the benchmarks (python -m benchmarks ARGS; needs a source checkout)")
