@@ -1,10 +1,11 @@
-"""The `fastdit` command: train, sample, sample-ddp, latents, vae, bench.
+"""The `fastdit` command: train, sample, sample-ddp, latents, fid, vae, bench.
 
 Multi-GPU / multi-node: torchrun --nproc_per_node=8 -m fastdit.cli train --data DIR ...
 Bad input ends with one line on stderr and exit code 2; a training run that cannot go on
 (NaN/Inf losses) with exit code 1.
 """
 import argparse
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,12 @@ fastdit: DiT training and sampling on fused kernels.
   fastdit train          the main job: a small DiT trained in pixel space on the embedded
                          handwritten digits (scikit-learn, 8x8, 10 classes; no download), a few
                          minutes on a CPU -> runs/digits-.../ with a checkpoint, samples.png, loss.png
-  fastdit train --data DIR [--vae VAE] | --latents FILE   your data (DiT's defaults: DiT-XL/2, ...)
+  fastdit train --data DIR [--vae VAE] | --latents DIR    your data (DiT's defaults: DiT-XL/2, ...)
   fastdit sample --ckpt CKPT                              a PNG grid of samples
   fastdit sample-ddp --ckpt CKPT --out samples.npz        sharded sampling into an ADM .npz (FID tools)
   fastdit vae                                             train the small VAE on the digits
-  fastdit latents --vae VAE --out latents.pt              encode a dataset once
+  fastdit latents --vae VAE --out DIR                     encode a dataset once (chunked, resumable)
+  fastdit fid SAMPLES.npz REF                             FID, sFID, IS, precision/recall of samples
   fastdit bench ...                                       the benchmarks (source checkout)
 
 Under torchrun every command that samples or trains runs one process per device."""
@@ -34,21 +36,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    from . import data, sample, train, vae
+    from . import fid, latents, sample, train, vae
 
     p = _Parser(prog="fastdit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,sample-ddp,latents,vae,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,sample-ddp,latents,fid,vae,bench}")
     commands = [
         ("train", "train a DiT (no arguments: the digits main job)", train.add_arguments, train.run, train.__doc__),
         ("sample", "sample a PNG grid from a checkpoint", sample.add_arguments, sample.sample, sample.__doc__),
         ("sample-ddp", "sample many images (torchrun-sharded) into an ADM .npz", sample.add_ddp_arguments,
          sample.sample_ddp, sample.__doc__),
-        ("latents", "encode a dataset into a latents file", data.add_latents_arguments, data.make_latents,
-         data.encode_latents.__doc__),
+        ("latents", "encode a dataset into a folder of latents", latents.add_arguments, latents.make_latents,
+         latents.make_latents.__doc__),
+        ("fid", "FID (and sFID, IS, precision, recall) of a sample .npz against a reference", fid.add_arguments,
+         fid.run, fid.run.__doc__),
         ("vae", "train the small VAE on the digits or an image folder", vae.add_arguments, vae.train_vae, vae.__doc__),
     ]
     for name, help, add, func, doc in commands:
-        sp = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(name, help=help, description=inspect.cleandoc(doc or ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         add(sp)
         sp.set_defaults(func=func)
     sub.add_parser("bench", help="run the benchmarks (python -m benchmarks ARGS; needs a source checkout)")

@@ -1,28 +1,26 @@
-"""Training data: the embedded digits, an image folder, precomputed latents, and a resumable sharded sampler.
+"""Training data: the embedded digits, an image folder, and a resumable sharded sampler.
 
 Every dataset item is addressed as (index, flip): the sampler draws the horizontal flips from
 its seeded per-epoch generator, so what a batch holds depends only on (seed, epoch, batch
 position) — never on worker processes or on where a run was resumed.
 """
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._util import UsageError, atomic_save, load_plain
+from ._util import UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-LATENTS_FORMAT = "fastdit-latents"
 
 
 class TensorImages(torch.utils.data.Dataset):
-    """Images (or latents) held in memory: (N, C, S, S) floats and (N,) labels."""
+    """Images held in memory: (N, C, S, S) floats and (N,) labels."""
 
-    def __init__(self, images, labels, num_classes, name, flipped=None):
+    def __init__(self, images, labels, num_classes, name):
         self.images, self.labels, self.num_classes, self.name = images, labels, num_classes, name
-        self.flipped = flipped  # precomputed flipped versions (latents), or None: flip on the fly
         self.channels, self.image_size = images.shape[1], images.shape[-1]
 
     def __len__(self):
@@ -30,9 +28,10 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, flip = item
-        if not flip:
-            return self.images[i], self.labels[i]
-        return (self.flipped[i] if self.flipped is not None else self.images[i].flip(-1)), self.labels[i]
+        return (self.images[i].flip(-1) if flip else self.images[i]), self.labels[i]
+
+    def load(self, i):
+        return self.images[i], int(self.labels[i])
 
     def all_images(self):
         return self.images
@@ -58,6 +57,7 @@ class DigitsDataset(TensorImages):
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                               antialias=image_size < 8).clamp(-1, 1)
         super().__init__(x, torch.from_numpy(digits.target).long(), 10, "digits")
+        self.classes = [str(d) for d in range(10)]
 
     def describe(self):
         return dict(kind="digits", image_size=self.image_size, channels=1, size=len(self))
@@ -76,70 +76,137 @@ def center_crop_arr(pil_image, image_size):
     return arr[top : top + image_size, left : left + image_size]
 
 
+class UnreadableImage(UsageError):
+    """An image file that cannot be decoded (the message names the file and the reason)."""
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray (PNG, TIFF, PGM): 0..65535
+
+
+def to_8bit(img, channels):
+    """A PIL image of any mode -> 8-bit 'RGB' (channels 3) or 'L' (channels 1), as a viewer shows it.
+
+    16-bit gray (I;16*, and I, which 16-bit PNGs open as in older Pillow) is scaled 65535 -> 255
+    (a plain convert clips it to white); float gray (F) is read as 0..1; transparency (RGBA, LA,
+    PA, premultiplied RGBa/La, a palette or a colour key with transparency) is composited over
+    white; P, 1, CMYK, YCbCr, LAB, HSV go through Pillow's own conversions.
+    """
+    from PIL import Image
+
+    if img.mode in SIXTEEN_BIT_MODES:
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "La":  # premultiplied: Pillow converts it to LA only
+        img = img.convert("LA")
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB" if channels == 3 else "L")
+
+
+def read_uint8(path, image_size, channels):
+    """An image file -> uint8 (S, S, 3) or (S, S): any PIL mode (to_8bit), ADM center crop.
+
+    Raises UnreadableImage naming the file for anything Pillow cannot decode (also a truncated file).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return center_crop_arr(to_8bit(img, channels), image_size)
+    except Exception as e:  # an untrusted file fails in any decoder, with any error type
+        raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def read_image(path, image_size, channels):
+    """An image file -> (C, S, S) float32 in [-1, 1] (read_uint8, then DiT's normalisation)."""
+    x = torch.from_numpy(np.array(read_uint8(path, image_size, channels), dtype=np.float32)).div(127.5).sub(1.0)
+    return x.permute(2, 0, 1) if x.dim() == 3 else x.unsqueeze(0)  # (C, S, S)
+
+
+def warn_unreadable(error, skipped):
+    """One line on stderr about a skipped image, with the count of those skipped so far (by this process)."""
+    print(f"fastdit: warning: skipped an unreadable image ({skipped} so far): {error}", file=sys.stderr, flush=True)
+
+
+def list_image_folder(root):
+    """root/<class>/<images, any depth> -> (sorted class names, [(path, label)]); clear errors for empty ones."""
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"data path {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise UsageError(f"data path {str(root)!r} is not a folder (expected <folder>/<class>/<image>)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UsageError(f"data path {str(root)!r} holds no class sub-folders (expected {root}/<class>/<image>.png; "
+                         f"extensions {', '.join(IMAGE_EXTENSIONS)})")
+    files = []
+    for label, cls in enumerate(classes):
+        found = [(str(f), label) for f in sorted((root / cls).rglob("*"))
+                 if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        if not found:
+            raise UsageError(f"class folder {str(root / cls)!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}): "
+                             f"remove it or add its images")
+        files += found
+    return classes, files
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """root/<class>/<image>: classes are the sorted sub-folder names; center crop to image_size, flips.
 
-    Images are decoded when read (use --num-workers for parallel decoding).
+    Images are decoded when read (use --num-workers for parallel decoding). An unreadable image
+    never stops a run: training reads the next readable one in its place (load() raises instead),
+    with a warning naming the file.
     """
 
     def __init__(self, root, image_size, channels=3, flip=True):
-        root = Path(root)
-        if not root.exists():
-            raise UsageError(f"data path {str(root)!r} does not exist")
-        if not root.is_dir():
-            raise UsageError(f"data path {str(root)!r} is not a folder (expected <folder>/<class>/<image>)")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        self.files = [
-            (str(f), label)
-            for label, cls in enumerate(self.classes)
-            for f in sorted((root / cls).rglob("*"))
-            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-        ]
-        if not self.files:
-            raise UsageError(
-                f"data path {str(root)!r} holds no images in class sub-folders (expected {root}/<class>/<image>.png; "
-                f"extensions {', '.join(IMAGE_EXTENSIONS)})"
-            )
-        self.root, self.image_size, self.channels, self.flip = root, image_size, channels, flip
-        self.num_classes, self.name = len(self.classes), root.name or "images"
+        self.classes, self.files = list_image_folder(root)
+        self.root, self.image_size, self.channels, self.flip = Path(root), image_size, channels, flip
+        self.num_classes, self.name = len(self.classes), self.root.name or "images"
+        self.unreadable = set()  # indices found unreadable by this process
 
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, item):
-        from PIL import Image
-
-        i, flip = item
+    def load(self, i):
+        """(image (C, S, S) in [-1, 1], label); raises UnreadableImage."""
         path, label = self.files[i]
-        with Image.open(path) as img:
-            arr = center_crop_arr(img.convert("RGB" if self.channels == 3 else "L"), self.image_size)
-        x = torch.from_numpy(np.array(arr, dtype=np.float32)).div(127.5).sub(1.0)  # (S, S[, 3]) in [-1, 1]
-        x = x.permute(2, 0, 1) if x.dim() == 3 else x.unsqueeze(0)  # (C, S, S)
-        return (x.flip(-1) if flip else x), label
+        return read_image(path, self.image_size, self.channels), label
+
+    def __getitem__(self, item):
+        i, flip = item
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            if j in self.unreadable:
+                continue
+            try:
+                x, label = self.load(j)
+            except UnreadableImage as e:
+                self.unreadable.add(j)
+                warn_unreadable(f"{e}; reading the next image in its place", len(self.unreadable))
+                continue
+            return (x.flip(-1) if flip else x), label
+        raise UsageError(f"no image under {str(self.root)!r} is readable")
+
+    def readable(self):
+        """[(index, image, label)] of every readable image; each unreadable one is skipped with a warning."""
+        out = []
+        for i in range(len(self)):
+            try:
+                out.append((i, *self.load(i)))
+            except UnreadableImage as e:
+                self.unreadable.add(i)
+                warn_unreadable(e, len(self.unreadable))
+        if not out:
+            raise UsageError(f"no image under {str(self.root)!r} is readable")
+        return out
 
     def all_images(self):
-        return torch.stack([self[(i, False)][0] for i in range(len(self))])
+        return torch.stack([x for _, x, _ in self.readable()])
 
     def describe(self):
         return dict(kind="image-folder", path=str(self.root.resolve()), image_size=self.image_size,
                     channels=self.channels, size=len(self), classes=self.classes)
-
-
-class LatentsDataset(TensorImages):
-    """A latents file written by `fastdit latents`: scaled latents, labels and how they were made."""
-
-    def __init__(self, path):
-        obj = load_plain(path, "latents file")
-        if not isinstance(obj, dict) or obj.get("format") != LATENTS_FORMAT:
-            raise UsageError(f"{path} is not a latents file written by `fastdit latents`")
-        self.meta = obj["meta"]
-        super().__init__(obj["latents"], obj["labels"], self.meta["num_classes"], f"latents-{Path(path).stem}",
-                         flipped=obj.get("flipped"))
-        self.flip = self.flipped is not None  # flips only where flipped latents were encoded
-        self.path = str(Path(path).resolve())
-
-    def describe(self):
-        return dict(kind="latents", path=self.path, size=len(self), **self.meta)
 
 
 def build_dataset(data, image_size, channels=None, flip=None):
@@ -193,70 +260,3 @@ def make_loader(dataset, batches, num_workers, pin_memory, seed):
         dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
     )
-
-
-#################################################################################
-#                    fastdit latents: encode a dataset once                     #
-#################################################################################
-
-
-def add_latents_arguments(parser):
-    parser.add_argument("--vae", required=True, help="fastdit VAE checkpoint (`fastdit vae`) or local diffusers AutoencoderKL folder")
-    parser.add_argument("--data", help="image folder (class per sub-folder); default: the embedded digits")
-    parser.add_argument("--image-size", type=int, help="image size to encode (default: the VAE's training size for the digits, else 256)")
-    parser.add_argument("--latent", choices=["mean", "sample"], default="mean",
-                        help="store the posterior mean, or one sample per image (default mean)")
-    parser.add_argument("--flips", choices=["auto", "both", "none"], default="auto",
-                        help="both: also encode every image mirrored, training then picks one at random; "
-                             "none: no flips; auto: both for folders, none for the digits")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="seed of --latent sample")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", required=True, help="latents file to write (.pt)")
-
-
-@torch.no_grad()
-def encode_latents(dataset, codec, out, batch_size=64, latent="mean", flips="none", seed=0):
-    """Encode every image of `dataset` once (and, with flips='both', its mirror image) into a latents file.
-
-    The file holds scaled latents (what the DiT trains on), labels, and meta: the VAE (kind,
-    path, config, scale factor), latent='mean'|'sample', the flip policy and the source data.
-    """
-    if flips not in ("both", "none"):
-        raise UsageError(f"flips must be 'both' or 'none', got {flips!r}")
-    torch.manual_seed(seed)
-    lat, lat_flipped, labels = [], [], []
-    for lo in range(0, len(dataset), batch_size):
-        items = [dataset[(i, False)] for i in range(lo, min(lo + batch_size, len(dataset)))]
-        x = torch.stack([x for x, _ in items])
-        lat.append(codec.encode(x, sample=latent == "sample").float().cpu())
-        if flips == "both":
-            lat_flipped.append(codec.encode(x.flip(-1), sample=latent == "sample").float().cpu())
-        labels += [int(y) for _, y in items]
-    latents = torch.cat(lat)
-    meta = dict(vae=codec.describe(), scale_factor=codec.scale_factor, latent=latent, flip_policy=flips,
-                seed=seed, scaled=True, num_classes=dataset.num_classes, image_size=dataset.image_size,
-                image_channels=dataset.channels, latent_shape=list(latents.shape[1:]), data=dataset.describe())
-    atomic_save(dict(format=LATENTS_FORMAT, latents=latents, flipped=torch.cat(lat_flipped) if lat_flipped else None,
-                     labels=torch.tensor(labels, dtype=torch.long), meta=meta), out)
-    return meta
-
-
-def make_latents(args):
-    from ._dist import pick_device
-    from .vae import load_vae
-
-    codec = load_vae(args.vae, pick_device(args.device, 0))
-    trained = codec.trained_on or {}
-    # Default size: the digits at the size the VAE was trained on; DiT's 256 for a folder.
-    image_size = args.image_size or (trained.get("image_size", 8) if args.data is None else 256)
-    dataset = build_dataset(args.data, image_size, channels=codec.image_channels)
-    if image_size % codec.factor:
-        raise UsageError(f"--image-size {image_size} must be divisible by the VAE's downsampling factor {codec.factor}")
-    flips = args.flips if args.flips != "auto" else ("both" if dataset.flip else "none")
-    t0 = time.time()
-    meta = encode_latents(dataset, codec, args.out, args.batch_size, args.latent, flips, args.seed)
-    print(f"encoded {len(dataset)} images{' (and their mirror images)' if flips == 'both' else ''} into latents "
-          f"{tuple(meta['latent_shape'])} in {time.time() - t0:.1f}s -> {args.out} (scale factor {codec.scale_factor:.5f})")
-    return meta
-

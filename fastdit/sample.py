@@ -18,6 +18,7 @@ from ._dist import init_distributed
 from ._registry import build_model, model_from_config
 from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_write, load_plain, save_grid, to_uint8
 from .checkpoint import CheckpointError, extract_state_dict
+from .vae import load_vae, load_vae_record
 
 DIT_SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py's ImageNet classes
 
@@ -159,18 +160,21 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
             raise UsageError(f"--image-size {image_size} must be divisible by 8 (official DiT models sample SD-VAE latents)")
         net, _ = build_model(model, input_size=image_size // 8, num_classes=num_classes)
         if vae is None:
-            raise UsageError("official DiT checkpoints generate SD-VAE latents: give --vae, a local folder with diffusers "
-                             "AutoencoderKL weights (e.g. stabilityai/sd-vae-ft-ema, downloaded beforehand)")
+            raise UsageError("official DiT checkpoints generate SD-VAE latents: give --vae ema (or mse, as DiT's "
+                             "sample.py), or a local folder with those diffusers AutoencoderKL weights")
     try:
         sd = extract_state_dict(obj, key=weights if ours else None, source=str(ckpt))
         net.load_state_dict(sd, strict=True)
     except (CheckpointError, RuntimeError) as e:
         raise UsageError(f"--ckpt {ckpt}: the weights do not fit the model ({str(e).splitlines()[0]})") from e
     codec = None
-    if vae is not None or record is not None:
-        from .vae import load_vae
-
-        codec = load_vae(vae or record["path"], device)
+    if record is not None:  # the VAE the model was trained with (or `vae`, a copy with the same weights)
+        codec = load_vae_record(record, device, name=vae)
+    elif vae is not None:
+        codec = load_vae(vae, device)
+        if codec.latent_channels != net.in_channels:
+            raise UsageError(f"--vae {vae} makes {codec.latent_channels}-channel latents, but the model takes "
+                             f"{net.in_channels} channels")
     return net.to(device).eval(), codec
 
 
@@ -179,8 +183,9 @@ def add_common_arguments(p):
     p.add_argument("--model", help="for official checkpoints: the DiT config name, e.g. DiT-XL/2")
     p.add_argument("--image-size", type=int, help="for official checkpoints: 256 or 512")
     p.add_argument("--num-classes", type=int, default=1000, help="for official checkpoints (default 1000)")
-    p.add_argument("--vae", help="VAE for latent models: fastdit VAE checkpoint or local diffusers AutoencoderKL "
-                                 "folder (default: the one recorded in the checkpoint)")
+    p.add_argument("--vae", help="VAE for latent models: ema | mse | a hub id | a local diffusers AutoencoderKL folder | "
+                                 "a fastdit VAE checkpoint (default: the one recorded in the checkpoint; another must "
+                                 "have the same weights)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a fastdit checkpoint")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default 4.0; "
                                                                  "sample-ddp: 1.5, as DiT)")

@@ -27,7 +27,10 @@ from . import _util
 from ._dist import env_world_size, init_distributed
 from ._registry import MODELS, build_model, check_model_name
 from ._util import PRECISION_DTYPES as PRECISIONS, UsageError, amp_forward, atomic_save, load_plain, plain
-from .data import LatentsDataset, ShardedBatches, build_dataset, make_loader
+from .data import ShardedBatches, build_dataset, make_loader
+from .fid import add_train_arguments as add_fid_arguments, fid_monitor
+from .latents import LatentsDataset
+from .vae import load_vae, load_vae_record
 
 CHECKPOINT_FORMAT = "fastdit-train"
 
@@ -39,9 +42,10 @@ PRESETS = {
     "data": dict(model="DiT-XL/2", image_size=256, global_batch_size=256, lr=1e-4, steps=400_000, ema_decay=0.9999,
                  ckpt_every=50_000, sample_every=10_000, sample_steps=250, cfg_scale=4.0),
 }
-COMMON = dict(precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing=False, compile=False, fsdp=False,
+COMMON = dict(fid_every=0, fid_ref=None, fid_samples=10_000, precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing=False, compile=False, fsdp=False,
               max_bad_steps=10, seed=0, log_every=100, num_workers=0, diffusion_steps=1000, class_dropout_prob=0.1,
               flip=None, cfg_channels=None, device="auto")
+FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
 # Not taken from a resumed checkpoint: they describe this machine, not the run.
 MACHINE_ARGS = ("resume", "out", "device", "num_workers", "compile")
 
@@ -59,9 +63,10 @@ def add_arguments(p):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips). "
                                     "Default: the embedded digits (the main job)")
-    src.add_argument("--latents", help="latents file from `fastdit latents` (latent-space training)")
-    p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (fastdit VAE checkpoint or "
-                                 "local diffusers AutoencoderKL folder) and train in latent space")
+    src.add_argument("--latents", help="latents folder from `fastdit latents` (latent-space training, streamed)")
+    p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (see `fastdit latents --help`) "
+                                 "and train in latent space; with --latents: the VAE that decodes the sample grids "
+                                 "(default: the one the latents were encoded with; it must have the same weights)")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)}; {both('model')}")
     p.add_argument("--image-size", type=int, help=f"image size in pixels; {both('image_size')}; 32 for --data "
                                                   f"without --vae (pixel space)")
@@ -100,6 +105,7 @@ def add_arguments(p):
                                                                          "image folders, off for the digits)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda:LOCAL_RANK if present")
     p.add_argument("--out", help="run folder (default runs/<data>-<model>-<time>, or the resumed run's folder)")
+    add_fid_arguments(p)
 
 
 def parse_args(argv=None):
@@ -154,8 +160,8 @@ def check_args(a, world):
         raise UsageError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     if not 0 <= a.class_dropout_prob < 1:
         raise UsageError(f"--class-dropout-prob must be in [0, 1), got {a.class_dropout_prob}")
-    if a.vae and not a.data:
-        raise UsageError("--vae encodes --data images on the fly; with --latents the VAE is recorded in the file")
+    if a.vae and not (a.data or a.latents):
+        raise UsageError("--vae needs --data (images encoded on the fly) or --latents (the VAE that decodes them)")
 
 
 def find_checkpoint(path):
@@ -245,6 +251,7 @@ class Trainer:
                 raise UsageError(f"{self.ckpt_path} is not a fastdit training checkpoint (to fine-tune official "
                                  f"weights, start a new run)")
             saved = self.ckpt["args"]
+        self.args_image_size = args.image_size  # before the presets fill it in
         a = self.args = resolve_args(args, saved)
         world = self.dist.world_size
         check_args(a, world)
@@ -252,6 +259,7 @@ class Trainer:
         if a.epochs is not None:
             a.steps = a.epochs * self.batches.per_epoch
         self._build_model()
+        self.fid = fid_monitor(a, self.dist, self.device)  # None unless --fid-every
         self.out = Path(self.dist.broadcast_object(str(self._out_dir())))
         self.metrics_path = self.out / "metrics.jsonl"
         self.step, self.position, self.skipped, self.last_checkpoint = 0, (0, 0), 0, None
@@ -267,18 +275,21 @@ class Trainer:
 
     def _build_data(self):
         a, d = self.args, self.dist
-        self.codec, self.vae_record = None, None
+        self.codec, self.decoder, self.vae_record = None, None, None  # codec: encodes each batch
         if a.latents:
             self.dataset = LatentsDataset(a.latents)
             self.vae_record = self.dataset.meta["vae"]
+            if self.args_image_size not in (None, self.dataset.meta["image_size"]):
+                raise UsageError(f"--image-size {self.args_image_size}: {a.latents} holds latents "
+                                 f"{tuple(self.dataset.meta['latent_shape'])} of {self.dataset.meta['image_size']}x"
+                                 f"{self.dataset.meta['image_size']} images")
             a.image_size = self.dataset.meta["image_size"]
             if a.flip and not self.dataset.flip:
                 raise UsageError(f"--flip: {a.latents} holds no flipped latents (encode with `fastdit latents --flips both`)")
+            self.decoder = load_vae_record(self.vae_record, self.device, name=a.vae)  # fails now, not at the first grid
         else:
             if a.vae:
-                from .vae import load_vae
-
-                self.codec = load_vae(a.vae, self.device)
+                self.codec = self.decoder = load_vae(a.vae, self.device)
                 self.vae_record = self.codec.describe()
                 if a.image_size % self.codec.factor:
                     raise UsageError(f"--image-size {a.image_size} must be divisible by the VAE's factor {self.codec.factor}")
@@ -424,27 +435,33 @@ class Trainer:
 
     def sample_grid(self, path):
         """EMA samples, a row per class, from a fixed seed: training's RNG streams are left untouched."""
-        from .sample import generate, grid_labels
+        from .sample import grid_labels
 
-        a = self.args
         labels, per_row = grid_labels(self.dataset.num_classes, self.input_size)
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            # CPUs lack fast fp16 (and often bf16) matmuls: there the grids are sampled in fp32.
-            images = generate(self.ema, labels, cfg_scale=a.cfg_scale, cfg_channels=a.cfg_channels, sampler="ddpm",
-                              steps=a.sample_steps, seed=a.seed, device=self.device, codec=self._decoder(),
-                              precision=a.precision if cuda else "fp32", diffusion_steps=a.diffusion_steps)
+            images = self.generate(labels, self.args.cfg_scale, seed=self.args.seed)
         if self.dist.is_main:
             _util.save_grid(images, path, nrow=per_row)
         return path
 
-    def _decoder(self):
-        if self.codec is not None or self.vae_record is None:
-            return self.codec
-        from .vae import load_vae
+    def generate(self, labels, cfg_scale, seed=None):
+        """Decoded EMA samples of `labels` (DDPM, --sample-steps), (N, C, H, W) in [-1, 1]."""
+        from .sample import generate
 
-        self.codec = load_vae(self.vae_record["path"], self.device)
-        return self.codec
+        a = self.args
+        # CPUs lack fast fp16 (and often bf16) matmuls: there the samples are drawn in fp32.
+        return generate(self.ema, labels, cfg_scale=cfg_scale, cfg_channels=a.cfg_channels, sampler="ddpm",
+                        steps=a.sample_steps, seed=seed, device=self.device, codec=self.decoder,
+                        precision=a.precision if self.device.type == "cuda" else "fp32",
+                        diffusion_steps=a.diffusion_steps)
+
+    def measure_fid(self, log):
+        """FID of --fid-samples EMA samples (DiT's FID guidance 1.5 where the model has a null class), logged."""
+        cfg = FID_CFG_SCALE if self.raw.y_embedder.dropout_prob > 0 else 1.0
+        value = self.fid(lambda labels: self.generate(labels, cfg), self.dataset.num_classes)
+        self._record(log, dict(event="fid", step=self.step, fid=value, samples=self.args.fid_samples, cfg_scale=cfg))
+        return value
 
     def fit(self):
         from tqdm import tqdm
@@ -496,6 +513,8 @@ class Trainer:
                     self.save_checkpoint()
                 if a.sample_every and self.step % a.sample_every == 0 and self.step < a.steps:
                     self.sample_grid(self.out / "samples" / f"{self.step:07d}.png")
+                if self.fid and (self.step % a.fid_every == 0 or self.step >= a.steps):
+                    bar.write(f"step {self.step:7d}  FID {self.measure_fid(log):.3f} ({a.fid_samples} EMA samples)")
                 if self.step >= a.steps:
                     break
             checkpoint = self.save_checkpoint()
@@ -540,14 +559,16 @@ class Trainer:
 
 
 def plot_loss_curve(records, path, title):
-    """Per-step loss (faint) and its moving average, log scale, from the metrics log (covers resumed runs)."""
+    """Per-step loss (faint) and its moving average, log scale, from the metrics log (covers resumed runs);
+    beside it the FID curve when the run measured FID."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     pts = [(r["step"], r["loss"]) for r in records if "event" not in r and r.get("loss") is not None]
-    fig = Figure(figsize=(7, 4))
+    fids = [(r["step"], r["fid"]) for r in records if r.get("event") == "fid"]
+    fig = Figure(figsize=(12 if fids else 7, 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 2 if fids else 1, 1)
     if pts:
         steps, loss = map(np.asarray, zip(*pts))
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
@@ -560,6 +581,13 @@ def plot_loss_curve(records, path, title):
     ax.set_ylabel("diffusion loss (MSE + VLB)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if fids:
+        fx = fig.add_subplot(1, 2, 2)
+        fx.plot(*zip(*fids), color="tab:red", marker="o")
+        fx.set_xlabel("step")
+        fx.set_ylabel("FID (EMA samples)")
+        fx.set_title("FID")
+        fx.grid(alpha=0.3)
     return _util.save_figure(fig, path)
 
 

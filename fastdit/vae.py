@@ -1,10 +1,13 @@
 """Autoencoders for latent diffusion: a small convolutional VAE trained here, or diffusers' AutoencoderKL.
 
-Both are used through the same codec interface (`load_vae(path)`): encode(images in [-1, 1],
+Both are used through the same codec interface (`load_vae(name)`): encode(images in [-1, 1],
 sample) -> latents multiplied by the scale factor (unit-variance-ish, what the DiT trains on),
-decode(scaled latents) -> images. The scale factor travels with the weights and is recorded in
-every latents file. Nothing is ever downloaded: AutoencoderKL weights come from a local folder.
+decode(scaled latents) -> images. A codec describes itself as a plain record (kind, name,
+revision, a fingerprint of its weights, scale factor, shapes) that travels with every latents
+folder and checkpoint, so that sampling decodes with the VAE the latents were encoded with.
 """
+import hashlib
+import re
 import time
 from pathlib import Path
 
@@ -12,9 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._util import UsageError, atomic_save, load_plain, save_grid
+from ._util import PRECISION_DTYPES, UsageError, atomic_save, load_plain, save_grid
+from .data import build_dataset
 
 VAE_FORMAT = "fastdit-vae"
+# DiT's --vae ema|mse: the Stable Diffusion VAEs on the Hugging Face hub
+SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class SmallVAE(nn.Module):
@@ -56,38 +63,65 @@ class SmallVAE(nn.Module):
         return dict(loss=mse + beta * kl, mse=mse, kl=kl)
 
 
+def fingerprint(module):
+    """16 hex digits of SHA-256 over a module's state_dict (names, dtypes, shapes, values): the same weights give
+    the same fingerprint whatever file format or folder they were read from."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class LatentCodec:
-    """What training and sampling use: scaled latents in, images in [-1, 1] out."""
+    """What training and sampling use: scaled latents in, images in [-1, 1] out.
+
+    precision (fp32 | bf16 | fp16) is the autocast dtype of the VAE on the GPU; latents and
+    images come out in float32.
+    """
 
     kind = None
     trained_on = None  # description of the data a fastdit VAE was trained on
 
-    def __init__(self, path, scale_factor, latent_channels, factor, image_channels, device):
-        self.path, self.scale_factor = str(path), float(scale_factor)
+    def __init__(self, name, revision, net, scale_factor, latent_channels, factor, image_channels, device, precision):
+        if precision not in PRECISION_DTYPES:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
+        self.name, self.revision, self.scale_factor = str(name), revision, float(scale_factor)
         self.latent_channels, self.factor, self.image_channels = latent_channels, factor, image_channels
-        self.device = torch.device(device)
+        self.device, self.precision = torch.device(device), precision
+        self.fingerprint = fingerprint(net)
 
     def describe(self):
-        """Plain-typed record of this VAE (stored in latents files and checkpoints)."""
-        return dict(kind=self.kind, path=self.path, scale_factor=self.scale_factor, latent_channels=self.latent_channels,
-                    factor=self.factor, image_channels=self.image_channels)
+        """Plain-typed record of this VAE (stored in latents manifests and checkpoints)."""
+        return dict(kind=self.kind, name=self.name, revision=self.revision, fingerprint=self.fingerprint,
+                    scale_factor=self.scale_factor, latent_channels=self.latent_channels, factor=self.factor,
+                    image_channels=self.image_channels)
+
+    def _autocast(self):
+        dtype = PRECISION_DTYPES[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     @torch.no_grad()
     def encode(self, x, sample=True):
-        """Images (N, C, H, W) in [-1, 1] -> scaled latents; sample=False takes the posterior mean."""
-        mean, std = self._posterior(x.to(self.device))
+        """Images (N, C, H, W) in [-1, 1] -> scaled latents (N, Cz, H / factor, W / factor); sample=False: the mean."""
+        with self._autocast():
+            mean, std = self._posterior(x.to(self.device))
+        mean, std = mean.float(), std.float()
         z = mean + std * torch.randn_like(mean) if sample else mean
         return z * self.scale_factor
 
     @torch.no_grad()
     def decode(self, z):
-        return self._decode(z.to(self.device) / self.scale_factor).clamp(-1, 1)
+        """Scaled latents -> images (N, C, H, W) in [-1, 1]."""
+        with self._autocast():
+            x = self._decode(z.to(self.device) / self.scale_factor)
+        return x.float().clamp(-1, 1)
 
 
 class SmallVAECodec(LatentCodec):
     kind = "small"
 
-    def __init__(self, path, device="cpu"):
+    def __init__(self, path, device="cpu", precision="fp32"):
         ckpt = load_plain(path, "VAE checkpoint")
         if not isinstance(ckpt, dict) or ckpt.get("format") != VAE_FORMAT:
             raise UsageError(f"{path} is not a fastdit VAE checkpoint (written by `fastdit vae`)")
@@ -95,7 +129,8 @@ class SmallVAECodec(LatentCodec):
         self.vae.load_state_dict(ckpt["vae"])
         cfg = ckpt["config"]
         self.trained_on = ckpt.get("data")
-        super().__init__(path, ckpt["scale_factor"], cfg["latent_channels"], 2 ** cfg["downsample"], cfg["in_channels"], device)
+        super().__init__(Path(path).resolve(), None, self.vae, ckpt["scale_factor"], cfg["latent_channels"],
+                         2 ** cfg["downsample"], cfg["in_channels"], device, precision)
 
     def _posterior(self, x):
         mean, logvar = self.vae.encode(x)
@@ -105,26 +140,44 @@ class SmallVAECodec(LatentCodec):
         return self.vae.decode(z)
 
 
+def hub_snapshot(repo_id, revision=None):
+    """(local folder, commit hash) of a Hugging Face hub model: downloaded when online, else from the local cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", "*.safetensors"])
+    except Exception as e:  # offline, unknown repo or revision, HTTP errors: the hub raises many types
+        raise UsageError(
+            f"--vae {repo_id}{'@' + revision if revision else ''}: cannot get it from the Hugging Face hub nor its local "
+            f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Run once on a machine with internet "
+            f"(the cache is reused offline), or give a local folder with the AutoencoderKL weights") from e
+    return Path(folder), Path(folder).name
+
+
 class DiffusersVAE(LatentCodec):
-    """diffusers' AutoencoderKL (e.g. a local copy of stabilityai/sd-vae-ft-ema) from a local folder."""
+    """diffusers' AutoencoderKL: a local folder (config.json + weights), or a hub model such as stabilityai/sd-vae-ft-ema."""
 
     kind = "diffusers"
 
-    def __init__(self, path, device="cpu"):
+    def __init__(self, name, device="cpu", precision="fp32", revision=None):
         try:
             from diffusers.models import AutoencoderKL
         except ImportError as e:
-            raise UsageError(
-                f"--vae {path} is a folder, read as diffusers' AutoencoderKL weights, but diffusers is not installed "
-                f"(pip install diffusers)"
-            ) from e
+            raise UsageError(f"--vae {name}: diffusers' AutoencoderKL is needed but diffusers is not installed "
+                             f"(pip install 'fastdit[diffusers]')") from e
+        folder = Path(name)
+        if folder.is_dir():
+            name, revision = folder.resolve(), None
+        else:
+            folder, revision = hub_snapshot(name, revision)
         try:
-            self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--vae {path}: not a diffusers AutoencoderKL folder ({e})") from e
+            self.vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"--vae {name}: not a diffusers AutoencoderKL folder ({_first_line(e)})") from e
         cfg = self.vae.config
         factor = 2 ** (len(cfg.block_out_channels) - 1)
-        super().__init__(path, cfg.scaling_factor, cfg.latent_channels, factor, cfg.in_channels, device)
+        super().__init__(name, revision, self.vae, cfg.scaling_factor, cfg.latent_channels, factor, cfg.in_channels,
+                         device, precision)
 
     def _posterior(self, x):
         dist = self.vae.encode(x).latent_dist
@@ -134,17 +187,43 @@ class DiffusersVAE(LatentCodec):
         return self.vae.decode(z).sample
 
 
-def load_vae(path, device="cpu"):
-    """A fastdit VAE checkpoint file (`fastdit vae`) or a local diffusers AutoencoderKL folder -> codec."""
-    p = Path(path)
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_vae(name, device="cpu", precision="fp32", revision=None):
+    """A VAE by name -> codec: a fastdit VAE checkpoint file (`fastdit vae`), a local diffusers AutoencoderKL
+    folder, a Hugging Face hub model id (owner/name, at `revision`), or DiT's shorthands ema | mse."""
+    p = Path(name)
     if p.is_dir():
-        return DiffusersVAE(p, device)
+        return DiffusersVAE(p, device, precision)
     if p.is_file():
-        return SmallVAECodec(p, device)
+        return SmallVAECodec(p, device, precision)
+    name = SD_VAES.get(str(name), str(name))
+    if HUB_ID.fullmatch(name) and not p.suffix == ".pt":
+        return DiffusersVAE(name, device, precision, revision)
     raise UsageError(
-        f"--vae {path!r} does not exist. Give a checkpoint written by `fastdit vae`, or a local folder holding "
-        f"diffusers AutoencoderKL weights (config.json + weights): fastdit never downloads weights"
+        f"--vae {str(p)!r} does not exist. Give a checkpoint written by `fastdit vae`, a local folder holding diffusers "
+        f"AutoencoderKL weights (config.json + weights), or a Hugging Face hub model id (ema, mse, "
+        f"stabilityai/sd-vae-ft-ema, ...)"
     )
+
+
+def load_vae_record(record, device="cpu", name=None, precision="fp32"):
+    """The codec a record (from a latents manifest or a checkpoint) describes: loaded by its name and revision,
+    or from `name` (e.g. a local copy); its weights must be the recorded ones."""
+    codec = load_vae(name or record["name"], device, precision, revision=None if name else record.get("revision"))
+    check_same_vae(record, codec)
+    return codec
+
+
+def check_same_vae(record, codec):
+    """UsageError unless `codec` is the VAE of `record` (same weights fingerprint and scale factor)."""
+    if record["fingerprint"] != codec.fingerprint or float(record["scale_factor"]) != codec.scale_factor:
+        raise UsageError(
+            f"VAE mismatch: the latents were encoded with {record['name']} (weights {record['fingerprint']}, scale "
+            f"factor {record['scale_factor']}), but --vae {codec.name} has weights {codec.fingerprint}, scale factor "
+            f"{codec.scale_factor}: decode with the VAE the latents were encoded with")
 
 
 #################################################################################
@@ -177,7 +256,6 @@ def train_vae(args):
     from tqdm import tqdm
 
     from ._dist import pick_device
-    from .data import build_dataset
 
     if args.steps < 1 or args.batch_size < 1:
         raise UsageError("--steps and --batch-size must be positive")

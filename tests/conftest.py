@@ -4,9 +4,19 @@ TRITON_INTERPRET must be set before Triton decorates a kernel; on a GPU machine 
 so the same tests run the compiled kernels on CUDA tensors.
 """
 import os
+import sys
+import types
 
 import pytest
 import torch
+
+# `tests` is this folder (a namespace package: tests.helpers, tests.kernel_helpers), even where an installed
+# distribution ships a top-level `tests` package of its own (torch-fidelity 0.4.0's wheel does), which
+# Python would otherwise prefer.
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in list(getattr(sys.modules.get("tests"), "__path__", [])):
+    sys.modules["tests"] = types.ModuleType("tests")
+    sys.modules["tests"].__path__ = [HERE]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -25,11 +25,14 @@ def error_line(capsys):
     (["train", "--model", "DiT-XXL/2"], "unknown model 'DiT-XXL/2'; valid names: DiT-XL/2, DiT-XL/4"),
     (["train", "--global-batch-size", "0"], "--global-batch-size 0 must be a positive multiple"),
     (["train", "--lr", "-1"], "--lr must be positive"),
-    (["train", "--latents", "/no/latents.pt"], "latents file '/no/latents.pt' does not exist"),
+    (["train", "--latents", "/no/latents"], "latents folder '/no/latents' does not exist"),
     (["train", "--resume", "/no/run"], "--resume /no/run: no such checkpoint file or run folder"),
-    (["train", "--vae", "v.pt"], "--vae encodes --data images"),
+    (["train", "--vae", "v.pt"], "--vae needs --data (images encoded on the fly) or --latents"),
+    (["train", "--fid-every", "5"], "--fid-every needs --fid-ref"),
+    (["latents", "--vae", "v.pt", "--chunk-size", "0", "--out", "x"], "--chunk-size must be at least 1"),
+    (["fid", "/no/samples.npz", "/no/ref.npz"], "samples '/no/samples.npz' is not a file"),
     (["train", "--image-size", "9"], "must be divisible by patch_size"),
-    (["latents", "--vae", "/no/vae.pt", "--out", "x.pt"], "--vae '/no/vae.pt' does not exist"),
+    (["latents", "--vae", "/no/vae.pt", "--out", "x"], "--vae '/no/vae.pt' does not exist"),
     (["vae", "--image-size", "10", "--downsample", "2"], "--image-size 10 must be divisible"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):

@@ -1,4 +1,4 @@
-"""Datasets and the resumable sharded sampler."""
+"""Datasets (every PIL mode, unreadable files, empty folders) and the resumable sharded sampler."""
 import itertools
 
 import numpy as np
@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from fastdit._util import UsageError
-from fastdit.data import DigitsDataset, ImageFolderDataset, ShardedBatches, build_dataset, center_crop_arr
+from fastdit.data import (DigitsDataset, ImageFolderDataset, ShardedBatches, UnreadableImage, build_dataset,
+                          center_crop_arr, read_image)
 
 from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
@@ -55,13 +56,94 @@ def test_image_folder_classes_crop_and_flip(folder):
 def test_image_folder_errors(tmp_path, folder):
     with pytest.raises(UsageError, match="does not exist"):
         ImageFolderDataset(tmp_path / "missing", 8)
-    (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(UsageError, match="no images in class sub-folders"):
+    (tmp_path / "empty").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "empty" / "loose.png")  # an image, but no class folder
+    with pytest.raises(UsageError, match="holds no class sub-folders"):
         ImageFolderDataset(tmp_path / "empty", 8)
+    (folder / "emu").mkdir()
+    (folder / "emu" / "readme.txt").write_text("no images here")
+    with pytest.raises(UsageError, match=f"class folder '{folder / 'emu'}' holds no images"):
+        ImageFolderDataset(folder, 8)
     with pytest.raises(UsageError, match="not a folder"):
         ImageFolderDataset(folder / "cat" / "0.png", 8)
     with pytest.raises(UsageError, match="1 channel"):
         build_dataset(None, 8, channels=3)
+
+
+GRAY = np.arange(64, dtype=np.float64).reshape(8, 8) / 63  # a ramp 0..1 over the 8x8 image
+
+
+def white_over(rgb, alpha):
+    """What a viewer shows: rgb composited over white (uint8 arrays; alpha (H, W))."""
+    a = alpha[..., None].astype(np.float64) / 255
+    return np.rint(rgb * a + 255 * (1 - a))
+
+
+# (mode, file suffix, the PIL image, the expected 8-bit RGB pixels)
+RAMP16 = np.rint(GRAY * 65535)
+RGB = np.random.default_rng(1).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+ALPHA = np.tile(np.array([0, 255, 128, 64, 255, 0, 200, 30], dtype=np.uint8), (8, 1))
+MODES = [
+    ("I;16", ".png", lambda: Image.fromarray(RAMP16.astype(np.uint16)), np.rint(RAMP16 / 257)),
+    ("I;16B", ".tif", lambda: Image.fromarray(RAMP16.astype(np.uint16)).convert("I").convert("I;16B"),
+     np.rint(RAMP16 / 257)),
+    ("I", ".tif", lambda: Image.fromarray(RAMP16.astype(np.int32)), np.rint(RAMP16 / 257)),
+    ("F", ".tif", lambda: Image.fromarray(GRAY.astype(np.float32)), np.rint(GRAY * 255)),
+    ("1", ".png", lambda: Image.fromarray(GRAY > 0.5), 255.0 * (GRAY > 0.5)),
+    ("L", ".png", lambda: Image.fromarray(np.rint(GRAY * 255).astype(np.uint8)), np.rint(GRAY * 255)),
+    ("LA", ".png", lambda: Image.fromarray(np.dstack([np.rint(GRAY * 255).astype(np.uint8), ALPHA]), "LA"),
+     white_over(np.rint(GRAY * 255)[..., None], ALPHA)[..., 0]),
+    ("RGBA", ".png", lambda: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA"), white_over(RGB, ALPHA)),
+    ("P", ".png", lambda: Image.fromarray(RGB).quantize(256), None),  # checked against its own palette below
+    ("P+transparency", ".png", lambda: _palette_with_transparency(), None),
+    ("CMYK", ".tif", lambda: Image.fromarray(RGB).convert("CMYK"), RGB),
+]
+
+
+def _palette_with_transparency():
+    img = Image.fromarray(RGB).quantize(256)
+    img.info["transparency"] = int(np.asarray(img)[0, 0])  # one palette entry is transparent
+    return img
+
+
+@pytest.mark.parametrize("mode, suffix, make, expected", MODES, ids=[m[0] for m in MODES])
+def test_every_pil_mode_reads_as_a_viewer_shows_it(tmp_path, mode, suffix, make, expected):
+    img = make()
+    path = tmp_path / f"img{suffix}"
+    img.save(path, **({"transparency": img.info["transparency"]} if "transparency" in img.info else {}))
+    assert Image.open(path).mode == mode.split("+")[0]  # the file really is of that mode
+    if mode.startswith("P"):
+        with Image.open(path) as reopened:
+            index = np.asarray(reopened)
+            rgb = np.asarray(reopened.convert("RGB"), dtype=np.float64)
+            key = reopened.info.get("transparency")
+        expected = np.where((index == key)[..., None], 255.0, rgb) if key is not None else rgb
+    expected = np.asarray(expected, dtype=np.float64)
+    rgb = (read_image(path, 8, 3).permute(1, 2, 0).double() + 1) * 127.5  # (8, 8, 3) in 0..255
+    want = expected if expected.ndim == 3 else np.repeat(expected[..., None], 3, -1)
+    assert np.abs(rgb.numpy() - want).max() <= 1.0 + 1e-9, f"{mode}: worst pixel off by {np.abs(rgb.numpy() - want).max()}"
+    gray = (read_image(path, 8, 1)[0].double() + 1) * 127.5
+    assert gray.shape == (8, 8) and (gray.max() - gray.min()) > 50  # not a flat (all-white) image
+
+
+def test_unreadable_images_are_skipped_with_a_warning_naming_each(tmp_path, folder, capfd):
+    good = (folder / "cat" / "1.png").read_bytes()
+    (folder / "cat" / "1b_truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "dog" / "0a_junk.jpg").write_bytes(b"\x00not an image")
+    ds = ImageFolderDataset(folder, image_size=8)
+    assert len(ds) == 7
+    bad = [i for i, (f, _) in enumerate(ds.files) if "truncated" in f or "junk" in f]
+    with pytest.raises(UnreadableImage, match="1b_truncated.png"):
+        ds.load(bad[0])
+    # Training: the next readable image stands in; nothing stops.
+    x, label = ds[(bad[1], False)]
+    assert torch.equal(x, ds.load(bad[1] + 1)[0]) and label == 1
+    assert "0a_junk.jpg" in capfd.readouterr().err
+    kept = ds.readable()
+    assert [i for i, _, _ in kept] == [i for i in range(7) if i not in bad]
+    err = capfd.readouterr().err
+    assert "1b_truncated.png" in err and "0a_junk.jpg" in err and "(2 so far)" in err
+    assert ds.all_images().shape == (5, 3, 8, 8)
 
 
 def take(batches, n):

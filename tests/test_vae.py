@@ -1,11 +1,13 @@
-"""The small VAE, the diffusers wrapper's error paths, latents files, and latent-space training + sampling."""
+"""The small VAE, VAE names and their errors, latents of the digits, and latent-space training + sampling."""
 import argparse
 import importlib.util
 
 import pytest
 import torch
 
-from fastdit import data, train, vae
+from pathlib import Path
+
+from fastdit import data, latents, train, vae
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 
@@ -47,15 +49,27 @@ def test_small_vae_loss_parts():
     assert torch.allclose(parts["loss"], parts["mse"] + 0.5 * parts["kl"]) and parts["kl"] >= 0
 
 
-def test_vae_path_errors(tmp_path):
-    with pytest.raises(UsageError, match="never downloads"):
-        vae.load_vae("stabilityai/sd-vae-ft-ema")
+def offline_hub(monkeypatch, cache):
+    """The Hugging Face hub as on a machine without internet, with `cache` as its local cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+def test_vae_path_errors(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="'/no/such/vae.pt' does not exist"):
+        vae.load_vae("/no/such/vae.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(UsageError, match="not a PyTorch checkpoint"):
         vae.load_vae(tmp_path / "junk.pt")
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(UsageError, match="not a fastdit VAE"):
         vae.load_vae(tmp_path / "other.pt")
+    if importlib.util.find_spec("diffusers") is not None:
+        offline_hub(monkeypatch, tmp_path / "empty-cache")
+        with pytest.raises(UsageError, match="--vae stabilityai/sd-vae-ft-ema: cannot get it from the Hugging Face hub"):
+            vae.load_vae("ema")  # DiT's shorthand, neither online nor cached here
 
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is not None, reason="diffusers is installed")
@@ -67,24 +81,27 @@ def test_diffusers_vae_without_diffusers_is_a_clear_error(tmp_path):
 
 
 def test_latents_round_trip_train_and_sample(tmp_path, trained_vae):
-    """fastdit latents (with mirrored copies) -> LatentsDataset -> fastdit train --latents -> fastdit sample decodes."""
-    out = tmp_path / "latents.pt"
-    assert cli(["latents", "--vae", trained_vae["path"], "--flips", "both", "--out", str(out)]) == 0
-    ds = data.LatentsDataset(out)
+    """fastdit latents of the digits (with mirrored copies) -> LatentsDataset -> train --latents -> sample decodes."""
+    out = tmp_path / "latents"
+    assert cli(["latents", "--vae", trained_vae["path"], "--flips", "both", "--chunk-size", "1000", "--out", str(out)]) == 0
+    ds = latents.LatentsDataset(out)
     meta = ds.meta
-    assert meta["flip_policy"] == "both" and meta["latent"] == "mean" and meta["image_size"] == 16
-    assert meta["vae"]["kind"] == "small" and meta["vae"]["path"] == trained_vae["path"]
+    assert meta["flips"] and meta["latent"] == "mean" and meta["image_size"] == 16 and meta["count"] == 1797
+    assert meta["vae"]["kind"] == "small" and meta["vae"]["name"] == str(Path(trained_vae["path"]).resolve())
     assert meta["scale_factor"] == pytest.approx(trained_vae["scale_factor"]) and meta["data"]["kind"] == "digits"
-    assert len(ds) == 1797 and ds.flip and ds.images.shape == (1797, 4, 4, 4)
+    assert [c["count"] for c in meta["chunks"]] == [1000, 797] and meta["classes"] == [str(d) for d in range(10)]
+    assert len(ds) == 1797 and ds.flip and ds.image_size == 4 and ds.channels == 4
     codec = vae.load_vae(trained_vae["path"])
-    x = data.DigitsDataset(16).images[:3]
-    assert torch.allclose(ds.images[:3], codec.encode(x, sample=False), atol=1e-6)
-    assert torch.allclose(ds[(2, True)][0], codec.encode(x[2:3].flip(-1), sample=False)[0], atol=1e-6)
+    x = data.DigitsDataset(16).images[[2, 1500]]
+    z = codec.encode(x, sample=False)
+    assert torch.allclose(torch.stack([ds[(2, False)][0], ds[(1500, False)][0]]), z, atol=1e-6)
+    assert torch.allclose(ds[(1500, True)][0], codec.encode(x[1:].flip(-1), sample=False)[0], atol=1e-6)
+    assert ds[(1500, False)][1] == int(data.DigitsDataset(16).labels[1500])
 
     run = train.main(["--latents", str(out), "--model", "DiT-Tiny/1", "--steps", "2", "--global-batch-size", "8",
                       "--sample-steps", "2", "--out", str(tmp_path / "run")])
     stored = torch.load(run.checkpoint, weights_only=True)
-    assert stored["vae"]["path"] == trained_vae["path"] and stored["model_config"]["in_channels"] == 4
+    assert stored["vae"] == meta["vae"] and stored["model_config"]["in_channels"] == 4
     png = tmp_path / "s.png"
     assert cli(["sample", "--ckpt", run.checkpoint, "--steps", "2", "--per-class", "1", "--classes", "3,4",
                 "--out", str(png)]) == 0
@@ -93,8 +110,9 @@ def test_latents_round_trip_train_and_sample(tmp_path, trained_vae):
     assert Image.open(png).size[0] >= 2 * 16  # decoded 16x16 images, not 4x4 latents
 
 
-def test_image_folder_training_pixel_and_latent_space(tmp_path, trained_vae):
-    """--data FOLDER trains in pixel space (RGB, random flips); with --vae it encodes each batch on the fly."""
+def test_image_folder_training_pixel_and_latent_space(tmp_path, trained_vae, capfd):
+    """--data FOLDER trains in pixel space (RGB, random flips); with --vae it encodes each batch on the fly.
+    An unreadable image in the folder does not stop either run."""
     import numpy as np
     from PIL import Image
 
@@ -103,9 +121,11 @@ def test_image_folder_training_pixel_and_latent_space(tmp_path, trained_vae):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    common = ["--data", str(tmp_path / "imgs"), "--model", "DiT-Tiny/2", "--global-batch-size", "4", "--steps", "2",
-              "--sample-steps", "2"]
+    (tmp_path / "imgs" / "b" / "9.png").write_bytes(b"broken")  # skipped, with a warning: the run goes on
+    common = ["--data", str(tmp_path / "imgs"), "--model", "DiT-Tiny/2", "--global-batch-size", "9", "--steps", "2",
+              "--sample-steps", "2"]  # every step reads every image
     pixel = train.main(common + ["--image-size", "8", "--num-workers", "1", "--out", str(tmp_path / "pixel")])
+    assert f"skipped an unreadable image (1 so far): {tmp_path / 'imgs' / 'b' / '9.png'}" in capfd.readouterr().err
     stored = torch.load(pixel.checkpoint, weights_only=True)
     assert stored["model_config"]["in_channels"] == 3 and stored["args"]["lr"] == 1e-4  # DiT's defaults for data
     assert stored["data"]["classes"] == ["a", "b"] and stored["vae"] is None

@@ -1,0 +1,35 @@
+"""A tiny diffusers AutoencoderKL with random weights (nothing downloaded) and a small RGB image folder."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def save_tiny_sd_vae(path, seed=0):
+    """A 2-level AutoencoderKL (factor 2, 4 latent channels, SD's scaling factor 0.18215) -> save_pretrained(path)."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16)
+    vae.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sd_vae(tmp_path_factory):
+    return save_tiny_sd_vae(tmp_path_factory.mktemp("sd-vae") / "vae")
+
+
+@pytest.fixture(scope="session")
+def rgb_folder(tmp_path_factory):
+    """root/a (4 images), root/b (3 images, one non-square): 7 random RGB images around 20x24 pixels."""
+    root = tmp_path_factory.mktemp("rgb") / "imgs"
+    rng = np.random.default_rng(0)
+    for cls, n in (("a", 4), ("b", 3)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            shape = (20, 24, 3) if i else (18, 18, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root

@@ -1,0 +1,229 @@
+"""FID, sFID, IS, precision/recall (fastdit/fid.py), `fastdit fid`, and FID in the training loop.
+
+The metrics are judged against closed forms and scipy's sqrtm (ADM's formula). The Inception network
+is torch-fidelity's, with random weights injected as a local weights file through
+$FASTDIT_INCEPTION_WEIGHTS (nothing downloaded), run at 75x75 instead of 299x299 to keep the CPU
+suite fast (the network is fully convolutional; only the spatial feature's size changes).
+"""
+import importlib.util
+import json
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit import fid, train
+from fastdit._util import UsageError
+from fastdit.cli import main as cli
+
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+
+needs_inception = pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None,
+                                     reason="torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)")
+
+
+def gaussian_pair(d, seed):
+    """Two Gaussians whose covariances do not commute, and their means."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    return rng.standard_normal(d), a @ a.T / d + 0.1 * np.eye(d), rng.standard_normal(d), b @ b.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_matches_the_closed_form_and_scipy():
+    rng = np.random.default_rng(0)
+    d = 7
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    # Covariances with the same eigenvectors: sum (sqrt a - sqrt b)^2 exactly.
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = fid.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(closed, rel=1e-10)
+    from scipy import linalg
+
+    mu1, s1, mu2, s2 = gaussian_pair(d, 1)
+    adm = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)  # ADM's evaluator
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(adm, rel=1e-9)
+    assert fid.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(UsageError, match="statistics of different shapes"):
+        fid.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+def test_gaussian_feature_sets_give_the_closed_form_distance_and_identical_sets_zero():
+    mu1, s1, mu2, s2 = gaussian_pair(5, 2)
+    rng = np.random.default_rng(3)
+    f1 = rng.multivariate_normal(mu1, s1, 40_000)
+    f2 = rng.multivariate_normal(mu2, s2, 40_000)
+    exact = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f2)) == pytest.approx(exact, rel=0.03)
+    assert abs(fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f1))) < 1e-9
+    # Few samples (N <= D) take the N x N route: the same number as the D x D one.
+    few = f1[:4] * np.array([1, 2, 3, 4, 5])
+    assert fid.fid_from_features(few, mu2, s2) == pytest.approx(fid.frechet_distance(*fid.statistics(few), mu2, s2),
+                                                                rel=1e-9)
+    assert fid.fid_from_features(f1[:6], mu2, s2) == pytest.approx(fid.frechet_distance(*fid.statistics(f1[:6]), mu2, s2),
+                                                                   rel=1e-9)
+    assert abs(fid.fid_from_features(f1[:3], *fid.statistics(f1[:3]))) < 1e-9
+
+
+def test_gather_rows_interleaves_the_ranks_shares():
+    class Rank:  # rank r of 3; the all-reduce of a real group sums the three ranks' buffers
+        def __init__(self, r):
+            self.rank, self.world_size, self.parts = r, 3, []
+
+    feats = torch.arange(7 * 2, dtype=torch.float32).view(7, 2)
+    buffers = []
+    for r in range(3):
+        rank = Rank(r)
+        rank.all_reduce_sum = lambda t: buffers.append(t.clone()) or t
+        fid.gather_rows(feats[r::3], 7, rank, "cpu")
+    assert torch.equal(sum(buffers), feats)
+
+
+def test_inception_score_and_precision_recall_closed_forms():
+    k = 4
+    confident = np.eye(k)[np.arange(96) % k] * 60.0  # sure of one class each, classes balanced
+    assert fid.inception_score(confident) == pytest.approx(k, rel=1e-6)
+    assert fid.inception_score(np.zeros((100, 10))) == pytest.approx(1.0)  # every prediction uniform
+    assert fid.inception_score(confident, split_size=48) == pytest.approx(k, rel=1e-6)
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((60, 8))
+    assert fid.precision_recall(ref, ref) == (1.0, 1.0)
+    assert fid.precision_recall(ref, ref + 100.0) == (0.0, 0.0)
+    # Samples covering half the reference cluster: precise, but recalling only part of it.
+    half = ref[ref[:, 0] > 0]
+    precision, recall = fid.precision_recall(ref, half)
+    assert precision == 1.0 and 0.3 < recall < 0.9
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_image_and_reference_files_give_clear_errors(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    for arrays, message in [
+        (dict(arr_0=imgs[..., 0]), r"expected images \(N, H, W, 3\)"),
+        (dict(arr_0=imgs.astype(np.float32) / 255), r"expected uint8 pixels 0..255, got float32 with values in \[0"),
+        (dict(arr_0=imgs.astype(np.int64) * 2), r"pixel values must be in 0..255, got \[0, 5"),
+        (dict(arr_0=imgs[:1]), "1 image"),
+        (dict(images=imgs), "no arr_0 images in it"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            fid.load_npz_images(write_npz(tmp_path / "x.npz", **arrays))
+    assert fid.load_npz_images(write_npz(tmp_path / "g.npz", arr_0=imgs[..., :1])).shape == (4, 8, 8, 3)  # gray -> RGB
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(UsageError, match="not a readable .npz file"):
+        fid.load_npz_images(tmp_path / "junk.npz")
+    with pytest.raises(UsageError, match="does not exist"):
+        fid.Reference(tmp_path / "missing.npz")
+    with pytest.raises(UsageError, match=r"mu \(5,\) and sigma \(4, 4\) are not"):
+        fid.Reference(write_npz(tmp_path / "r.npz", mu=np.zeros(5), sigma=np.eye(4)))
+    with pytest.raises(UsageError, match="neither arr_0 images nor mu/sigma"):
+        fid.Reference(write_npz(tmp_path / "r.npz", other=np.zeros(3)))
+
+
+def test_the_adm_reference_batch_reader(tmp_path):
+    """A file of ADM's reference-batch format (VIRTUAL_imagenet256_labeled.npz): arr_0 images, mu/sigma (pool_3),
+    mu_s/sigma_s (spatial)."""
+    rng = np.random.default_rng(1)  # (the real file: D = 2048 and 2023; smaller here, the reader takes any D)
+    mu, s, mu_s, s_s = rng.standard_normal(64), np.diag(rng.uniform(1, 2, 64)), rng.standard_normal(63), np.eye(63)
+    imgs = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    ref = fid.Reference(write_npz(tmp_path / "VIRTUAL_fake.npz", arr_0=imgs, mu=mu, sigma=s, mu_s=mu_s, sigma_s=s_s))
+    assert np.array_equal(ref.images, imgs) and set(ref.stats) == {"pool", "spatial"}
+    np.testing.assert_array_equal(ref.stats["pool"][1], s)
+    np.testing.assert_array_equal(ref.stats["spatial"][0], mu_s)
+    stats_only = fid.Reference(write_npz(tmp_path / "stats.npz", mu=mu, sigma=s))
+    assert stats_only.images is None and set(stats_only.stats) == {"pool"}
+
+
+def random_inception_weights(path):
+    """Random Inception-V3 weights in torch-fidelity's layout (He-normal convolutions keep activations O(1))."""
+    cls = fid.inception_class()
+    module = __import__(cls.__module__, fromlist=["_"])
+    with mock.patch.object(cls, "load_state_dict", lambda self, sd: None), \
+            mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None):
+        net = cls("random", ["2048"])
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pt")
+
+
+@pytest.fixture
+def small_inception(inception_weights, monkeypatch):
+    monkeypatch.setenv(fid.INCEPTION_ENV, inception_weights)
+    monkeypatch.setattr(fid.inception_class(), "INPUT_IMAGE_SIZE", 75)
+    return inception_weights
+
+
+@needs_inception
+def test_fastdit_fid_cli(small_inception, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    other = np.clip(samples.astype(int) // 2 + 60, 0, 255).astype(np.uint8)
+    s, o = write_npz(tmp_path / "s.npz", arr_0=samples), write_npz(tmp_path / "o.npz", arr_0=other)
+    out = tmp_path / "fid.json"
+    assert cli(["fid", s, s, "--batch-size", "3", "--out", str(out)]) == 0
+    same = json.loads(out.read_text())
+    assert set(same) >= set(fid.METRICS) and same["num_samples"] == 8
+    assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
+    assert 1 <= same["is"] < 1008 and "fid:" in capsys.readouterr().out
+    assert cli(["fid", s, o, "--metrics", "fid,is", "--out", str(out)]) == 0
+    differ = json.loads(out.read_text())
+    assert differ["fid"] > 1e-3 and math.isfinite(differ["fid"]) and "sfid" not in differ
+    # A folder of the same images as PNGs is the same reference as the .npz.
+    (tmp_path / "ref").mkdir()
+    for i, img in enumerate(samples):
+        Image.fromarray(img).save(tmp_path / "ref" / f"{i}.png")
+    assert cli(["fid", s, str(tmp_path / "ref"), "--metrics", "fid", "--out", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["fid"]) < 1e-6
+    # Statistics stored in the reference are used as they are (ADM's reference batches): the samples' own give 0.
+    net = fid.Inception()
+    feats = fid.features(samples, net, 4, "cpu", keys=("pool", "spatial"))
+    # sFID's features: the first 7 channels of mixed_6/conv (Mixed_6d's 1x1 branch), flattened in TF's (h, w, c) order
+    seen = []
+    net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o[:, :7].permute(0, 2, 3, 1)))
+    assert torch.equal(net(torch.from_numpy(samples[:2]).permute(0, 3, 1, 2))["spatial"], seen[0].reshape(2, -1))
+    mu, sigma = fid.statistics(feats["pool"])
+    ref = write_npz(tmp_path / "adm.npz", arr_0=other, mu=mu, sigma=sigma)
+    assert fid.evaluate(samples, fid.Reference(ref), net, metrics=("fid",))["fid"] == pytest.approx(0, abs=1e-6)
+    capsys.readouterr()
+    for argv, message in [
+        (["fid", s, ref, "--metrics", "fid,xyz"], "unknown metric(s) xyz"),
+        (["fid", str(tmp_path / "none.npz"), ref], "is not a file"),
+        (["fid", s, ref, "--inception-weights", str(tmp_path / "none.pt")], "--inception-weights"),
+    ]:
+        assert cli(argv) == 2
+        assert message in capsys.readouterr().err
+
+
+@needs_inception
+def test_fid_in_the_training_loop_on_the_digits(small_inception, tmp_path):
+    """--fid-every on the digits: FID of the EMA samples at steps 2 and 3 (the end) in metrics.jsonl, and a
+    loss curve with the FID beside it."""
+    from fastdit.data import DigitsDataset
+    from fastdit._util import to_uint8
+
+    ref = write_npz(tmp_path / "digits.npz", arr_0=to_uint8(DigitsDataset().images[:40]))
+    run = train.main(FAST + ["--steps", "3", "--fid-every", "2", "--fid-ref", ref, "--fid-samples", "6",
+                             "--out", str(tmp_path / "run")])
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    fids = [r for r in records if r.get("event") == "fid"]
+    assert [r["step"] for r in fids] == [2, 3] and all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
+    assert fids[0]["samples"] == 6 and fids[0]["cfg_scale"] == train.FID_CFG_SCALE
+    width = Image.open(run.curve).size[0]
+    plain = train.plot_loss_curve([r for r in records if r.get("event") != "fid"], tmp_path / "plain.png", "x")
+    assert width > 1.5 * Image.open(plain).size[0]  # the FID panel beside the loss
+    assert cli(["train", "--fid-every", "2"]) == 2  # needs --fid-ref
