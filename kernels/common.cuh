@@ -102,6 +102,13 @@ __device__ __forceinline__ void with_dtype(int32_t dtype, void* data, F&& f) {
   }
 }
 
+// The block's dynamic shared memory, 16-byte aligned (declared inside a kernel).
+#ifdef __CUDACC__
+#define FASTDIT_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#define FASTDIT_DYNAMIC_SHARED(name) unsigned char* name = fastdit_emulated_dynamic_shared()
+#endif
+
 // ---- block-wide sums -----------------------------------------------------------------
 
 // Sums each v[k] over the block (blockDim.x a multiple of 32): a butterfly in each warp, then
@@ -131,7 +138,19 @@ __device__ __forceinline__ void block_sum(float (&v)[K], float (&buf)[2][kWarp][
   parity ^= 1;  // the next reduction writes the other buffer: no second barrier needed
 }
 
-// ---- host: launch shapes ---------------------------------------------------------------------
+// ---- host: launches -------------------------------------------------------------------------
+
+// kernel<<<grid, block, smem, stream>>>(args...). Spelt as a function so that the kernels also
+// compile as plain C++: tests/native_emulation runs them on the CPU, where no GPU is at hand.
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, void* stream, Args... args) {
+#ifdef __CUDACC__
+  kernel<<<grid, block, smem, static_cast<cudaStream_t>(stream)>>>(args...);
+#else
+  fastdit_emulated_launch(kernel, grid, block, smem, args...);
+#endif
+}
+
 
 // Multiprocessors of the current device.
 int sm_count();

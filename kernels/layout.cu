@@ -120,7 +120,7 @@ __device__ __forceinline__ void move(E* tile, E* img, E* tok, const LayoutParams
 
 template <typename E>
 __global__ void __launch_bounds__(kThreads) layout_kernel(const LayoutParams q, int h) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTDIT_DYNAMIC_SHARED(smem);
   const Tile t = tile_of_block(q, h);
   E* img = static_cast<E*>(q.image) + t.b * q.si_b + int64_t(t.th0) * q.p * q.si_h + int64_t(t.tw0) * q.p * q.si_w;
   E* tok = static_cast<E*>(q.tokens) + t.b * q.st_b + (int64_t(t.th0) * q.w + t.tw0) * q.st_t;
@@ -181,9 +181,10 @@ extern "C" int fastdit_layout(void* image, const int64_t* si, void* tokens, cons
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, round_up(ceil_div(tile_words, words), kWarp)));
   const auto kernel = esize == 4 ? layout_kernel<uint32_t> : layout_kernel<uint16_t>;
   if (smem > 48 * 1024) {  // one token of more than 48 KB (F up to 16384 fp32 words): ask for it
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
+    const auto attribute = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    if (cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attribute, int(smem)) != cudaSuccess)
       return launch_status();
   }
-  kernel<<<blocks, threads, smem, static_cast<cudaStream_t>(stream)>>>(q, int(h));
+  launch(kernel, unsigned(blocks), threads, smem, stream, q, int(h));
   return launch_status();
 }

@@ -450,7 +450,7 @@ extern "C" int fastdit_rows_forward(const fastdit_rows_tensor* x, const fastdit_
   if (B * ck.chunks > INT32_MAX) return FASTDIT_ERR_ARGS;
   const FwdParams params{*x, or_empty(y), or_empty(gate), or_empty(shift), or_empty(scale), or_empty(r), or_empty(out),
                          mean, rstd, T, ck.rows, static_cast<int>(ck.chunks), static_cast<int>(D), 1.f / D, eps};
-  kernel<<<B * ck.chunks, threads_for(D), 0, static_cast<cudaStream_t>(stream)>>>(params);
+  launch(kernel, unsigned(B * ck.chunks), threads_for(D), 0, stream, params);
   return launch_status();
 }
 
@@ -491,12 +491,11 @@ extern "C" int fastdit_rows_backward(const fastdit_rows_tensor* grad_out, const 
   const BwdParams params{or_empty(grad_out), or_empty(r), or_empty(scale), or_empty(grad_r), or_empty(y), or_empty(gate),
                          or_empty(dx), or_empty(dy), mean, rstd, partial, B, T, rows, static_cast<int>(chunks),
                          static_cast<int>(D), 1.f / D};
-  const auto s = static_cast<cudaStream_t>(stream);
-  kernel<<<B * chunks, threads_for(D), 0, s>>>(params);
+  launch(kernel, unsigned(B * chunks), threads_for(D), 0, stream, params);
   if (const int err = launch_status()) return err;
   const int64_t n_rows = ((norm ? 2 : 0) + (res ? 1 : 0)) * B;
   constexpr int kThreads = 128;
   const dim3 grid(static_cast<unsigned>(ceil_div(D, kThreads)), static_cast<unsigned>(std::min<int64_t>(n_rows, 65535)));
-  sum_chunks<<<grid, kThreads, 0, s>>>(partial, sums, n_rows, static_cast<int>(chunks), static_cast<int>(D));
+  launch(sum_chunks, grid, kThreads, 0, stream, partial, sums, n_rows, static_cast<int>(chunks), static_cast<int>(D));
   return launch_status();
 }
