@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LIB_NAME = "libfastdit_kernels.so"
 PACKAGE_DIR = ROOT / "fastdit" / "_native"  # where fastdit looks for the library by default
 ENV = "FASTDIT_BUILD_NATIVE"
-HOW_TO_BUILD = "pip install -e . with nvcc and cmake on PATH (FASTDIT_BUILD_NATIVE=1 makes a missing one an error)"
 
 
 class BuildError(RuntimeError):
@@ -27,14 +26,20 @@ class BuildError(RuntimeError):
 
 
 def find_nvcc(env=os.environ):
-    """nvcc on PATH, else under CUDA_HOME / CUDA_PATH / /usr/local/cuda; None if none."""
+    """nvcc on PATH, else in $CUDA_HOME (or $CUDA_PATH, or /usr/local/cuda)/bin; None if neither."""
     found = shutil.which("nvcc", path=env.get("PATH"))
     if found:
         return found
-    for root in (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "bin" / "nvcc").is_file():
-            return str(Path(root) / "bin" / "nvcc")
-    return None
+    nvcc = Path(env.get("CUDA_HOME") or env.get("CUDA_PATH") or "/usr/local/cuda") / "bin" / "nvcc"
+    return str(nvcc) if nvcc.is_file() else None
+
+
+def cuda_include_dir(env=os.environ):
+    """The CUDA toolkit's headers (cuda_runtime.h): next to nvcc, else in $CUDA_HOME (...)/include."""
+    candidates = [Path(env.get("CUDA_HOME") or env.get("CUDA_PATH") or "/usr/local/cuda") / "include"]
+    if find_nvcc(env):
+        candidates.insert(0, Path(find_nvcc(env)).resolve().parent.parent / "include")
+    return next((d for d in candidates if (d / "cuda_runtime.h").is_file()), None)
 
 
 def decide(env=os.environ):

@@ -86,9 +86,13 @@ def library():
     return load(library_path())
 
 
-def check_available():
-    """Raise NativeUnavailable unless the library loads."""
-    library()
+def check_device(name, device):
+    """Raise unless `device` is a CUDA device: the native kernels run on NVIDIA GPUs only."""
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"{name} is on {device}, and the cuda backend (FASTDIT_BACKEND=cuda) runs fastdit's native kernels "
+            "on CUDA tensors only; use the auto, triton or reference backend for it"
+        )
 
 
 def check_width(D):

@@ -64,7 +64,7 @@ def offset64(i, stride_i, j, stride_j):
 
 def use_triton(name, t):
     """Whether an op runs its Triton kernels on `t` (raising if they cannot run there) or the reference."""
-    if resolve(t.device) == "reference":
+    if resolve(t.device, name) == "reference":
         return False
     check_device(name, t)
     return True
