@@ -42,6 +42,16 @@ def use_backend(name):
         stack.pop()
 
 
+def kernels(impl, triton_launchers):
+    """The launchers an op's custom ops call for `impl`: the native kernels' (fastdit.ops._native)
+    for 'cuda', else `triton_launchers` (_rows or _layout); both offer the same functions."""
+    if impl == "cuda":
+        from . import _native
+
+        return _native
+    return triton_launchers
+
+
 def resolve(device, name="the input"):
     """The implementation ('reference', 'triton' or 'cuda') an op runs for its input `name` on `device`."""
     backend = get_backend()
