@@ -40,9 +40,37 @@ __device__ __forceinline__ float round_as(int32_t dtype, float v) {
 
 // ---- 8 consecutive elements as 16-byte accesses (p 16-byte aligned) ----------------------------
 
-template <typename T> __device__ __forceinline__ void load8_vec(const T* p, float (&v)[8]);
-template <typename T> __device__ __forceinline__ void store8_vec(T* p, const float (&v)[8]);
+// Two 16-bit floats in 32 bits (__half2, __nv_bfloat162) and their conversions.
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __half22float2(v); }
+  static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <> struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
 
+// 16-bit T: one 16-byte access; float: two (specialised below).
+template <typename T> __device__ __forceinline__ void load8_vec(const T* p, float (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const auto* pairs = reinterpret_cast<const typename Pair<T>::type*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = Pair<T>::to_float2(pairs[k]);
+    v[2 * k] = f.x;
+    v[2 * k + 1] = f.y;
+  }
+}
+template <typename T> __device__ __forceinline__ void store8_vec(T* p, const float (&v)[8]) {
+  uint4 u;
+  auto* pairs = reinterpret_cast<typename Pair<T>::type*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) pairs[k] = Pair<T>::from_floats(v[2 * k], v[2 * k + 1]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
 template <> __device__ __forceinline__ void load8_vec<float>(const float* p, float (&v)[8]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
@@ -50,38 +78,6 @@ template <> __device__ __forceinline__ void load8_vec<float>(const float* p, flo
 template <> __device__ __forceinline__ void store8_vec<float>(float* p, const float (&v)[8]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-template <> __device__ __forceinline__ void load8_vec<__half>(const __half* p, float (&v)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 f = __half22float2(h[k]);
-    v[2 * k] = f.x; v[2 * k + 1] = f.y;
-  }
-}
-template <> __device__ __forceinline__ void store8_vec<__half>(__half* p, const float (&v)[8]) {
-  uint4 u;
-  __half2* h = reinterpret_cast<__half2*>(&u);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
-  *reinterpret_cast<uint4*>(p) = u;
-}
-template <> __device__ __forceinline__ void load8_vec<__nv_bfloat16>(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 f = __bfloat1622float2(h[k]);
-    v[2 * k] = f.x; v[2 * k + 1] = f.y;
-  }
-}
-template <> __device__ __forceinline__ void store8_vec<__nv_bfloat16>(__nv_bfloat16* p, const float (&v)[8]) {
-  uint4 u;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
-  *reinterpret_cast<uint4*>(p) = u;
 }
 
 // Calls f(p) with `data` cast to the element type of a runtime dtype code (const kept).

@@ -7,7 +7,7 @@ from fastdit import ops
 from fastdit.ops import _native, _rows, _triton_utils
 from fastdit.ops._triton_utils import triton
 from tests.helpers import DTYPES, assert_close, reference_pair
-from tests.native_helpers import use_emulated_native
+from tests.native_helpers import use_built_native, use_emulated_native
 
 # triton: the Triton kernels (interpreted on CPU tensors); cuda: the native kernels on a GPU;
 # cuda_emulated: without a GPU, the native kernels' sources run on the CPU (tests/native_emulation).
@@ -21,10 +21,7 @@ def kernel_backend(request, monkeypatch):
     if name == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU (without one, cuda_emulated runs the same kernel sources)")
-        try:
-            _native.library()
-        except _native.NativeUnavailable as e:
-            pytest.skip(str(e))
+        use_built_native(monkeypatch)
     elif name == "cuda_emulated":
         if torch.cuda.is_available():
             pytest.skip("a GPU runs the real native kernels (cuda)")

@@ -3,11 +3,12 @@ same CMake recipe), and, without a GPU, the same kernel sources compiled as C++ 
 (tests/native_emulation), so CI checks the kernels' logic and not only that they compile."""
 import contextlib
 import functools
-import importlib.util
+import runpy
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,14 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
 
 
-def _load_build_module():
-    spec = importlib.util.spec_from_file_location("fastdit_native_build", KERNELS / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build_module()
+build = SimpleNamespace(**runpy.run_path(str(KERNELS / "build.py")))  # kernels/build.py: outside the package
 
 
 def _newest_source():
@@ -71,6 +65,12 @@ def require(found):
     if path is None:
         pytest.skip(why)
     return path
+
+
+def use_built_native(monkeypatch):
+    """Until monkeypatch undoes it, the cuda backend runs built_library() (skip if there is none)."""
+    lib = _native.load(require(built_library()))
+    monkeypatch.setattr(_native, "library", lambda: lib)
 
 
 def use_emulated_native(monkeypatch):
