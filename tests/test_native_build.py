@@ -77,6 +77,16 @@ def test_library_loads_with_its_abi(library):
     assert _native.load(library).fastdit_abi_version() == _native.ABI_VERSION
 
 
+def test_python_constants_match_the_c_header():
+    header = (ROOT / "kernels" / "fastdit_kernels.h").read_text()
+    defines = {k: int(v) for k, v in re.findall(r"#define (FASTDIT_\w+) (\d+)", header)}
+    codes = {k: int(v) for k, v in re.findall(r"FASTDIT_(F32|F16|BF16) = (\d+)", header)}
+    assert (defines["FASTDIT_ABI_VERSION"], defines["FASTDIT_ROWS_MAX_D"], defines["FASTDIT_LAYOUT_MAX_F"]) == (
+        _native.ABI_VERSION, _native.MAX_D, _native.MAX_F
+    )
+    assert codes == {"F32": _native.DTYPE_CODES[torch.float32], "F16": _native.DTYPE_CODES[torch.float16], "BF16": _native.DTYPE_CODES[torch.bfloat16]}
+
+
 def run_setup(*args, **env):
     """python setup.py ARGS in the checkout, with env added to a PATH that holds python alone."""
     path = str(Path(sys.executable).parent)

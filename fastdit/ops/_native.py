@@ -43,7 +43,7 @@ class RowsTensor(ctypes.Structure):
 
 
 _T = ctypes.POINTER(RowsTensor)
-_I64, _F32P, _VOIDP = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
+_I64, _VOIDP = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {  # name -> (restype, argtypes)
     "fastdit_abi_version": (ctypes.c_int, []),
     "fastdit_error_string": (ctypes.c_char_p, [ctypes.c_int]),
