@@ -1,6 +1,7 @@
 """The native CUDA kernels in tests: the library pip install built (or a fresh build through the
 same CMake recipe), and, without a GPU, the same kernel sources compiled as C++ and run on the CPU
 (tests/native_emulation), so CI checks the kernels' logic and not only that they compile."""
+import atexit
 import contextlib
 import functools
 import runpy
@@ -21,6 +22,13 @@ KERNELS = ROOT / "kernels"
 build = SimpleNamespace(**runpy.run_path(str(KERNELS / "build.py")))  # kernels/build.py: outside the package
 
 
+def _session_dir(prefix):
+    """A temporary folder removed when the test session's process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def _newest_source():
     sources = [*KERNELS.glob("*.cu"), *KERNELS.glob("*.cuh"), *KERNELS.glob("*.h"), ROOT / "CMakeLists.txt"]
     return max(p.stat().st_mtime for p in sources)
@@ -37,7 +45,7 @@ def built_library():
     tools, why = build.decide()
     if tools is None:
         return None, why
-    out = Path(tempfile.mkdtemp(prefix="fastdit-native-"))
+    out = _session_dir("fastdit-native-")
     return build.build(out / "lib", out / "build", *tools), None
 
 
@@ -49,7 +57,7 @@ def emulated_library():
     if cxx is None or include is None:
         return None, "g++ or the CUDA toolkit's headers not found"
     emulation = Path(__file__).resolve().parent / "native_emulation"
-    out = Path(tempfile.mkdtemp(prefix="fastdit-emulated-")) / "libfastdit_kernels_emulated.so"
+    out = _session_dir("fastdit-emulated-") / "libfastdit_kernels_emulated.so"
     subprocess.run(
         [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wl,--no-undefined", "-include", str(emulation / "emulation.h"),
          "-I", str(KERNELS), "-I", str(include), "-x", "c++", *(str(KERNELS / f) for f in ("api.cu", "rows.cu", "layout.cu")),
