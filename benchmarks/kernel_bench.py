@@ -5,6 +5,8 @@ Each suite times, per case (shape) and mode, every implementation side by side i
   eager    fastdit.reference in PyTorch eager
   compile  torch.compile(fastdit.reference), compiled for the case's static shapes
   triton   fastdit.ops.<op> on the triton backend
+  cuda     fastdit.ops.<op> on the cuda backend (the native kernels of kernels/); where they cannot
+           run, a row saying why: "not built" (no library), "needs a CUDA GPU" (CPU smoke mode)
   apex     (ops with a LayerNorm) NVIDIA apex FusedLayerNorm + eager modulate (+ eager gated
            residual); where apex is not importable, a row with status "not installed"
 Modes: "fwd" (the forward alone, no autograd graph: inference), "bwd" (the backward alone, from a
@@ -21,18 +23,19 @@ reduced vector) counts against them.
 Rows (harness.memory_bound_row / harness.not_installed), one per (case, mode, impl):
   suite       the op's name, e.g. "modulate_layer_norm"
   case        "B=256,T=256,D=1152" (row ops) or "B=256,C=4,H=32,W=32,p=2" (layout ops)
-  impl        eager | compile | triton | apex
+  impl        eager | compile | triton | cuda | apex
   mode        fwd | bwd | fwd+bwd
   dtype       "bfloat16"
   B, T, D, tokens   batch, tokens per image, features per token (layout ops: C*p*p), B*T
   ms, spread_ms, bytes, gbs, pct_copy_bw   time (median of two timings, and their difference),
               bytes moved, GB/s and % of the measured copy bandwidth (None in smoke mode)
-  status      why a row has no time (e.g. "not installed")
+  status      why a row has no time (e.g. "not installed", "not built")
 """
 import torch
 
 from benchmarks import harness
 from fastdit import ops
+from fastdit.ops import _native
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPE = torch.bfloat16
@@ -48,19 +51,28 @@ def cases(shapes, smoke_shape, impls):
 
 
 def implementations(op, ref, **third_party):
-    """{impl name: factory(case, D) -> the callable to time, or None where it cannot run}."""
+    """{impl name: factory(case, D) -> the callable to time, or None ("not installed") or a string
+    (why not) where it cannot run}."""
 
-    def triton(case, D):
+    def on_backend(name):
         def run(*args):
-            with ops.use_backend("triton"):
+            with ops.use_backend(name):
                 return op(*args)
 
         return run
 
+    def cuda(case, D):
+        try:
+            _native.library()
+        except _native.NativeUnavailable:
+            return "not built"
+        return on_backend("cuda") if harness.DEVICE == "cuda" else "needs a CUDA GPU"
+
     return {
         "eager": lambda case, D: ref,
         "compile": lambda case, D: compiled_reference(ref, case),
-        "triton": triton,
+        "triton": lambda case, D: on_backend("triton"),
+        "cuda": cuda,
         **third_party,
     }
 
@@ -124,12 +136,13 @@ def timed_call(fn, make_inputs, mode, set_bytes):
 
 
 def measure(benchmark, suite, case, fields, impl, fn, make_inputs, mode, nbytes):
-    """Time `fn` (None: not installed) in `mode` under pytest-benchmark and record its row."""
+    """Time `fn` (None: not installed; a string: why it cannot run) in `mode` under pytest-benchmark
+    and record its row."""
 
     def run():
         extra = dict(mode=mode, dtype=str(DTYPE).replace("torch.", ""), **fields)
-        if fn is None:
-            return harness.record(suite, case=case, impl=impl, ms=None, status="not installed", **extra)
+        if fn is None or isinstance(fn, str):
+            return harness.record(suite, case=case, impl=impl, ms=None, status=fn or "not installed", **extra)
         ms, spread = harness.time_ms(timed_call(fn, make_inputs, mode, nbytes))
         return harness.memory_bound_row(suite, case, impl, ms, spread, nbytes, **extra)
 

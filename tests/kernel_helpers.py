@@ -1,13 +1,18 @@
-"""What the Triton kernel tests share: the triton backend, NaN-poisoned buffers, and one check of an
+"""What the kernel tests share: the backend under test, NaN-poisoned buffers, and one check of an
 op (outputs and every gradient) against fastdit.reference by the DESIGN.md rule."""
 import numpy as np
 import pytest
 import torch
 
 from fastdit import ops
-from fastdit.ops import _rows, _triton_utils
+from fastdit.ops import _native, _rows, _triton_utils
 from fastdit.ops._triton_utils import INTERPRET, tl, triton
 from tests.helpers import DTYPES, assert_close, reference_pair
+from tests.native_helpers import use_built_native, use_emulated_native
+
+# triton: the Triton kernels (interpreted on CPU tensors); cuda: the native kernels on a GPU;
+# cuda_emulated: without a GPU, the native kernels' sources run on the CPU (tests/native_emulation).
+KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu), "cuda_emulated"]
 
 
 @pytest.fixture
@@ -62,7 +67,25 @@ def triton_backend(monkeypatch):
         yield
 
 
-KERNEL_FIXTURES = pytest.mark.usefixtures("triton_backend", "poisoned")
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request, monkeypatch):
+    """Runs the test on each backend in KERNEL_BACKENDS that this machine has; yields its name."""
+    name = request.param
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (without one, cuda_emulated runs the same kernel sources)")
+        use_built_native(monkeypatch)
+    elif name == "triton":
+        round_bfloat16_like_the_gpu(monkeypatch)
+    elif name == "cuda_emulated":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU runs the real native kernels (cuda)")
+        use_emulated_native(monkeypatch)
+    with ops.use_backend("triton" if name == "triton" else "cuda"):
+        yield name
+
+
+KERNEL_FIXTURES = pytest.mark.usefixtures("kernel_backend", "poisoned")
 
 
 def run_op(fn, inputs, grad_out):
@@ -108,6 +131,12 @@ def upstream_grad(kind, shape, dtype, device):
     return torch.randn(1, T, D, dtype=dtype, device=device).expand(shape)
 
 
+def row_inputs(names, B, T, D, dtype, device, vec_dtype=None):
+    """A row op's inputs in the order of `names`: x and y (B, T, D), the others (B, D) adaLN views."""
+    rows = iter(adaln_rows(B, D, len(names), vec_dtype or dtype, device))
+    return [torch.randn(B, T, D, dtype=dtype, device=device) if n in "xy" else next(rows) for n in names]
+
+
 SHAPES = [(1, 1, 72), (3, 5, 216), (2, 9, 1152)]  # (B, T, D): T = 1, odd B, D = 72k not a power of two
 
 
@@ -115,6 +144,22 @@ def gpu_like_blocking(B, T, D, device, programs_per_sm):
     """The GPU's launch shape in miniature: 2-row tiles, 4 tokens per program, several chunks per
     batch element (the interpreter's own choice is one program per batch element)."""
     return _rows.Blocking(2, triton.next_power_of_2(D), 4, -(-T // 4), 4)
+
+
+def several_chunks(backend, monkeypatch):
+    """Tokens T at which `backend` splits each batch element into several chunks, the last one
+    ragged: the Triton kernels with gpu_like_blocking; the native ones (backward chunks hold >= 32
+    tokens) at T = 70, on an emulated device with enough multiprocessors to want the split."""
+    if backend == "triton":
+        monkeypatch.setattr(_rows, "blocking", gpu_like_blocking)
+        return 11
+    monkeypatch.setenv("FASTDIT_EMULATED_SMS", "64")
+    return 70
+
+
+def max_width(backend):
+    """The widest row D the backend's row kernels take."""
+    return _rows.MAX_D if backend == "triton" else _native.MAX_D
 
 
 class RowOpTests:
@@ -125,8 +170,7 @@ class RowOpTests:
     op = ref = names = None
 
     def inputs(self, B, T, D, dtype, device, vec_dtype=None):
-        rows = iter(adaln_rows(B, D, len(self.names), vec_dtype or dtype, device))
-        return [torch.randn(B, T, D, dtype=dtype, device=device) if n in "xy" else next(rows) for n in self.names]
+        return row_inputs(self.names, B, T, D, dtype, device, vec_dtype)
 
     def scaled_inputs(self, factor, B, T, D, dtype, device):
         """inputs() with the (B, T, D) rows, x and y, multiplied by factor."""
@@ -174,18 +218,18 @@ class RowOpTests:
         self.check(inputs, [upstream_grad(kind, (3, 4, 72), torch.float32, device) for _ in range(self.n_outputs(inputs))])
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-    def test_gpu_blocking_is_correct_and_deterministic(self, dtype, device, monkeypatch):
-        # several chunks per batch element, several tiles per chunk and a ragged last tile (T = 11)
-        monkeypatch.setattr(_rows, "blocking", gpu_like_blocking)
-        inputs = self.inputs(3, 11, 216, dtype, device)
-        grad_out = [torch.randn(3, 11, 216, dtype=dtype, device=device) for _ in range(self.n_outputs(inputs))]
+    def test_gpu_blocking_is_correct_and_deterministic(self, dtype, device, monkeypatch, kernel_backend):
+        # several chunks per batch element, several tiles (or row pairs) per chunk, a ragged last one
+        T = several_chunks(kernel_backend, monkeypatch)
+        inputs = self.inputs(3, T, 216, dtype, device)
+        grad_out = [torch.randn(3, T, 216, dtype=dtype, device=device) for _ in range(self.n_outputs(inputs))]
         outs, grads = self.check(inputs, grad_out)
         again_outs, again_grads = run_op(type(self).op, inputs, grad_out)
         for a, b in zip([*outs, *grads], [*again_outs, *again_grads]):
             assert torch.equal(a, b), "two runs differ: the reductions must be deterministic"
 
-    def test_rejects_rows_wider_than_the_kernels(self, device):
-        D = _rows.MAX_D + 1
+    def test_rejects_rows_wider_than_the_kernels(self, device, kernel_backend):
+        D = max_width(kernel_backend) + 1
         with pytest.raises(ValueError, match=f"D={D} exceeds"):
             type(self).op(*self.inputs(1, 1, D, torch.float32, device))
 

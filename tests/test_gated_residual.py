@@ -1,8 +1,8 @@
-"""fastdit.ops.gated_residual's Triton kernels against fastdit.reference (interpreted on CPU)."""
+"""fastdit.ops.gated_residual's Triton and native CUDA kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
 import torch
 
 from fastdit import ops, reference
-from tests.kernel_helpers import KERNEL_FIXTURES, RowOpTests, poisoned, triton_backend  # noqa: F401 (fixtures)
+from tests.kernel_helpers import KERNEL_FIXTURES, RowOpTests, kernel_backend, poisoned  # noqa: F401 (fixtures)
 
 
 @KERNEL_FIXTURES

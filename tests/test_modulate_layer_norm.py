@@ -1,9 +1,9 @@
-"""fastdit.ops.modulate_layer_norm's Triton kernels against fastdit.reference (interpreted on CPU)."""
+"""fastdit.ops.modulate_layer_norm's Triton and native CUDA kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
 import torch
 
 from fastdit import ops, reference
 from fastdit.ops._triton_utils import offset64, tl, triton
-from tests.kernel_helpers import KERNEL_FIXTURES, RowOpTests, poisoned, triton_backend  # noqa: F401 (fixtures)
+from tests.kernel_helpers import KERNEL_FIXTURES, RowOpTests, kernel_backend, poisoned  # noqa: F401 (fixtures)
 
 
 @KERNEL_FIXTURES

@@ -50,7 +50,7 @@ def test_backend_selection(monkeypatch):
         with ops.use_backend("tpu"):
             pass
     monkeypatch.setenv("FASTDIT_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="native extension"):
+    with pytest.raises(RuntimeError, match="the input is on cpu, and the cuda backend"):
         _dispatch.resolve(cpu)
 
 

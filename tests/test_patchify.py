@@ -1,10 +1,10 @@
-"""fastdit.ops.patchify's Triton layout kernel against fastdit.reference (interpreted on CPU)."""
+"""fastdit.ops.patchify's Triton and native CUDA layout kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
 import pytest
 import torch
 
 from fastdit import ops, reference
 from tests.helpers import DTYPES
-from tests.kernel_helpers import KERNEL_FIXTURES, check_exact, poisoned, triton_backend  # noqa: F401 (fixtures)
+from tests.kernel_helpers import KERNEL_FIXTURES, check_exact, kernel_backend, poisoned  # noqa: F401 (fixtures)
 
 pytestmark = KERNEL_FIXTURES
 

@@ -3,7 +3,8 @@
   auto       Triton kernels on CUDA tensors, the pure-PyTorch reference on CPU tensors (default)
   reference  fastdit.reference everywhere
   triton     the Triton kernels everywhere; on CPU tensors through Triton's interpreter
-  cuda       the native extension fastdit._C (optional; an error when it is not built)
+  cuda       fastdit's native CUDA kernels (kernels/, fastdit/ops/_native.py) on CUDA tensors; an error
+             naming what is missing where they cannot run (no library built, a CPU tensor)
 """
 import contextlib
 import os
@@ -41,14 +42,24 @@ def use_backend(name):
         stack.pop()
 
 
-def resolve(device):
-    """The implementation ('reference', 'triton' or 'cuda') an op runs for tensors on `device`."""
+def kernels(impl, triton_launchers):
+    """The launchers an op's custom ops call for `impl`: the native kernels' (fastdit.ops._native)
+    for 'cuda', else `triton_launchers` (_rows or _layout); both offer the same functions."""
+    if impl == "cuda":
+        from . import _native
+
+        return _native
+    return triton_launchers
+
+
+def resolve(device, name="the input"):
+    """The implementation ('reference', 'triton' or 'cuda') an op runs for its input `name` on `device`."""
     backend = get_backend()
     if backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if backend == "cuda":
-        raise RuntimeError(
-            "FASTDIT_BACKEND=cuda needs fastdit's native extension (fastdit._C), which is not "
-            "built in this installation; use 'auto' or 'triton'"
-        )
+        from . import _native  # the library loads on the cuda backend's first use, not on import
+
+        _native.check_device(name, device)
+        _native.library()
     return backend

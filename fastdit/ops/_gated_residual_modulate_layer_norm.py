@@ -1,6 +1,7 @@
 """gated_residual_modulate_layer_norm: a gated residual and the LayerNorm+modulate after it, in one pass.
 
-Triton: the row kernels of _rows.py with both the residual and the norm. The forward reads x,
+Kernels (impl): the row kernels of _rows.py (Triton) or _native.py (CUDA) with both the residual
+and the norm. The forward reads x,
 y (and b's gate, shift, scale rows) once and writes r and the modulated output; the backward
 saves r (an output the caller keeps anyway), y, gate, scale and the per-row fp32 mean and rstd,
 and writes dx, dy and the partial sums of d-gate, d-shift and d-scale in one pass.
@@ -11,38 +12,39 @@ from torch import Tensor
 from .. import reference
 from . import _rows
 from ._checks import check_eps, check_like, check_rows
-from ._triton_utils import use_triton
+from ._dispatch import kernels
+from ._triton_utils import implementation
 
 
 @torch.library.custom_op("fastdit::gated_residual_modulate_layer_norm_fwd", mutates_args=())
 def _fwd(
-    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _rows.forward(x, y=y, gate=gate, shift=shift, scale=scale, eps=eps)  # r, out (B, T, D); mean, rstd (B, T)
+    return kernels(impl, _rows).forward(x, y=y, gate=gate, shift=shift, scale=scale, eps=eps)  # r, out (B, T, D); mean, rstd (B, T)
 
 
 @_fwd.register_fake
-def _(x, y, gate, shift, scale, eps):
+def _(x, y, gate, shift, scale, eps, impl):
     return _rows.forward_buffers(x, y=y, gate=gate, shift=shift, scale=scale)
 
 
 @torch.library.custom_op("fastdit::gated_residual_modulate_layer_norm_bwd", mutates_args=())
 def _bwd(
     grad_r: Tensor, grad_out: Tensor, r: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor,
-    rstd: Tensor, x_dtype: torch.dtype,
+    rstd: Tensor, x_dtype: torch.dtype, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    return _rows.backward(
+    return kernels(impl, _rows).backward(
         x_dtype, grad_out=grad_out, r=r, scale=scale, mean=mean, rstd=rstd, grad_r=grad_r, y=y, gate=gate
     )  # dx, dy (B, T, D); (3, B, D) fp32: d-shift, d-scale, d-gate
 
 
 @_bwd.register_fake
-def _(grad_r, grad_out, r, y, gate, scale, mean, rstd, x_dtype):
+def _(grad_r, grad_out, r, y, gate, scale, mean, rstd, x_dtype, impl):
     return _rows.backward_fake(x_dtype, grad_out=grad_out, grad_r=grad_r, y=y)
 
 
 def _setup(ctx, inputs, output):
-    x, y, gate, shift, scale, _ = inputs
+    x, y, gate, shift, scale, _, ctx.impl = inputs
     r, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(r, y, gate, scale, mean, rstd)
@@ -52,8 +54,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_r, grad_out, _grad_mean, _grad_rstd):
     r, y, gate, scale, mean, rstd = ctx.saved_tensors
     x_dtype, shift_dtype = ctx.dtypes
-    dx, dy, sums = _bwd(grad_r, grad_out, r, y, gate, scale, mean, rstd, x_dtype)
-    return dx, dy, sums[2].to(gate.dtype), sums[0].to(shift_dtype), sums[1].to(scale.dtype), None
+    dx, dy, sums = _bwd(grad_r, grad_out, r, y, gate, scale, mean, rstd, x_dtype, ctx.impl)
+    return dx, dy, sums[2].to(gate.dtype), sums[0].to(shift_dtype), sums[1].to(scale.dtype), None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
@@ -70,8 +72,9 @@ def gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps=1e-6):
     check_rows(x, "x", {"gate": gate, "shift": shift, "scale": scale})
     check_like("y", y, x)
     check_eps(eps)
-    if not use_triton("x", x):
+    impl = implementation("x", x)
+    if impl == "reference":
         return reference.gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps)
-    _rows.check_width(x.shape[-1])
-    r, out, _, _ = _fwd(x, y, gate, shift, scale, float(eps))
+    kernels(impl, _rows).check_width(x.shape[-1])
+    r, out, _, _ = _fwd(x, y, gate, shift, scale, float(eps), impl)
     return r, out

@@ -62,12 +62,13 @@ def offset64(i, stride_i, j, stride_j):
     return i.to(tl.int64) * stride_i + j.to(tl.int64) * stride_j
 
 
-def use_triton(name, t):
-    """Whether an op runs its Triton kernels on `t` (raising if they cannot run there) or the reference."""
-    if resolve(t.device) == "reference":
-        return False
-    check_device(name, t)
-    return True
+def implementation(name, t):
+    """What an op runs on its input `name` = t: 'reference', 'triton' or 'cuda' (raising where the
+    kernels cannot run there). The custom ops take it as their `impl` argument."""
+    impl = resolve(t.device, name)
+    if impl == "triton":
+        check_device(name, t)
+    return impl
 
 
 # Tile sizes (elements of a BLOCK_T x BLOCK_COLS program tile). On the GPU, 4096 elements over 8
