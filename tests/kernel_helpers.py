@@ -59,14 +59,6 @@ def round_bfloat16_like_the_gpu(monkeypatch):
     monkeypatch.setattr(builder, "cast_impl", cast_to_nearest)
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """The triton backend, its interpreted kernels rounding to bfloat16 as on the GPU."""
-    round_bfloat16_like_the_gpu(monkeypatch)
-    with ops.use_backend("triton"):
-        yield
-
-
 @pytest.fixture(params=KERNEL_BACKENDS)
 def kernel_backend(request, monkeypatch):
     """Runs the test on each backend in KERNEL_BACKENDS that this machine has; yields its name."""
