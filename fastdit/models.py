@@ -5,16 +5,24 @@ and shapes, the same initialisation (and the same random draws, so a seed gives 
 weights). What differs is the forward: patch embedding, LayerNorm+modulate, gated residuals,
 attention and unpatchify go through `fastdit.ops`, and each block's closing gated residual is
 fused with the LayerNorm+modulate that opens the next block (or the final layer).
+
+Between the fused ops only GEMMs and attention remain, each feeding the next op directly:
+  - adaLN: one GEMM computes every block's and the final layer's modulation (DiT._modulations);
+  - attention: the qkv GEMM adds its bias in the GEMM (addmm), and its output viewed
+    (B, T, 3, H, Dh) is what attention reads, no head-split copy; proj's output goes straight into
+    the fused gated residual + LayerNorm+modulate;
+  - MLP: without autograd (sampling) on CUDA, fc1's bias and tanh-GELU run in the GEMM's epilogue
+    (_linear_gelu_tanh); fc2's output is the next fused op's input.
 """
 import math
 import numbers
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from . import ops
 from ._validate import check_positive_int
@@ -185,6 +193,36 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _mlp(mlp, x):
+    """mlp(x) (B, T, D) -> (B, T, D); fc1 + GELU as one GEMM where the epilogue applies (see _linear_gelu_tanh)."""
+    if x.is_cuda and not torch.is_grad_enabled() and type(mlp.fc1) is nn.Linear:
+        return mlp.fc2(_linear_gelu_tanh(x, mlp.fc1.weight, mlp.fc1.bias))
+    return mlp(x)
+
+
+def _linear_gelu_tanh(x, weight, bias):
+    """gelu(x W^T + b, approximate='tanh') in one cuBLASLt GEMM: the bias add and GELU run in fp32 in the
+    epilogue, then one rounding to the GEMM's dtype (the unfused GEMM rounds h, then GELU rounds again).
+
+    CUDA only, and without autograd: on CUDA torch._addmm_activation's GELU is the tanh approximation
+    (the Lt epilogue, or its explicit "tanh" fallback); on the CPU it is the exact erf GELU. Training
+    keeps fc1 and GELU apart because GELU's backward needs the pre-activation, which this epilogue
+    does not return (cuBLASLt's GELU_AUX epilogue would, but torch does not expose it): fusing would
+    cost a second fc1 GEMM in the backward. Without autograd it saves writing and re-reading the
+    (B, T, 4D) pre-activation, 4 bytes per element in bf16: ~17 GB per DiT-XL/2 forward of 2 x 64
+    images at 256^2 (predicted, unmeasured: ~4 ms of a ~50 ms sampling step at ~4.5 TB/s).
+    """
+    dtype = _gemm_dtype(x)  # autocast does not list _addmm_activation: cast as it would for a linear
+    h = torch._addmm_activation(bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype).t(), use_gelu=True)
+    return h.view(*x.shape[:-1], h.shape[-1])  # (B, T, 4D)
+
+
+def _gemm_dtype(t):
+    """The dtype a GEMM on t computes in: autocast's where it is on, else t's."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 class DiTBlock(nn.Module):
     """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
@@ -197,21 +235,55 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c, pending=None, defer_residual=False):
+    def forward(self, x, c, pending=None, defer_residual=False, modulation=None):
         """x (B, T, D), c (B, D) -> x (B, T, D): the official block.
 
         DiT.forward chains blocks differently, to fuse every gated residual with the
         LayerNorm+modulate after it: with defer_residual=True the block leaves its closing residual
         undone and returns (x, (y, gate)); the next block (or the final layer) receives that as
-        `pending` and applies it fused with its opening LayerNorm+modulate.
+        `pending` and applies it fused with its opening LayerNorm+modulate. `modulation`: this
+        block's adaLN_modulation(c) (B, 6D) when the caller computed it already (DiT._modulations).
         """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if modulation is None:
+            modulation = self.adaLN_modulation(c)  # (B, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
         x, h = _norm_after(x, pending, shift_msa, scale_msa, self.norm1.eps)  # (B, T, D) each
         x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
-        y = self.mlp(h)  # (B, T, D)
+        y = _mlp(self.mlp, h)  # (B, T, D)
         if defer_residual:
             return x, (y, gate_mlp)
         return ops.gated_residual(x, y, gate_mlp)
+
+
+CHECKPOINTING = {False: False, "none": False, True: "full", "full": "full", "selective": "selective"}
+# Ops whose outputs selective checkpointing keeps: GEMMs (fp8 ones too) and attention (any backend's op).
+_GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+          torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}
+
+
+def _keep_gemm_and_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing's policy: save what is expensive to recompute, recompute the rest.
+
+    Saved: GEMM and attention outputs, and autocast's casts of parameters (what the GEMMs' backward
+    reads anyway; recomputing them would re-read every fp32 weight). Recomputed: everything else,
+    all memory-bound: LayerNorm+modulate and the gated residuals (fused ops), GELU, activation casts.
+    """
+    if op in _GEMMS or "attention" in str(op) or "attn" in str(op):
+        return CheckpointPolicy.MUST_SAVE
+    if op is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_keep_gemm_and_attention_outputs = partial(create_selective_checkpoint_contexts, _keep_gemm_and_attention)
+
+
+def _is_dtensor(t):
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _norm_after(x, pending, shift, scale, eps):
@@ -228,9 +300,12 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c, pending=None):
-        """x (B, T, D), c (B, D) -> (B, T, p*p*C); `pending`: a block's deferred residual (see DiTBlock)."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x, c, pending=None, modulation=None):
+        """x (B, T, D), c (B, D) -> (B, T, p*p*C); `pending`: a block's deferred residual, `modulation`:
+        adaLN_modulation(c) (B, 2D) if already computed (see DiTBlock)."""
+        if modulation is None:
+            modulation = self.adaLN_modulation(c)  # (B, 2D)
+        shift, scale = modulation.chunk(2, dim=1)
         _, h = _norm_after(x, pending, shift, scale, self.norm_final.eps)
         return self.linear(h)
 
@@ -308,8 +383,16 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def set_gradient_checkpointing(self, enabled=True):
-        """Recompute each block's activations in the backward instead of storing them."""
-        self.gradient_checkpointing = enabled
+        """Trade compute for activation memory in training (the same values and gradients either way).
+
+        True or "full": keep only each block's inputs and recompute the whole block in the backward
+        (about a third more FLOPs). "selective": keep the outputs of the GEMMs and attention and
+        recompute only the cheap memory-bound ops between them (LayerNorm+modulate, the gated
+        residuals, GELU, casts of activations). False or "none": keep everything.
+        """
+        if enabled not in CHECKPOINTING:
+            raise ValueError(f"gradient checkpointing must be one of {', '.join(map(repr, CHECKPOINTING))}, got {enabled!r}")
+        self.gradient_checkpointing = CHECKPOINTING[enabled]
         return self
 
     def _check_inputs(self, x, t, y):
@@ -366,14 +449,41 @@ class DiT(nn.Module):
         grid = self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self._pos_embed(grid, self.pos_embed)  # (N, T, D), T = H * W / p**2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        *mods, final_mod = self._modulations(c)  # (N, 6D) per block, (N, 2D); or None each
         pending = None  # each block's closing residual, applied fused into the next LayerNorm+modulate
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, pending = checkpoint(block, x, c, pending, True, use_reentrant=False)
-            else:
-                x, pending = block(x, c, pending, defer_residual=True)  # (N, T, D), ((N, T, D), (N, D))
-        x = self.final_layer(x, c, pending)  # (N, T, p*p*out_channels)
+        for block, mod in zip(self.blocks, mods):
+            x, pending = self._block(block, x, c, pending, mod)  # (N, T, D), ((N, T, D), (N, D))
+        x = self.final_layer(x, c, pending, modulation=final_mod)  # (N, T, p*p*out_channels)
         return self.unpatchify(x, grid)  # (N, out_channels, H, W)
+
+    def _block(self, block, x, c, pending, modulation):
+        mode = self.gradient_checkpointing if torch.is_grad_enabled() else False
+        if not mode:
+            return block(x, c, pending, True, modulation)
+        context = _keep_gemm_and_attention_outputs if mode == "selective" else noop_context_fn
+        return checkpoint(block, x, c, pending, True, modulation, use_reentrant=False, context_fn=context)
+
+    def _modulations(self, c):
+        """adaLN_modulation(c) of every block and of the final layer from one GEMM: c (N, D) -> [(N, 6D)] * depth
+        + [(N, 2D)], views of one (N, depth * 6D + 2D) output.
+
+        The parameters stay per layer (official keys, shapes and strict loading; per-block FSDP units);
+        the GEMM reads them concatenated, cast first to the GEMM's dtype. That copy is the price, and
+        it is small: under bf16 autocast 4 bytes per adaLN parameter on top of the casts autocast makes
+        anyway (DiT-XL/2: 223M parameters, ~0.9 GB, ~0.2 ms per step; its backward is free, cat's
+        gradient being views), against 28 launches of GEMMs with 6D of N rows each saved three times
+        (forward, input and weight gradients). Under torch.compile the casts and the copy fuse into one
+        kernel. With FSDP-sharded parameters (DTensors) a block's weights are whole only inside its own
+        forward: every layer then computes its own modulation (None here), as the official model does.
+        """
+        layers = [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
+        if _is_dtensor(layers[0].weight):
+            return [None] * len(layers)
+        dtype = _gemm_dtype(layers[0].weight)
+        weight = torch.cat([layer.weight.to(dtype) for layer in layers])  # (depth * 6D + 2D, D)
+        bias = torch.cat([layer.bias.to(dtype) for layer in layers])  # (depth * 6D + 2D,)
+        mod = F.linear(F.silu(c), weight, bias)  # (N, depth * 6D + 2D)
+        return mod.split([layer.out_features for layer in layers], dim=1)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels="paper"):
         """Forward with classifier-free guidance; the batch is [conditional half, unconditional half].

@@ -1,0 +1,207 @@
+"""The model's fused forward against the official per-layer one: one adaLN GEMM, activation
+checkpointing (whole blocks or selective), and the GEMM epilogues of the no-grad (sampling) path."""
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdit import models, ops
+from fastdit.models import DiT
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}  # the linear layers (CPU attention uses bmm)
+
+
+def small(depth=3, input_size=8, **kw):
+    """An odd-sized model (D=72 = 4 heads of 18) with every zero-initialised weight drawn, so no check is vacuous."""
+    torch.manual_seed(0)
+    model = DiT(input_size=input_size, patch_size=2, hidden_size=72, depth=depth, num_heads=4, num_classes=10,
+                class_dropout_prob=0.0, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.05)
+    return model
+
+
+def batch(n=3):
+    return torch.randn(n, 4, 8, 8), torch.randint(0, 1000, (n,)), torch.randint(0, 10, (n,))
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten/custom op run inside it (name, first input's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, pred):
+        return sum(1 for op in self.ops if pred(op))
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run(model, x, t, y, mode=False):
+    model.zero_grad(set_to_none=True)
+    model.set_gradient_checkpointing(mode)
+    out = model(x, t, y)
+    out.square().mean().backward()
+    return out.detach(), grads(model)
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def test_one_adaln_gemm_per_forward_same_outputs_and_gradients_as_per_layer():
+    """Every block's and the final layer's modulation come from one GEMM; outputs and gradients equal
+    those of the per-layer modulation (the path FSDP-sharded weights take, as the official model)."""
+    model, (x, t, y) = small(), batch()
+    depth = len(model.blocks)
+    with OpLog() as log, torch.no_grad():
+        model(x, t, y)
+    # patch embedding, 2 timestep-MLP layers, 4 per block (qkv, proj, fc1, fc2), final linear, adaLN: 1 in all
+    assert log.count(lambda op: op in GEMMS) == 4 + 4 * depth + 1
+    fused_out, fused_grads = run(model, x, t, y)
+    per_layer = pytest.MonkeyPatch.context()
+    with per_layer as mp:
+        mp.setattr(models, "_is_dtensor", lambda w: True)
+        with OpLog() as log, torch.no_grad():
+            model(x, t, y)
+        assert log.count(lambda op: op in GEMMS) == 4 + 5 * depth + 1
+        out, ref_grads = run(model, x, t, y)
+    torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-6)
+    assert any("adaLN" in k for k in fused_grads)
+    assert_same(fused_grads, ref_grads)
+
+
+def test_one_adaln_gemm_under_bf16_autocast_matches_per_layer():
+    model, (x, t, y) = small(depth=2), batch(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model._modulations(model.t_embedder(t.float()))
+        c = model.t_embedder(t.float())
+        per_layer = [b.adaLN_modulation(c) for b in model.blocks] + [model.final_layer.adaLN_modulation(c)]
+    for a, b in zip(fused, per_layer):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_checkpointing_gives_the_same_outputs_and_gradients(mode):
+    model, (x, t, y) = small(), batch()
+    out, plain = run(model, x, t, y)
+    ck_out, ck = run(model, x, t, y, mode)
+    torch.testing.assert_close(ck_out, out, rtol=0, atol=0)
+    assert_same(ck, plain)
+
+
+def test_selective_checkpointing_recomputes_no_gemm_but_the_norms():
+    """In the backward, selective checkpointing re-runs LayerNorm+modulate (and the other cheap ops) but
+    no GEMM and no attention; whole-block checkpointing re-runs the blocks' GEMMs too. (CPU: LayerNorm is the reference op's aten layer_norm.)"""
+    model, (x, t, y) = small(), batch()
+    depth = len(model.blocks)
+    counts = {}
+    for mode in (False, "selective", "full"):
+        model.set_gradient_checkpointing(mode)
+        loss = model(x, t, y).square().mean()
+        with OpLog() as log:
+            loss.backward()
+        counts[mode] = (log.count(lambda op: op in GEMMS), log.count(lambda op: op is torch.ops.aten.native_layer_norm.default))
+    gemms, norms = counts[False]
+    assert counts["selective"][0] == gemms  # nothing GEMM-like recomputed
+    assert counts["selective"][1] == norms + 2 * depth  # both LayerNorms of every block recomputed
+    # qkv, proj and fc1 of every block recomputed (recomputation stops early: nothing in a block's
+    # backward needs fc2's output)
+    assert counts["full"][0] == gemms + 3 * depth
+    assert counts["full"][1] == norms + 2 * depth
+
+
+def retained_bytes(fn):
+    """Bytes of the tensors fn() creates that are still alive after it returns (what autograd keeps for
+    the backward, plus fn's output): storages tracked by weak reference, each counted once."""
+    storages = {}
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor):
+                    s = o.untyped_storage()
+                    storages.setdefault(s.data_ptr(), (StorageWeakRef(s), s.nbytes()))
+            return out
+
+    with Track():
+        result = fn()
+    gc.collect()
+    return result, sum(n for ref, n in storages.values() if not ref.expired())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_checkpointing_modes_keep_less_activation_memory(backend):
+    """Activation memory kept for the backward (measured on the CPU, by storage): full < selective < none.
+    Selective keeps the GEMM and attention outputs and the blocks' inputs: 22% less than none at these
+    tiny shapes (D=72, T=64, where weights and embeddings weigh much), whole blocks 54% less."""
+    model, y = small(depth=2, input_size=16), torch.randint(0, 10, (2,))
+    x, t = torch.randn(2, 4, 16, 16), torch.randint(0, 1000, (2,))
+    kept = {}
+    with ops.use_backend(backend), ops.use_attention_backend("sdpa"):  # one attention op, as flash's on a GPU
+        for mode in (False, "selective", "full"):
+            model.set_gradient_checkpointing(mode)
+            loss, kept[mode] = retained_bytes(lambda: model(x, t, y).square().mean())
+            loss.backward()
+    assert kept["full"] < kept["selective"] <= 0.8 * kept[False], kept
+
+
+def test_set_gradient_checkpointing_names_the_modes():
+    model = small(depth=1)
+    assert model.set_gradient_checkpointing(True).gradient_checkpointing == "full"
+    assert model.set_gradient_checkpointing("selective").gradient_checkpointing == "selective"
+    assert model.set_gradient_checkpointing("none").gradient_checkpointing is False
+    with pytest.raises(ValueError, match="'selective'"):
+        model.set_gradient_checkpointing("some")
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM epilogues (CUDA): judged by DESIGN.md's rule against the unfused ops in float64
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 37 * 256])
+def test_linear_gelu_epilogue_is_tanh_gelu(rows, dtype):
+    from helpers import assert_close
+
+    D = 1152
+    x, w, b = torch.randn(rows, D, device="cuda"), torch.randn(4 * D, D, device="cuda") / D**0.5, torch.randn(4 * D, device="cuda")
+    out = models._linear_gelu_tanh(x.to(dtype), w.to(dtype), b.to(dtype))
+    pt = F.gelu(F.linear(x.to(dtype), w.to(dtype), b.to(dtype)), approximate="tanh")
+    ref = F.gelu(F.linear(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double()), approximate="tanh")
+    assert_close("linear+gelu epilogue", out, pt, ref, rel_fp32=1e-4)  # tf32-free fp32 GEMMs still reorder sums
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_sampling_forward_with_epilogues_matches_the_training_forward():
+    """no_grad on CUDA takes the epilogue path; with autograd on, the unfused ops: the same model output
+    within bf16's rounding (the epilogue rounds once where the unfused ops round twice)."""
+    model, (x, t, y) = small().cuda().eval(), batch(4)
+    x, t, y = x.cuda(), t.cuda(), y.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fused = model(x, t, y).float()
+        unfused = model(x, t, y).float().detach()
+    ref = model.double()(x.double(), t, y)
+    err, base = (fused - ref).abs().max(), (unfused - ref).abs().max()
+    assert err <= 2 * base + 1e-3, f"epilogue path error {err:.3g} vs unfused {base:.3g}"
