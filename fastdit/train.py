@@ -13,7 +13,6 @@ so `--resume` continues with exactly the losses an uninterrupted run would have 
 """
 import argparse
 import copy
-import math
 import random
 import re
 import time
@@ -26,13 +25,17 @@ import torch
 from . import _util
 from ._dist import env_world_size, init_distributed
 from ._registry import MODELS, build_model, check_model_name
-from ._util import PRECISION_DTYPES as PRECISIONS, UsageError, amp_forward, atomic_save, load_plain, plain
+from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
 from .fid import add_train_arguments as add_fid_arguments, fid_monitor
 from .latents import LatentsDataset
 from .vae import load_vae, load_vae_record
 
 CHECKPOINT_FORMAT = "fastdit-train"
+# --precision -> autocast dtype; fp8: the blocks' linear layers in float8 (torchao), the rest in bf16 autocast.
+PRECISIONS = {**PRECISION_DTYPES, "fp8": torch.bfloat16}
+FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # the token GEMMs: ~all of a block's FLOPs
+CHECKPOINTING = ("none", "selective", "full")
 
 # Defaults that depend on the job: the embedded digits (tiny, CPU-sized) or your data (DiT's values).
 PRESETS = {
@@ -42,7 +45,7 @@ PRESETS = {
     "data": dict(model="DiT-XL/2", image_size=256, global_batch_size=256, lr=1e-4, steps=400_000, ema_decay=0.9999,
                  ckpt_every=50_000, sample_every=10_000, sample_steps=250, cfg_scale=4.0),
 }
-COMMON = dict(fid_every=0, fid_ref=None, fid_samples=10_000, precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing=False, compile=False, fsdp=False,
+COMMON = dict(fid_every=0, fid_ref=None, fid_samples=10_000, precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing="none", compile=False, fsdp=False,
               max_bad_steps=10, seed=0, log_every=100, num_workers=0, diffusion_steps=1000, class_dropout_prob=0.1,
               flip=None, cfg_channels=None, device="auto")
 FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
@@ -77,11 +80,16 @@ def add_arguments(p):
     steps.add_argument("--steps", type=int, help=f"total training steps; {both('steps')}")
     steps.add_argument("--epochs", type=int, help="train this many epochs instead of --steps")
     p.add_argument("--precision", choices=list(PRECISIONS), help="autocast dtype of the model (loss in fp32; "
-                                                                 "fp16 uses a GradScaler); default fp32")
+                                                                 "fp16 uses a GradScaler; fp8: the blocks' linear "
+                                                                 "layers in float8 through torchao, on Ada/Hopper "
+                                                                 "GPUs, the rest in bf16); default fp32")
     p.add_argument("--ema-decay", type=float, help=f"EMA of the weights, the ones sampled from; {both('ema_decay')}")
     p.add_argument("--grad-clip", type=float, help="clip the global grad norm to this (default 0: off)")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in "
-                                                                                       "the backward (less memory)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="full", choices=CHECKPOINTING,
+                   help="recompute activations in the backward for less memory: full (alone: whole blocks, about a "
+                        "third more compute) or selective (only the memory-bound ops between the GEMMs and attention)")
+    p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const="none",
+                   help="keep every activation (the default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="shard parameters, gradients and optimizer "
                                                                          "state over the processes (FSDP2) instead of DDP")
@@ -136,6 +144,8 @@ def resolve_args(args, saved=None):
     for key, value in {**COMMON, **preset}.items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
+    if isinstance(a.grad_checkpointing, bool):  # runs saved before the selective mode existed
+        a.grad_checkpointing = "full" if a.grad_checkpointing else "none"
     return a
 
 
@@ -146,6 +156,8 @@ def check_args(a, world):
                          f"{world} (the number of processes)")
     if a.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {a.precision!r}")
+    if a.grad_checkpointing not in CHECKPOINTING:
+        raise UsageError(f"--grad-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {a.grad_checkpointing!r}")
     for name in ("steps", "log_every", "sample_steps", "max_bad_steps", "image_size", "diffusion_steps"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
@@ -207,10 +219,88 @@ def seed_everything(seed):
 
 
 @torch.no_grad()
-def update_ema(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, with the same two ops per tensor as DiT's update_ema."""
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, params, alpha=1 - decay)
+def update_ema(ema_params, params, decay, skip=None):
+    """ema <- ema + (1 - decay) * (param - ema), DiT's update_ema as one pass (a lerp: reads ema and the
+    parameter once, writes ema once; DiT's mul_ then add_ make two passes over ema).
+
+    skip: a bool tensor on the device; where true the EMA stays as it is (a skipped optimizer step),
+    decided on the device (the weight is 0), never read back by the host.
+    """
+    if skip is None:
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        return
+    # One weight tensor for every parameter: foreach's fast path wants same-shaped lists, so this is one
+    # lerp per tensor (launched from C++), still one pass over memory.
+    weight = torch.where(skip, 0.0, 1 - decay).float()  # 0-dim
+    torch._foreach_lerp_(ema_params, params, [weight] * len(params))
+
+
+def to_float8(model, device):
+    """Swap the blocks' token GEMMs (FP8_LAYERS) for torchao's float8 training linears (dynamic scaling;
+    same parameters and state_dict keys). The adaLN, embedding and output GEMMs have too few rows to gain."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise UsageError("--precision fp8 needs the torchao package, which is not installed (pip install torchao)") from e
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UsageError("--precision fp8 needs an NVIDIA GPU with float8 tensor cores (compute capability 8.9 or "
+                         f"newer: Ada, Hopper, Blackwell); this run is on {device}")
+    return convert_to_float8_training(model, module_filter_fn=lambda module, name: name.endswith(FP8_LAYERS))
+
+
+class TrainStep:
+    """One optimizer step of DiT's train.py (random t, MSE + VLB loss, backward, AdamW, EMA), issued
+    without a single device-to-host synchronisation: `fastdit train` runs it, the end-to-end benchmark times it.
+
+    model: what the forward calls (`raw`, or its DDP / FSDP / torch.compile wrapper); raw: the DiT whose
+    parameters train; ema: its EMA copy (same parameter order). Calling it with a batch (x, y) returns a
+    float32 (3,) tensor on the device: [loss (mean over ranks), gradient norm, 1.0 if the step counts as
+    bad (a NaN/Inf loss; or NaN/Inf gradients, except under fp16 where GradScaler owns those) else 0.0].
+    The host reads these back when it chooses (Trainer: once per log interval).
+
+    A NaN/Inf loss or gradient skips the update as GradScaler does, on the device: the backward runs
+    (the host cannot know it should not), then the fused AdamW receives the skip flag as `found_inf` and
+    leaves the parameters, its moments and its step count untouched, and the EMA stays put (update_ema).
+    Under fp16 the GradScaler also lowers its scale on such a step.
+    """
+
+    def __init__(self, model, raw, ema, diffusion, dist, *, precision="fp32", lr=1e-4, weight_decay=0.0,
+                 grad_clip=0.0, ema_decay=0.9999):
+        self.device, self.dist, self.diffusion = dist.device, dist, diffusion
+        self.grad_clip, self.ema_decay = grad_clip, ema_decay
+        self.forward = amp_forward(model, self.device.type, PRECISIONS[precision])
+        self.params = list(raw.parameters())
+        self.ema_params = list(ema.parameters())
+        # fused: the one AdamW that takes a device-side skip flag (found_inf) and one kernel for all tensors.
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+    def __call__(self, x, y):
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
+        loss = self.diffusion.training_losses(self.forward, x, t, dict(y=y))["loss"].mean()
+        # One all-reduce gives every rank the summed loss and how many ranks saw a NaN/Inf: all skip together.
+        detached = loss.detach().float()
+        stats = self.dist.all_reduce_sum(torch.stack([detached, (~torch.isfinite(detached)).float()]))
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        norm = self._grad_norm()
+        bad_loss, bad_grads = stats[1] > 0, ~torch.isfinite(norm)
+        skip = bad_loss | bad_grads
+        self.opt.found_inf = skip.float()
+        self.opt.step()
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema_params, self.params, self.ema_decay, skip=skip)
+        bad = bad_loss if self.scaler.is_enabled() else skip
+        return torch.stack([stats[0] / self.dist.world_size, norm.float(), bad.float()])
+
+    def _grad_norm(self):
+        """The global gradient norm (clipping to grad_clip if set), as a tensor on the device."""
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        else:  # no clipping: not even a multiplication of every gradient by 1
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
 
 
 #################################################################################
@@ -263,6 +353,7 @@ class Trainer:
         self.out = Path(self.dist.broadcast_object(str(self._out_dir())))
         self.metrics_path = self.out / "metrics.jsonl"
         self.step, self.position, self.skipped, self.last_checkpoint = 0, (0, 0), 0, None
+        self.bad_run = 0  # NaN/Inf steps in a row, as read back so far
         if self.ckpt is not None:
             self._load_state()
         else:
@@ -312,8 +403,10 @@ class Trainer:
         except ValueError as e:
             raise UsageError(f"--model {a.model} at input size {self.input_size}: {e}") from e
         self.raw = model.to(self.device)
-        self.raw.set_gradient_checkpointing(bool(a.grad_checkpointing))
+        self.raw.set_gradient_checkpointing(a.grad_checkpointing)
         self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
+        if a.precision == "fp8":  # the EMA (sampled from) stays a plain DiT
+            to_float8(self.raw, self.device)
         if a.fsdp:
             self._shard()
         elif self.dist.world_size > 1:
@@ -325,13 +418,18 @@ class Trainer:
         self.model.train()  # label dropout on: it trains the null class used by CFG
         if a.compile:
             self.model = torch.compile(self.model)
-        self.forward = amp_forward(self.model, self.device.type, PRECISIONS[a.precision])
-        self.opt = torch.optim.AdamW(self.raw.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=a.precision == "fp16")
-        self.params = list(self.raw.parameters())
-        self.ema_params = list(self.ema.parameters())
-        self.diffusion = create_diffusion(timestep_respacing="", learn_sigma=self.raw.learn_sigma,
-                                          diffusion_steps=a.diffusion_steps)
+        diffusion = create_diffusion(timestep_respacing="", learn_sigma=self.raw.learn_sigma,
+                                     diffusion_steps=a.diffusion_steps)
+        self.step_fn = TrainStep(self.model, self.raw, self.ema, diffusion, self.dist, precision=a.precision, lr=a.lr,
+                                 weight_decay=a.weight_decay, grad_clip=a.grad_clip, ema_decay=a.ema_decay)
+
+    @property
+    def opt(self):
+        return self.step_fn.opt
+
+    @property
+    def scaler(self):
+        return self.step_fn.scaler
 
     def _shard(self):
         """FSDP2: each DiT block is a unit of its own (its parameters gathered around its forward),
@@ -412,26 +510,8 @@ class Trainer:
     # -- training --------------------------------------------------------------
 
     def train_step(self, x, y):
-        """One optimizer step; returns (mean loss over ranks, grad norm), or None for a skipped NaN/Inf step."""
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
-        loss = self.diffusion.training_losses(self.forward, x, t, dict(y=y))["loss"].mean()
-        # One all-reduce gives every rank the mean loss and whether any rank saw a NaN/Inf, so all skip together.
-        stats = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
-        mean_loss, bad = self.dist.all_reduce_sum(stats).tolist()
-        if bad:
-            return None
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip or math.inf)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not math.isfinite(norm) and not self.scaler.is_enabled():  # fp16: the scaler skips and rescales
-            self.opt.zero_grad(set_to_none=True)
-            return None
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        update_ema(self.ema_params, self.params, self.args.ema_decay)
-        return mean_loss / self.dist.world_size, norm
+        """One optimizer step: TrainStep's (3,) device tensor [loss, grad norm, bad], not read back here."""
+        return self.step_fn(x, y)
 
     def sample_grid(self, path):
         """EMA samples, a row per class, from a fixed seed: training's RNG streams are left untouched."""
@@ -447,19 +527,34 @@ class Trainer:
 
     def generate(self, labels, cfg_scale, seed=None):
         """Decoded EMA samples of `labels` (DDPM, --sample-steps), (N, C, H, W) in [-1, 1]."""
-        from .sample import generate
+        from .sample import to_images
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        return to_images(self.sampler(cfg_scale)(labels), self.decoder)
+
+    def sampler(self, cfg_scale, cuda_graphs=False):
+        """A Sampler of the EMA model: DDPM with --sample-steps steps."""
+        from .sample import Sampler
 
         a = self.args
-        # CPUs lack fast fp16 (and often bf16) matmuls: there the samples are drawn in fp32.
-        return generate(self.ema, labels, cfg_scale=cfg_scale, cfg_channels=a.cfg_channels, sampler="ddpm",
-                        steps=a.sample_steps, seed=seed, device=self.device, codec=self.decoder,
-                        precision=a.precision if self.device.type == "cuda" else "fp32",
-                        diffusion_steps=a.diffusion_steps)
+        # CPUs lack fast fp16 (and often bf16) matmuls: there the samples are drawn in fp32. Autocast's
+        # dtype, not fp8: the EMA model has no float8 layers.
+        precision = {"fp8": "bf16"}.get(a.precision, a.precision) if self.device.type == "cuda" else "fp32"
+        return Sampler(self.ema, cfg_scale=cfg_scale, cfg_channels=a.cfg_channels, sampler="ddpm", steps=a.sample_steps,
+                       clip_denoised=self.decoder is None, precision=precision, diffusion_steps=a.diffusion_steps,
+                       cuda_graphs=cuda_graphs, device=self.device)
 
     def measure_fid(self, log):
-        """FID of --fid-samples EMA samples (DiT's FID guidance 1.5 where the model has a null class), logged."""
+        """FID of --fid-samples EMA samples (DiT's FID guidance 1.5 where the model has a null class), logged.
+
+        One Sampler for all the batches: on CUDA without FSDP (whose all-gathers a graph would freeze)
+        the denoising step is captured once and replayed; the graph goes with the Sampler afterwards."""
+        from .sample import to_images
+
         cfg = FID_CFG_SCALE if self.raw.y_embedder.dropout_prob > 0 else 1.0
-        value = self.fid(lambda labels: self.generate(labels, cfg), self.dataset.num_classes)
+        run = self.sampler(cfg, cuda_graphs=self.device.type == "cuda" and not self.args.fsdp)
+        value = self.fid(lambda labels: to_images(run(labels), self.decoder), self.dataset.num_classes)
         self._record(log, dict(event="fid", step=self.step, fid=value, samples=self.args.fid_samples, cfg_scale=cfg))
         return value
 
@@ -477,7 +572,7 @@ class Trainer:
                   f"{self.device.type}, {a.precision}, global batch {a.global_batch_size}; "
                   f"{'resuming at step ' + str(self.step) if self.step else 'from scratch'} -> {self.out}")
         loader = make_loader(self.dataset, self.batches, a.num_workers, self.device.type == "cuda", a.seed)
-        losses, bad_run, window = [], 0, []
+        losses, window, pending = [], [], []  # pending: the steps' device stats not read back yet
         log = open(self.metrics_path, "a") if d.is_main else None
         bar = tqdm(total=a.steps, initial=self.step, disable=not d.is_main, desc="train", dynamic_ncols=True)
         t_start = t_window = time.time()
@@ -486,34 +581,25 @@ class Trainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if self.codec is not None:
                     x = self.codec.encode(x, sample=True)  # DiT: a fresh posterior sample every step
-                out = self.train_step(x, y)
+                pending.append(self.train_step(x, y))
                 self.step += 1
                 self.position = self.batches.advance(self.position)
                 bar.update(1)
-                if out is None:
-                    self.skipped, bad_run = self.skipped + 1, bad_run + 1
-                    losses.append(None)
-                    self._record(log, dict(step=self.step, loss=None, skipped=True))
-                    if bad_run >= a.max_bad_steps:
-                        raise TrainingError(
-                            f"the loss or gradients were NaN/Inf for {bad_run} steps in a row (steps "
-                            f"{self.step - bad_run + 1}-{self.step}, {self.skipped} skipped in all); stopping. Last "
-                            f"checkpoint: {self.last_checkpoint or 'none'}. Try a lower --lr, --grad-clip 1, or "
-                            f"--precision bf16 instead of fp16")
-                else:
-                    bad_run = 0
-                    losses.append(out[0])
-                    window.append(out[0])
-                    self._record(log, dict(step=self.step, loss=out[0], grad_norm=out[1]))
-                    bar.set_postfix(loss=f"{out[0]:.4f}", refresh=False)
-                if self.step % a.log_every == 0 or self.step == a.steps:
+                logs = self.step % a.log_every == 0 or self.step == a.steps
+                saves = a.ckpt_every and self.step % a.ckpt_every == 0 and self.step < a.steps
+                samples = a.sample_every and self.step % a.sample_every == 0 and self.step < a.steps
+                fid = self.fid and (self.step % a.fid_every == 0 or self.step >= a.steps)
+                if logs or saves or samples or fid or self.step >= a.steps:  # what follows needs the steps' numbers
+                    self._read_back(pending, log, bar, losses, window)
+                    pending = []
+                if logs:
                     t_window = self._log(log, bar, window, t_window)
                     window = []
-                if a.ckpt_every and self.step % a.ckpt_every == 0 and self.step < a.steps:
+                if saves:
                     self.save_checkpoint()
-                if a.sample_every and self.step % a.sample_every == 0 and self.step < a.steps:
+                if samples:
                     self.sample_grid(self.out / "samples" / f"{self.step:07d}.png")
-                if self.fid and (self.step % a.fid_every == 0 or self.step >= a.steps):
+                if fid:
                     bar.write(f"step {self.step:7d}  FID {self.measure_fid(log):.3f} ({a.fid_samples} EMA samples)")
                 if self.step >= a.steps:
                     break
@@ -533,6 +619,31 @@ class Trainer:
             print(f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {len(finite)} "
                   f"steps), {self.skipped} skipped\n  checkpoint {checkpoint}\n  samples    {grid}\n  loss curve {curve}")
         return TrainResult(str(self.out), str(checkpoint), str(grid), str(curve), losses, final, self.skipped, seconds)
+
+    def _read_back(self, pending, log, bar, losses, window):
+        """Read the device stats of the steps since the last read back (the loop's only device-to-host copy,
+        once per log interval, checkpoint or sample grid), record them and apply the NaN/Inf guard: abort
+        once --max-bad-steps steps in a row were bad (each was skipped on the device already)."""
+        if not pending:
+            return
+        first = self.step - len(pending) + 1
+        for step, (loss, norm, bad) in enumerate(torch.stack(pending).tolist(), start=first):
+            if bad:
+                self.skipped, self.bad_run = self.skipped + 1, self.bad_run + 1
+                losses.append(None)
+                self._record(log, dict(step=step, loss=None, skipped=True))
+                if self.bad_run >= self.args.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss or gradients were NaN/Inf for {self.bad_run} steps in a row (steps "
+                        f"{step - self.bad_run + 1}-{step}, {self.skipped} skipped in all); stopping. Last "
+                        f"checkpoint: {self.last_checkpoint or 'none'}. Try a lower --lr, --grad-clip 1, or "
+                        f"--precision bf16 instead of fp16")
+            else:
+                self.bad_run = 0
+                losses.append(loss)
+                window.append(loss)
+                self._record(log, dict(step=step, loss=loss, grad_norm=norm))
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def _record(self, log, record):
         if log:

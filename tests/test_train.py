@@ -140,13 +140,13 @@ def test_fp16_grad_scaler_skips_overflow_backs_off_and_resumes(tmp_path):
         assert trainer.scaler.is_enabled()
         x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
         before = {k: v.clone() for k, v in trainer.raw.state_dict().items()}
-        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 backward overflows
-        trainer.train_step(x, y)
+        trainer.step_fn.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 backward overflows
+        loss, norm, bad = trainer.train_step(x, y).tolist()
         assert_same_state(before, trainer.raw.state_dict())
-        assert trainer.scaler.get_scale() == 2.0**99
-        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        out = trainer.train_step(x, y)
-        assert out is not None and torch.isfinite(torch.tensor(out[0]))
+        assert trainer.scaler.get_scale() == 2.0**99 and norm != norm and bad == 0  # NaN norm: the scaler's skip
+        trainer.step_fn.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        loss, norm, bad = trainer.train_step(x, y).tolist()
+        assert bad == 0 and torch.isfinite(torch.tensor([loss, norm])).all()
         assert not torch.equal(before["final_layer.linear.weight"], trainer.raw.state_dict()["final_layer.linear.weight"])
         trainer.step, scale = 2, trainer.scaler.get_scale()
         trainer.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,80 @@
+"""A trap for device-to-host synchronisation that works on the CPU.
+
+On a GPU every read of a tensor's values by the host (`.item()`, `float(t)`, `if t:`, `.tolist()`,
+`.cpu()`, `.numpy()`) and every op whose output size depends on values (`nonzero`, boolean-mask
+indexing, `unique`, ...) waits for the device. On the CPU nothing waits, so such a read would go
+unnoticed: inside `SyncTrap()` every one of them is recorded, wherever it comes from (Python code
+through the torch-function layer, C++ through the dispatcher), with the line that caused it.
+(`.to(device)` is not flagged: on the CPU a move to the CPU cannot be told from one that stays put.)
+"""
+import traceback
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that hand values to the host or size their output by the values.
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+               "equal", "is_nonzero", "allclose"}
+# Tensor methods that read values into Python (on the CPU some never reach the dispatcher).
+READING_METHODS = {"tolist", "item", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__complex__"}
+
+
+def _where():
+    frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename or "optim" in f.filename]
+    return "".join(traceback.format_list(frames[-3:]))
+
+
+class _Functions(TorchFunctionMode):
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in READING_METHODS:
+            self.events.append((f"Tensor.{name}", _where()))
+        return func(*args, **(kwargs or {}))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        # Boolean-mask indexing runs nonzero inside the index kernel, out of this mode's sight.
+        masked = name.startswith("index") and any(getattr(i, "dtype", None) == torch.bool for i in _flat(args))
+        if name in SYNCING_OPS or masked:
+            self.events.append((str(func), _where()))
+        return func(*args, **(kwargs or {}))
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        else:
+            yield a
+
+
+class SyncTrap:
+    """with SyncTrap() as trap: ...  then trap.events: [(what, where)]; trap.check() raises if any."""
+
+    def __init__(self):
+        self.events = []
+        self._modes = [_Functions(self.events), _Ops(self.events)]
+
+    def __enter__(self):
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    def check(self):
+        if self.events:
+            raise AssertionError(f"{len(self.events)} device-to-host read(s):\n" + "\n".join(f"{w}\n{loc}" for w, loc in self.events))

@@ -1,0 +1,174 @@
+"""fastdit.train.TrainStep: the training step without host synchronisation, equivalent to the step
+before it (DiT's order: read the loss, skip on NaN/Inf, AdamW, EMA); the NaN/Inf guard on the device;
+the read-back once per log interval; checkpointing modes and precisions."""
+import argparse
+import copy
+import math
+
+import pytest
+import torch
+
+from fastdit import train
+from fastdit._dist import init_distributed
+from fastdit._util import UsageError
+from fastdit.diffusion import create_diffusion
+from fastdit.models import DiT
+
+from _sync_trap import SyncTrap
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+
+
+def tiny():
+    torch.manual_seed(0)
+    return DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=2, num_heads=3, num_classes=10)
+
+
+def data(step, n=6):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+class NaNLossAt:
+    """diffusion.training_losses with a NaN loss on the given (1-based) calls."""
+
+    def __init__(self, diffusion, bad):
+        self.diffusion, self.bad, self.calls = diffusion, set(bad), 0
+        self.num_timesteps = diffusion.num_timesteps
+
+    def training_losses(self, *args, **kwargs):
+        self.calls += 1
+        out = self.diffusion.training_losses(*args, **kwargs)
+        if self.calls in self.bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def dit_step(model, ema, opt, diffusion, x, y, decay):
+    """The step before (and DiT's train.py): read the loss back, skip a NaN/Inf one; clip-norm; AdamW; EMA."""
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
+    loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+    if not math.isfinite(loss.item()):
+        return None
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.mul_(decay).add_(p, alpha=1 - decay)
+    return loss.item(), norm.item()
+
+
+def make_step(model, diffusion, **kwargs):
+    ema = copy.deepcopy(model).requires_grad_(False)
+    return train.TrainStep(model, model, ema, diffusion, init_distributed("cpu"), lr=1e-3, ema_decay=0.9, **kwargs), ema
+
+
+def test_train_step_matches_the_step_before_it_including_a_skipped_step():
+    """Five steps, the third with a NaN loss: the same losses, grad norms, skipped step, weights and EMA as the
+    host-synchronising step (fp32: the fused AdamW and the lerp EMA round differently in the last bits)."""
+    old, new = tiny(), tiny()
+    old_ema = copy.deepcopy(old).requires_grad_(False)
+    old_opt = torch.optim.AdamW(old.parameters(), lr=1e-3, weight_decay=0.0)
+    old_diffusion = NaNLossAt(create_diffusion(timestep_respacing=""), {3})
+    step, new_ema = make_step(new, NaNLossAt(create_diffusion(timestep_respacing=""), {3}))
+    for i in range(5):
+        x, y = data(i)
+        torch.manual_seed(i)
+        expected = dit_step(old, old_ema, old_opt, old_diffusion, x, y, 0.9)
+        torch.manual_seed(i)
+        loss, norm, bad = step(x, y).tolist()
+        if expected is None:
+            assert bad == 1.0 and loss != loss
+        else:
+            assert bad == 0.0
+            torch.testing.assert_close(torch.tensor([loss, norm]), torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    for a, b in ((old, new), (old_ema, new_ema)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=name)
+    for p in step.params:
+        if p.requires_grad:
+            assert step.opt.state[p]["step"] == 4  # the skipped step did not count
+
+
+@pytest.mark.parametrize("options", [dict(), dict(grad_clip=0.5), dict(precision="bf16"), dict(precision="fp16")],
+                         ids=["fp32", "clip", "bf16", "fp16"])
+def test_train_step_never_reads_the_device(options):
+    model = tiny()
+    step, _ = make_step(model, create_diffusion(timestep_respacing=""), **options)
+    step(*data(0))  # the first step creates the optimizer state and the scaler's tensors
+    x, y = data(1)
+    with SyncTrap() as trap:
+        step(x, y)
+    trap.check()
+
+
+def test_sync_trap_sees_host_reads():
+    t = torch.tensor([1.0, float("nan")])
+    for read in (lambda: t.tolist(), lambda: float(t[0]), lambda: bool(t[0] > 0), lambda: t[t > 0],
+                 lambda: t.sum().item(), lambda: t.numpy(), lambda: t.cpu()):
+        with SyncTrap() as trap:
+            read()
+        with pytest.raises(AssertionError, match="device-to-host"):
+            trap.check()
+    with SyncTrap() as trap:
+        torch.where(torch.isfinite(t), t, 0.0).sum()
+    trap.check()
+
+
+def test_trainer_reads_back_once_per_log_interval(tmp_path, monkeypatch):
+    """No step syncs; the stats come back at the log interval (and before checkpoints and at the end)."""
+    reads = []
+    read_back, step_call = train.Trainer._read_back, train.TrainStep.__call__
+
+    def counted(self, pending, *args):
+        reads.append((self.step, len(pending)))
+        return read_back(self, pending, *args)
+
+    def trapped(self, x, y):
+        with SyncTrap() as trap:
+            out = step_call(self, x, y)
+        trap.check()
+        return out
+
+    monkeypatch.setattr(train.Trainer, "_read_back", counted)
+    monkeypatch.setattr(train.TrainStep, "__call__", trapped)
+    run = train.main(["--global-batch-size", "8", "--sample-steps", "2", "--sample-every", "0", "--steps", "7",
+                      "--log-every", "3", "--ckpt-every", "5", "--out", str(tmp_path)])
+    assert reads == [(3, 3), (5, 2), (6, 1), (7, 1)]  # log at 3 and 6, checkpoint at 5, the end at 7
+    assert len(run.losses) == 7 and all(isinstance(v, float) for v in run.losses)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_checkpointing_modes_train_the_same(tmp_path, mode):
+    base = FAST + ["--steps", "2"]
+    plain = train.main(base + ["--out", str(tmp_path / "none")])
+    ck = train.main(base + ["--grad-checkpointing", mode, "--out", str(tmp_path / mode)])
+    assert ck.losses == plain.losses
+    assert torch.load(ck.checkpoint, weights_only=True)["args"]["grad_checkpointing"] == mode
+
+
+def test_checkpointing_option_parsing():
+    parse = lambda *argv: train.resolve_args(train.parse_args(list(argv))).grad_checkpointing  # noqa: E731
+    assert parse() == "none" and parse("--grad-checkpointing") == "full" and parse("--no-grad-checkpointing") == "none"
+    assert parse("--grad-checkpointing", "selective") == "selective"
+    # a run saved before the modes existed stored a bool
+    old = train.resolve_args(argparse.Namespace(**vars(train.parse_args([]))), saved={"grad_checkpointing": True})
+    assert old.grad_checkpointing == "full"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_fp8_without_torchao_or_a_gpu_is_a_clear_error(tmp_path, capsys):
+    from fastdit.cli import main as cli
+
+    assert cli(["train"] + FAST + ["--precision", "fp8", "--steps", "1", "--out", str(tmp_path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastdit")]
+    try:
+        import torchao  # noqa: F401
+
+        expected = "compute capability 8.9"
+    except ImportError:
+        expected = "needs the torchao package, which is not installed"
+    assert len(err) == 1 and expected in err[0]
+    with pytest.raises(UsageError, match="torchao|compute capability"):
+        train.to_float8(tiny(), torch.device("cpu"))
