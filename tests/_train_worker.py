@@ -1,5 +1,6 @@
 """Run under torchrun by test_train_ddp.py: `fastdit train` in every rank, then each rank writes its
-per-step losses and a digest of its full model weights to OUT.rank<r>.json.
+per-step losses and a digest of its full model weights to OUT.rank<r>.json, and rank 0 the full
+model and EMA weights to OUT.weights.pt.
 
 usage: python -m torch.distributed.run ... tests/_train_worker.py OUT CRASH_AT -- TRAIN_ARGS...
 CRASH_AT > 0 makes every rank die (exit code 3) when it is about to run step CRASH_AT + 1.
@@ -55,6 +56,8 @@ def main():
         with open(f"{out}.rank{self.dist.rank}.json", "w") as f:
             json.dump(dict(losses=result.losses, model=digest(model_sd), ema=digest(ema_sd),
                            world=self.dist.world_size), f)
+        if self.dist.is_main:
+            torch.save(dict(model=model_sd, ema=ema_sd), f"{out}.weights.pt")
         return result
 
     train.Trainer.train_step = patched_step

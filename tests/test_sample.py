@@ -79,3 +79,98 @@ def test_sample_errors(ckpt, tmp_path, capsys):
 def test_cuda_graphs_on_cpu_is_a_clear_error(ckpt, capsys):
     assert cli(["sample", "--ckpt", ckpt, "--cuda-graphs", "--steps", "2"]) == 2
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The Sampler: one denoising step on static buffers, built once, reused per batch, CUDA graphs
+
+
+def sampler_model(device="cpu"):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero's zeros would make every step trivial
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.to(device).eval()
+
+
+def dit_loop(model, sampler_name, steps, z, y, cfg_scale):
+    """DiT's sample.py by hand: [z, z] with the null class, p_sample_loop / ddim_sample_loop of forward_with_cfg."""
+    diffusion = sample.sampling_diffusion(sampler_name, steps)
+    loop = diffusion.ddim_sample_loop if sampler_name == "ddim" else diffusion.p_sample_loop
+    y = torch.cat([y, torch.full_like(y, 10)])
+    out = loop(model.forward_with_cfg, (2 * len(z), *z.shape[1:]), torch.cat([z, z]), clip_denoised=False,
+               model_kwargs=dict(y=y, cfg_scale=cfg_scale), device=z.device)
+    return out[: len(z)]
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_sampler_reused_per_batch_equals_dits_loop(name):
+    """Two batches through one Sampler (one set of static buffers): each equals DiT's loop from the same seed."""
+    model = sampler_model()
+    run = sample.Sampler(model, cfg_scale=3.0, sampler=name, steps=3, clip_denoised=False)
+    for seed in (1, 2):
+        z, y = torch.randn(3, 4, 8, 8), torch.randint(0, 10, (3,))
+        torch.manual_seed(seed)
+        ours = run(y, z=z)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, dit_loop(model, name, 3, z, y, 3.0))
+    assert len(run.loops) == 1
+
+
+def test_denoising_loop_never_reads_the_device():
+    """What a CUDA graph captures must not read values back: the whole sampling loop, checked on the CPU."""
+    from _sync_trap import SyncTrap
+
+    model = sampler_model()
+    run = sample.Sampler(model, cfg_scale=3.0, steps=3, clip_denoised=False)
+    z, y = torch.randn(2, 4, 8, 8), torch.randint(0, 10, (2,))
+    with SyncTrap() as trap:
+        run(y, z=z)
+    trap.check()
+
+
+def test_gemm_weights_cast_once_give_the_same_samples():
+    """bf16 sampling with the GEMM weights stored in bf16 = autocast casting the fp32 weights at every step."""
+    model = sampler_model()
+    z, y = torch.randn(2, 4, 8, 8), torch.randint(0, 10, (2,))
+    outs = []
+    for m in (model, sample.cast_gemm_weights(sampler_model(), torch.bfloat16)):
+        torch.manual_seed(3)
+        outs.append(sample.Sampler(m, cfg_scale=3.0, steps=2, clip_denoised=False, precision="bf16")(y, z=z))
+    assert model.blocks[0].mlp.fc1.weight.dtype == torch.float32 and model.y_embedder.embedding_table.weight.dtype == torch.float32
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_sample_ddp_compiles_once_for_all_batches(ckpt, tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert cli(["sample-ddp", "--ckpt", ckpt, "--num-samples", "6", "--per-proc-batch-size", "2", "--steps", "2",
+                "--compile", "--out", str(tmp_path / "s.npz")]) == 0
+    assert len(compiled) == 1  # 3 batches, one compilation
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_cuda_graph_replay_equals_eager_steps(name):
+    """The captured denoising step replayed for every step and for a second batch of the same shape gives
+    the samples of the eager step (and of DiT's loop); one capture in all."""
+    model = sampler_model("cuda")
+    graphs = sample.Sampler(model, cfg_scale=3.0, sampler=name, steps=5, clip_denoised=False, precision="bf16")
+    eager = sample.Sampler(model, cfg_scale=3.0, sampler=name, steps=5, clip_denoised=False, precision="bf16",
+                           cuda_graphs=False)
+    assert graphs.cuda_graphs
+    for seed in (1, 2):
+        z, y = torch.randn(3, 4, 8, 8, device="cuda"), torch.randint(0, 10, (3,), device="cuda")
+        results = []
+        for run in (graphs, eager):
+            torch.manual_seed(seed)
+            results.append(run(y, z=z))
+        torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    assert len(graphs.loops) == 1 and all(loop.graph is not None for loop in graphs.loops.values())
