@@ -1,29 +1,46 @@
 """End to end: DiT training steps and CFG sampling, fastdit against the reference eager and compiled.
 
 For each model of workloads.cases() and each implementation of workloads.IMPLS:
-  train   images/s of DiT's training step, MFU (3 x forward FLOPs / step time / measured bf16
-          matmul rate), peak memory (torch.cuda.max_memory_allocated)
+  train   images/s of the training step `fastdit train` runs (fastdit.train.TrainStep: no host
+          synchronisation; the reference models run the same step), MFU (3 x forward FLOPs / step
+          time / measured bf16 matmul rate), peak memory (torch.cuda.max_memory_allocated), and
+          `breakdown`: the % of one step's op time per category (benchmarks/profile_step.py)
   sample  images/s of 250-step DDPM and 50-step DDIM with CFG (scale 4); in quick and smoke mode a
-          few steps are timed and the per-step time extrapolated (rows say so: `extrapolated`)
+          few steps are timed and the per-step time extrapolated (rows say so: `extrapolated`).
+          The reference models run DiT's sampling loop; fastdit runs `fastdit sample`'s
+          (fastdit.sample.Sampler: the denoising step as one CUDA graph, GEMM weights in bf16)
   profile a per-op breakdown of one training step (benchmarks/profile_step.py), for the headline model
+For the headline model, training also runs in the configurations of TRAIN_VARIANTS (activation
+checkpointing, FP8), each its own row beside the bf16 one.
 
 Jobs run headline model first, so a time budget (--quick) cuts the less important ones. A job
 that runs out of memory is recorded as such; one that fails is recorded and its test fails. In smoke
 mode the torch.compile rows are recorded as skipped (compiling on a CPU runner takes minutes)
 unless FASTDIT_BENCH_COMPILE=1.
 """
+import functools
 import os
 import traceback
 
 import pytest
+import torch
 
 from benchmarks import harness, profile_step, workloads
+from fastdit.sample import Sampler, cast_gemm_weights
 
 SUITE = "end_to_end"
 PROFILE_IMPLS = ("eager", "fastdit")
 # The headline model's jobs that the headline block needs, then its profile: they run first.
 HEADLINE_FIRST = [("train", "eager"), ("train", "fastdit"), ("sample", "fastdit"), ("train", "compile"), ("sample", "compile")]
 HEADLINE_FIRST += [("profile", impl) for impl in PROFILE_IMPLS]
+# Training configurations of the headline model beyond bf16 with every activation kept:
+# row name -> (implementation, --grad-checkpointing, --precision). FP8 (torchao's float8 linears)
+# is compiled, as torchao intends: eager, its scaling and casts run as separate kernels.
+TRAIN_VARIANTS = {
+    "fastdit ckpt=selective": ("fastdit", "selective", "bf16"),
+    "fastdit ckpt=full": ("fastdit", "full", "bf16"),
+    "torch.compile(fastdit) fp8": ("fastdit+compile", "none", "fp8"),
+}
 # Seconds a job needs at least, to start it before the deadline (compilation dominates).
 MIN_SECONDS = {"eager": 15, "fastdit": 15, "compile": 90, "fastdit+compile": 90}
 TRAIN_WARMUP, TRAIN_ITERS = (1, 1) if harness.SMOKE else (3, 5) if harness.QUICK else (5, 20)
@@ -39,8 +56,14 @@ def jobs():
         case = (model, res, train_batch, sample_batch)
         order = list(HEADLINE_FIRST) if i == 0 else []
         order += [(task, impl) for task in ("train", "sample") for impl in workloads.IMPLS if (task, impl) not in order]
+        order += [("train", variant) for variant in TRAIN_VARIANTS] if i == 0 else []
         out += [(task, *case, impl) for task, impl in order]
     return out
+
+
+def train_config(impl):
+    """(implementation, checkpointing, precision) of a training row: a variant's, else impl's in bf16."""
+    return TRAIN_VARIANTS.get(impl, (impl, "none", "bf16"))
 
 
 def _job_id(job):
@@ -62,7 +85,10 @@ def run_job(task, model, resolution, train_batch, sample_batch, impl):
     )  # fmt: skip
     base["batch"] = sample_batch if task == "sample" else train_batch
     suite = profile_step.SUITE if task == "profile" else SUITE
-    skip = _skip_reason(impl)
+    build_impl, checkpointing, precision = train_config(impl)
+    if impl in TRAIN_VARIANTS:
+        base.update(checkpointing=checkpointing, precision=precision)
+    skip = _skip_reason(build_impl) or (_fp8_unavailable() if precision == "fp8" else None)
     if skip:
         rows = [{"sampler": s, "steps": n} for s, n in workloads.SAMPLERS.items()] if task == "sample" else [{}]
         return [harness.record(suite, **base, **r, ms=None, status=skip) for r in rows][0]
@@ -87,6 +113,16 @@ def run_job(task, model, resolution, train_batch, sample_batch, impl):
     pytest.fail(failure, pytrace=False)
 
 
+def _fp8_unavailable():
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "not installed: torchao (pip install torchao)"
+    if harness.DEVICE != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+        return "skipped: float8 GEMMs need compute capability 8.9+"
+    return None
+
+
 def _skip_reason(impl):
     if harness.SMOKE and impl in workloads.COMPILED and not COMPILE_IN_SMOKE:
         return "skipped: smoke mode (compiling on CPU is too slow; FASTDIT_BENCH_COMPILE=1 runs it)"
@@ -96,25 +132,44 @@ def _skip_reason(impl):
 
 
 def measure_train(base, cfg, batch):
-    step = workloads.TrainStep(workloads.build(base["impl"], cfg), base["impl"], cfg, batch)
+    impl, checkpointing, precision = train_config(base["impl"])
+    step = profile_step.train_step(impl, cfg, batch, checkpointing, precision)
     first_call_s = workloads.timed_first_call(step)
     with workloads.peak_memory() as mem:
         ms, spread = harness.time_steps(step, TRAIN_ITERS, warmup=TRAIN_WARMUP)
-    flops = 3 * workloads.forward_flops(**cfg) * batch
+    flops = 3 * workloads.forward_flops(**cfg) * batch  # recomputation is not useful work: MFU leaves it out
     return harness.record(
         SUITE, **base, ms=ms, spread_ms=spread, img_per_s=batch / ms * 1e3, first_call_s=first_call_s,
-        **_flop_rates(flops, ms), **mem,
+        **_flop_rates(flops, ms), **mem, breakdown=profile_step.category_shares(step),
     )  # fmt: skip
 
 
+def fastdit_sampler(impl, cfg, n):
+    """`fastdit sample`'s loop for impl's model: sampler(name, steps) -> samples. One fastdit.sample.Sampler
+    per (sampler, steps) -- each captures its CUDA graph on its first call -- on the same z and labels."""
+    model = cast_gemm_weights(workloads.build(impl, cfg).eval(), torch.bfloat16)
+    z = torch.randn(n, workloads.IN_CHANNELS, cfg["latent"], cfg["latent"], device=harness.DEVICE)
+    y = torch.randint(0, workloads.NUM_CLASSES, (n,), device=harness.DEVICE)
+
+    @functools.lru_cache(maxsize=None)
+    def sampler(name, steps):
+        return Sampler(model, cfg_scale=workloads.CFG_SCALE, sampler=name, steps=steps, use_cfg=True,
+                       clip_denoised=False, precision="bf16", compile=impl in workloads.COMPILED, device=harness.DEVICE)
+
+    return lambda name, steps: sampler(name, steps)(y, z=z)
+
+
 def measure_sample(base, cfg, n):
-    sampler = workloads.Sampler(workloads.build(base["impl"], cfg), base["impl"], cfg, n)
+    impl = base["impl"]
+    ours = impl not in ("eager", "compile")
+    sampler = fastdit_sampler(impl, cfg, n) if ours else workloads.Sampler(workloads.build(impl, cfg), impl, cfg, n)
     first_call_s = workloads.timed_first_call(lambda: sampler("ddpm", 2))  # 1 step does not respace
     step_flops = workloads.forward_flops(**cfg) * 2 * n  # the model sees the conditional + unconditional batch
     rows = []
     for name, steps in workloads.SAMPLERS.items():
         timed = workloads.SMOKE_TIMED_STEPS if harness.SMOKE else workloads.QUICK_TIMED_STEPS if harness.QUICK else steps
-        loop_ms, spread = harness.time_steps(lambda: sampler(name, timed), iters=1, warmup=0)  # warm: first call
+        # warm: the first call compiled the model; fastdit's samplers also capture a graph per (sampler, steps)
+        loop_ms, spread = harness.time_steps(lambda: sampler(name, timed), iters=1, warmup=int(ours))
         ms = loop_ms * steps / timed  # the whole sampling run
         rows.append(harness.record(
             SUITE, **base, sampler=name, steps=steps, timed_steps=timed, extrapolated=timed != steps,

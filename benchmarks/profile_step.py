@@ -1,14 +1,18 @@
 """Where one training step's time goes: a per-op breakdown from torch.profiler.
 
-Each op's self device time (on CPU, in smoke mode: self CPU time) over one training step of
-DiT's train.py (workloads.TrainStep), after warm-up; ops grouped into categories (GEMM, attention,
-fastdit fused ops, normalisation/elementwise, casts and copies, optimizer + EMA). The end-to-end
-suite records it for the headline model; the report shows it next to any missed target.
+Each op's self device time (on CPU, in smoke mode: self CPU time) over one training step, after
+warm-up; ops grouped into categories (GEMM, attention, fastdit fused ops, normalisation/elementwise,
+casts and copies, optimizer + EMA). The step is fastdit.train.TrainStep, the one `fastdit train`
+runs (train_step below builds it for any implementation's model), so the profile and the
+end-to-end timings see the real step. The end-to-end suite records the top ops for the headline
+model and the categories of every training configuration; the report shows them next to any
+missed target.
 
     python -m benchmarks.profile_step [--model DiT-XL/2] [--resolution 256] [--batch 64] [--impl fastdit]
 prints the table for one model and implementation.
 """
 import argparse
+import copy
 import re
 
 import torch
@@ -16,19 +20,40 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import harness, workloads
+from fastdit import train
+from fastdit._dist import Dist
+from fastdit.diffusion import create_diffusion
 
 SUITE = "profile"
 TOP_OPS = 25
 # First match wins; names are profiler event keys such as aten::addmm or fastdit::attention.
 CATEGORIES = (
     ("attention", r"attention|flash|softmax|_efficient_attention|cudnn_attention"),
-    ("GEMM", r"aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm)\b|conv|gemm"),
+    ("GEMM", r"aten::(mm|addmm|_addmm_activation|bmm|baddbmm|matmul|linear|_scaled_mm)\b|conv|gemm"),
     ("fastdit fused ops", r"^fastdit::"),
     ("optimizer + EMA", r"_foreach|adam|lerp|optimizer"),
     ("casts and copies", r"aten::(_to_copy|copy_|to|clone|contiguous|cat|_unsafe_view|index)\b"),
     ("norm / elementwise / other", r""),
 )
 LAUNCHES = re.compile(r"^(cudaLaunchKernel|cuLaunchKernel|cudaLaunchKernelExC|cuLaunchKernelEx)$")
+
+
+def train_step(impl, cfg, batch, checkpointing="none", precision="bf16"):
+    """A zero-argument callable running one fastdit.train.TrainStep -- the step `fastdit train` runs:
+    random t, MSE + VLB loss, backward, fused AdamW (lr 1e-4), EMA, no host synchronisation -- on a
+    fixed batch of latents, with implementation `impl`'s model (compiled for the compiled ones)."""
+    model = workloads.build(impl, cfg).train()  # train mode: label dropout, as in training
+    model.set_gradient_checkpointing(checkpointing)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    device = torch.device(harness.DEVICE)
+    if precision == "fp8":
+        train.to_float8(model, device)
+    single = Dist(rank=0, world_size=1, local_rank=0, device=device, owns_group=False)
+    step = train.TrainStep(workloads.maybe_compile(model, impl), model, ema, create_diffusion(timestep_respacing=""),
+                           single, precision=precision, lr=1e-4, ema_decay=workloads.EMA_DECAY)
+    x = torch.randn(batch, workloads.IN_CHANNELS, cfg["latent"], cfg["latent"], device=device)
+    y = torch.randint(0, workloads.NUM_CLASSES, (batch,), device=device)
+    return lambda: step(x, y)
 
 
 def category(op):
@@ -66,10 +91,15 @@ def categories(ops):
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def category_shares(step):
+    """{category: % of the step's op time} of one profiled call of `step` (after a warm-up call)."""
+    ops, total = breakdown(step)
+    return {name: 100 * ms / total for name, ms in categories(ops).items()} if total else {}
+
+
 def record_breakdown(base, cfg, batch):
     """Profile one training step of base['impl'] and record its top ops, the rest and the categories."""
-    step = workloads.TrainStep(workloads.build(base["impl"], cfg), base["impl"], cfg, batch)
-    ops, total = breakdown(step)
+    ops, total = breakdown(train_step(base["impl"], cfg, batch))
     clock = "device" if harness.DEVICE == "cuda" else "cpu"
     common = dict(base, clock=clock, total_ms=total)
     rows = [harness.record(SUITE, **common, level="op", ms=o["ms"], **{k: o[k] for k in ("op", "category", "calls", "pct")}) for o in ops[:TOP_OPS]]
@@ -91,7 +121,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = workloads.config(args.model, args.resolution)
     batch = args.batch or next((c[2] for c in workloads.cases() if c[:2] == (args.model, args.resolution)), 8)
-    ops, total = breakdown(workloads.TrainStep(workloads.build(args.impl, cfg), args.impl, cfg, batch))
+    ops, total = breakdown(train_step(args.impl, cfg, batch))
     clock = "device" if harness.DEVICE == "cuda" else "CPU"
     print(f"{args.model} {args.resolution}px, {workloads.IMPL_LABELS[args.impl]}, batch {batch}: {total:.2f} ms {clock} time in ops")
     for name, ms in categories(ops).items():

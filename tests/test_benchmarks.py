@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import __main__ as runner
-from benchmarks import harness, report, workloads
+from benchmarks import harness, profile_step, report, workloads
 from fastdit.models import DiT
 from fastdit.reference_model import ReferenceDiT
 
@@ -242,10 +242,10 @@ def test_end_to_end_job_records_oom_and_fails_on_errors(monkeypatch):
             raise error
         return fail
 
-    monkeypatch.setattr(workloads, "TrainStep", build(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
+    monkeypatch.setattr(profile_step, "train_step", build(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
     row = bench_end_to_end.run_job("train", "DiT-XL/2", 256, 4, 2, "eager")
     assert row["ms"] is None and row["status"] == "out of memory at batch 4"
-    monkeypatch.setattr(workloads, "TrainStep", build(RuntimeError("kernel exploded")))
+    monkeypatch.setattr(profile_step, "train_step", build(RuntimeError("kernel exploded")))
     with pytest.raises(pytest.fail.Exception, match="kernel exploded"):
         bench_end_to_end.run_job("train", "DiT-XL/2", 256, 4, 2, "fastdit")
     assert harness.RESULTS[-1]["status"] == "error: RuntimeError: kernel exploded"
