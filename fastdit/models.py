@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import ops
 from ._validate import check_positive_int
@@ -275,9 +275,6 @@ def _keep_gemm_and_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_keep_gemm_and_attention_outputs = partial(create_selective_checkpoint_contexts, _keep_gemm_and_attention)
-
-
 def _is_dtensor(t):
     if not torch.distributed.is_available():
         return False
@@ -460,7 +457,10 @@ class DiT(nn.Module):
         mode = self.gradient_checkpointing if torch.is_grad_enabled() else False
         if not mode:
             return block(x, c, pending, True, modulation)
-        context = _keep_gemm_and_attention_outputs if mode == "selective" else noop_context_fn
+        if mode == "full":
+            return checkpoint(block, x, c, pending, True, modulation, use_reentrant=False)
+        # The partial is built here, not kept in a global: torch.compile traces only an inline one.
+        context = partial(create_selective_checkpoint_contexts, _keep_gemm_and_attention)
         return checkpoint(block, x, c, pending, True, modulation, use_reentrant=False, context_fn=context)
 
     def _modulations(self, c):
