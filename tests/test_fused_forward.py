@@ -106,6 +106,26 @@ def test_checkpointing_gives_the_same_outputs_and_gradients(mode):
     assert_same(ck, plain)
 
 
+@pytest.mark.parametrize("backward_in_autocast", [False, True])
+def test_checkpointing_under_bf16_autocast_gives_the_same_gradients(backward_in_autocast):
+    """Training's mix (bf16 GEMMs, fp32 residual stream); also with the backward inside the autocast
+    region, where autocast's cast cache changes which casts the recomputation runs."""
+    model, (x, t, y) = small(depth=2), batch(2)
+    results = {}
+    for mode in (False, "selective", "full"):
+        model.zero_grad(set_to_none=True)
+        model.set_gradient_checkpointing(mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, t, y).float().square().mean()
+            if backward_in_autocast:
+                loss.backward()
+        if not backward_in_autocast:
+            loss.backward()
+        results[mode] = grads(model)
+    assert_same(results["selective"], results[False], rtol=0, atol=0)
+    assert_same(results["full"], results[False], rtol=0, atol=0)
+
+
 def test_selective_checkpointing_recomputes_no_gemm_but_the_norms():
     """In the backward, selective checkpointing re-runs LayerNorm+modulate (and the other cheap ops) but
     no GEMM and no attention; whole-block checkpointing re-runs the blocks' GEMMs too. (CPU: LayerNorm is the reference op's aten layer_norm.)"""
