@@ -8,6 +8,7 @@ from fastdit import DiT, sample, train
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 
+from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
 from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -118,9 +119,8 @@ def test_sampler_reused_per_batch_equals_dits_loop(name):
     assert len(run.loops) == 1
 
 
-def test_denoising_loop_never_reads_the_device():
+def test_denoising_loop_never_reads_the_device(checks_as_on_a_gpu):
     """What a CUDA graph captures must not read values back: the whole sampling loop, checked on the CPU."""
-    from _sync_trap import SyncTrap
 
     model = sampler_model()
     run = sample.Sampler(model, cfg_scale=3.0, steps=3, clip_denoised=False)

@@ -14,7 +14,7 @@ from fastdit._util import UsageError
 from fastdit.diffusion import create_diffusion
 from fastdit.models import DiT
 
-from _sync_trap import SyncTrap
+from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
 from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -93,7 +93,7 @@ def test_train_step_matches_the_step_before_it_including_a_skipped_step():
 
 @pytest.mark.parametrize("options", [dict(), dict(grad_clip=0.5), dict(precision="bf16"), dict(precision="fp16")],
                          ids=["fp32", "clip", "bf16", "fp16"])
-def test_train_step_never_reads_the_device(options):
+def test_train_step_never_reads_the_device(options, checks_as_on_a_gpu):
     model = tiny()
     step, _ = make_step(model, create_diffusion(timestep_respacing=""), **options)
     step(*data(0))  # the first step creates the optimizer state and the scaler's tensors
@@ -116,7 +116,7 @@ def test_sync_trap_sees_host_reads():
     trap.check()
 
 
-def test_trainer_reads_back_once_per_log_interval(tmp_path, monkeypatch):
+def test_trainer_reads_back_once_per_log_interval(tmp_path, monkeypatch, checks_as_on_a_gpu):
     """No step syncs; the stats come back at the log interval (and before checkpoints and at the end)."""
     reads = []
     read_back, step_call = train.Trainer._read_back, train.TrainStep.__call__
