@@ -43,7 +43,8 @@ def train_step(impl, cfg, batch, checkpointing="none", precision="bf16"):
     random t, MSE + VLB loss, backward, fused AdamW (lr 1e-4), EMA, no host synchronisation -- on a
     fixed batch of latents, with implementation `impl`'s model (compiled for the compiled ones)."""
     model = workloads.build(impl, cfg).train()  # train mode: label dropout, as in training
-    model.set_gradient_checkpointing(checkpointing)
+    if checkpointing != "none":  # fastdit's models (the reference model has no such option)
+        model.set_gradient_checkpointing(checkpointing)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     device = torch.device(harness.DEVICE)
     if precision == "fp8":

@@ -271,7 +271,9 @@ class TrainStep:
         self.forward = amp_forward(model, self.device.type, PRECISIONS[precision])
         self.params = list(raw.parameters())
         self.ema_params = list(ema.parameters())
-        # fused: the one AdamW that takes a device-side skip flag (found_inf) and one kernel for all tensors.
+        # fused: the AdamW implementation that takes a device-side skip flag (found_inf); it also reads and
+        # writes each parameter, gradient and moment once per step: 7 passes over 675M fp32 values for
+        # DiT-XL/2, ~19 GB, where foreach's eight kernels make ~18 passes, ~49 GB (~6 ms on an H200, predicted).
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 

@@ -48,7 +48,7 @@ def test_global_batch_must_divide_the_world_size(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--precision", "fp8"], "--precision: invalid choice: 'fp8' (choose from"),
+    (["train", "--precision", "fp4"], "--precision: invalid choice: 'fp4' (choose from"),
     (["train", "--steps", "ten"], "invalid int value: 'ten'"),
     (["train", "--steps", "3", "--epochs", "1"], "not allowed with argument"),
     (["sample"], "the following arguments are required: --ckpt"),
