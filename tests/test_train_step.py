@@ -13,6 +13,7 @@ from fastdit._dist import init_distributed
 from fastdit._util import UsageError
 from fastdit.diffusion import create_diffusion
 from fastdit.models import DiT
+from fastdit.reference_model import ReferenceDiT
 
 from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
 from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
@@ -65,9 +66,12 @@ def make_step(model, diffusion, **kwargs):
 
 
 def test_train_step_matches_the_step_before_it_including_a_skipped_step():
-    """Five steps, the third with a NaN loss: the same losses, grad norms, skipped step, weights and EMA as the
-    host-synchronising step (fp32: the fused AdamW and the lerp EMA round differently in the last bits)."""
-    old, new = tiny(), tiny()
+    """Five steps, the third with a NaN loss: fastdit's model and step give the losses, grad norms, skipped
+    step, weights and EMA of the official model (ReferenceDiT) under the host-synchronising step (fp32:
+    the fused ops, the fused AdamW and the lerp EMA round differently in the last bits)."""
+    new = tiny()
+    old = ReferenceDiT(input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=2, num_heads=3, num_classes=10)
+    old.load_state_dict(new.state_dict())
     old_ema = copy.deepcopy(old).requires_grad_(False)
     old_opt = torch.optim.AdamW(old.parameters(), lr=1e-3, weight_decay=0.0)
     old_diffusion = NaNLossAt(create_diffusion(timestep_respacing=""), {3})
