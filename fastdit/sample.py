@@ -80,8 +80,8 @@ class Sampler:
 
     cuda_graphs (default: on CUDA): the step is captured once per batch shape into a CUDA graph and
     replayed for every step and every later batch of that shape: the host launches one graph per
-    step instead of some thousand kernels (DiT-XL/2's forward alone launches ~30 per block), so the
-    GPU never waits on Python between kernels. compile: torch.compile of the model, once; with graphs
+    step instead of every kernel of the forward and the update (hundreds for DiT-XL/2's 28 blocks),
+    so the GPU never waits on Python between kernels. compile: torch.compile of the model, once; with graphs
     its kernels are captured too. Both are kept for the Sampler's lifetime: the batches of
     `fastdit sample-ddp` reuse one capture and one compilation.
     """
