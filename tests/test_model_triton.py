@@ -112,6 +112,19 @@ def test_compile_fullgraph(backend, device):
         assert err <= 1e-5, f"{name}: compiled differs from eager by {err:.3g} of its largest value"
 
 
+@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+def test_compile_fullgraph_with_checkpointing(checkpointing, device):
+    # Checkpointed blocks are traced by torch.compile as higher-order ops: nothing inside may
+    # mutate Python state (attention records which backend ran only in eager mode).
+    model = randomised(DiT(**SHALLOW).to(device)).set_gradient_checkpointing(checkpointing)
+    inputs = batch(device)
+    got = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), inputs, "triton")
+    eager = loss_and_grads(model, inputs, "triton")
+    for name, g, e in zip(names(model), got, eager):
+        err = float((g - e).abs().max() / e.abs().max())
+        assert err <= 1e-5, f"{name}: compiled differs from eager by {err:.3g} of its largest value"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_forward_captures_in_a_cuda_graph():
     # The input checks read no values while a graph is captured (a device-to-host read would fail).

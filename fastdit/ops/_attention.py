@@ -232,7 +232,8 @@ def resolve(q, k, v, backend=None):
 def _select(q, k, v, backend):
     check_qkv(q, k, v)
     name = resolve(q, k, v, backend)
-    policy.note_ran(name)
+    if not torch.compiler.is_compiling():  # Python state: a traced (e.g. checkpointed) region must not mutate it
+        policy.note_ran(name)
     return BACKENDS[name]
 
 

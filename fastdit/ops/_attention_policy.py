@@ -96,7 +96,8 @@ def deterministic():
 
 
 def last_attention_backend():
-    """The backend the last fastdit.ops.attention call ran (e.g. 'triton', 'sdpa_cudnn'), None before any."""
+    """The backend the last eager fastdit.ops.attention call ran (e.g. 'triton', 'sdpa_cudnn'), None
+    before any; calls traced by torch.compile are not recorded (a traced region mutates no Python state)."""
     return _state["last"]
 
 
