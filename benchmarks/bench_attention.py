@@ -1,7 +1,9 @@
 """Attention: TFLOP/s of every backend side by side, forward and backward (BENCHMARKING.md).
 
 Shapes: T in {256, 1024, 4096} (DiT /2 at 256², 512², and a long case), head dim 64 (DiT-S/B/L)
-and 72 (DiT-XL), H = 16, bfloat16, B*T = 128K tokens (q, k, v as views of one (B, T, 3, H, Dh)
+and 72 (DiT-XL), H = 16, bfloat16, B*T = 128K tokens; the headline cases first (head dim 72 at
+T = 256 and 1024, benchmarks/cases.py), and in the device check's quick mode only those and head
+dim 64 at T = 256. A case that would not fit the time budget is recorded as skipped, with the reason (q, k, v as views of one (B, T, 3, H, Dh)
 GEMM output, the model's layout). FLOPs: 4 B H T² Dh forward, 2.5x that backward (two matmuls
 forward, five backward: S and dP recomputed, dV, dQ, dK).
 
@@ -38,23 +40,27 @@ from unittest import mock
 import pytest
 import torch
 
+from benchmarks import cases as headline
 from benchmarks import harness
 from fastdit import ops, reference
 
 SUITE = "attention"
 attention_module = importlib.import_module("fastdit.ops._attention")
 
-if harness.SMOKE:
-    SHAPES = [(32, 72)]
-    H, TOKENS = 2, 64
-else:
-    SHAPES = [(T, Dh) for T in (256, 1024, 4096) for Dh in (64, 72)]
-    H, TOKENS = 16, 128 * 1024
+HEADLINE_SHAPES = [(T, headline.ATTENTION_HEAD_DIM) for T in headline.ATTENTION_T]
+SHAPES = harness.shapes(
+    full=HEADLINE_SHAPES + [(T, Dh) for T in (256, 1024, 4096) for Dh in (64, 72) if (T, Dh) not in HEADLINE_SHAPES],
+    quick=HEADLINE_SHAPES + [(headline.ATTENTION_HEADLINE_T, headline.ATTENTION_BASELINE_HEAD_DIM)],
+    smoke=[(32, 72)],
+)
+H, TOKENS = (2, 64) if harness.SMOKE else (16, 128 * 1024)
 DTYPE = torch.bfloat16
 MODES = ("fwd", "bwd")
 MATH_SCORES = 2**31  # most B*H*T*T score elements the math backends are given (4 GiB in bf16)
 IMPLS = [b for b in ops.ATTENTION_BACKENDS if b != "auto"] + ["triton_deterministic", "math_compiled", "auto"]
 CONFIG_SWEEP = os.environ.get("FASTDIT_BENCH_ATTENTION_CONFIGS") == "1" and not harness.SMOKE
+MIN_SECONDS = {"math_compiled": 15.0, "auto": 5.0}  # to start a case before the deadline; others
+MIN_SECONDS_OTHER = 2.0
 
 
 def flops(B, T, Dh, mode):
@@ -134,10 +140,10 @@ def cannot_run(impl, T, Dh):
 
 def measure(impl, T, Dh, mode):
     case = f"T{T}_hd{Dh}_{mode}"
-    why = cannot_run(impl, T, Dh)
+    why = harness.skip_reason(MIN_SECONDS.get(impl, MIN_SECONDS_OTHER)) or cannot_run(impl, T, Dh)
     if why is not None:
         status = "not installed" if "not installed" in why else why
-        return harness.not_installed(SUITE, case, impl, why=status)
+        return harness.not_run(SUITE, case, impl, status, mode=mode, T=T, Dh=Dh, H=H, dtype=str(DTYPE).replace("torch.", ""))
     B = batch(T, impl)
     fn, next_set = timed_call(runner(impl), B, T, Dh, mode)
     ms, spread = harness.time_ms(fn)
@@ -159,38 +165,35 @@ def _best_tflops(case, exclude):
     return max(rates, default=None)
 
 
-CASES = [(T, Dh, mode, impl) for (T, Dh), mode, impl in itertools.product(SHAPES, MODES, IMPLS)
-         if not (impl == "triton_deterministic" and mode == "fwd")]  # fmt: skip
+CASES = [
+    pytest.param(T, Dh, mode, impl, id=f"T{T}-hd{Dh}-{mode}-{impl}",
+                 marks=[pytest.mark.headline] if (T, Dh) in HEADLINE_SHAPES and not harness.SMOKE else [])
+    for (T, Dh), mode, impl in itertools.product(SHAPES, MODES, IMPLS) if not (impl == "triton_deterministic" and mode == "fwd")
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("T, Dh, mode, impl", CASES, ids=[f"T{c[0]}-hd{c[1]}-{c[2]}-{c[3]}" for c in CASES])
-def test_attention(benchmark, T, Dh, mode, impl):
-    harness.run_case(benchmark, lambda: measure(impl, T, Dh, mode))
+@pytest.mark.parametrize("T, Dh, mode, impl", CASES)
+def test_attention(T, Dh, mode, impl):
+    measure(impl, T, Dh, mode)
 
 
 def _row(case, impl):
     return next((r for r in harness.RESULTS if r.get("case") == case and r.get("impl") == impl and r.get("ms")), None)
 
 
-def test_attention_summary(benchmark):
+def test_attention_summary():
     """Triton's Dh 72 / Dh 64 per-FLOP rate and its margin over the fastest other backend, per case."""
-
-    def summarize():
-        rows = []
-        for (T, Dh), mode in itertools.product(SHAPES, MODES):
-            case = f"T{T}_hd{Dh}_{mode}"
-            mine, best_other = _row(case, "triton"), _best_tflops(case, exclude=("triton",))
-            if mine and best_other:
-                rows.append(harness.record(SUITE, case=f"{case}_vs_best_other", impl="triton", mode=mode, T=T, Dh=Dh,
-                                           vs_best_other=mine["tflops"] / best_other))  # fmt: skip
-        for T, mode in itertools.product(sorted({s[0] for s in SHAPES}), MODES):
-            hd64, hd72 = _row(f"T{T}_hd64_{mode}", "triton"), _row(f"T{T}_hd72_{mode}", "triton")
-            if hd64 and hd72:
-                rows.append(harness.record(SUITE, case=f"T{T}_{mode}_hd72_over_hd64", impl="triton", mode=mode, T=T,
-                                           hd72_over_hd64_per_flop=hd72["tflops"] / hd64["tflops"]))  # fmt: skip
-        return rows[-1] if rows else harness.record(SUITE, case="summary", impl="triton", status="nothing to compare")
-
-    harness.run_case(benchmark, summarize)
+    for (T, Dh), mode in itertools.product(SHAPES, MODES):
+        case = f"T{T}_hd{Dh}_{mode}"
+        mine, best_other = _row(case, "triton"), _best_tflops(case, exclude=("triton",))
+        if mine and best_other:
+            harness.record(SUITE, case=f"{case}_vs_best_other", impl="triton", mode=mode, T=T, Dh=Dh,
+                           vs_best_other=mine["tflops"] / best_other)  # fmt: skip
+    for T, mode in itertools.product(sorted({s[0] for s in SHAPES}), MODES):
+        hd64, hd72 = _row(f"T{T}_hd64_{mode}", "triton"), _row(f"T{T}_hd72_{mode}", "triton")
+        if hd64 and hd72:
+            harness.record(SUITE, case=f"T{T}_{mode}_hd72_over_hd64", impl="triton", mode=mode, T=T,
+                           hd72_over_hd64_per_flop=hd72["tflops"] / hd64["tflops"])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,17 +211,13 @@ CONFIG_CASES = [shape + sweep for shape in SHAPES for sweep in SWEEP] if CONFIG_
 
 @pytest.mark.skipif(not CONFIG_SWEEP, reason="set FASTDIT_BENCH_ATTENTION_CONFIGS=1 on a GPU to compare tile configs")
 @pytest.mark.parametrize("T, Dh, mode, impl, kernel, blocks", CONFIG_CASES)
-def test_attention_triton_configs(benchmark, T, Dh, mode, impl, kernel, blocks):
+def test_attention_triton_configs(T, Dh, mode, impl, kernel, blocks):
     """The Triton kernels with one kernel's (BLOCK_M, BLOCK_N, warps, stages) replaced."""
     triton_module = importlib.import_module("fastdit.ops._attention_triton")
     chosen = list(triton_module.configs(Dh, DTYPE))
     chosen[kernel] = triton_module.Blocks(*blocks)
     label = f"{impl}[{('fwd', 'dkdv', 'dq')[kernel]}={blocks[0]}x{blocks[1]}/w{blocks[2]}/s{blocks[3]}]"
 
-    def measure_config():
-        with mock.patch.object(triton_module, "configs", lambda head_dim, dtype: tuple(chosen)):
-            row = measure(impl, T, Dh, mode)
-        row["impl"] = label
-        return row
-
-    harness.run_case(benchmark, measure_config)
+    with mock.patch.object(triton_module, "configs", lambda head_dim, dtype: tuple(chosen)):
+        row = measure(impl, T, Dh, mode)
+    row["impl"] = label

@@ -23,6 +23,6 @@ def traffic(B, T, D, e=2):
     return 3 * N * D * e + B * D * e, 3 * N * D * e + 2 * B * D * e
 
 
-@pytest.mark.parametrize("shape, mode, impl", kb.cases(kb.ROW_SHAPES, kb.SMOKE_ROW_SHAPE, IMPLS), ids=str)
-def test_gated_residual(benchmark, shape, mode, impl):
-    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=2, vectors=1, traffic=traffic)
+@pytest.mark.parametrize("shape, mode, impl", kb.row_cases(IMPLS), ids=str)
+def test_gated_residual(shape, mode, impl):
+    kb.run_row_case(SUITE, IMPLS, shape, mode, impl, tensors=2, vectors=1, traffic=traffic)

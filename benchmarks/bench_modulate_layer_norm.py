@@ -24,6 +24,6 @@ def traffic(B, T, D, e=2):
     return 2 * N * D * e + 2 * B * D * e + 2 * N * 4, 3 * N * D * e + 3 * B * D * e + 2 * N * 4
 
 
-@pytest.mark.parametrize("shape, mode, impl", kb.cases(kb.ROW_SHAPES, kb.SMOKE_ROW_SHAPE, IMPLS), ids=str)
-def test_modulate_layer_norm(benchmark, shape, mode, impl):
-    kb.run_row_case(benchmark, SUITE, IMPLS, shape, mode, impl, tensors=1, vectors=2, traffic=traffic)
+@pytest.mark.parametrize("shape, mode, impl", kb.row_cases(IMPLS), ids=str)
+def test_modulate_layer_norm(shape, mode, impl):
+    kb.run_row_case(SUITE, IMPLS, shape, mode, impl, tensors=1, vectors=2, traffic=traffic)

@@ -13,6 +13,6 @@ SUITE = "patchify"
 IMPLS = kb.implementations(ops.patchify, reference.patchify)
 
 
-@pytest.mark.parametrize("shape, mode, impl", kb.cases(kb.LAYOUT_SHAPES, kb.SMOKE_LAYOUT_SHAPE, IMPLS), ids=str)
-def test_patchify(benchmark, shape, mode, impl):
-    kb.run_layout_case(benchmark, SUITE, IMPLS, shape, mode, impl, channels=4, from_tokens=False)
+@pytest.mark.parametrize("shape, mode, impl", kb.layout_cases(IMPLS), ids=str)
+def test_patchify(shape, mode, impl):
+    kb.run_layout_case(SUITE, IMPLS, shape, mode, impl, channels=4, from_tokens=False)

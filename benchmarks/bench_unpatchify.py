@@ -13,6 +13,6 @@ SUITE = "unpatchify"
 IMPLS = kb.implementations(ops.unpatchify, reference.unpatchify)
 
 
-@pytest.mark.parametrize("shape, mode, impl", kb.cases(kb.LAYOUT_SHAPES, kb.SMOKE_LAYOUT_SHAPE, IMPLS), ids=str)
-def test_unpatchify(benchmark, shape, mode, impl):
-    kb.run_layout_case(benchmark, SUITE, IMPLS, shape, mode, impl, channels=8, from_tokens=True)
+@pytest.mark.parametrize("shape, mode, impl", kb.layout_cases(IMPLS), ids=str)
+def test_unpatchify(shape, mode, impl):
+    kb.run_layout_case(SUITE, IMPLS, shape, mode, impl, channels=8, from_tokens=True)

@@ -1,6 +1,12 @@
-"""Benchmark suites run under pytest(-benchmark). Without CUDA they run in smoke mode, with the
-Triton kernels interpreted. FASTDIT_BENCH_JSON=path writes every recorded row there: after each
-test (so a crash keeps what was measured) and, marked complete, at the end of the session."""
+"""Benchmark suites run under pytest. Without CUDA they run in smoke mode, with the Triton kernels
+interpreted.
+
+FASTDIT_BENCH_JSON=path writes the process's rows there, with the cases collected and the cases
+finished: after each test (so a process killed at its deadline keeps what it measured, and the
+report lists the cases it never reached) and, marked complete, at the end of the session.
+Cases marked `headline` run first, across every suite file of the process: a time budget cuts the
+others.
+"""
 import os
 
 import torch
@@ -8,16 +14,31 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+PLANNED, FINISHED = [], []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "headline: a case the report's headline quotes; runs before the others")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.get_closest_marker("headline") is None)  # stable: order kept otherwise
+
+
+def pytest_collection_finish(session):
+    PLANNED[:] = [item.nodeid for item in session.items]
+
 
 def _write(complete):
     path = os.environ.get("FASTDIT_BENCH_JSON")
     if path:
         from benchmarks import harness
 
-        harness.write_results(path, complete=complete)
+        harness.write_results(path, complete=complete, planned=PLANNED, finished=FINISHED)
 
 
 def pytest_runtest_logfinish(nodeid, location):
+    FINISHED.append(nodeid)
     _write(complete=False)
 
 

@@ -8,15 +8,18 @@ report the spread, so differences inside it read as noise.
 Without CUDA (or with FASTDIT_BENCH_SMOKE=1) every suite runs in smoke mode: tiny shapes,
 one timed call, no ceilings. Smoke numbers prove the suites run; they are not measurements.
 
-What `python -m benchmarks` (benchmarks/__main__.py) passes to every suite it runs:
-  FASTDIT_BENCH_JSON      where this suite's rows go (written after every test: a crash keeps them)
-  FASTDIT_BENCH_QUICK=1   --quick: suites run `shapes(...)`'s quick subset
-  FASTDIT_BENCH_SMOKE=1   --smoke (or no CUDA)
+A suite is a pytest file whose tests record rows (`record`); what pytest itself times is the
+harness, so nothing here reports pytest's own timings. What `python -m benchmarks`
+(benchmarks/runner.py) passes to every suite it runs:
+  FASTDIT_BENCH_JSON      where this process's rows go (written after every test: a crash keeps them)
+  FASTDIT_BENCH_QUICK=1   the device check's quick mode: suites run `shapes(...)`'s quick subset,
+                          the headline case first
+  FASTDIT_BENCH_SMOKE=1   smoke mode (no CUDA)
   FASTDIT_BENCH_CEILINGS  the ceilings the runner measured once (JSON), so every suite divides by
                           the same numbers and none re-measures them
-  FASTDIT_BENCH_DEADLINE  a Unix time this suite should finish by (--quick's time budget); a
-                          suite checks `time_left()` before an expensive case and records the
-                          case as skipped when it would not fit
+  FASTDIT_BENCH_DEADLINE  a Unix time this suite should finish by; every case asks `skip_reason()`
+                          before it starts and is recorded as skipped, with the reason, when it
+                          would not fit
 """
 import functools
 import json
@@ -36,10 +39,6 @@ DEADLINE = float(os.environ.get("FASTDIT_BENCH_DEADLINE") or math.inf)
 # Implementation names the report understands (third-party alternatives keep their own names:
 # flash_attn, xformers, apex, sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math, ...).
 EAGER, COMPILE, TRITON, CUDA = "eager", "compile", "triton", "cuda"
-
-# The kernel shape the report's headline quotes (BENCHMARKING.md: the DiT-XL/2 width, 64K tokens
-# = batch 256 at 256^2 or batch 64 at 512^2, bf16). Quick subsets must include it.
-HEADLINE_KERNEL_SHAPE = {"D": 1152, "tokens": 65536, "dtype": "bfloat16"}
 
 RESULTS = []  # rows recorded by the suites in this process; benchmarks/conftest.py writes them out
 
@@ -86,8 +85,8 @@ def rotating(make_inputs, set_bytes):
 
 def shapes(full, quick=None, smoke=None):
     """The cases a suite runs in this mode: `smoke` in smoke mode (tiny, CPU-interpretable; default
-    the first of `full`), `quick` with --quick (a representative subset that includes the headline
-    shape; default `full`), else `full`."""
+    the first of `full`), `quick` in the device check (the headline case first, then a few
+    representative ones; default `full`), else `full`."""
     if SMOKE:
         return list(smoke) if smoke is not None else list(full)[:1]
     if QUICK and quick is not None:
@@ -95,15 +94,17 @@ def shapes(full, quick=None, smoke=None):
     return list(full)
 
 
-# (B, T, D) activations of the DiT family (BENCHMARKING.md): widths of S, B, L and XL; 256^2 and
-# 512^2 latents of the /2 models; training batches and a CFG sampling batch (2 x 64).
-DIT_TOKEN_SHAPES = [(B, T, D) for D in (384, 768, 1024, 1152) for B, T in ((32, 256), (128, 256), (256, 256), (64, 1024))]
-DIT_TOKEN_SHAPES_QUICK = [(256, 256, 1152), (32, 256, 1152), (256, 256, 768), (64, 1024, 1152)]
-
-
 def time_left():
     """Seconds until this suite's deadline (inf without one)."""
     return DEADLINE - time.time()
+
+
+OUT_OF_TIME = "skipped: the time budget ran out before this case"
+
+
+def skip_reason(min_seconds=0.0):
+    """Why a case that needs about `min_seconds` must not start now (None: run it)."""
+    return OUT_OF_TIME if time_left() < min_seconds else None
 
 
 def time_ms(fn, grad_to_none=None):
@@ -159,9 +160,10 @@ def memory_bound_row(suite, case, impl, ms, spread_ms, nbytes, **extra):
                   pct_copy_bw=pct, **extra)  # fmt: skip
 
 
-def not_installed(suite, case, impl, why="not installed", **extra):
-    """A row for an alternative that could not run here: listed, never silently dropped. Pass the
-    case's mode/dtype/shape fields in `extra` so the report puts it beside the case's other rows."""
+def not_run(suite, case, impl, why, **extra):
+    """A row for a case that did not run here (an alternative not installed, the time budget spent):
+    listed with its reason, never silently dropped, never timed. Pass the case's mode/dtype/shape
+    fields in `extra` so the report puts it beside the case's other rows."""
     return record(suite, case=case, impl=impl, ms=None, status=why, **extra)
 
 
@@ -173,17 +175,10 @@ def compiled(fn):
         return None
 
 
-def write_results(path, complete=True):
-    """Write every row recorded so far; complete=False while the suite is still running."""
+def write_results(path, complete=True, planned=(), finished=()):
+    """Write every row recorded so far, and the cases planned and finished; complete=False while
+    the suite is still running."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"ceilings": ceilings(), "complete": complete, "rows": RESULTS}, f, indent=1)
+        json.dump({"complete": complete, "planned": list(planned), "finished": list(finished), "rows": RESULTS}, f)
     os.replace(tmp, path)  # a reader (or a crash) never sees half a file
-
-
-def run_case(benchmark, measure):
-    """Run `measure()` (which times a case and returns its recorded row) once under pytest-benchmark,
-    keeping the row in the benchmark's extra_info so `--benchmark-json` carries it too."""
-    row = benchmark.pedantic(measure, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool, type(None)))})
-    return row

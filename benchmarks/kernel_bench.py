@@ -20,7 +20,10 @@ implementation's time, so GB/s is effective bandwidth and the rows compare direc
 kernels' own extra traffic (the backward's per-chunk partial sums, ~chunks/T of a tensor per
 reduced vector) counts against them.
 
-Rows (harness.memory_bound_row / harness.not_installed), one per (case, mode, impl):
+Cases run the headline shape first (benchmarks/cases.py), then, time allowing, the others; a
+case that would not fit the time budget is recorded as skipped, with the reason.
+
+Rows (harness.memory_bound_row / harness.not_run), one per (case, mode, impl):
   suite       the op's name, e.g. "modulate_layer_norm"
   case        "B=256,T=256,D=1152" (row ops) or "B=256,C=4,H=32,W=32,p=2" (layout ops)
   impl        eager | compile | triton | cuda | apex
@@ -29,25 +32,52 @@ Rows (harness.memory_bound_row / harness.not_installed), one per (case, mode, im
   B, T, D, tokens   batch, tokens per image, features per token (layout ops: C*p*p), B*T
   ms, spread_ms, bytes, gbs, pct_copy_bw   time (median of two timings, and their difference),
               bytes moved, GB/s and % of the measured copy bandwidth (None in smoke mode)
-  status      why a row has no time (e.g. "not installed", "not built")
+  status      why a row has no time (e.g. "not installed", "not built", or skipped for the time budget)
 """
+import pytest
 import torch
 
+from benchmarks import cases as headline
 from benchmarks import harness
 from fastdit import ops
 from fastdit.ops import _native
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPE = torch.bfloat16
-# Row ops: DiT widths x 8K..64K tokens of 256-token images (DiT /2 at 256²), and the 512² case.
-ROW_SHAPES = [(B, 256, D) for D in (384, 768, 1024, 1152) for B in (32, 64, 128, 256)] + [(64, 1024, 1152)]
+DTYPE = getattr(torch, headline.KERNEL["dtype"])
+# Row ops: DiT widths x 8K..64K tokens of 256-token images (DiT /2 at 256²), and the 512² case;
+# the headline shape first.
+ROW_HEADLINE = tuple(headline.KERNEL[k] for k in "BTD")
+ROW_SHAPES = [ROW_HEADLINE] + [(B, 256, D) for D in (384, 768, 1024, 1152) for B in (32, 64, 128, 256) if (B, 256, D) != ROW_HEADLINE] + [(64, 1024, 1152)]
+ROW_SHAPES_QUICK = [ROW_HEADLINE, (32, 256, 1152), (256, 256, 384), (64, 1024, 1152)]
 SMOKE_ROW_SHAPE = (2, 16, 72)
+# Layout ops: DiT latents of 256² (32x32) and 512² (64x64) images, batches 32..256, patch 2, 4, 8;
+# the headline shape first.
+LAYOUT_HEADLINE = tuple(headline.LAYOUT[k] for k in ("B", "H", "W", "p"))
+LAYOUT_SHAPES = [LAYOUT_HEADLINE] + [(B, 32, 32, 2) for B in (32, 64, 128)] + [(64, 64, 64, 2), (256, 32, 32, 4), (256, 32, 32, 8)]
+LAYOUT_SHAPES_QUICK = [LAYOUT_HEADLINE, (64, 64, 64, 2)]
+SMOKE_LAYOUT_SHAPE = (2, 8, 8, 2)
+MIN_SECONDS = {"compile": 15.0}  # to start a case before the deadline (compile: compiling); others
+MIN_SECONDS_OTHER = 2.0
 
 
-def cases(shapes, smoke_shape, impls):
-    """pytest parameters (shape, mode, impl): one shape per mode in smoke mode, each shape's rows together."""
-    shapes = [smoke_shape] if harness.SMOKE else shapes
-    return [(s, m, i) for s in shapes for m in MODES for i in impls]
+def row_cases(impls):
+    """pytest parameters (shape, mode, impl) of a row op's suite in this mode."""
+    return _cases(ROW_SHAPES, ROW_SHAPES_QUICK, SMOKE_ROW_SHAPE, impls)
+
+
+def layout_cases(impls):
+    """pytest parameters (shape, mode, impl) of a layout op's suite in this mode."""
+    return _cases(LAYOUT_SHAPES, LAYOUT_SHAPES_QUICK, SMOKE_LAYOUT_SHAPE, impls)
+
+
+def _cases(full, quick, smoke, impls):
+    """(shape, mode, impl) parameters, each shape's rows together; the first shape (the headline's)
+    is marked `headline` so it runs before every other suite's other cases."""
+    shapes = harness.shapes(full, quick, [smoke])
+    return [
+        pytest.param(s, m, i, marks=pytest.mark.headline) if s == full[0] and not harness.SMOKE else (s, m, i)
+        for s in shapes for m in MODES for i in impls
+    ]  # fmt: skip
 
 
 def implementations(op, ref, **third_party):
@@ -135,18 +165,16 @@ def timed_call(fn, make_inputs, mode, set_bytes):
     return call
 
 
-def measure(benchmark, suite, case, fields, impl, fn, make_inputs, mode, nbytes):
-    """Time `fn` (None: not installed; a string: why it cannot run) in `mode` under pytest-benchmark
-    and record its row."""
-
-    def run():
-        extra = dict(mode=mode, dtype=str(DTYPE).replace("torch.", ""), **fields)
-        if fn is None or isinstance(fn, str):
-            return harness.record(suite, case=case, impl=impl, ms=None, status=fn or "not installed", **extra)
-        ms, spread = harness.time_ms(timed_call(fn, make_inputs, mode, nbytes))
-        return harness.memory_bound_row(suite, case, impl, ms, spread, nbytes, **extra)
-
-    return harness.run_case(benchmark, run)
+def measure(suite, case, fields, impl, factory, make_inputs, mode, nbytes):
+    """Time impl's callable (factory() -> it; None: not installed; a string: why it cannot run) in
+    `mode` and record its row; record why instead when it cannot run or the time budget would not fit it."""
+    extra = dict(mode=mode, dtype=str(DTYPE).replace("torch.", ""), **fields)
+    why = harness.skip_reason(MIN_SECONDS.get(impl, MIN_SECONDS_OTHER))
+    fn = None if why else factory()
+    if why or fn is None or isinstance(fn, str):
+        return harness.not_run(suite, case, impl, why or fn or "not installed", **extra)
+    ms, spread = harness.time_ms(timed_call(fn, make_inputs, mode, nbytes))
+    return harness.memory_bound_row(suite, case, impl, ms, spread, nbytes, **extra)
 
 
 def row_inputs(B, T, D, tensors, vectors):
@@ -161,16 +189,15 @@ def row_inputs(B, T, D, tensors, vectors):
     return make
 
 
-def run_row_case(benchmark, suite, impls, shape, mode, impl, tensors, vectors, traffic):
+def run_row_case(suite, impls, shape, mode, impl, tensors, vectors, traffic):
     """One row op's (shape, mode, impl) case: `tensors` (B, T, D) and `vectors` (B, D) inputs;
     traffic(B, T, D) -> (forward bytes, backward bytes)."""
     B, T, D = shape
     fields = dict(B=B, T=T, D=D, tokens=B * T)
     case = f"B={B},T={T},D={D}"
-    fn = impls[impl](case, D)
     fwd, bwd = traffic(B, T, D)
     nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-    measure(benchmark, suite, case, fields, impl, fn, row_inputs(B, T, D, tensors, vectors), mode, nbytes)
+    measure(suite, case, fields, impl, lambda: impls[impl](case, D), row_inputs(B, T, D, tensors, vectors), mode, nbytes)
 
 
 def apex_modulate_layer_norm(D):
@@ -179,12 +206,7 @@ def apex_modulate_layer_norm(D):
     return ln and (lambda x, shift, scale: ln(x) * (1 + scale[:, None]) + shift[:, None])
 
 
-# Layout ops: DiT latents of 256² (32x32) and 512² (64x64) images, batches 32..256, patch 2, 4, 8.
-LAYOUT_SHAPES = [(B, 32, 32, 2) for B in (32, 64, 128, 256)] + [(64, 64, 64, 2), (256, 32, 32, 4), (256, 32, 32, 8)]
-SMOKE_LAYOUT_SHAPE = (2, 8, 8, 2)
-
-
-def run_layout_case(benchmark, suite, impls, shape, mode, impl, channels, from_tokens):
+def run_layout_case(suite, impls, shape, mode, impl, channels, from_tokens):
     """One layout op's (shape, mode, impl) case: shape (B, H, W, p) of the image with `channels`;
     the op reads tokens (unpatchify: fn(tokens, p, channels)) or the image (patchify: fn(image, p)).
     Bytes: each direction reads and writes every element once, 2 B C H W e per pass (fwd+bwd: two)."""
@@ -199,4 +221,4 @@ def run_layout_case(benchmark, suite, impls, shape, mode, impl, channels, from_t
     fields = dict(B=B, T=T, D=F, tokens=B * T, C=channels, H=H, W=W, p=p)
     case = f"B={B},C={channels},H={H},W={W},p={p}"
     nbytes = 2 * B * T * F * DTYPE.itemsize * (2 if mode == "fwd+bwd" else 1)
-    measure(benchmark, suite, case, fields, impl, impls[impl](case, F), make, mode, nbytes)
+    measure(suite, case, fields, impl, lambda: impls[impl](case, F), make, mode, nbytes)

@@ -1,4 +1,6 @@
-"""Test setup: without CUDA, fastdit's Triton kernels run on CPU tensors through the interpreter.
+"""Test setup: without CUDA, fastdit's Triton kernels run on CPU tensors through the interpreter,
+and the tests marked `gpu` are skipped (the device check runs them, compiled, on a GPU:
+`python -m benchmarks --device-check`).
 
 TRITON_INTERPRET must be set before Triton decorates a kernel; on a GPU machine it stays unset
 so the same tests run the compiled kernels on CUDA tensors.
@@ -22,6 +24,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    needs_gpu = pytest.mark.skip(reason="needs a CUDA GPU (the device check runs it: python -m benchmarks --device-check)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(needs_gpu)
 
 
 @pytest.fixture
