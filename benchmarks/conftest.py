@@ -17,10 +17,6 @@ if not torch.cuda.is_available():
 PLANNED, FINISHED = [], []
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "headline: a case the report's headline quotes; runs before the others")
-
-
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.get_closest_marker("headline") is None)  # stable: order kept otherwise
 

@@ -74,10 +74,8 @@ def _cases(full, quick, smoke, impls):
     """(shape, mode, impl) parameters, each shape's rows together; the first shape (the headline's)
     is marked `headline` so it runs before every other suite's other cases."""
     shapes = harness.shapes(full, quick, [smoke])
-    return [
-        pytest.param(s, m, i, marks=pytest.mark.headline) if s == full[0] and not harness.SMOKE else (s, m, i)
-        for s in shapes for m in MODES for i in impls
-    ]  # fmt: skip
+    mark = [] if harness.SMOKE else [pytest.mark.headline]
+    return [pytest.param(s, m, i, marks=mark if s == full[0] else []) for s in shapes for m in MODES for i in impls]
 
 
 def implementations(op, ref, **third_party):

@@ -24,6 +24,7 @@ PLOTS_DIR = "plots"
 
 def save(out_dir, recorded, with_plots=False):
     """Write what a run recorded so far (RECORDED's parts) and the report derived from it."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / RESULTS, recorded)
     return build(out_dir, with_plots)
 
@@ -35,7 +36,8 @@ def build(out_dir, with_plots=True):
     recorded = {k: v for k, v in (read_json(out_dir / RESULTS) or {}).items() if k in RECORDED}
     run = load_run(out_dir)
     h, missing, sources = headline(run)
-    results = {"headline": h, "missing": missing, "headline_sources": sources, "units": UNITS, "mode": run["run"].get("mode"), **recorded}
+    results = {"headline": h, "missing": missing, "headline_sources": sources, "units": UNITS, "mode": run["run"].get("mode"),
+               **{k: v for k, v in recorded.items() if k != "rows"}, "rows": recorded.get("rows", [])}  # fmt: skip
     write_json(out_dir / RESULTS, results)
     pngs = plots.render(run, out_dir / PLOTS_DIR) if with_plots else sorted((out_dir / PLOTS_DIR).glob("*.png"))
     write_text(out_dir / "report.md", markdown.render(run, results, pngs))

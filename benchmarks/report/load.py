@@ -139,7 +139,8 @@ def skipped_work(run):
             out.setdefault(step["status"], []).append(f"step {step['name']}")
     for r in rows_of(run):
         if not measured(r) and str(r.get("status", "")).startswith("skipped"):
-            out.setdefault(r["status"], []).append(f"{r['suite']} {r.get('case')} {r.get('impl')}")
+            what = " ".join(str(r[k]) for k in ("suite", "case", "sampler", "mode", "impl") if r.get(k) is not None)
+            out.setdefault(r["status"], []).append(what)
     for name, s in run["suites"].items():
         for case in s.get("not_reached", []):
             out.setdefault(f"not reached: {s.get('status', 'its step stopped')}", []).append(case)
