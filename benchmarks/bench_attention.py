@@ -214,10 +214,10 @@ CONFIG_CASES = [shape + sweep for shape in SHAPES for sweep in SWEEP] if CONFIG_
 def test_attention_triton_configs(T, Dh, mode, impl, kernel, blocks):
     """The Triton kernels with one kernel's (BLOCK_M, BLOCK_N, warps, stages) replaced."""
     triton_module = importlib.import_module("fastdit.ops._attention_triton")
-    chosen = list(triton_module.configs(Dh, DTYPE))
+    chosen = list(triton_module.configs(Dh, DTYPE, torch.device(harness.DEVICE)))
     chosen[kernel] = triton_module.Blocks(*blocks)
     label = f"{impl}[{('fwd', 'dkdv', 'dq')[kernel]}={blocks[0]}x{blocks[1]}/w{blocks[2]}/s{blocks[3]}]"
 
-    with mock.patch.object(triton_module, "configs", lambda head_dim, dtype: tuple(chosen)):
+    with mock.patch.object(triton_module, "configs", lambda head_dim, dtype, device: tuple(chosen)):
         row = measure(impl, T, Dh, mode)
     row["impl"] = label

@@ -312,6 +312,7 @@ class Blocks:
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
+    programs_per_sm: int = 1  # the occupancy this choice counts on (checked ahead of time: tests/test_codegen.py)
 
     def launch(self):
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
@@ -329,7 +330,7 @@ def split_head_dim(head_dim):
 
 
 # Tiles by padded head width W = D0 + D1 (64 for Dh = 64, 80 for Dh = 72, 96, 128, 256), chosen by
-# reasoning and by compiling for sm_90a on a CPU box (python -m fastdit.ops._attention_codegen:
+# reasoning and by compiling for sm_90a on a CPU box (python -m fastdit.ops._codegen:
 # registers, stack/local spills, shared memory), with no GPU to time them on; the benchmark suite
 # compares alternatives (FASTDIT_BENCH_ATTENTION_CONFIGS=1).
 # - forward: 128 queries per program reuse each K/V tile across many rows (FA2's and the Triton
@@ -345,8 +346,8 @@ def split_head_dim(head_dim):
 # Under the interpreter, small tiles make T = 33 exercise multi-block loops and masked tails.
 _GPU_CONFIGS = {  # dtype class -> ((max padded width, forward, backward dK/dV, backward dQ), ...)
     "16-bit": (
-        (64, Blocks(128, 64, 4, 3), Blocks(32, 128, 8, 5), Blocks(128, 32, 4, 5)),
-        (80, Blocks(128, 64, 4, 3), Blocks(32, 128, 8, 4), Blocks(128, 32, 8, 4)),
+        (64, Blocks(128, 64, 4, 3, 2), Blocks(32, 128, 8, 5), Blocks(128, 32, 4, 5)),
+        (80, Blocks(128, 64, 4, 3, 2), Blocks(32, 128, 8, 4), Blocks(128, 32, 8, 4)),
         (128, Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 4), Blocks(128, 32, 8, 4)),
         (256, Blocks(64, 64, 4, 2), Blocks(32, 32, 8, 2), Blocks(64, 32, 8, 2)),
     ),
@@ -355,17 +356,32 @@ _GPU_CONFIGS = {  # dtype class -> ((max padded width, forward, backward dK/dV, 
         (256, Blocks(32, 32, 8, 2), Blocks(16, 32, 8, 2), Blocks(32, 16, 8, 2)),
     ),
 }
+# sm_80 (A100: mma.sync, no wgmma) takes more registers for the same tiles, and some of Hopper's
+# spill there (compiled with Triton 3.6: the 16-bit forward at W 80, 255 registers and 64 bytes of
+# stack; dQ at W 64, 8 bytes; the float32 atomic dK/dV at W 80, 32 bytes): these replace them.
+_AMPERE_CONFIGS = {  # (dtype class, max padded width) -> (forward, dK/dV, dQ), None: Hopper's
+    ("16-bit", 64): (Blocks(128, 64, 8, 3), None, Blocks(128, 32, 8, 4)),
+    ("16-bit", 80): (Blocks(128, 64, 8, 3), None, None),
+    ("float32", 128): (None, Blocks(16, 32, 8, 2), None),
+}
 _INTERPRETER_CONFIG = (Blocks(16, 16),) * 3
 DELTA_BLOCK_M = 16 if INTERPRET else 64  # the delta pre-pass: memory-bound, (64, W) tiles over 4 warps
 
 
-def configs(head_dim, dtype):
-    """(forward, backward dK/dV, backward dQ) Blocks for this head dim and input dtype."""
+def configs(head_dim, dtype, device):
+    """(forward, backward dK/dV, backward dQ) Blocks for this head dim and input dtype on `device`."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
+    return gpu_configs(head_dim, dtype, tu.capability(device))
+
+
+def gpu_configs(head_dim, dtype, capability):
+    """(forward, backward dK/dV, backward dQ) Blocks on a GPU of this (major, minor) compute capability."""
     width = sum(split_head_dim(head_dim))
-    table = _GPU_CONFIGS["float32" if dtype == torch.float32 else "16-bit"]
-    return next(c[1:] for c in table if width <= c[0])
+    kind = "float32" if dtype == torch.float32 else "16-bit"
+    max_width, *hopper = next(c for c in _GPU_CONFIGS[kind] if width <= c[0])
+    ampere = _AMPERE_CONFIGS.get((kind, max_width), (None,) * 3) if capability < (9, 0) else (None,) * 3
+    return tuple(a or h for a, h in zip(ampere, hopper))
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +423,7 @@ def forward(q, k, v):
     B, Tq, H, Dh = q.shape
     o = tu.empty((B, Tq, H, Dh), q.dtype, q.device)
     lse = tu.empty((B, H, Tq), torch.float32, q.device)
-    blocks = configs(Dh, q.dtype)[0]
+    blocks = configs(Dh, q.dtype, q.device)[0]
     attention_fwd_kernel[(triton.cdiv(Tq, blocks.block_m) * B * H,)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, k.shape[1], Dh**-0.5 * LOG2E, **_layout_args(q, k, v, o), **_dot_args(q), **blocks.launch(),
@@ -425,7 +441,7 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     do, q, k, v = row_major(do), row_major(q), row_major(k), row_major(v)
     B, Tq, H, Dh = q.shape
     Tk = k.shape[1]
-    _, dkdv_blocks, dq_blocks = configs(Dh, q.dtype)
+    _, dkdv_blocks, dq_blocks = configs(Dh, q.dtype, q.device)
     if grads is None:
         grads = [tu.empty((B, T, H, Dh), q.dtype, q.device) for T in (Tq, Tk, Tk)]
     dq, dk, dv = grads

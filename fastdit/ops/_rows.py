@@ -17,6 +17,7 @@ variance is taken of the centred row scaled by a power of two (_rstd): nothing o
 the row's sum does not (D * max|x| < 3.4e38), where squaring first overflows from a standard
 deviation of 5.4e17 at D = 1152.
 """
+import math
 from collections import namedtuple
 
 import torch
@@ -27,10 +28,22 @@ from ._triton_utils import offset64, row_major, tl, triton
 # A program holds whole rows in registers: at D = 8192 they still fit (sm_90, 16 warps), to 16384
 # the kernels are correct but spill; wider rows would need a kernel that loops over D.
 MAX_D = 16384
-# Programs per SM to aim for. The backward aims lower: every program adds a row of partial
-# sums per reduced vector, and at T = 256 each extra chunk costs ~1/T of the op's traffic.
-FWD_PROGRAMS_PER_SM = 4
-BWD_PROGRAMS_PER_SM = 2
+# Programs per SM the grid is sized for, per (direction, op): what fits at once in the registers the
+# kernels take (8 warps a program; compiled ahead of time for sm_80 and sm_90 on Triton 3.6 and the
+# newest, every DiT width and dtype, bf16 autocast's mix included: tests/test_codegen.py checks
+# these numbers). The fused op holds the most live tiles, so fewer of its programs fit; the backward
+# aims lower anyway: every program adds a row of partial sums per reduced vector (~1/T of the traffic).
+PROGRAMS_PER_SM = {
+    ("fwd", "modulate_layer_norm"): 3, ("fwd", "gated_residual"): 4, ("fwd", "gated_residual_modulate_layer_norm"): 2,
+    ("bwd", "modulate_layer_norm"): 2, ("bwd", "gated_residual"): 2, ("bwd", "gated_residual_modulate_layer_norm"): 1,
+}  # fmt: skip
+REGISTERS_PER_SM = 65536
+
+
+def register_cap(programs_per_sm, num_warps):
+    """The most registers a thread may take for programs_per_sm programs to fit on an SM (ptxas's
+    `maxnreg`: left alone it may cap itself lower and spill, or take more than the grid assumes)."""
+    return min(255, REGISTERS_PER_SM // (programs_per_sm * num_warps * 32) // 8 * 8)
 
 Blocking = namedtuple("Blocking", "block_t block_d rows chunks num_warps")
 
@@ -43,14 +56,15 @@ def check_width(D):
 def blocking(B, T, D, device, programs_per_sm):
     """Tile shape, tokens per program (a multiple of the tile's rows) and chunks per batch element.
 
-    On the GPU, enough chunks that B * chunks reaches programs_per_sm per SM; interpreted, one
-    program per batch element (the interpreter runs programs one at a time).
+    On the GPU, as many chunks as keep B * chunks within one wave of programs_per_sm per SM (a
+    second, partial wave would leave most SMs idle while it runs); interpreted, one program per
+    batch element (the interpreter runs programs one at a time).
     """
     block_d = triton.next_power_of_2(D)
     block_t = tu.tile_rows(T, block_d, device)
-    target = programs_per_sm * tu.sm_count(device) if device.type == "cuda" else 1
+    target = programs_per_sm * tu.sm_count(device) if tu.gpu_launch(device) else 1
     tiles = triton.cdiv(T, block_t)
-    rows = triton.cdiv(tiles, min(tiles, triton.cdiv(target, B))) * block_t
+    rows = triton.cdiv(tiles, min(tiles, max(1, target // B))) * block_t
     return Blocking(block_t, block_d, rows, triton.cdiv(T, rows), tu.num_warps(block_t * block_d))
 
 
@@ -77,16 +91,26 @@ def _kernel_name(direction):
     return name
 
 
+# ALIGN, a power of two dividing D and every row stride (`alignment`), tells Triton that row starts
+# are multiples of it: `n // ALIGN * ALIGN` is n itself, and provably a multiple (Triton tracks
+# divisibility through arithmetic; its own specialisation only knows 16-divisibility). Then the
+# loads and stores of D = 72k, k odd, move 16 bytes at a time instead of one element.
 @triton.jit
-def _load_vec(P, b, stride_b, cols, col_ok):
+def _aligned(n, ALIGN: tl.constexpr):
+    return n // ALIGN * ALIGN
+
+
+@triton.jit
+def _load_vec(P, b, stride_b, cols, col_ok, ALIGN: tl.constexpr):
     """Row b of a (B, D) tensor as fp32 [BLOCK_D]."""
-    return tl.load(P + offset64(b, stride_b, cols, 1), mask=col_ok, other=0.0).to(tl.float32)
+    return tl.load(P + b.to(tl.int64) * _aligned(stride_b, ALIGN) + cols, mask=col_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_tile(P, b, stride_b, t, stride_t, cols, mask):
+def _load_tile(P, b, stride_b, t, stride_t, cols, mask, ALIGN: tl.constexpr):
     """Rows t of batch element b of a (B, T, D) tensor (unit column stride) as fp32 [BLOCK_T, BLOCK_D]."""
-    return tl.load(P + offset64(b, stride_b, t, stride_t)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    starts = offset64(b, _aligned(stride_b, ALIGN), t, _aligned(stride_t, ALIGN))  # [BLOCK_T]
+    return tl.load(P + starts[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -122,26 +146,28 @@ def rows_fwd_kernel(
     T, D, rows, eps,
     sx_b, sx_t, sy_b, sy_t, s_gate, s_shift, s_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     t_begin = tl.program_id(1) * rows
     t_end = tl.minimum(t_begin + rows, T)
+    D = _aligned(D, ALIGN)  # the column mask then holds over whole vectors
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     if HAS_RESIDUAL:
-        gate = _load_vec(GATE, b, s_gate, cols, col_ok)
+        gate = _load_vec(GATE, b, s_gate, cols, col_ok, ALIGN)
     if HAS_NORM:
-        shift = _load_vec(SHIFT, b, s_shift, cols, col_ok)
-        scale1 = 1.0 + _load_vec(SCALE, b, s_scale, cols, col_ok)
+        shift = _load_vec(SHIFT, b, s_shift, cols, col_ok, ALIGN)
+        scale1 = 1.0 + _load_vec(SCALE, b, s_scale, cols, col_ok, ALIGN)
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         row_ok = t < t_end
         mask = row_ok[:, None] & col_ok[None, :]
         row = offset64(b, T, t, 1)  # (b, t) in the contiguous outputs [BLOCK_T]
         dense = row[:, None] * D + cols[None, :]
-        x = _load_tile(X, b, sx_b, t, sx_t, cols, mask)
+        x = _load_tile(X, b, sx_b, t, sx_t, cols, mask, ALIGN)
         if HAS_RESIDUAL:
-            r = (x + gate[None, :] * _load_tile(Y, b, sy_b, t, sy_t, cols, mask)).to(R.dtype.element_ty)
+            r = (x + gate[None, :] * _load_tile(Y, b, sy_b, t, sy_t, cols, mask, ALIGN)).to(R.dtype.element_ty)
             tl.store(R + dense, r, mask=mask)
             x = r.to(tl.float32)  # normalise r as stored: what the backward reloads
         if HAS_NORM:
@@ -168,18 +194,20 @@ def rows_bwd_kernel(
     B, T, D, rows,
     sdo_b, sdo_t, sdr_b, sdr_t, sr_b, sr_t, sy_b, sy_t, s_gate, s_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     t_begin = chunk * rows
     t_end = tl.minimum(t_begin + rows, T)
+    D = _aligned(D, ALIGN)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     if HAS_RESIDUAL:
-        gate = _load_vec(GATE, b, s_gate, cols, col_ok)
+        gate = _load_vec(GATE, b, s_gate, cols, col_ok, ALIGN)
         acc_gate = tl.zeros([BLOCK_D], tl.float32)
     if HAS_NORM:
-        scale1 = 1.0 + _load_vec(SCALE, b, s_scale, cols, col_ok)
+        scale1 = 1.0 + _load_vec(SCALE, b, s_scale, cols, col_ok, ALIGN)
         acc_shift = tl.zeros([BLOCK_D], tl.float32)
         acc_scale = tl.zeros([BLOCK_D], tl.float32)
     for t0 in range(t_begin, t_end, BLOCK_T):
@@ -190,10 +218,10 @@ def rows_bwd_kernel(
         dense = row[:, None] * D + cols[None, :]
         d = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         if HAS_NORM:
-            dout = _load_tile(DOUT, b, sdo_b, t, sdo_t, cols, mask)
+            dout = _load_tile(DOUT, b, sdo_b, t, sdo_t, cols, mask, ALIGN)
             mean = tl.load(MEAN + row, mask=row_ok, other=0.0)
             rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)  # 0 on masked rows: their d stays 0
-            xhat = tl.where(mask, (_load_tile(R, b, sr_b, t, sr_t, cols, mask) - mean[:, None]) * rstd[:, None], 0.0)
+            xhat = tl.where(mask, (_load_tile(R, b, sr_b, t, sr_t, cols, mask, ALIGN) - mean[:, None]) * rstd[:, None], 0.0)
             acc_shift += tl.sum(dout, axis=0)
             acc_scale += tl.sum(dout * xhat, axis=0)
             g = dout * scale1[None, :]
@@ -201,9 +229,9 @@ def rows_bwd_kernel(
             mean_gx = tl.sum(g * xhat, axis=1) / D
             d = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
         if HAS_RESIDUAL:
-            d += _load_tile(DR, b, sdr_b, t, sdr_t, cols, mask)
+            d += _load_tile(DR, b, sdr_b, t, sdr_t, cols, mask, ALIGN)
             _store(DY, dense, d * gate[None, :], mask)
-            acc_gate += tl.sum(d * _load_tile(Y, b, sy_b, t, sy_t, cols, mask), axis=0)
+            acc_gate += tl.sum(d * _load_tile(Y, b, sy_b, t, sy_t, cols, mask, ALIGN), axis=0)
         if HAS_NORM:
             _store(DX, dense, d, mask)
     part = offset64(b, tl.num_programs(1), chunk, 1) * D + cols  # [BLOCK_D]: (b, chunk) of a slice
@@ -239,13 +267,14 @@ def forward(x, y=None, gate=None, shift=None, scale=None, eps=0.0):
     r, out, mean, rstd = outputs = forward_buffers(x, y, gate, shift, scale)
     B, T, D = x.shape
     x, y, gate, shift, scale = (None if t is None else row_major(t) for t in (x, y, gate, shift, scale))
-    blk = blocking(B, T, D, x.device, FWD_PROGRAMS_PER_SM)
+    strides = (*_strides(x, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(shift, 1), *_strides(scale, 1))
+    programs = PROGRAMS_PER_SM["fwd", OP_OF_FLAGS[y is not None, shift is not None]]
+    blk = blocking(B, T, D, x.device, programs)
     rows_fwd_kernel[(B, blk.chunks)](
         x, y, gate, shift, scale, r, out, mean, rstd,
-        T, D, blk.rows, eps,
-        *_strides(x, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(shift, 1), *_strides(scale, 1),
+        T, D, blk.rows, eps, *strides,
         HAS_RESIDUAL=y is not None, HAS_NORM=shift is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
-        num_warps=blk.num_warps,
+        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=register_cap(programs, blk.num_warps),
     )  # fmt: skip
     return outputs
 
@@ -277,17 +306,24 @@ def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, g
     B, T, D = like.shape
     dx, dy = _grad_buffers(like, x_dtype, grad_out is not None, y)
     grad_out, r, scale, grad_r, y, gate = (None if t is None else row_major(t) for t in (grad_out, r, scale, grad_r, y, gate))
-    blk = blocking(B, T, D, like.device, BWD_PROGRAMS_PER_SM)
+    programs = PROGRAMS_PER_SM["bwd", OP_OF_FLAGS[y is not None, grad_out is not None]]
+    blk = blocking(B, T, D, like.device, programs)
     n_sums = 2 * (grad_out is not None) + (y is not None)
     partial = tu.empty((n_sums, B, blk.chunks, D), torch.float32, like.device)
+    strides = (*_strides(grad_out, 2), *_strides(grad_r, 2), *_strides(r, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(scale, 1))
     rows_bwd_kernel[(B, blk.chunks)](
         grad_out, grad_r, r, y, gate, scale, mean, rstd, dx, dy, partial,
-        B, T, D, blk.rows,
-        *_strides(grad_out, 2), *_strides(grad_r, 2), *_strides(r, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(scale, 1),
+        B, T, D, blk.rows, *strides,
         HAS_RESIDUAL=y is not None, HAS_NORM=grad_out is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
-        num_warps=blk.num_warps,
+        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=register_cap(programs, blk.num_warps),
     )  # fmt: skip
     return dx, dy, partial.sum(dim=2)  # second stage: a fixed-order reduction over the chunks
+
+
+def alignment(D, *strides):
+    """ALIGN: the largest power of two, up to 16, dividing D and every row stride."""
+    g = math.gcd(D, *strides)
+    return min(16, g & -g)
 
 
 def _strides(t, n):

@@ -50,10 +50,22 @@ def empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def gpu_launch(device):
+    """Whether launches on `device` take the GPU's launch configuration: CUDA, or meta (the listing
+    of the GPU's launches without a GPU, fastdit/ops/_codegen.py)."""
+    return device.type in ("cuda", "meta")
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device):
     """Streaming multiprocessors of a CUDA device, asked once per device (at first launch, not import)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device):
+    """(major, minor) compute capability of a CUDA device, asked once per device."""
+    return torch.cuda.get_device_capability(device)
 
 
 @triton.jit
@@ -84,7 +96,7 @@ INTERPRET_TILE = 1 << 15
 
 def tile_rows(rows, block_cols, device):
     """BLOCK_T: how many rows of `block_cols` columns one tile holds (a power of two)."""
-    budget = GPU_TILE if device.type == "cuda" else INTERPRET_TILE
+    budget = GPU_TILE if gpu_launch(device) else INTERPRET_TILE
     return min(max(1, budget // block_cols), triton.next_power_of_2(rows))
 
 
