@@ -94,7 +94,7 @@ setup(
         # diffusers: the tests drive the real AutoencoderKL path (a tiny one with random weights). torch-fidelity
         # (fastdit fid) is installed by .ci/run with --no-deps: its dependencies would pull a torchvision, and
         # with it another torch, that fastdit does not use.
-        "test": ["pytest>=7", "pytest-benchmark", "pytest-timeout", "diffusers==0.42.1"],
+        "test": ["pytest>=7", "pytest-timeout", "diffusers==0.42.1"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "diffusers": ["diffusers==0.42.1"],  # the SD-VAE (fastdit latents, decoding); hub downloads via huggingface-hub

@@ -15,7 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NVIDIA_SMI_FIELDS = ("driver_version", "clocks.max.sm", "clocks.max.memory", "power.limit")  # one query each: one unsupported field fails a query
-OPTIONAL_PACKAGES = ("triton", "flash-attn", "xformers", "apex", "numpy", "pytest-benchmark", "matplotlib")
+OPTIONAL_PACKAGES = ("triton", "flash-attn", "xformers", "apex", "numpy", "matplotlib")
 
 
 def _run(*cmd, cwd=None):
