@@ -342,7 +342,8 @@ def split_head_dim(head_dim):
 #   166 / 200 registers, none.
 # - backward dQ (deterministic variant): 128 queries, 32-key steps (the tutorial's BLOCK_M2/N2).
 # - float32 (IEEE dots on FMA units, the accuracy path, not the fast one): the 16-bit tiles spill
-#   kilobytes of stack; half-size tiles over 8 warps spill none.
+#   kilobytes of stack; quarter-size tiles over 8 warps spill none (64-query forwards and 64-key
+#   dK/dV programs still spilled 8-24 bytes at W 80 with Triton 3.6 or on sm_80).
 # Under the interpreter, small tiles make T = 33 exercise multi-block loops and masked tails.
 _GPU_CONFIGS = {  # dtype class -> ((max padded width, forward, backward dK/dV, backward dQ), ...)
     "16-bit": (
@@ -352,17 +353,16 @@ _GPU_CONFIGS = {  # dtype class -> ((max padded width, forward, backward dK/dV, 
         (256, Blocks(64, 64, 4, 2), Blocks(32, 32, 8, 2), Blocks(64, 32, 8, 2)),
     ),
     "float32": (
-        (128, Blocks(64, 32, 8, 2), Blocks(16, 64, 8, 2), Blocks(64, 16, 8, 2)),
+        (128, Blocks(32, 32, 8, 2), Blocks(16, 32, 8, 2), Blocks(64, 16, 8, 2)),
         (256, Blocks(32, 32, 8, 2), Blocks(16, 32, 8, 2), Blocks(32, 16, 8, 2)),
     ),
 }
 # sm_80 (A100: mma.sync, no wgmma) takes more registers for the same tiles, and some of Hopper's
 # spill there (compiled with Triton 3.6: the 16-bit forward at W 80, 255 registers and 64 bytes of
-# stack; dQ at W 64, 8 bytes; the float32 atomic dK/dV at W 80, 32 bytes): these replace them.
+# stack; dQ at W 64, 8 bytes): these replace them.
 _AMPERE_CONFIGS = {  # (dtype class, max padded width) -> (forward, dK/dV, dQ), None: Hopper's
     ("16-bit", 64): (Blocks(128, 64, 8, 3), None, Blocks(128, 32, 8, 4)),
     ("16-bit", 80): (Blocks(128, 64, 8, 3), None, None),
-    ("float32", 128): (None, Blocks(16, 32, 8, 2), None),
 }
 _INTERPRETER_CONFIG = (Blocks(16, 16),) * 3
 DELTA_BLOCK_M = 16 if INTERPRET else 64  # the delta pre-pass: memory-bound, (64, W) tiles over 4 warps
@@ -449,6 +449,7 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     delta = tu.empty((B, H, Tq), torch.float32, q.device)
     attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, **_layout_args(o, do), BLOCK_M=DELTA_BLOCK_M,
+        maxnreg=tu.register_cap(1, 4),
     )  # fmt: skip
 
     # Atomic dQ accumulates in float32 (zeroed), copied into dq after; the deterministic kernel writes dq.

@@ -37,13 +37,6 @@ PROGRAMS_PER_SM = {
     ("fwd", "modulate_layer_norm"): 3, ("fwd", "gated_residual"): 4, ("fwd", "gated_residual_modulate_layer_norm"): 2,
     ("bwd", "modulate_layer_norm"): 2, ("bwd", "gated_residual"): 2, ("bwd", "gated_residual_modulate_layer_norm"): 1,
 }  # fmt: skip
-REGISTERS_PER_SM = 65536
-
-
-def register_cap(programs_per_sm, num_warps):
-    """The most registers a thread may take for programs_per_sm programs to fit on an SM (ptxas's
-    `maxnreg`: left alone it may cap itself lower and spill, or take more than the grid assumes)."""
-    return min(255, REGISTERS_PER_SM // (programs_per_sm * num_warps * 32) // 8 * 8)
 
 Blocking = namedtuple("Blocking", "block_t block_d rows chunks num_warps")
 
@@ -274,7 +267,7 @@ def forward(x, y=None, gate=None, shift=None, scale=None, eps=0.0):
         x, y, gate, shift, scale, r, out, mean, rstd,
         T, D, blk.rows, eps, *strides,
         HAS_RESIDUAL=y is not None, HAS_NORM=shift is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
-        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=register_cap(programs, blk.num_warps),
+        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=tu.register_cap(programs, blk.num_warps),
     )  # fmt: skip
     return outputs
 
@@ -315,7 +308,7 @@ def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, g
         grad_out, grad_r, r, y, gate, scale, mean, rstd, dx, dy, partial,
         B, T, D, blk.rows, *strides,
         HAS_RESIDUAL=y is not None, HAS_NORM=grad_out is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
-        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=register_cap(programs, blk.num_warps),
+        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=tu.register_cap(programs, blk.num_warps),
     )  # fmt: skip
     return dx, dy, partial.sum(dim=2)  # second stage: a fixed-order reduction over the chunks
 

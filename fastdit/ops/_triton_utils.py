@@ -68,6 +68,16 @@ def capability(device):
     return torch.cuda.get_device_capability(device)
 
 
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90
+
+
+def register_cap(programs_per_sm, num_warps):
+    """The most registers a thread may take for programs_per_sm programs to fit on an SM: the launch's
+    `maxnreg`. Left alone, ptxas may cap itself lower and spill (seen at 128), or take more than the
+    grid assumes; tests/test_codegen.py checks that nothing spills under the cap."""
+    return min(255, REGISTERS_PER_SM // (programs_per_sm * num_warps * 32) // 8 * 8)
+
+
 @triton.jit
 def offset64(i, stride_i, j, stride_j):
     """i * stride_i + j * stride_j in 64 bits: tensors past 2**31 elements index correctly."""
