@@ -176,9 +176,11 @@ def test_headline_cases_run_first(monkeypatch):
     assert params[0].values[0] == (cases.KERNEL["B"], cases.KERNEL["T"], cases.KERNEL["D"])
     headline = [p for p in params if p.marks]
     assert len(headline) == len(kernel_bench.MODES) * 2 and params[: len(headline)] == headline
-    items = [SimpleNamespace(name=n, get_closest_marker=lambda name, h=h: h or None) for n, h in (("a", False), ("b", True), ("c", False), ("d", True))]
+    specs = (("a", False, "triton"), ("b", True, "compile"), ("c", False, "eager"), ("d", True, "triton"), ("e", True, "eager"))
+    items = [SimpleNamespace(name=n, callspec=SimpleNamespace(params={"impl": impl}), get_closest_marker=lambda name, h=h: h or None)
+             for n, h, impl in specs]  # fmt: skip
     bench_conftest.pytest_collection_modifyitems(None, None, items)
-    assert [i.name for i in items] == ["b", "d", "a", "c"]
+    assert [i.name for i in items] == ["d", "e", "b", "a", "c"]  # headline first, compiling last among them
 
 
 # ---------------------------------------------------------------------------------------------
