@@ -117,7 +117,7 @@ def test_compile_fullgraph_with_checkpointing(checkpointing, device):
         assert err <= 1e-5, f"{name}: compiled differs from eager by {err:.3g} of its largest value"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 def test_forward_captures_in_a_cuda_graph():
     # The input checks read no values while a graph is captured (a device-to-host read would fail).
     model = randomised(DiT(**SHALLOW).cuda())
