@@ -19,7 +19,7 @@ from fastdit.ops import _triton_utils
 from fastdit.reference_model import reference_DiT_models
 from tests.helpers import DTYPES, assert_close, reference_pair
 from tests.kernel_helpers import RowOpTests, check_exact, check_op, poisoned, triton_backend  # noqa: F401 (fixtures)
-from tests.test_attention import check_against_reference, nan_outputs, qkv_views  # noqa: F401 (fixture)
+from tests.test_attention import check_against_reference, qkv_views
 from tests.test_model_triton import float64_twin, loss_and_grads, names
 
 pytestmark = pytest.mark.gpu
@@ -80,7 +80,7 @@ def test_layout_kernels_at_dit_shapes(shape, dtype):
 # Attention: tensor-core dots
 
 
-@pytest.mark.usefixtures("nan_outputs")
+@pytest.mark.usefixtures("poisoned")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic_dq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Dh", [72, 64])
@@ -90,7 +90,7 @@ def test_attention_tensor_cores(T, Dh, dtype, deterministic):
         check_against_reference(*qkv_views(3, T, 4, Dh, dtype, "cuda"), "triton")
 
 
-def test_attention_float32(nan_outputs):
+def test_attention_float32(poisoned):
     check_against_reference(*qkv_views(2, 200, 3, 72, torch.float32, "cuda"), "triton")
 
 

@@ -315,7 +315,8 @@ class Blocks:
     programs_per_sm: int = 1  # the occupancy this choice counts on (checked ahead of time: tests/test_codegen.py)
 
     def launch(self):
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages,
+                    maxnreg=tu.register_cap(self.programs_per_sm, self.num_warps))  # fmt: skip
 
 
 def split_head_dim(head_dim):
@@ -359,10 +360,10 @@ _GPU_CONFIGS = {  # dtype class -> ((max padded width, forward, backward dK/dV, 
 }
 # sm_80 (A100: mma.sync, no wgmma) takes more registers for the same tiles, and some of Hopper's
 # spill there (compiled with Triton 3.6: the 16-bit forward at W 80, 255 registers and 64 bytes of
-# stack; dQ at W 64, 8 bytes): these replace them.
+# stack; dQ at W 64, 8 bytes; dK/dV with atomic dQ at W 80, 32-40 bytes): these replace them.
 _AMPERE_CONFIGS = {  # (dtype class, max padded width) -> (forward, dK/dV, dQ), None: Hopper's
     ("16-bit", 64): (Blocks(128, 64, 8, 3), None, Blocks(128, 32, 8, 4)),
-    ("16-bit", 80): (Blocks(128, 64, 8, 3), None, None),
+    ("16-bit", 80): (Blocks(128, 64, 8, 3), Blocks(32, 64, 8, 4), None),
 }
 _INTERPRETER_CONFIG = (Blocks(16, 16),) * 3
 DELTA_BLOCK_M = 16 if INTERPRET else 64  # the delta pre-pass: memory-bound, (64, W) tiles over 4 warps
