@@ -9,8 +9,6 @@ capture and replay of sampling; two training steps, then --resume, bit-exact.
 Marked `gpu`: skipped without CUDA; the device check runs them (python -m benchmarks --device-check).
 Sized to run in seconds each on an H100/H200, compiles included.
 """
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from fastdit import DiT, DiT_models, ops, reference, sample, train
 from fastdit.ops import _triton_utils
 from fastdit.reference_model import reference_DiT_models
 from tests.helpers import DTYPES, assert_close, reference_pair
-from tests.kernel_helpers import RowOpTests, check_exact, check_op, poisoned, triton_backend  # noqa: F401 (fixtures)
+from tests.kernel_helpers import KERNEL_FIXTURES, check_exact, check_op, kernel_backend, poisoned, row_inputs  # noqa: F401 (fixtures)
 from tests.test_attention import check_against_reference, qkv_views
 from tests.test_model_triton import float64_twin, loss_and_grads, names
 
@@ -56,17 +54,17 @@ def zero_init_randomised(model, std=0.02):
 # Fused kernels
 
 
-@pytest.mark.usefixtures("triton_backend", "poisoned")
+@KERNEL_FIXTURES  # Triton, and the native CUDA kernels where built
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", DIT_ROW_SHAPES, ids=str)
 @pytest.mark.parametrize("op", ROW_OPS)
 def test_row_kernels_at_dit_shapes(op, shape, dtype):
     fn, ref, input_names = ROW_OPS[op]
-    inputs = RowOpTests.inputs(SimpleNamespace(names=input_names), *shape, dtype, "cuda")  # (B, D) inputs: adaLN .chunk views
+    inputs = row_inputs(input_names, *shape, dtype, "cuda")  # (B, D) inputs: adaLN .chunk views
     check_op(fn, ref, inputs, names=input_names)
 
 
-@pytest.mark.usefixtures("triton_backend", "poisoned")
+@KERNEL_FIXTURES
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", DIT_LAYOUT_SHAPES, ids=str)
 def test_layout_kernels_at_dit_shapes(shape, dtype):
