@@ -21,7 +21,6 @@ from benchmarks import harness
 from fastdit.diffusion import create_diffusion
 from fastdit.models import CONFIGS, DiT
 from fastdit.reference_model import ReferenceDiT
-from fastdit.train import update_ema
 
 IMPLS = ("eager", "compile", "fastdit", "fastdit+compile")
 IMPL_LABELS = {
@@ -131,31 +130,6 @@ def maybe_compile(fn, impl):
 
 def autocast():
     return torch.autocast(device_type=harness.DEVICE, dtype=torch.bfloat16)
-
-
-class TrainStep:
-    """One step of DiT's train.py: random t, diffusion.training_losses (MSE + VLB), backward,
-    AdamW (lr 1e-4, no weight decay), EMA update; in bf16 autocast, on a fixed batch of latents."""
-
-    def __init__(self, model, impl, cfg, batch):
-        device = harness.DEVICE
-        self.model = model.train()  # train mode: label dropout, as in training
-        self.forward = maybe_compile(model, impl)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.ema = [p.detach().clone() for p in self.params]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0)
-        self.diffusion = create_diffusion(timestep_respacing="")
-        self.x = torch.randn(batch, IN_CHANNELS, cfg["latent"], cfg["latent"], device=device)
-        self.y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-
-    def __call__(self):
-        t = torch.randint(0, self.diffusion.num_timesteps, (len(self.x),), device=self.x.device)
-        with autocast():
-            loss = self.diffusion.training_losses(self.forward, self.x, t, dict(y=self.y))["loss"].mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        update_ema(self.ema, self.params, EMA_DECAY)
 
 
 @functools.lru_cache(maxsize=None)
