@@ -1,4 +1,4 @@
-"""The end-to-end workloads: DiT models in four implementations, DiT's training step, CFG sampling.
+"""The end-to-end workloads: DiT models in four implementations and DiT's CFG sampling loop (the training step is fastdit.train.TrainStep, see profile_step.py).
 
 Implementations (same weights per seed, same batch, bf16 autocast):
   eager            fastdit.reference_model.ReferenceDiT: the official architecture, SDPA attention
