@@ -1,4 +1,5 @@
-"""The end-to-end workloads: DiT models in four implementations and DiT's CFG sampling loop (the training step is fastdit.train.TrainStep, see profile_step.py).
+"""The end-to-end workloads: DiT models in four implementations and DiT's CFG sampling loop
+(the training step timed is fastdit.train.TrainStep itself, see profile_step.py).
 
 Implementations (same weights per seed, same batch, bf16 autocast):
   eager            fastdit.reference_model.ReferenceDiT: the official architecture, SDPA attention
