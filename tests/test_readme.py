@@ -134,6 +134,9 @@ def test_readme_commands_run_verbatim(tmp_path, monkeypatch, capsys):
     latent_run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("latents-"))
     stored = torch.load(next((latent_run / "checkpoints").glob("*.pt")), weights_only=True)
     assert stored["args"]["model"] == "DiT-Tiny/1" and stored["args"]["lr"] == 1e-3
+    folder_run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("images-"))
+    stored = torch.load(next((folder_run / "checkpoints").glob("*.pt")), weights_only=True)
+    assert stored["classes"] == ["cats", "dogs"]  # what sample grids label their rows with
     assert sorted(p.name for p in tmp_path.iterdir()) == ["path", "runs"]  # nothing loose in the working folder
 
 
