@@ -9,5 +9,5 @@ from .diffusion import create_diffusion
 from .models import DiT, DiT_models
 from ._registry import load_model
 
-__all__ = ["DiT", "DiT_models", "load_model", "load_checkpoint", "read_checkpoint", "CheckpointError", "create_diffusion",
-           "__version__"]
+__all__ = ["DiT", "DiT_models", "load_model", "load_checkpoint", "read_checkpoint", "CheckpointError",
+           "create_diffusion", "__version__"]

@@ -246,8 +246,10 @@ def test_valid_edge_values_work(files, tmp_path, monkeypatch, capsys):
                      "--steps", "21", "--cfg-scale", "1", "--out", "one.npz"]) == 0
     assert np.load(tmp_path / "one.npz")["arr_0"].shape == (1, 4, 4, 1)
     assert cli.main(["vae", "--steps", "1", "--batch-size", "1", "--downsample", "0", "--image-size", "8",
-                     "--beta", "0", "--base-channels", "1", "--latent-channels", "1", "--log-every", "1", "--out", "vae"]) == 0
-    assert cli.main(["latents", "--vae", "vae/vae.pt", "--batch-size", "2000", "--chunk-size", "2000", "--out", "lat"]) == 0
+                     "--beta", "0", "--base-channels", "1", "--latent-channels", "1", "--log-every", "1",
+                     "--out", "vae"]) == 0
+    assert cli.main(["latents", "--vae", "vae/vae.pt", "--batch-size", "2000", "--chunk-size", "2000",
+                     "--out", "lat"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddim.png", "edge", "grid.jpg", "lat", "one.npz", "vae"]
 
 
