@@ -587,8 +587,9 @@ class Trainer:
         """Whether any weight is NaN/Inf, on any rank: the largest |w| of each tensor, summed (NaN and Inf
         propagate), one all-reduce for FSDP's shards."""
         local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.params]
-        largest = torch.stack(torch._foreach_norm(local, math.inf)).sum()
-        return bool(self.dist.all_reduce_sum((~torch.isfinite(largest)).float()))
+        local = [t for t in local if t.numel()]  # an FSDP shard may be empty (the max of nothing is undefined)
+        largest = torch.stack(torch._foreach_norm(local, math.inf)).sum() if local else torch.zeros(())
+        return bool(self.dist.all_reduce_sum((~torch.isfinite(largest)).float().to(self.device)))
 
     def sample_grid(self, path):
         """EMA samples, a row per class, from a fixed seed: training's RNG streams are left untouched."""
