@@ -2,7 +2,8 @@
 
 The test reads README.md's ```bash blocks and runs their lines in order, in one fresh folder (so
 later lines find what earlier ones wrote), then its ```python blocks there. A line is split at
-`&&`, a `# comment` dropped; each command must exit 0. How they run:
+`&&`, a `# comment` dropped, leading NAME=value settings set in the environment (a line of settings
+alone runs nothing); each command must exit 0. How they run:
 
   fastdit ...                in this process, through fastdit.cli.main (what the `fastdit` console
                              script calls), in the fresh folder
@@ -14,7 +15,7 @@ At toy size: TOY's flags are appended to each fastdit command (argparse keeps an
 value), and a train command's --steps N becomes N // 500 (the main job's 1500 -> 3, `--resume ...
 --steps 3000` -> 6: the order of things is kept). The flags shrink batches, sampling steps and
 models; they never change a path, the data or what a command does. README's stand-in paths get tiny
-stand-ins (STAND_INS). Lines that cannot run here are listed in SKIPPED with the reason, and every
+stand-ins (stand_ins). Lines that cannot run here are listed in SKIPPED with the reason, and every
 line must be run or skipped: a new README line is tested or explicitly excused.
 """
 import os
@@ -40,6 +41,7 @@ SKIPPED = {  # a command containing the key -> why it does not run here
     "pip install": "installs packages from the network (.ci/run installs the same way, with torch pinned)",
     "python -m pytest": "the test suite, of which this test is a part",
     "python -m benchmarks": "the GPU benchmark report (its CPU smoke mode has tests of its own)",
+    "python kernels/build.py": "builds the native CUDA kernels with nvcc (tests/test_native_build.py builds them)",
     "in256": "DiT's ImageNet recipe: ImageNet, the SD-VAE (a download), ADM's reference batch, 8 GPUs "
              "(tests/test_latents.py runs these commands at toy sizes)",
     "DiT-XL-2-256x256.pt": "needs the official DiT-XL/2 release (a download) and a GPU",
@@ -71,9 +73,18 @@ def blocks(language):
 
 
 def commands():
-    """README's command lines, each split at && into argv lists, comments dropped."""
+    """README's command lines, each split at && into (settings, argv) pairs (see the module docstring)."""
     lines = [line for block in blocks("bash") for line in block.splitlines() if line.strip()]
-    return [(line, [shlex.split(part, comments=True) for part in line.split("&&")]) for line in lines]
+    return [(line, [(env, argv) for env, argv in map(settings_and_argv, line.split("&&")) if argv]) for line in lines]
+
+
+def settings_and_argv(command):
+    """'A=1 B=2 fastdit train # why' -> ({'A': '1', 'B': '2'}, ['fastdit', 'train'])."""
+    argv, env = shlex.split(command, comments=True), {}
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+        name, value = argv.pop(0).split("=", 1)
+        env[name] = value
+    return env, argv
 
 
 def toy(argv):
@@ -112,11 +123,14 @@ def test_readme_commands_run_verbatim(tmp_path, monkeypatch, capsys):
     stand_ins(tmp_path)
     ran = []
     for line, parts in commands():
-        for argv in parts:
+        for env, argv in parts:
             command = " ".join(argv)
             if any(key in command for key in SKIPPED):
                 continue
-            code, output = run(argv)
+            with monkeypatch.context() as m:
+                for name, value in env.items():
+                    m.setenv(name, value)
+                code, output = run(argv)
             assert code == 0, f"README line failed (exit {code}): {line}\n{output}{capsys.readouterr().err[-3000:]}"
             ran.append(command)
     # The ones that matter are among them: the main job, a resume, sampling, DDP, the latent-space recipe.
@@ -142,7 +156,7 @@ def test_readme_commands_run_verbatim(tmp_path, monkeypatch, capsys):
 
 def test_every_command_line_is_run_or_skipped_with_a_reason():
     for line, parts in commands():
-        for argv in parts:
+        for _, argv in parts:
             command = " ".join(argv)
             if not any(key in command for key in SKIPPED):
                 assert argv[0] in ("fastdit", "torchrun"), f"README runs {command!r}: add it to the test or SKIPPED"
