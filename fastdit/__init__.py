@@ -7,5 +7,7 @@ __version__ = "0.1.0"
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from .diffusion import create_diffusion
 from .models import DiT, DiT_models
+from ._registry import load_model
 
-__all__ = ["DiT", "DiT_models", "load_checkpoint", "read_checkpoint", "CheckpointError", "create_diffusion", "__version__"]
+__all__ = ["DiT", "DiT_models", "load_model", "load_checkpoint", "read_checkpoint", "CheckpointError",
+           "create_diffusion", "__version__"]

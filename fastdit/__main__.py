@@ -1,5 +1,7 @@
 """python -m fastdit: the fastdit command line (see fastdit/cli.py)."""
+import sys
+
 from .cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

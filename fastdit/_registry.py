@@ -1,24 +1,25 @@
-"""Model names accepted by the CLI, and model configs stored in checkpoints as plain dicts."""
+"""Model names, model configs stored in checkpoints as plain dicts, and loading a model from a checkpoint."""
+import argparse
+from pathlib import Path
+
+from .checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from .models import DiT, DiT_models
-from ._util import UsageError
+from ._util import UsageError, find_checkpoint
 
-
-def _tiny(patch_size):
-    def make(**kwargs):
-        return DiT(depth=6, hidden_size=128, num_heads=4, patch_size=patch_size, **kwargs)
-
-    make.__doc__ = f"DiT-Tiny/{patch_size}: depth 6, hidden size 128, 4 heads (~1.9M parameters): the digits job."
-    return make
-
-
-# The twelve official configs plus a tiny one for the embedded digits (CPU-sized).
-MODELS = {**DiT_models, "DiT-Tiny/1": _tiny(1), "DiT-Tiny/2": _tiny(2)}
+MODELS = DiT_models  # the CLI's names are the API's: the twelve official configs and DiT-Tiny/1, /2, /4
 
 
 def check_model_name(name):
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     return name
+
+
+def model_name(text):
+    """argparse type of --model."""
+    if text not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; valid names: {', '.join(MODELS)}")
+    return text
 
 
 def build_model(name, **kwargs):
@@ -49,3 +50,37 @@ def model_from_config(config):
     config = dict(config)
     config["input_size"] = tuple(config["input_size"])
     return DiT(**config)
+
+
+def load_model(path, model=None, weights="ema", device="cpu", **kwargs):
+    """A DiT in eval mode holding the weights of checkpoint `path`.
+
+    A `fastdit train` checkpoint (or its run folder: the latest checkpoint) records its model's config,
+    so `fastdit.load_model("runs/digits")` is all it takes; weights="ema" (default) or "model" picks
+    the EMA or the trained weights. Checkpoints without a config (official releases, DiT train.py)
+    need the config's name and its arguments: `load_model("DiT-XL-2-256x256.pt", "DiT-XL/2", input_size=32)`.
+    Building the model draws initial weights from torch's RNG first, as DiT's sample.py does.
+    Raises FileNotFoundError, or CheckpointError (a ValueError) saying what does not fit.
+    """
+    if Path(path).is_dir():
+        path = find_checkpoint(path, "checkpoint folder")
+    return model_from_checkpoint(read_checkpoint(path), str(path), model, weights, **kwargs).to(device)
+
+
+def model_from_checkpoint(obj, source, model=None, weights="ema", **kwargs):
+    """load_model for a checkpoint object already read (read_checkpoint) from `source`."""
+    config = obj.get("model_config") if isinstance(obj, dict) else None
+    if config is not None:
+        if weights not in ("ema", "model"):
+            raise CheckpointError(f"weights must be 'ema' or 'model', got {weights!r}")
+        net = model_from_config(config)
+        sd = extract_state_dict(obj, key=weights, source=source)
+    elif model is None:
+        raise CheckpointError(f"{source} records no model config (an official DiT checkpoint?): name the model and "
+                              f"its arguments, e.g. load_model(path, 'DiT-XL/2', input_size=32)")
+    else:
+        if model not in MODELS:
+            raise CheckpointError(f"unknown model {model!r}; valid names: {', '.join(MODELS)}")
+        net = MODELS[model](**kwargs)
+        sd = extract_state_dict(obj, source=source)
+    return load_weights(net, sd, source).eval()

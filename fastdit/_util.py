@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -47,6 +48,30 @@ def atomic_write(path, write):
     return path
 
 
+def remove_stale_temporaries(folder):
+    """Delete the temporary files atomic_write leaves in `folder` when its process is killed mid-write
+    (.NAME.XXXXXXXX.tmp, mkstemp's 8 random characters). Returns their paths."""
+    stale = [f for f in Path(folder).glob(".*.tmp") if re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", f.name) and f.is_file()]
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+    return [str(f) for f in stale]
+
+
+def find_checkpoint(path, flag):
+    """A checkpoint file, or a run folder's latest checkpoints/NNNNNNN.pt; `flag` names the option in errors."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted((f for f in (p / "checkpoints").glob("*.pt") if re.fullmatch(r"\d+\.pt", f.name)),
+                       key=lambda f: int(f.stem))
+        if not found:
+            raise UsageError(f"{flag} {path}: no checkpoints/NNNNNNN.pt in this folder")
+        return found[-1]
+    if not p.is_file():
+        raise UsageError(f"{flag} {path}: no such checkpoint file or run folder")
+    return p
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -80,14 +105,23 @@ def to_uint8(images):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, path, nrow, min_cell=64, pad=2):
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid of `nrow` images per row.
+# The grid writers by file suffix (formats every Pillow build can write).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def save_grid(images, path, nrow, labels=None, min_cell=64, pad=2):
+    """Save (N, C, H, W) images in [-1, 1] as one grid of `nrow` images per row, in the format of
+    path's suffix (IMAGE_FORMATS).
 
     Small images (the 8x8 digits) are enlarged by an integer factor with nearest-neighbour so
     that each cell is at least `min_cell` pixels: the grid shows the real pixels, bigger.
+    labels: one caption per image (its class); a row of one class is captioned once, on its left.
     """
     from PIL import Image
 
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{path}: images are written as {', '.join(IMAGE_FORMATS)}")
     arr = to_uint8(images)  # (N, H, W, C)
     n, h, w, c = arr.shape
     ncol = max(1, min(nrow, n))
@@ -101,7 +135,36 @@ def save_grid(images, path, nrow, min_cell=64, pad=2):
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if zoom > 1:
         img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
-    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+    if labels is not None:
+        img = _caption(img, [labels[i : i + ncol] for i in range(0, n, ncol)], (h + pad) * zoom, (w + pad) * zoom,
+                       pad * zoom)
+    return atomic_write(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+
+
+def _caption(img, rows, cell_h, cell_w, pad):
+    """The grid with class captions: a grid whose every row is one class gets a label column on
+    the left; any other grid a caption strip under each row, each label under its image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    fill = 255 if img.mode == "L" else (255, 255, 255)
+    measure = ImageDraw.Draw(img)
+    boxes = [measure.textbbox((0, 0), str(t), font=font) for r in rows for t in r]
+    text_w, text_h = max(b[2] for b in boxes), max(b[3] for b in boxes) + 4
+    if all(len(set(map(str, r))) == 1 for r in rows):
+        out = Image.new(img.mode, (img.width + text_w + 2 * pad, img.height))
+        out.paste(img, (text_w + 2 * pad, 0))
+        draw = ImageDraw.Draw(out)
+        for i, r in enumerate(rows):
+            draw.text((pad, pad + i * cell_h + (cell_h - pad - text_h) // 2), str(r[0]), fill=fill, font=font)
+        return out
+    out = Image.new(img.mode, (img.width, len(rows) * (cell_h + text_h)))
+    draw = ImageDraw.Draw(out)
+    for i, r in enumerate(rows):
+        out.paste(img.crop((0, i * cell_h, img.width, (i + 1) * cell_h)), (0, i * (cell_h + text_h)))
+        for j, t in enumerate(r):
+            draw.text((pad + j * cell_w, (i + 1) * cell_h + i * text_h + 2), str(t), fill=fill, font=font)
+    return out
 
 
 def memory_bytes(device):

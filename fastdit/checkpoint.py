@@ -132,7 +132,13 @@ def load_checkpoint(path, model=None, key=None, strict=True, map_location="cpu",
     sd = extract_state_dict(read_checkpoint(path, map_location, trusted), key=key, source=str(path))
     if model is None:
         return sd
-    _check_fits(model, sd, path, strict)
+    return load_weights(model, sd, path, strict)
+
+
+def load_weights(model, sd, source="checkpoint", strict=True):
+    """model.load_state_dict(sd, strict), where a misfit is a CheckpointError naming every tensor that
+    does not fit (missing, unexpected, or its shapes), not torch's multi-line RuntimeError. Returns model."""
+    _check_fits(model, sd, source, strict)
     model.load_state_dict(sd, strict=strict)
     return model
 

@@ -1,8 +1,9 @@
 """The `fastdit` command: train, sample, sample-ddp, latents, fid, vae, bench.
 
 Multi-GPU / multi-node: torchrun --nproc_per_node=8 -m fastdit.cli train --data DIR ...
-Bad input ends with one line on stderr and exit code 2; a training run that cannot go on
-(NaN/Inf losses) with exit code 1.
+Every flag is checked when parsed (fastdit/_args.py). Bad input ends with one line on stderr naming
+the flag or file and exit code 2, before anything is written; a training run that cannot go on
+(NaN/Inf losses or weights) with exit code 1, its last good checkpoint kept.
 """
 import argparse
 import inspect
@@ -19,8 +20,9 @@ fastdit: DiT training and sampling on fused kernels.
   fastdit train          the main job: a small DiT trained in pixel space on the embedded
                          handwritten digits (scikit-learn, 8x8, 10 classes; no download), a few
                          minutes on a CPU -> runs/digits-.../ with a checkpoint, samples.png, loss.png
-  fastdit train --data DIR [--vae VAE] | --latents DIR    your data (DiT's defaults: DiT-XL/2, ...)
-  fastdit sample --ckpt CKPT                              a PNG grid of samples
+  fastdit train --data DIR [--vae VAE] | --latents DIR    your data (defaults follow its size: small
+                                                          data DiT-Tiny, large data DiT's DiT-XL/2 recipe)
+  fastdit sample --ckpt RUN                               a labelled grid of samples
   fastdit sample-ddp --ckpt CKPT --out samples.npz        sharded sampling into an ADM .npz (FID tools)
   fastdit vae                                             train the small VAE on the digits
   fastdit latents --vae VAE --out DIR                     encode a dataset once (chunked, resumable)
@@ -36,20 +38,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    from . import fid, latents, sample, train, vae
+    import torch
+
+    from . import __version__, fid, latents, sample, train, vae
 
     p = _Parser(prog="fastdit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fastdit {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", metavar="{train,sample,sample-ddp,latents,fid,vae,bench}")
     commands = [
         ("train", "train a DiT (no arguments: the digits main job)", train.add_arguments, train.run, train.__doc__),
-        ("sample", "sample a PNG grid from a checkpoint", sample.add_arguments, sample.sample, sample.__doc__),
+        ("sample", "sample a labelled image grid from a checkpoint", sample.add_arguments, sample.sample,
+         sample.__doc__),
         ("sample-ddp", "sample many images (torchrun-sharded) into an ADM .npz", sample.add_ddp_arguments,
          sample.sample_ddp, sample.__doc__),
         ("latents", "encode a dataset into a folder of latents", latents.add_arguments, latents.make_latents,
          latents.make_latents.__doc__),
         ("fid", "FID (and sFID, IS, precision, recall) of a sample .npz against a reference", fid.add_arguments,
          fid.run, fid.run.__doc__),
-        ("vae", "train the small VAE on the digits or an image folder", vae.add_arguments, vae.train_vae, vae.__doc__),
+        ("vae", "train the small VAE on the digits or an image folder", vae.add_arguments, vae.train_vae,
+         vae.DESCRIPTION),
     ]
     for name, help, add, func, doc in commands:
         sp = sub.add_parser(name, help=help, description=inspect.cleandoc(doc or ""),
@@ -57,6 +64,7 @@ def build_parser():
         add(sp)
         sp.set_defaults(func=func)
     sub.add_parser("bench", help="run the benchmarks (python -m benchmarks ARGS; needs a source checkout)")
+    p.commands = sub.choices
     return p
 
 
@@ -75,11 +83,17 @@ def bench(args):
 
 
 def main(argv=None):
+    """Run one fastdit command; returns its exit code: 0, 1 (training stopped), 2 (bad input), 130 (Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmarks, --help included
         return bench(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the command's parser: "fastdit train: error: ...", its --help
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as e:  # --help, --version, or a bad flag (already reported on one line)
+        return e.code
     if args.command is None:
         parser.print_help()
         return 2
@@ -87,17 +101,25 @@ def main(argv=None):
 
     try:
         args.func(args)
-    except (UsageError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError, OSError) as e:  # bad input, or a file that cannot be read or written
         print(f"fastdit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"fastdit {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"fastdit {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 def _one_line(error):
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    text = ""
+    for line in filter(None, (line.strip() for line in str(error).splitlines())):
+        text += line if not text else (" " if text.endswith(":") else "; ") + line
+    return text
 
 
 if __name__ == "__main__":

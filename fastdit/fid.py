@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _args
 from ._dist import pick_device
 from ._util import UsageError, load_plain, to_uint8
 
@@ -330,11 +331,13 @@ def add_arguments(p):
                                "the samples' size)")
     p.add_argument("--metrics", default=",".join(METRICS),
                    help=f"comma-separated, from {', '.join(METRICS)} (default: all)")
-    p.add_argument("--batch-size", type=int, default=200, help="images per Inception forward (default 200)")
+    p.add_argument("--batch-size", type=_args.positive, default=200, help="images per Inception forward; default 200")
     p.add_argument("--inception-weights", help=f"local Inception-V3 weights file (default: ${INCEPTION_ENV}, else "
                                                f"torch-fidelity's download, cached in the torch hub folder)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: cuda if present")
-    p.add_argument("--out", help="also write the numbers to this .json file")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run; default auto: cuda if present, else cpu")
+    p.add_argument("--out", type=_args.output_file((".json",), "the numbers"),
+                   help="also write the numbers to this .json file; default: print them only")
 
 
 def run(args):
@@ -420,15 +423,16 @@ class FidMonitor:
 
 def add_train_arguments(p):
     """`fastdit train`'s FID options."""
-    p.add_argument("--fid-every", type=int, help="FID of EMA samples every N steps and at the end (default 0: off)")
-    p.add_argument("--fid-ref", help="FID reference: an ADM reference batch .npz, an image .npz or a folder of images")
-    p.add_argument("--fid-samples", type=int, help="EMA samples per FID, shared over the processes (default 10000)")
+    p.add_argument("--fid-every", type=_args.non_negative, help="FID of EMA samples every N steps and at the end; "
+                                                                "default 0 (off)")
+    p.add_argument("--fid-ref", help="FID reference: an ADM reference batch .npz, an image .npz or a folder of "
+                                     "images; required with --fid-every")
+    p.add_argument("--fid-samples", type=_args.positive, help="EMA samples per FID, shared over the processes; "
+                                                              "default 10000")
 
 
 def fid_monitor(a, dist, device):
     """The FidMonitor of resolved `fastdit train` arguments, or None without --fid-every."""
-    if a.fid_every < 0:
-        raise UsageError(f"--fid-every must be >= 0, got {a.fid_every}")
     if not a.fid_every:
         return None
     if a.fid_ref is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import _args
 from ._dist import init_distributed
 from ._util import PRECISION_DTYPES, UsageError, atomic_write
 from .data import UnreadableImage, build_dataset, warn_unreadable
@@ -36,27 +37,30 @@ def add_arguments(parser):
     parser.add_argument("--vae", required=True,
                         help="the VAE: ema | mse (DiT's stabilityai/sd-vae-ft-ema | -mse from the Hugging Face hub, "
                              "cached for offline use), another hub id, a local diffusers AutoencoderKL folder, or a "
-                             "fastdit VAE checkpoint (`fastdit vae`)")
-    parser.add_argument("--vae-revision", help="hub revision (branch, tag or commit) of --vae (default: main)")
+                             "fastdit VAE checkpoint (`fastdit vae`); required")
+    parser.add_argument("--vae-revision", help="hub revision (branch, tag or commit) of --vae; default main")
     parser.add_argument("--data", help="image folder (class per sub-folder); default: the embedded digits")
-    parser.add_argument("--image-size", type=int,
-                        help="image size to encode (default: the VAE's training size for the digits, else 256)")
+    parser.add_argument("--image-size", type=_args.positive,
+                        help="image size to encode, a multiple of the VAE's factor; default: the VAE's training size "
+                             "for the digits, else 256")
     parser.add_argument("--latent", choices=["mean", "sample"], default="mean",
-                        help="store the posterior mean, or one sample per image (default mean)")
+                        help="store the posterior mean, or one sample per image; default mean")
     parser.add_argument("--flips", choices=["auto", "both", "none"], default="auto",
                         help="both: also encode every image mirrored, training then picks one at random; "
-                             "none: no flips; auto (default): both for folders, none for the digits")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call (default 64)")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="images per chunk file (default 4096)")
+                             "none: no flips; default auto: both for folders, none for the digits")
+    parser.add_argument("--batch-size", type=_args.positive, default=64, help="images per VAE call; default 64")
+    parser.add_argument("--chunk-size", type=_args.positive, default=4096, help="images per chunk file; default 4096")
     parser.add_argument("--precision", choices=list(PRECISION_DTYPES), default="fp32",
-                        help="autocast dtype of the VAE (bf16 / fp16 on a GPU; default fp32)")
+                        help="autocast dtype of the VAE (bf16 / fp16 on a GPU); default fp32")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float32",
-                        help="dtype of the stored latents (default float32; float16 halves the disk)")
-    parser.add_argument("--num-workers", type=int, default=0, help="image decoding processes (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --latent sample (default 0)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="default auto: cuda:LOCAL_RANK if present")
-    parser.add_argument("--out", required=True, help="output folder (created; rerun the same command to resume)")
+                        help="dtype of the stored latents (float16 halves the disk); default float32")
+    parser.add_argument("--num-workers", type=_args.non_negative, default=0, help="image decoding processes; "
+                                                                                  "default 0")
+    parser.add_argument("--seed", type=_args.seed, default=0, help="seed of --latent sample; default 0")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu")
+    parser.add_argument("--out", required=True, type=_args.output_folder,
+                        help="output folder (created; rerun the same command to resume); required")
 
 
 class _Readable(torch.utils.data.Dataset):
@@ -198,11 +202,6 @@ def make_latents(args):
     Under torchrun the chunks are shared over the processes; rerunning the same command after a
     crash finishes the missing chunks. `fastdit train --latents DIR` trains on the folder.
     """
-    for name in ("batch_size", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     dist = init_distributed(args.device)
     try:
         codec = load_vae(args.vae, dist.device, args.precision, revision=args.vae_revision)

@@ -595,9 +595,7 @@ CONFIGS = {  # DiT size: (depth, hidden_size, num_heads)
 }
 
 
-def _config(cls, size, patch_size):
-    depth, hidden_size, num_heads = CONFIGS[size]
-
+def _config(cls, size, patch_size, depth, hidden_size, num_heads):
     def make(**kwargs):
         return cls(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
 
@@ -608,10 +606,13 @@ def _config(cls, size, patch_size):
 
 def model_configs(cls):
     """The twelve named configurations 'DiT-XL/2' ... 'DiT-S/8' of a DiT-like class."""
-    return {f"DiT-{size}/{p}": _config(cls, size, p) for size in CONFIGS for p in (2, 4, 8)}
+    return {f"DiT-{size}/{p}": _config(cls, size, p, *CONFIGS[size]) for size in CONFIGS for p in (2, 4, 8)}
 
 
-DiT_models = model_configs(DiT)
+# Beyond the paper: a CPU-sized DiT (~1.9M parameters), what `fastdit train` picks for small data (the
+# digits job trains DiT-Tiny/2); patch size 1 for inputs as small as 4x4 latents.
+TINY = (6, 128, 4)  # depth, hidden_size, num_heads
+DiT_models = {**model_configs(DiT), **{f"DiT-Tiny/{p}": _config(DiT, "Tiny", p, *TINY) for p in (1, 2, 4)}}
 DiT_XL_2, DiT_XL_4, DiT_XL_8 = (DiT_models[f"DiT-XL/{p}"] for p in (2, 4, 8))
 DiT_L_2, DiT_L_4, DiT_L_8 = (DiT_models[f"DiT-L/{p}"] for p in (2, 4, 8))
 DiT_B_2, DiT_B_4, DiT_B_8 = (DiT_models[f"DiT-B/{p}"] for p in (2, 4, 8))

@@ -1,4 +1,5 @@
-"""`fastdit sample` (a PNG grid) and `fastdit sample-ddp` (an ADM-format .npz for FID tools), as DiT's scripts.
+"""`fastdit sample` (an image grid, its classes labelled) and `fastdit sample-ddp` (an ADM-format .npz
+for FID tools), as DiT's scripts.
 
 Both rebuild the model from the config stored in a fastdit checkpoint (its EMA weights), or take
 an official DiT checkpoint with --model and --image-size. Latent models are decoded with the VAE
@@ -9,15 +10,18 @@ import argparse
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ._dist import init_distributed
-from ._registry import build_model, model_from_config
-from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_write, load_plain, save_grid, to_uint8
-from .checkpoint import CheckpointError, extract_state_dict
+from . import _args
+from ._registry import model_from_checkpoint, model_name
+from ._util import (IMAGE_FORMATS, PRECISION_DTYPES, UsageError, amp_forward, atomic_write, find_checkpoint, load_plain,
+                    save_grid, to_uint8)
+from .checkpoint import CheckpointError
 from .vae import load_vae, load_vae_record
 
 DIT_SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py's ImageNet classes
@@ -29,10 +33,13 @@ def sampling_diffusion(sampler, steps, learn_sigma=True, diffusion_steps=1000):
 
     if sampler not in ("ddpm", "ddim"):
         raise UsageError(f"--sampler must be ddpm or ddim, got {sampler!r}")
-    if not 1 <= steps <= diffusion_steps:
-        raise UsageError(f"--steps must be in [1, {diffusion_steps}], got {steps}")
+    if not 2 <= steps <= diffusion_steps:  # one respaced step has no posterior variance to sample with
+        raise UsageError(f"--steps must be in [2, {diffusion_steps}] (the model's diffusion steps), got {steps}")
     spacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-    return create_diffusion(timestep_respacing=spacing, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
+    try:
+        return create_diffusion(timestep_respacing=spacing, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
+    except ValueError as e:  # DDIM: only step counts that an integer stride makes (DiT's respacing)
+        raise UsageError(f"--steps {steps}: {e}") from e
 
 
 def grid_labels(num_classes, input_size):
@@ -196,30 +203,40 @@ def cast_gemm_weights(model, dtype):
 #################################################################################
 
 
+@dataclass
+class Loaded:
+    """What sampling needs from a checkpoint."""
+
+    model: torch.nn.Module  # in eval mode
+    codec: object  # the VAE decoding latents, or None (pixel space)
+    classes: list  # class names, or None: their numbers
+    diffusion_steps: int  # of the training diffusion (DiT: 1000)
+
+
 def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=None, weights="ema", device="cpu"):
-    """(model in eval mode, codec or None) from a fastdit checkpoint, or an official one with --model/--image-size.
+    """A Loaded model (eval mode), its VAE and classes, from a fastdit checkpoint (or run folder), or an
+    official one with --model/--image-size.
 
     Call after seeding: building the model draws its initial weights (as DiT's sample.py does).
     """
+    if Path(ckpt).is_dir():
+        ckpt = find_checkpoint(ckpt, "--ckpt")
     obj = load_plain(ckpt, "--ckpt")
     ours = isinstance(obj, dict) and "model_config" in obj
-    record = obj.get("vae") if ours else None
-    if ours:
-        net = model_from_config(obj["model_config"])
-    else:
+    if not ours:
         if model is None or image_size is None:
             raise UsageError(f"{ckpt} holds no model config (an official DiT checkpoint?): give --model and --image-size")
         if image_size % 8:
             raise UsageError(f"--image-size {image_size} must be divisible by 8 (official DiT models sample SD-VAE latents)")
-        net, _ = build_model(model, input_size=image_size // 8, num_classes=num_classes)
         if vae is None:
             raise UsageError("official DiT checkpoints generate SD-VAE latents: give --vae ema (or mse, as DiT's "
                              "sample.py), or a local folder with those diffusers AutoencoderKL weights")
     try:
-        sd = extract_state_dict(obj, key=weights if ours else None, source=str(ckpt))
-        net.load_state_dict(sd, strict=True)
-    except (CheckpointError, RuntimeError) as e:
-        raise UsageError(f"--ckpt {ckpt}: the weights do not fit the model ({str(e).splitlines()[0]})") from e
+        net = model_from_checkpoint(obj, str(ckpt), model, weights, input_size=image_size and image_size // 8,
+                                    num_classes=num_classes)
+    except CheckpointError as e:
+        raise UsageError(f"--ckpt: {e}") from e
+    record = obj.get("vae") if ours else None
     codec = None
     if record is not None:  # the VAE the model was trained with (or `vae`, a copy with the same weights)
         codec = load_vae_record(record, device, name=vae)
@@ -228,94 +245,116 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
         if codec.latent_channels != net.in_channels:
             raise UsageError(f"--vae {vae} makes {codec.latent_channels}-channel latents, but the model takes "
                              f"{net.in_channels} channels")
-    return net.to(device).eval(), codec
+    return Loaded(net.to(device), codec, obj.get("classes") if ours else None,
+                  obj["args"].get("diffusion_steps", 1000) if ours else 1000)
 
 
 def add_common_arguments(p):
-    p.add_argument("--ckpt", required=True, help="fastdit checkpoint (or an official DiT one with --model/--image-size)")
-    p.add_argument("--model", help="for official checkpoints: the DiT config name, e.g. DiT-XL/2")
-    p.add_argument("--image-size", type=int, help="for official checkpoints: 256 or 512")
-    p.add_argument("--num-classes", type=int, default=1000, help="for official checkpoints (default 1000)")
+    p.add_argument("--ckpt", required=True, help="fastdit checkpoint or run folder (its latest checkpoint), or an "
+                                                 "official DiT checkpoint with --model and --image-size; required")
+    p.add_argument("--model", type=model_name, help="for official checkpoints: the DiT config name, e.g. DiT-XL/2; "
+                                                    "default: the checkpoint's")
+    p.add_argument("--image-size", type=_args.positive, help="for official checkpoints: 256 or 512; default: the "
+                                                             "checkpoint's")
+    p.add_argument("--num-classes", type=_args.positive, default=1000, help="for official checkpoints; default 1000")
     p.add_argument("--vae", help="VAE for latent models: ema | mse | a hub id | a local diffusers AutoencoderKL folder | "
-                                 "a fastdit VAE checkpoint (default: the one recorded in the checkpoint; another must "
+                                 "a fastdit VAE checkpoint; default: the one recorded in the checkpoint (another must "
                                  "have the same weights)")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a fastdit checkpoint")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default 4.0; "
-                                                                 "sample-ddp: 1.5, as DiT)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a fastdit checkpoint; "
+                                                                              "default ema")
+    p.add_argument("--cfg-scale", type=_args.number(), help="classifier-free guidance (1: none); default 4.0 "
+                                                            "(sample-ddp: 1.5, as DiT)")
     p.add_argument("--cfg-channels", choices=["paper", "all"], help="paper: guide the first 3 channels (DiT's); all; "
                                                                     "default paper with >= 3 channels, else all")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the model")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for the sampling loop")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm (ancestral, DiT's) or ddim "
+                                                                             "(deterministic); default ddpm")
+    p.add_argument("--steps", type=_args.integer(2), default=250, help="sampling steps, at least 2, at most the "
+                                                                       "model's diffusion steps; default 250")
+    p.add_argument("--seed", type=_args.seed, default=0, help="seed of the initial noise; default 0 (sample-ddp: rank "
+                                                              "r uses seed * world_size + r, as DiT)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the "
+                                                                                         "model; default fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for the sampling loop; default off")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                    help="capture the whole denoising step (model, guidance, update) once per batch shape in a CUDA "
-                        "graph and replay it for every step (default: on with CUDA)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+                        "graph and replay it for every step; default on with CUDA")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu")
 
 
 def add_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--classes", help="comma-separated class labels, one grid row each (default: 0-9, or DiT's 8 "
-                                     "ImageNet classes for 1000-class models)")
-    p.add_argument("--per-class", type=int, help="samples per class (default 10 for small images, else 4)")
-    p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("--classes", type=_args.int_list(0), help="comma-separated class labels, one grid row each; "
+                                                             "default: 0-9, or DiT's 8 ImageNet classes for "
+                                                             "1000-class models")
+    p.add_argument("--per-class", type=_args.positive, help="samples per class; default 10 for small images, else 4")
+    p.add_argument("--out", type=_args.output_file(tuple(IMAGE_FORMATS), "the grid"),
+                   help=f"image file to write, its format from its suffix ({', '.join(IMAGE_FORMATS)}); default "
+                        f"runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>.png")
 
 
 def add_ddp_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--num-samples", type=int, default=50_000, help="total samples (default 50000, for FID-50K)")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--rgb", action="store_true", help="store grayscale samples as 3 identical channels (FID tools want RGB)")
-    p.add_argument("--out", required=True, help=".npz file to write (arr_0: uint8 (N, H, W, C))")
+    p.add_argument("--num-samples", type=_args.positive, default=50_000, help="total samples; default 50000 (FID-50K)")
+    p.add_argument("--per-proc-batch-size", type=_args.positive, default=32, help="images per process and batch; "
+                                                                                   "default 32")
+    p.add_argument("--rgb", action="store_true", help="store grayscale samples as 3 identical channels (FID tools "
+                                                      "want RGB); default off")
+    p.add_argument("--out", type=_args.output_file((".npz",), "the samples file"),
+                   help="the .npz to write (arr_0: uint8 (N, H, W, C)); default "
+                        "runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<num-samples>.npz")
+
+
+def default_out(args, cfg_scale, suffix):
+    """runs/samples/<what was sampled and how>.<suffix>: the same command writes the same file."""
+    ckpt = Path(args.ckpt).resolve()
+    if ckpt.is_dir():
+        ckpt = find_checkpoint(ckpt, "--ckpt")
+    name = f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
+    return str(Path("runs") / "samples" / f"{name}-{args.sampler}{args.steps}-cfg{cfg_scale:g}-seed{args.seed}{suffix}")
 
 
 def _prepare(args, dist, seed):
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.model is not None:
-        from ._registry import check_model_name
-
-        check_model_name(args.model)
+    """The Loaded model and the CFG channels; the sampler's settings checked before any sampling."""
     torch.manual_seed(seed)  # before the model is built, as DiT's scripts
-    model, codec = load_sampler_model(args.ckpt, args.model, args.image_size, args.num_classes, args.vae,
-                                      args.weights, dist.device)
+    loaded = load_sampler_model(args.ckpt, args.model, args.image_size, args.num_classes, args.vae, args.weights,
+                                dist.device)
+    sampling_diffusion(args.sampler, args.steps, loaded.model.learn_sigma, loaded.diffusion_steps)
     if PRECISION_DTYPES[args.precision] is not None:
-        cast_gemm_weights(model, PRECISION_DTYPES[args.precision])
-    cfg_channels = args.cfg_channels or ("paper" if model.in_channels >= 3 else "all")
-    return model, codec, cfg_channels
+        cast_gemm_weights(loaded.model, PRECISION_DTYPES[args.precision])
+    cfg_channels = args.cfg_channels or ("paper" if loaded.model.in_channels >= 3 else "all")
+    return loaded, cfg_channels
 
 
 def sample(args):
-    """fastdit sample: one PNG grid, a row per class."""
+    """fastdit sample: one image grid, a row per class, labelled."""
     dist = init_distributed(args.device)
     try:
-        model, codec, cfg_channels = _prepare(args, dist, args.seed)
+        loaded, cfg_channels = _prepare(args, dist, args.seed)
+        model, names = loaded.model, loaded.classes
         num_classes = model.y_embedder.num_classes
         if args.classes:
-            try:
-                classes = [int(c) for c in args.classes.split(",")]
-            except ValueError as e:
-                raise UsageError(f"--classes must be comma-separated integers, got {args.classes!r}") from e
-            if any(not 0 <= c < num_classes for c in classes):
-                raise UsageError(f"--classes must be in [0, {num_classes}), got {args.classes}")
+            if any(c >= num_classes for c in args.classes):
+                raise UsageError(f"--classes must be in [0, {num_classes}) for this model, got "
+                                 f"{','.join(map(str, args.classes))}")
             per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
-            labels = [c for c in classes for _ in range(per)]
+            labels = [c for c in args.classes for _ in range(per)]
         else:
             labels, per = grid_labels(num_classes, model.x_embedder.img_size[0])
             if args.per_class:
                 labels, per = [c for c in dict.fromkeys(labels) for _ in range(args.per_class)], args.per_class
+        cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
+        out = args.out or default_out(args, cfg_scale, ".png")
         t0 = time.time()
         guided = model.y_embedder.dropout_prob > 0  # DiT's sample.py always guides, even at scale 1
-        images = generate(model, labels, cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale,
-                          use_cfg=guided, cfg_channels=cfg_channels, sampler=args.sampler, steps=args.steps, device=dist.device,
-                          codec=codec, precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                          progress=True)
+        images = generate(model, labels, cfg_scale=cfg_scale, use_cfg=guided, cfg_channels=cfg_channels,
+                          sampler=args.sampler, steps=args.steps, device=dist.device, codec=loaded.codec,
+                          precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs, progress=True,
+                          diffusion_steps=loaded.diffusion_steps)
         if dist.is_main:
-            save_grid(images, args.out, nrow=per)
-            print(f"sampled {len(labels)} images in {time.time() - t0:.1f}s -> {args.out}")
-        return args.out
+            save_grid(images, out, nrow=per, labels=[names[c] if names else c for c in labels])
+            print(f"sampled {len(labels)} images in {time.time() - t0:.1f}s -> {out}")
+        return out
     finally:
         dist.close()
 
@@ -324,13 +363,14 @@ def sample_ddp(args):
     """fastdit sample-ddp: every rank samples its share with seed * world_size + rank; rank 0 writes the .npz."""
     dist = init_distributed(args.device)
     try:
-        if args.num_samples < 1 or args.per_proc_batch_size < 1:
-            raise UsageError("--num-samples and --per-proc-batch-size must be positive")
-        out = Path(args.out)
-        if out.suffix != ".npz":
-            raise UsageError(f"--out must be a .npz file, got {args.out!r}")
         # DiT sample_ddp.py's per-rank seed, set before the model is built
-        model, codec, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank)
+        loaded, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank)
+        model = loaded.model
+        cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
+        if cfg_scale > 1 and model.y_embedder.dropout_prob <= 0:
+            raise UsageError(f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (it has no null "
+                             f"class): use --cfg-scale 1")
+        out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
         global_batch = args.per_proc_batch_size * dist.world_size
         total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
         num_classes = model.y_embedder.num_classes
@@ -339,32 +379,38 @@ def sample_ddp(args):
             shutil.rmtree(shards, ignore_errors=True)
             shards.mkdir(parents=True)
         dist.barrier()
-        from tqdm import tqdm
-
-        # One Sampler for every batch: compiled and captured once (every batch has the same shape).
-        run = Sampler(model, cfg_scale=1.5 if args.cfg_scale is None else args.cfg_scale, cfg_channels=cfg_channels,
-                      sampler=args.sampler, steps=args.steps, clip_denoised=codec is None, precision=args.precision,
-                      compile=args.compile, cuda_graphs=args.cuda_graphs, device=dist.device)
-        chunks = []
-        for _ in tqdm(range(total // global_batch), disable=not dist.is_main, desc="sample-ddp"):
-            z = torch.randn(args.per_proc_batch_size, model.in_channels, *model.x_embedder.img_size, device=dist.device)
-            y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device)
-            with torch.no_grad():
-                chunks.append(to_uint8(to_images(run(y, z=z), codec)))
-        shard = np.concatenate(chunks)
-        if args.rgb and shard.shape[-1] == 1:
-            shard = np.repeat(shard, 3, axis=-1)
-        np.save(shards / f"rank{dist.rank:05d}.npy", shard)
-        dist.barrier()
-        if dist.is_main:
-            arr = np.concatenate([np.load(shards / f"rank{r:05d}.npy") for r in range(dist.world_size)])
-            arr = arr[: args.num_samples]
-            atomic_write(out, lambda f: np.savez(f, arr_0=arr))
-            shutil.rmtree(shards, ignore_errors=True)
-            print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
+        try:
+            _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, total // global_batch, num_classes, shards)
+            dist.barrier()
+            if dist.is_main:
+                arr = np.concatenate([np.load(shards / f"rank{r:05d}.npy") for r in range(dist.world_size)])
+                arr = arr[: args.num_samples]
+                atomic_write(out, lambda f: np.savez(f, arr_0=arr))
+                print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
+        finally:  # the shards are scratch space, also when a rank fails
+            if dist.is_main:
+                shutil.rmtree(shards, ignore_errors=True)
         dist.barrier()
         return str(out)
     finally:
         dist.close()
 
 
+def _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, batches, num_classes, shards):
+    """This rank's `batches` batches, as uint8 images, into shards/rank<r>.npy."""
+    from tqdm import tqdm
+
+    model, chunks = loaded.model, []
+    # One Sampler for every batch: compiled and captured once (every batch has the same shape).
+    run = Sampler(model, cfg_scale=cfg_scale, cfg_channels=cfg_channels, sampler=args.sampler, steps=args.steps,
+                  clip_denoised=loaded.codec is None, precision=args.precision, diffusion_steps=loaded.diffusion_steps,
+                  compile=args.compile, cuda_graphs=args.cuda_graphs, device=dist.device)
+    for _ in tqdm(range(batches), disable=not dist.is_main, desc="sample-ddp"):
+        z = torch.randn(args.per_proc_batch_size, model.in_channels, *model.x_embedder.img_size, device=dist.device)
+        y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device)
+        with torch.no_grad():
+            chunks.append(to_uint8(to_images(run(y, z=z), loaded.codec)))
+    shard = np.concatenate(chunks)
+    if args.rgb and shard.shape[-1] == 1:
+        shard = np.repeat(shard, 3, axis=-1)
+    np.save(shards / f"rank{dist.rank:05d}.npy", shard)

@@ -4,17 +4,22 @@ With no data option this is the main job: DiT-Tiny/2 trained in PIXEL space on s
 handwritten digits (1797 real 8x8 grayscale images, 10 classes, shipped with scikit-learn), a
 few minutes on a laptop CPU. With --data FOLDER it trains on your images (pixel space, or
 latent space with --vae encoding on the fly); with --latents FILE on latents precomputed by
-`fastdit latents`.
+`fastdit latents`. Defaults follow the data: under 100,000 items a DiT-Tiny and a short schedule,
+above DiT's DiT-XL/2 recipe; every option given wins.
 
 One process per device under torchrun (DistributedDataParallel, or FSDP with --fsdp); a plain
 `python`/`fastdit` run is a world of one. Checkpoints hold everything a run depends on (model,
 EMA, optimizer, grad scaler, step, every rank's RNG states, the data position, the arguments),
-so `--resume` continues with exactly the losses an uninterrupted run would have produced.
+so `--resume` continues with exactly the losses an uninterrupted run would have produced (on
+GPUs too with --deterministic). A run whose loss, gradients or weights turn NaN/Inf stops with
+its last good checkpoint kept.
 """
 import argparse
+import contextlib
 import copy
+import math
+import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _util
+from . import _args, _util
 from ._dist import env_world_size, init_distributed
-from ._registry import MODELS, build_model, check_model_name
+from ._registry import MODELS, build_model, check_model_name, model_name
 from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
 from .fid import add_train_arguments as add_fid_arguments, fid_monitor
@@ -37,20 +42,28 @@ PRECISIONS = {**PRECISION_DTYPES, "fp8": torch.bfloat16}
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # the token GEMMs: ~all of a block's FLOPs
 CHECKPOINTING = ("none", "selective", "full")
 
-# Defaults that depend on the job: the embedded digits (tiny, CPU-sized) or your data (DiT's values).
+# Defaults follow the data. Small data (fewer than SMALL_DATA items: the embedded digits, a small
+# folder or its latents) gets a CPU-sized DiT-Tiny and a short schedule; large data DiT's recipe.
+SMALL_DATA = 100_000
 PRESETS = {
     # EMA 0.995: DiT's 0.9999 would still be ~86% the initial weights after 1500 steps.
-    "digits": dict(model="DiT-Tiny/2", image_size=8, global_batch_size=128, lr=1e-3, steps=1500, ema_decay=0.995,
-                   ckpt_every=500, sample_every=500, sample_steps=100, cfg_scale=2.0),
-    "data": dict(model="DiT-XL/2", image_size=256, global_batch_size=256, lr=1e-4, steps=400_000, ema_decay=0.9999,
-                 ckpt_every=50_000, sample_every=10_000, sample_steps=250, cfg_scale=4.0),
+    "small": dict(global_batch_size=128, lr=1e-3, steps=1500, ema_decay=0.995, ckpt_every=500, sample_every=500,
+                  sample_steps=100, cfg_scale=2.0),  # model: DiT-Tiny, its patch size fitted to the input (small_model)
+    "large": dict(model="DiT-XL/2", global_batch_size=256, lr=1e-4, steps=400_000, ema_decay=0.9999,
+                  ckpt_every=50_000, sample_every=10_000, sample_steps=250, cfg_scale=4.0),
 }
 COMMON = dict(fid_every=0, fid_ref=None, fid_samples=10_000, precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing="none", compile=False, fsdp=False,
               max_bad_steps=10, seed=0, log_every=100, num_workers=0, diffusion_steps=1000, class_dropout_prob=0.1,
-              flip=None, cfg_channels=None, device="auto")
+              flip=None, cfg_channels=None, device="auto", deterministic=False)
 FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
+# DiT's linear betas end at 0.02 * 1000 / T, which must stay below 1 (the last step keeping some signal).
+MIN_DIFFUSION_STEPS = 21
 # Not taken from a resumed checkpoint: they describe this machine, not the run.
 MACHINE_ARGS = ("resume", "out", "device", "num_workers", "compile")
+# A resumed run keeps these: other values would not continue the same run (or fit its weights).
+KEPT_ON_RESUME = ("model", "image_size", "global_batch_size", "seed", "diffusion_steps", "class_dropout_prob")
+# Options that go together: given again on resume, the stored ones of the same group do not apply.
+GROUPS = (("data", "latents", "vae"), ("steps", "epochs"))
 
 
 class TrainingError(RuntimeError):
@@ -58,61 +71,86 @@ class TrainingError(RuntimeError):
 
 
 def add_arguments(p):
-    d, c = PRESETS["data"], PRESETS["digits"]
+    s, g = PRESETS["small"], PRESETS["large"]
 
     def both(key):
-        return f"default {d[key]} ({c[key]} for the digits job)"
+        return f"default {s[key]} for small data (< {SMALL_DATA:,} items, e.g. the digits), {g[key]} (DiT's) for larger"
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips). "
-                                    "Default: the embedded digits (the main job)")
-    src.add_argument("--latents", help="latents folder from `fastdit latents` (latent-space training, streamed)")
+    src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips); "
+                                    "default: the embedded digits (the main job)")
+    src.add_argument("--latents", help="latents folder from `fastdit latents` (latent-space training, streamed); "
+                                       "default: none")
     p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (see `fastdit latents --help`) "
-                                 "and train in latent space; with --latents: the VAE that decodes the sample grids "
-                                 "(default: the one the latents were encoded with; it must have the same weights)")
-    p.add_argument("--model", help=f"one of {', '.join(MODELS)}; {both('model')}")
-    p.add_argument("--image-size", type=int, help=f"image size in pixels; {both('image_size')}; 32 for --data "
-                                                  f"without --vae (pixel space)")
-    p.add_argument("--global-batch-size", type=int, help=f"summed over all processes; {both('global_batch_size')}")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate, constant; {both('lr')}")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as DiT)")
+                                 "and train in latent space; with --latents: the VAE that decodes the sample grids; "
+                                 "default: none with --data (pixel space), the one the latents were encoded with "
+                                 "(another must have the same weights)")
+    p.add_argument("--model", type=model_name, help=f"one of {', '.join(MODELS)}; default for small data: DiT-Tiny "
+                                                    f"with the largest patch size (4, 2, 1) that leaves at least 16 "
+                                                    f"tokens (the digits: DiT-Tiny/2), for larger data {g['model']} "
+                                                    f"(DiT's)")
+    p.add_argument("--image-size", type=_args.positive, help="image size in pixels, divisible by the patch size (and "
+                                                             "the VAE's factor); default 8 for the digits, 32 for "
+                                                             "--data (pixel space), 256 for --data with --vae")
+    p.add_argument("--global-batch-size", type=_args.positive, help=f"summed over all processes, a multiple of their "
+                                                                    f"number; {both('global_batch_size')} (at most "
+                                                                    f"the dataset's size)")
+    p.add_argument("--lr", type=_args.number(0, low_open=True), help=f"AdamW learning rate, constant; {both('lr')}")
+    p.add_argument("--weight-decay", type=_args.number(0), help="AdamW weight decay; default 0 (DiT's)")
     steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help=f"total training steps; {both('steps')}")
-    steps.add_argument("--epochs", type=int, help="train this many epochs instead of --steps")
+    steps.add_argument("--steps", type=_args.positive, help=f"total training steps; {both('steps')}")
+    steps.add_argument("--epochs", type=_args.positive, help="train this many epochs instead of --steps; default: "
+                                                             "--steps")
     p.add_argument("--precision", choices=list(PRECISIONS), help="autocast dtype of the model (loss in fp32; "
                                                                  "fp16 uses a GradScaler; fp8: the blocks' linear "
                                                                  "layers in float8 through torchao, on Ada/Hopper "
                                                                  "GPUs, the rest in bf16); default fp32")
-    p.add_argument("--ema-decay", type=float, help=f"EMA of the weights, the ones sampled from; {both('ema_decay')}")
-    p.add_argument("--grad-clip", type=float, help="clip the global grad norm to this (default 0: off)")
+    p.add_argument("--ema-decay", type=_args.probability, help=f"EMA of the weights, the ones sampled from, in "
+                                                               f"[0, 1); {both('ema_decay')}")
+    p.add_argument("--grad-clip", type=_args.number(0), help="clip the global grad norm to this; default 0 (off)")
     p.add_argument("--grad-checkpointing", nargs="?", const="full", choices=CHECKPOINTING,
                    help="recompute activations in the backward for less memory: full (alone: whole blocks, about a "
-                        "third more compute) or selective (only the memory-bound ops between the GEMMs and attention)")
+                        "third more compute) or selective (only the memory-bound ops between the GEMMs and "
+                        "attention); default none")
     p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const="none",
                    help="keep every activation (the default)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model; default off")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="shard parameters, gradients and optimizer "
-                                                                         "state over the processes (FSDP2) instead of DDP")
-    p.add_argument("--max-bad-steps", type=int, help="abort after this many NaN/Inf losses in a row (default 10); "
-                                                     "each one skips its step")
+                                                                         "state over the processes (FSDP2) instead "
+                                                                         "of DDP; default off")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
+                   help="bitwise reproducible training and resume on GPUs too: deterministic attention backward, "
+                        "the attention backend pinned (recorded in the checkpoint, reused on resume), "
+                        "torch.use_deterministic_algorithms and cuBLAS's deterministic workspace; default off")
+    p.add_argument("--max-bad-steps", type=_args.positive, help="abort after this many NaN/Inf losses in a row, each "
+                                                                "one skipping its step; default 10")
     p.add_argument("--resume", help="checkpoint file, or a run folder (its latest checkpoint); options not given "
-                                    "again are taken from the checkpoint")
-    p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (and at the end); {both('ckpt_every')}")
-    p.add_argument("--sample-every", type=int, help=f"EMA sample grid every N steps, 0: only at the end; "
-                                                    f"{both('sample_every')}")
-    p.add_argument("--sample-steps", type=int, help=f"DDPM steps of the sample grids; {both('sample_steps')}")
-    p.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance of the sample grids; {both('cfg_scale')}")
-    p.add_argument("--cfg-channels", choices=["paper", "all"], help="channels CFG guides: paper = the first 3 (DiT's), "
-                                                                    "all; default paper with >= 3 channels, else all")
-    p.add_argument("--log-every", type=int, help="log every N steps (default 100)")
-    p.add_argument("--seed", type=int, help="global seed (default 0); rank r uses seed * world_size + r as DiT")
-    p.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
-    p.add_argument("--diffusion-steps", type=int, help="diffusion timesteps T (default 1000)")
-    p.add_argument("--class-dropout-prob", type=float, help="label dropout for CFG (default 0.1)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
-                                                                         "image folders, off for the digits)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda:LOCAL_RANK if present")
-    p.add_argument("--out", help="run folder (default runs/<data>-<model>-<time>, or the resumed run's folder)")
+                                    "again are the checkpoint's; a finished run gets its missing outputs; default: "
+                                    "a new run")
+    p.add_argument("--ckpt-every", type=_args.non_negative, help=f"checkpoint every N steps (0: only at the end); "
+                                                                 f"{both('ckpt_every')}")
+    p.add_argument("--sample-every", type=_args.non_negative, help=f"EMA sample grid every N steps (0: only at the "
+                                                                   f"end); {both('sample_every')}")
+    p.add_argument("--sample-steps", type=_args.integer(2), help=f"DDPM steps of the sample grids, at least 2, at most "
+                                                               f"--diffusion-steps; {both('sample_steps')}")
+    p.add_argument("--cfg-scale", type=_args.number(), help=f"classifier-free guidance of the sample grids (1: none); "
+                                                            f"{both('cfg_scale')}")
+    p.add_argument("--cfg-channels", choices=["paper", "all"], help="channels CFG guides: paper = the first 3 "
+                                                                    "(DiT's), all; default paper with >= 3 "
+                                                                    "channels, else all")
+    p.add_argument("--log-every", type=_args.positive, help="log every N steps; default 100")
+    p.add_argument("--seed", type=_args.seed, help="global seed; rank r uses seed * world_size + r as DiT; default 0")
+    p.add_argument("--num-workers", type=_args.non_negative, help="data loader worker processes; default 0")
+    p.add_argument("--diffusion-steps", type=_args.integer(MIN_DIFFUSION_STEPS), help=f"diffusion timesteps T, at "
+                                                                                     f"least {MIN_DIFFUSION_STEPS}; "
+                                                                                     f"default 1000")
+    p.add_argument("--class-dropout-prob", type=_args.probability, help="label dropout for CFG, in [0, 1); default 0.1")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips; default on for "
+                                                                         "image folders, off for the digits")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu")
+    p.add_argument("--out", type=_args.output_folder, help="run folder; default runs/<data>-<model>-<time>, or the "
+                                                           "resumed run's folder")
     add_fid_arguments(p)
 
 
@@ -132,62 +170,83 @@ def main(argv=None):
 #################################################################################
 
 
-def resolve_args(args, saved=None):
-    """Fill every option left unset (None): from the resumed run's arguments, else the job's presets."""
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def merge_args(args, saved=None):
+    """The options given, else the resumed run's; a given one that contradicts the run is refused."""
     a = argparse.Namespace(**vars(args))
-    for key, value in (saved or {}).items():
-        if key not in MACHINE_ARGS and getattr(a, key, None) is None:
-            setattr(a, key, value)
-    preset = PRESETS["digits" if a.data is None and a.latents is None else "data"]
-    if a.data is not None and a.vae is None and a.image_size is None:
-        a.image_size = 32  # pixel space: 256x256 pixels would be 16384 tokens for DiT-XL/2
-    for key, value in {**COMMON, **preset}.items():
-        if getattr(a, key, None) is None:
+    if saved is None:
+        return a
+    for key in KEPT_ON_RESUME:
+        given = getattr(a, key)
+        if given is not None and given != saved.get(key):
+            raise UsageError(f"{flag(key)} {given} contradicts the resumed run's {saved.get(key)}: a resumed run "
+                             f"keeps it (start a new run, with another --out, to change it)")
+    regrouped = {k for group in GROUPS if any(getattr(a, k) is not None for k in group) for k in group}
+    for key, value in saved.items():
+        if key not in MACHINE_ARGS and key not in regrouped and getattr(a, key, None) is None:
             setattr(a, key, value)
     if isinstance(a.grad_checkpointing, bool):  # runs saved before the selective mode existed
         a.grad_checkpointing = "full" if a.grad_checkpointing else "none"
     return a
 
 
-def check_args(a, world):
+def small_model(input_size):
+    """DiT-Tiny with the largest patch size (4, 2, 1) dividing the input that leaves at least 16 tokens."""
+    return next(f"DiT-Tiny/{p}" for p in (4, 2, 1) if input_size % p == 0 and input_size // p >= 4 or p == 1)
+
+
+def fill_defaults(a, num_items, input_size, world):
+    """Set every option still unset from the presets: small or large data (see SMALL_DATA)."""
+    small = num_items < SMALL_DATA
+    preset = dict(PRESETS["small" if small else "large"])
+    if small:
+        preset["model"] = small_model(input_size)
+        preset["global_batch_size"] = max(world, min(preset["global_batch_size"], num_items // world * world))
+    for key, value in {**COMMON, **preset}.items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    return "small" if small else "large"
+
+
+def check_args(a, world, input_size):
+    """What single flags cannot say (their values were checked when parsed): how they fit together."""
     check_model_name(a.model)
-    if a.global_batch_size < 1 or a.global_batch_size % world:
-        raise UsageError(f"--global-batch-size {a.global_batch_size} must be a positive multiple of the world size "
-                         f"{world} (the number of processes)")
-    if a.precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {a.precision!r}")
-    if a.grad_checkpointing not in CHECKPOINTING:
-        raise UsageError(f"--grad-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {a.grad_checkpointing!r}")
-    for name in ("steps", "log_every", "sample_steps", "max_bad_steps", "image_size", "diffusion_steps"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.epochs is not None and a.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {a.epochs}")
-    for name in ("ckpt_every", "sample_every", "num_workers", "grad_clip", "weight_decay"):
-        if getattr(a, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    if not a.lr > 0:
-        raise UsageError(f"--lr must be positive, got {a.lr}")
-    if not 0 <= a.ema_decay < 1:
-        raise UsageError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
-    if not 0 <= a.class_dropout_prob < 1:
-        raise UsageError(f"--class-dropout-prob must be in [0, 1), got {a.class_dropout_prob}")
-    if a.vae and not (a.data or a.latents):
-        raise UsageError("--vae needs --data (images encoded on the fly) or --latents (the VAE that decodes them)")
+    if a.global_batch_size % world:
+        raise UsageError(f"--global-batch-size {a.global_batch_size} must be a multiple of the world size {world} "
+                         f"(the number of processes)")
+    patch = int(a.model.rsplit("/", 1)[1])  # every name is DiT-<size>/<patch size>
+    if input_size % patch:
+        raise UsageError(f"--image-size {a.image_size}: the model's input {input_size}x{input_size} must be divisible "
+                         f"by {a.model}'s patch size {patch}")
+    if a.sample_steps > a.diffusion_steps:
+        raise UsageError(f"--sample-steps {a.sample_steps} must be at most --diffusion-steps {a.diffusion_steps}")
+    if a.cfg_scale > 1 and a.class_dropout_prob == 0:
+        raise UsageError(f"--cfg-scale {a.cfg_scale} guides the sample grids with the null class, which "
+                         f"--class-dropout-prob 0 does not train: use --cfg-scale 1, or a dropout > 0")
+
+
+def default_image_size(a):
+    """8 for the digits, 32 for pixel-space folders (256x256 pixels would be 16384 tokens for DiT-XL/2),
+    256 with a VAE."""
+    if a.data is None:
+        return 8
+    return 32 if a.vae is None else 256
+
+
+def check_run_folder(out, resumed_run=None):
+    """--out must not be another run's folder: its checkpoints and logs would be overwritten and mixed."""
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.glob("*.pt")) and (resumed_run is None or out.resolve() != resumed_run):
+        raise UsageError(f"--out {out} holds another run (checkpoints in {ckpts}): continue it with --resume {out}, "
+                         f"or give a new --out")
 
 
 def find_checkpoint(path):
     """A checkpoint file, or a run folder's latest checkpoints/NNNNNNN.pt."""
-    p = Path(path)
-    if p.is_dir():
-        found = sorted((f for f in (p / "checkpoints").glob("*.pt") if re.fullmatch(r"\d+\.pt", f.name)),
-                       key=lambda f: int(f.stem))
-        if not found:
-            raise UsageError(f"--resume {path}: no checkpoints/NNNNNNN.pt in this folder")
-        return found[-1]
-    if not p.is_file():
-        raise UsageError(f"--resume {path}: no such checkpoint file or run folder")
-    return p
+    return _util.find_checkpoint(path, "--resume")
 
 
 def rng_state(device):
@@ -254,9 +313,11 @@ class TrainStep:
 
     model: what the forward calls (`raw`, or its DDP / FSDP / torch.compile wrapper); raw: the DiT whose
     parameters train; ema: its EMA copy (same parameter order). Calling it with a batch (x, y) returns a
-    float32 (3,) tensor on the device: [loss (mean over ranks), gradient norm, 1.0 if the step counts as
-    bad (a NaN/Inf loss; or NaN/Inf gradients, except under fp16 where GradScaler owns those) else 0.0].
-    The host reads these back when it chooses (Trainer: once per log interval).
+    float32 (4,) tensor on the device: [loss (mean over ranks), gradient norm, 1.0 if the step counts as
+    bad (a NaN/Inf loss; or NaN/Inf gradients, except under fp16 where GradScaler owns those) else 0.0,
+    1.0 if the update made a weight NaN/Inf (finite loss and gradients, a step too large) else 0.0].
+    The host reads these back when it chooses (Trainer: once per log interval), and stops on broken
+    weights before anything saves them; the EMA never takes them in.
 
     A NaN/Inf loss or gradient skips the update as GradScaler does, on the device: the backward runs
     (the host cannot know it should not), then the fused AdamW receives the skip flag as `found_inf` and
@@ -292,9 +353,22 @@ class TrainStep:
         self.opt.step()
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        update_ema(self.ema_params, self.params, self.ema_decay, skip=skip)
+        broken = self._weights_nonfinite()
+        update_ema(self.ema_params, self.params, self.ema_decay, skip=skip | broken)
         bad = bad_loss if self.scaler.is_enabled() else skip
-        return torch.stack([stats[0] / self.dist.world_size, norm.float(), bad.float()])
+        return torch.stack([stats[0] / self.dist.world_size, norm.float(), bad.float(), broken.float()])
+
+    def _weights_nonfinite(self):
+        """Whether any weight is NaN/Inf on any rank, as a device flag: the largest |w| of each tensor,
+        summed (NaN and Inf propagate), one all-reduce for FSDP's shards. One read of the weights per step
+        (2.7 GB for DiT-XL/2 in fp32, ~0.6 ms on an H200, predicted): the price of never averaging broken
+        weights into the EMA."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.params]
+        local = [t for t in local if t.numel()]  # an FSDP shard may be empty (the max of nothing is undefined)
+        if not local:
+            return self.dist.all_reduce_sum(torch.zeros((), device=self.device)) > 0
+        largest = torch.stack(torch._foreach_norm(local, math.inf)).sum()
+        return self.dist.all_reduce_sum((~torch.isfinite(largest)).float()) > 0
 
     def _grad_norm(self):
         """The global gradient norm (clipping to grad_clip if set), as a tensor on the device."""
@@ -326,31 +400,48 @@ class Trainer:
     def __init__(self, args):
         self.dist = init_distributed(args.device or "auto")
         self.device = self.dist.device
+        self._restore = contextlib.ExitStack()  # process-wide settings of this run, undone by close()
         try:
             self._setup(args)
         except BaseException:
-            self.dist.close()
+            self.close()
             raise
 
     # -- setup -----------------------------------------------------------------
 
     def _setup(self, args):
-        self.ckpt, saved = None, None
+        self.ckpt, self.ckpt_path, saved = None, None, None
         if args.resume:
             self.ckpt_path = find_checkpoint(args.resume)
-            self.ckpt = load_plain(self.ckpt_path, "checkpoint")
+            self.ckpt = load_plain(self.ckpt_path, "--resume")
             if not isinstance(self.ckpt, dict) or self.ckpt.get("format") != CHECKPOINT_FORMAT:
                 raise UsageError(f"{self.ckpt_path} is not a fastdit training checkpoint (to fine-tune official "
                                  f"weights, start a new run)")
             saved = self.ckpt["args"]
-        self.args_image_size = args.image_size  # before the presets fill it in
-        a = self.args = resolve_args(args, saved)
+        a = self.args = merge_args(args, saved)
+        if a.vae and not (a.data or a.latents):
+            raise UsageError("--vae needs --data (images encoded on the fly) or --latents (the VAE that decodes them)")
+        if a.out is not None:
+            check_run_folder(Path(a.out), self._resumed_run())
         world = self.dist.world_size
-        check_args(a, world)
+        if a.latents is None and a.image_size is None:
+            a.image_size = default_image_size(a)
         self._build_data()
+        if self.ckpt is not None:
+            self._check_fits_checkpoint()
+        self.preset = fill_defaults(a, len(self.dataset), self.input_size, world)
+        check_args(a, world, self.input_size)
+        flip = self.dataset.flip if a.flip is None else a.flip
+        self.batches = ShardedBatches(len(self.dataset), a.global_batch_size, self.dist.rank, world, a.seed, flip)
         if a.epochs is not None:
             a.steps = a.epochs * self.batches.per_epoch
+        if self.ckpt is not None and a.steps < self.ckpt["step"]:
+            raise UsageError(f"--steps {a.steps}: the resumed run is at step {self.ckpt['step']} already; pass a "
+                             f"larger --steps to train on")
+        if a.deterministic:
+            self._make_deterministic()  # before the first cuBLAS call
         self._build_model()
+        self.attention_backend = self._pin_attention_backend() if a.deterministic else None
         self.fid = fid_monitor(a, self.dist, self.device)  # None unless --fid-every
         self.out = Path(self.dist.broadcast_object(str(self._out_dir())))
         self.metrics_path = self.out / "metrics.jsonl"
@@ -362,20 +453,29 @@ class Trainer:
             seed_everything(a.seed * world + self.dist.rank)  # DiT's per-rank seed
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.ckpt_path is not None:  # a run killed while writing a file left its temporary copy
+                for folder in (self.out, self.out / "checkpoints", self.out / "samples"):
+                    for stale in _util.remove_stale_temporaries(folder):
+                        print(f"removed {stale}, a file a killed run left half-written")
             # Steps after the checkpoint will be redone: drop them from the log.
             kept = [r for r in _util.read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
             _util.write_jsonl(self.metrics_path, kept)
 
+    def _resumed_run(self):
+        """The run folder of the resumed checkpoint (runs/x for runs/x/checkpoints/N.pt), or None (no
+        resume, or a checkpoint file outside a run folder: its run goes on in a new folder)."""
+        path = self.ckpt_path.resolve() if self.ckpt_path is not None else None
+        return path.parent.parent if path is not None and path.parent.name == "checkpoints" else None
+
     def _build_data(self):
-        a, d = self.args, self.dist
+        a = self.args
         self.codec, self.decoder, self.vae_record = None, None, None  # codec: encodes each batch
         if a.latents:
             self.dataset = LatentsDataset(a.latents)
             self.vae_record = self.dataset.meta["vae"]
-            if self.args_image_size not in (None, self.dataset.meta["image_size"]):
-                raise UsageError(f"--image-size {self.args_image_size}: {a.latents} holds latents "
-                                 f"{tuple(self.dataset.meta['latent_shape'])} of {self.dataset.meta['image_size']}x"
-                                 f"{self.dataset.meta['image_size']} images")
+            if a.image_size not in (None, self.dataset.meta["image_size"]):
+                raise UsageError(f"--image-size {a.image_size}: {a.latents} holds latents of "
+                                 f"{self.dataset.meta['image_size']}x{self.dataset.meta['image_size']} images")
             a.image_size = self.dataset.meta["image_size"]
             if a.flip and not self.dataset.flip:
                 raise UsageError(f"--flip: {a.latents} holds no flipped latents (encode with `fastdit latents --flips both`)")
@@ -387,12 +487,69 @@ class Trainer:
                 if a.image_size % self.codec.factor:
                     raise UsageError(f"--image-size {a.image_size} must be divisible by the VAE's factor {self.codec.factor}")
             self.dataset = build_dataset(a.data, a.image_size, channels=self.codec and self.codec.image_channels)
-        flip = self.dataset.flip if a.flip is None else a.flip
-        self.batches = ShardedBatches(len(self.dataset), a.global_batch_size, d.rank, d.world_size, a.seed, flip)
         self.channels = self.codec.latent_channels if self.codec else self.dataset.channels
         self.input_size = a.image_size // self.codec.factor if self.codec else self.dataset.image_size
         if a.cfg_channels is None:
             a.cfg_channels = "paper" if self.channels >= 3 else "all"
+
+    def _make_deterministic(self):
+        """--deterministic: the same bits from the same run on the same machine, GPUs included.
+
+        Attention's backward without atomics (fastdit.ops.use_deterministic); torch's deterministic
+        algorithms (cuDNN's deterministic convolutions; an error for an op that has none: the fused
+        ops are torch.library custom ops, which it does not flag); cuBLAS's fixed workspace, which
+        it needs (read when cuBLAS first runs). Undone by close(), except the environment variable.
+        """
+        from . import ops
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self._restore.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled(),
+                               warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+        torch.use_deterministic_algorithms(True)
+        # Deterministic mode also NaN-fills every torch.empty (one more pass over memory per output);
+        # fastdit's kernels write every element of their outputs (tested with NaN-poisoned buffers).
+        self._restore.callback(setattr, torch.utils.deterministic, "fill_uninitialized_memory",
+                               torch.utils.deterministic.fill_uninitialized_memory)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        self._restore.enter_context(ops.use_deterministic(True))
+
+    def _pin_attention_backend(self):
+        """The attention backend of a --deterministic run: the resumed run's, else the one asked for
+        (FASTDIT_ATTENTION), else what `auto` picks for this model's attention in training. Pinned
+        for the whole run, as `auto` measures speed and may pick differently from run to run."""
+        from . import ops
+        from .ops._attention import BACKENDS
+
+        recorded = self.ckpt.get("attention_backend") if self.ckpt is not None else None
+        heads, batch = self.raw.num_heads, self.args.global_batch_size // self.dist.world_size
+        dtype = (PRECISIONS[self.args.precision] if self.device.type == "cuda" else None) or torch.float32
+        tokens, head_dim = (self.input_size // self.raw.patch_size) ** 2, self.raw.pos_embed.shape[-1] // heads
+        probe = torch.empty(batch, tokens, heads, head_dim, device=self.device, dtype=dtype,
+                            requires_grad=True)  # (B, T, H, Dh): q as the model makes it in training
+        try:
+            with torch.enable_grad(), ops.use_attention_backend(recorded) if recorded else contextlib.nullcontext():
+                name = ops.attention_backend(probe)
+        except RuntimeError as e:
+            raise UsageError(f"--deterministic: {e}" + (" (the resumed run's backend)" if recorded else "")) from e
+        explicit = os.environ.get("FASTDIT_ATTENTION", "auto").strip().lower() or "auto"
+        if recorded and explicit not in ("auto", recorded):
+            raise UsageError(f"FASTDIT_ATTENTION={explicit}: the resumed --deterministic run used attention backend "
+                             f"{recorded!r}; unset FASTDIT_ATTENTION (or resume with --no-deterministic)")
+        if not BACKENDS[name].deterministic:
+            usable = ", ".join(n for n, b in BACKENDS.items() if b.deterministic)
+            raise UsageError(f"--deterministic: attention backend {name!r} has no deterministic backward; choose one "
+                             f"of {usable} (FASTDIT_ATTENTION)")
+        self._restore.enter_context(ops.use_attention_backend(name))
+        return name
+
+    def _check_fits_checkpoint(self):
+        """On resume, this data must make the checkpoint's model (else: what differs, not a size mismatch)."""
+        stored = self.ckpt["model_config"]
+        here = dict(input_size=[self.input_size] * 2, in_channels=self.channels, num_classes=self.dataset.num_classes)
+        differ = [f"{k} {v} (checkpoint: {stored.get(k)})" for k, v in here.items() if v != stored.get(k)]
+        if differ:
+            raise UsageError(f"resuming {self.ckpt_path}: this data makes a model with {', '.join(differ)}; resume "
+                             f"with the run's data ({plain(self.ckpt.get('data'))})")
 
     def _build_model(self):
         a = self.args
@@ -449,8 +606,8 @@ class Trainer:
         a = self.args
         if a.out:
             return Path(a.out)
-        if self.ckpt is not None:
-            return self.ckpt_path.resolve().parent.parent
+        if self._resumed_run() is not None:
+            return self._resumed_run()
         name = "digits" if a.data is None and a.latents is None else self.dataset.name
         return Path("runs") / f"{name}-{a.model.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -480,6 +637,7 @@ class Trainer:
                 step=self.step, data_position=list(self.position), rng=rngs, world_size=self.dist.world_size,
                 skipped=self.skipped, args=plain({k: v for k, v in vars(a).items() if k not in MACHINE_ARGS}),
                 model_name=a.model, model_config=self.model_config, vae=self.vae_record,
+                attention_backend=self.attention_backend, classes=list(self.dataset.classes),
                 data=self.dataset.describe() if a.latents is None else dict(kind="latents", path=a.latents),
             ), path)
         self.dist.barrier()
@@ -512,7 +670,7 @@ class Trainer:
     # -- training --------------------------------------------------------------
 
     def train_step(self, x, y):
-        """One optimizer step: TrainStep's (3,) device tensor [loss, grad norm, bad], not read back here."""
+        """One optimizer step: TrainStep's (4,) device tensor [loss, grad norm, bad, broken], not read back here."""
         return self.step_fn(x, y)
 
     def sample_grid(self, path):
@@ -524,7 +682,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             images = self.generate(labels, self.args.cfg_scale, seed=self.args.seed)
         if self.dist.is_main:
-            _util.save_grid(images, path, nrow=per_row)
+            _util.save_grid(images, path, nrow=per_row, labels=[self.dataset.classes[c] for c in labels])
         return path
 
     def generate(self, labels, cfg_scale, seed=None):
@@ -561,23 +719,52 @@ class Trainer:
         return value
 
     def fit(self):
+        """Train up to --steps, then write the final checkpoint, sample grid and loss curve. A run
+        resumed at its last step (killed before its outputs were written, or finished) gets them."""
         from tqdm import tqdm
 
         a, d = self.args, self.dist
-        if self.step >= a.steps:
-            raise UsageError(f"the run is already at step {self.step} of --steps {a.steps}; pass a larger --steps")
         if d.is_main:
             n_params = sum(p.numel() for p in self.raw.parameters())
             print(f"fastdit train: {a.model} ({n_params / 1e6:.2f}M parameters, input {self.channels}x{self.input_size}"
                   f"x{self.input_size}, {'latent' if self.vae_record else 'pixel'} space) on {self.dataset.name} "
-                  f"({len(self.dataset)} items, {self.dataset.num_classes} classes), {d.world_size} process(es) on "
-                  f"{self.device.type}, {a.precision}, global batch {a.global_batch_size}; "
-                  f"{'resuming at step ' + str(self.step) if self.step else 'from scratch'} -> {self.out}")
+                  f"({len(self.dataset)} items, {self.dataset.num_classes} classes: {self.preset}-data defaults), "
+                  f"{d.world_size} process(es) on {self.device.type}, {a.precision}, global batch "
+                  f"{a.global_batch_size}; {'resuming at step ' + str(self.step) if self.step else 'from scratch'} "
+                  f"-> {self.out}")
+            if self.step == a.steps:
+                print(f"the run is at its last step ({a.steps}): writing its final samples and loss curve; pass a "
+                      f"larger --steps to train on")
+        losses, t_start = [], time.time()
+        bar = tqdm(total=a.steps, initial=self.step, disable=not d.is_main, desc="train", dynamic_ncols=True)
+        try:
+            if self.step < a.steps:
+                losses = self._loop(bar)
+                checkpoint = self._outside_clock(bar, self.save_checkpoint)
+            else:
+                checkpoint = self.last_checkpoint
+            grid = self.sample_grid(self.out / "samples.png")
+            curve = self.out / "loss.png"
+            if d.is_main:
+                plot_loss_curve(_util.read_jsonl(self.metrics_path), curve, title=f"{a.model} on {self.dataset.name}")
+        finally:
+            bar.close()
+        seconds = time.time() - t_start
+        finite = [v for v in losses if v is not None][-100:]
+        final = sum(finite) / len(finite) if finite else float("nan")
+        if d.is_main:
+            print(f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {len(finite)} "
+                  f"steps), {self.skipped} skipped\n  checkpoint {checkpoint}\n  samples    {grid}\n"
+                  f"  loss curve {curve}")
+        return TrainResult(str(self.out), str(checkpoint), str(grid), str(curve), losses, final, self.skipped, seconds)
+
+    def _loop(self, bar):
+        """The training steps up to --steps (the last checkpoint is the caller's); returns their losses."""
+        a = self.args
         loader = make_loader(self.dataset, self.batches, a.num_workers, self.device.type == "cuda", a.seed)
         losses, window, pending = [], [], []  # pending: the steps' device stats not read back yet
-        log = open(self.metrics_path, "a") if d.is_main else None
-        bar = tqdm(total=a.steps, initial=self.step, disable=not d.is_main, desc="train", dynamic_ncols=True)
-        t_start = t_window = time.time()
+        log = open(self.metrics_path, "a") if self.dist.is_main else None
+        self._window_start = time.time()
         try:
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -587,49 +774,56 @@ class Trainer:
                 self.step += 1
                 self.position = self.batches.advance(self.position)
                 bar.update(1)
-                logs = self.step % a.log_every == 0 or self.step == a.steps
-                saves = a.ckpt_every and self.step % a.ckpt_every == 0 and self.step < a.steps
-                samples = a.sample_every and self.step % a.sample_every == 0 and self.step < a.steps
-                fid = self.fid and (self.step % a.fid_every == 0 or self.step >= a.steps)
-                if logs or saves or samples or fid or self.step >= a.steps:  # what follows needs the steps' numbers
+                last = self.step >= a.steps
+                logs = self.step % a.log_every == 0 or last
+                saves = a.ckpt_every and self.step % a.ckpt_every == 0 and not last
+                samples = a.sample_every and self.step % a.sample_every == 0 and not last
+                fid = self.fid and (self.step % a.fid_every == 0 or last)
+                if logs or saves or samples or fid or last:  # what follows needs the steps' numbers
                     self._read_back(pending, log, bar, losses, window)
                     pending = []
                 if logs:
-                    t_window = self._log(log, bar, window, t_window)
+                    self._log(log, bar, window)
                     window = []
-                if saves:
-                    self.save_checkpoint()
-                if samples:
-                    self.sample_grid(self.out / "samples" / f"{self.step:07d}.png")
                 if fid:
-                    bar.write(f"step {self.step:7d}  FID {self.measure_fid(log):.3f} ({a.fid_samples} EMA samples)")
+                    fid = self._outside_clock(bar, self.measure_fid, log)
+                    bar.write(f"step {self.step:7d}  FID {fid:.3f} ({a.fid_samples} EMA samples)")
                 if self.step >= a.steps:
                     break
-            checkpoint = self.save_checkpoint()
-            grid = self.sample_grid(self.out / "samples.png")
-            curve = self.out / "loss.png"
-            if d.is_main:
-                plot_loss_curve(_util.read_jsonl(self.metrics_path), curve, title=f"{a.model} on {self.dataset.name}")
+                if a.ckpt_every and self.step % a.ckpt_every == 0:
+                    self._outside_clock(bar, self.save_checkpoint)
+                if a.sample_every and self.step % a.sample_every == 0:
+                    self._outside_clock(bar, self.sample_grid, self.out / "samples" / f"{self.step:07d}.png")
         finally:
-            bar.close()
             if log:
                 log.close()
-        seconds = time.time() - t_start
-        finite = [v for v in losses if v is not None][-100:]
-        final = sum(finite) / len(finite) if finite else float("nan")
-        if d.is_main:
-            print(f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {len(finite)} "
-                  f"steps), {self.skipped} skipped\n  checkpoint {checkpoint}\n  samples    {grid}\n  loss curve {curve}")
-        return TrainResult(str(self.out), str(checkpoint), str(grid), str(curve), losses, final, self.skipped, seconds)
+        return losses
+
+    def _outside_clock(self, bar, fn, *args):
+        """fn(*args) as a pause: the throughput in the logs and the bar's rate and ETA count training time only."""
+        t0 = time.time()
+        result = fn(*args)
+        paused = time.time() - t0
+        self._window_start += paused  # set by _loop, which runs first
+        if not bar.disable:
+            bar.start_t += paused
+            bar.last_print_t += paused
+        return result
 
     def _read_back(self, pending, log, bar, losses, window):
         """Read the device stats of the steps since the last read back (the loop's only device-to-host copy,
-        once per log interval, checkpoint or sample grid), record them and apply the NaN/Inf guard: abort
-        once --max-bad-steps steps in a row were bad (each was skipped on the device already)."""
+        once per log interval, checkpoint or sample grid), record them and apply the NaN/Inf guards: stop
+        at a step whose update broke the weights, or once --max-bad-steps steps in a row were bad (each
+        was skipped on the device already)."""
         if not pending:
             return
         first = self.step - len(pending) + 1
-        for step, (loss, norm, bad) in enumerate(torch.stack(pending).tolist(), start=first):
+        for step, (loss, norm, bad, broken) in enumerate(torch.stack(pending).tolist(), start=first):
+            if broken:  # checked before any later save: the last checkpoint holds good weights
+                raise TrainingError(
+                    f"the update of step {step} made weights NaN/Inf (its loss {loss:.4g} and grad norm "
+                    f"{norm:.4g} were finite: the step was too large); stopping. Last good checkpoint: "
+                    f"{self.last_checkpoint or 'none'}. Try a lower --lr, or --grad-clip 1")
             if bad:
                 self.skipped, self.bad_run = self.skipped + 1, self.bad_run + 1
                 losses.append(None)
@@ -645,17 +839,19 @@ class Trainer:
                 losses.append(loss)
                 window.append(loss)
                 self._record(log, dict(step=step, loss=loss, grad_norm=norm))
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if window:  # the bar shows what the next log line will: the mean loss since the last one
+            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)
 
     def _record(self, log, record):
         if log:
             log.write(_util.json_line(record))
             log.flush()
 
-    def _log(self, log, bar, window, t_window):
+    def _log(self, log, bar, window):
         now = time.time()
         steps = len(window)
-        rate = steps / max(now - t_window, 1e-9)
+        rate = steps / max(now - self._window_start, 1e-9)
+        self._window_start = now
         mem = _util.memory_bytes(self.device) / 2**30
         rec = dict(event="log", step=self.step, loss=sum(window) / steps if steps else None, steps_per_s=rate,
                    images_per_s=rate * self.args.global_batch_size, memory_gb=mem, skipped=self.skipped)
@@ -665,9 +861,9 @@ class Trainer:
             bar.write(f"step {self.step:7d}  loss {loss}  {rec['images_per_s']:.0f} img/s  "
                       f"{'cuda max allocated' if self.device.type == 'cuda' else 'peak RSS'} {mem:.2f} GiB"
                       + (f"  skipped {self.skipped}" if self.skipped else ""))
-        return now
 
     def close(self):
+        self._restore.close()
         self.dist.close()
 
 
@@ -706,8 +902,6 @@ def plot_loss_curve(records, path, title):
 
 def run(args):
     """Train with parsed arguments (unset options resolved from --resume or the presets)."""
-    if args.model is not None:
-        check_model_name(args.model)  # before any process group or data: the cheapest error first
     if args.global_batch_size is not None and args.global_batch_size % env_world_size():
         raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
                          f"{env_world_size()} (the number of processes)")

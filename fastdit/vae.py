@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _args
 from ._util import PRECISION_DTYPES, UsageError, atomic_save, load_plain, save_grid
 from .data import build_dataset
 
@@ -231,21 +232,35 @@ def check_same_vae(record, codec):
 #################################################################################
 
 
+DESCRIPTION = """\
+Train fastdit's small convolutional VAE on the embedded digits (upsampled to 16x16) or an image folder.
+Writes <out>/vae.pt (weights, config, latent scale factor) and <out>/reconstructions.png; then
+`fastdit latents --vae <out>/vae.pt` encodes a dataset with it for `fastdit train --latents`."""
+
+
 def add_arguments(parser):
     parser.add_argument("--data", help="image folder (class per sub-folder); default: the embedded digits")
-    parser.add_argument("--image-size", type=int, default=16, help="default 16 (the 8x8 digits upsampled)")
-    parser.add_argument("--channels", type=int, choices=[1, 3], help="image channels (default: 1 for the digits, 3 for a folder)")
-    parser.add_argument("--latent-channels", type=int, default=4)
-    parser.add_argument("--downsample", type=int, default=2, help="stride-2 stages: latents are image_size / 2**downsample")
-    parser.add_argument("--base-channels", type=int, default=32)
-    parser.add_argument("--beta", type=float, default=1e-3, help="KL weight (per pixel)")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", help="output folder (default: runs/vae-<data>-<time>)")
-    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--image-size", type=_args.positive, default=16, help="image size, divisible by "
+                                                                              "2**--downsample; default 16 (the 8x8 "
+                                                                              "digits upsampled)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], help="image channels; default 1 for the digits, 3 for "
+                                                                     "a folder")
+    parser.add_argument("--latent-channels", type=_args.positive, default=4, help="channels of the latents; default 4")
+    parser.add_argument("--downsample", type=_args.integer(0, 8), default=2,
+                        help="stride-2 stages: latents are image_size / 2**downsample; default 2")
+    parser.add_argument("--base-channels", type=_args.positive, default=32, help="channels of the convolutions; "
+                                                                                 "default 32")
+    parser.add_argument("--beta", type=_args.number(0), default=1e-3, help="KL weight (per pixel); default 0.001")
+    parser.add_argument("--steps", type=_args.positive, default=1000, help="training steps; default 1000")
+    parser.add_argument("--batch-size", type=_args.positive, default=128, help="images per step; default 128")
+    parser.add_argument("--lr", type=_args.number(0, low_open=True), default=2e-3, help="Adam learning rate; "
+                                                                                        "default 0.002")
+    parser.add_argument("--seed", type=_args.seed, default=0, help="seed of the weights and batches; default 0")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to run; default auto: cuda if present, else cpu")
+    parser.add_argument("--out", type=_args.output_folder, help="output folder; default runs/vae-<data>-<time>")
+    parser.add_argument("--log-every", type=_args.positive, default=100, help="show the losses every N steps; "
+                                                                              "default 100")
 
 
 def train_vae(args):
@@ -257,8 +272,6 @@ def train_vae(args):
 
     from ._dist import pick_device
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise UsageError("--steps and --batch-size must be positive")
     if args.image_size % 2**args.downsample:
         raise UsageError(f"--image-size {args.image_size} must be divisible by 2**--downsample = {2 ** args.downsample}")
     device = pick_device(args.device, 0)

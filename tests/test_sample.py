@@ -1,9 +1,12 @@
 """fastdit sample (PNG grid) and fastdit sample-ddp (ADM .npz) from a tiny checkpoint."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import fastdit
 from fastdit import DiT, sample, train
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
@@ -24,6 +27,8 @@ def test_sample_writes_a_grid_deterministically(ckpt, tmp_path):
     assert cli(args + ["--out", str(b)]) == 0
     img = Image.open(a)
     assert img.mode == "L" and img.size[0] > img.size[1] > 0  # 2 rows of 3 digits, enlarged
+    cells = 3 * (8 + 2) * 8 + 2 * 8  # 3 digits a row, 8x8 with a 2-pixel pad, enlarged 8 times
+    assert np.asarray(img)[:, : img.size[0] - cells].max() > 200  # the class labels, light, left of the rows
     assert np.array_equal(np.asarray(img), np.asarray(Image.open(b)))  # same seed, same samples
     assert cli(args + ["--out", str(b), "--seed", "1", "--sampler", "ddim"]) == 0
     assert not np.array_equal(np.asarray(img), np.asarray(Image.open(b)))
@@ -44,7 +49,7 @@ def test_sample_ddp_writes_an_adm_npz(ckpt, tmp_path):
 
 def test_generate_follows_dit_sample_order(ckpt):
     """seed -> z -> [z, z] with the null class -> p_sample_loop(forward_with_cfg): DiT's sample.py, by hand."""
-    model, _ = sample.load_sampler_model(ckpt)
+    model = sample.load_sampler_model(ckpt).model
     labels = [3, 5]
     torch.manual_seed(7)
     ours = sample.generate(model, labels, cfg_scale=1.5, cfg_channels="all", steps=4, use_cfg=True)
@@ -64,8 +69,27 @@ def test_official_checkpoint_needs_model_and_vae(tmp_path):
         sample.load_sampler_model(str(path))
     with pytest.raises(UsageError, match="--vae"):
         sample.load_sampler_model(str(path), model="DiT-Tiny/2", image_size=64, num_classes=10)
-    with pytest.raises(UsageError, match="do not fit"):  # depth 1 weights into the 6-block DiT-Tiny/2
+    # depth-1 weights into the 6-block DiT-Tiny/2: the error says what does not fit
+    with pytest.raises(UsageError, match="(?s)does not fit the model.*missing from the checkpoint: blocks.1"):
         sample.load_sampler_model(str(path), model="DiT-Tiny/2", image_size=64, num_classes=10, vae="x")
+
+
+def test_load_model_builds_the_model_a_checkpoint_records(ckpt, tmp_path):
+    run = Path(ckpt).parent.parent
+    stored = torch.load(ckpt, weights_only=True)
+    model = fastdit.load_model(run)  # a run folder: its latest checkpoint, EMA weights, eval mode
+    assert not model.training and model.patch_size == 2 and model.in_channels == 1
+    assert all(torch.equal(v, stored["ema"][k]) for k, v in model.state_dict().items())
+    trained = fastdit.load_model(ckpt, weights="model")
+    assert all(torch.equal(v, stored["model"][k]) for k, v in trained.state_dict().items())
+    official = tmp_path / "official.pt"  # a bare state_dict records no config: name it
+    torch.save(fastdit.DiT_models["DiT-Tiny/2"](input_size=4, num_classes=10).state_dict(), official)
+    with pytest.raises(fastdit.CheckpointError, match="records no model config"):
+        fastdit.load_model(official)
+    assert fastdit.load_model(official, "DiT-Tiny/2", input_size=4, num_classes=10).x_embedder.img_size == (4, 4)
+    with pytest.raises(fastdit.CheckpointError, match=r"x_embedder.proj.weight: checkpoint \(128, 4, 2, 2\), model "
+                                                      r"\(128, 4, 4, 4\)"):
+        fastdit.load_model(official, "DiT-Tiny/4", input_size=4, num_classes=10)
 
 
 def test_sample_errors(ckpt, tmp_path, capsys):

@@ -1,10 +1,15 @@
-"""fastdit train in one process: the default job, bit-exact resume, NaN guard, GradScaler, atomic checkpoints."""
+"""fastdit train in one process: the default job, bit-exact resume, NaN guard, GradScaler, atomic checkpoints,
+--deterministic, the defaults that follow the data, the progress bar and logs."""
+import argparse
+import io
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import fastdit
 from fastdit import DiT, _util, load_checkpoint, train
 from fastdit.cli import main as cli
 from fastdit.diffusion import create_diffusion
@@ -37,6 +42,7 @@ def test_default_job_smoke(tmp_path, capsys):
     model = DiT(**{**raw["model_config"], "input_size": tuple(raw["model_config"]["input_size"])})
     load_checkpoint(str(ckpt), model)  # the EMA weights, into the stored config
     assert_same_state(model.state_dict(), raw["ema"])
+    assert_same_state(fastdit.load_model(out).state_dict(), raw["ema"])  # the same in one call
     records = _util.read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]
     log = [r for r in records if r.get("event") == "log"][-1]
@@ -78,15 +84,54 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
 
 def test_resume_options_and_errors(tmp_path):
     run = train.main(FAST + ["--steps", "2", "--out", str(tmp_path / "r")])
-    with pytest.raises(_util.UsageError, match="already at step 2"):
-        train.main(["--resume", run.out])
+    with pytest.raises(_util.UsageError, match="--steps 1: the resumed run is at step 2 already"):
+        train.main(["--resume", run.out, "--steps", "1"])
     with pytest.raises(_util.UsageError, match="no checkpoints"):
         train.main(["--resume", str(tmp_path)])
+    with pytest.raises(_util.UsageError, match="--global-batch-size 32 contradicts the resumed run's 16"):
+        train.main(["--resume", run.out, "--global-batch-size", "32", "--steps", "3"])
     # Options given again win over the stored ones; the rest come from the checkpoint.
     more = train.main(["--resume", run.checkpoint, "--steps", "3", "--log-every", "1"])
     assert len(more.losses) == 1 and more.out == run.out
     stored = torch.load(more.checkpoint, weights_only=True)["args"]
     assert stored["steps"] == 3 and stored["log_every"] == 1 and stored["global_batch_size"] == 16
+
+
+def test_resume_finishes_a_run_killed_before_its_outputs(tmp_path):
+    """Killed after the last checkpoint, before the sample grid and loss curve (and mid-write of a
+    checkpoint, leaving its temporary file): --resume removes the temporary files and writes the
+    outputs, the same as the uninterrupted run's; a finished run resumed is the same no-op."""
+    run = train.main(FAST + ["--steps", "2", "--out", str(tmp_path)])
+    grid = (tmp_path / "samples.png").read_bytes()
+    for name in ("samples.png", "loss.png"):
+        os.remove(tmp_path / name)
+    stale = [tmp_path / "checkpoints" / ".0000003.pt.k2j4h5g1.tmp", tmp_path / ".metrics.jsonl.abcd_123.tmp"]
+    for f in stale:
+        f.write_bytes(b"half a file")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    again = train.main(["--resume", run.out])
+    assert again.losses == [] and again.checkpoint == run.checkpoint
+    assert (tmp_path / "samples.png").read_bytes() == grid and (tmp_path / "loss.png").is_file()
+    assert not any(f.exists() for f in stale) and (tmp_path / "notes.tmp").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
+    assert cli(["train", "--resume", run.out]) == 0
+
+
+def test_defaults_follow_the_data():
+    """Small data gets DiT-Tiny (its patch size fitted to the input) and a short schedule; large data DiT's recipe."""
+    assert [train.small_model(n) for n in (4, 8, 9, 12, 32, 256)] == [
+        "DiT-Tiny/1", "DiT-Tiny/2", "DiT-Tiny/1", "DiT-Tiny/2", "DiT-Tiny/4", "DiT-Tiny/4"]
+    unset = {k: None for k in ("model", "global_batch_size", "lr", "steps", "ema_decay", "seed")}
+    small = argparse.Namespace(**unset)
+    assert train.fill_defaults(small, 1797, 4, 1) == "small"  # the digits encoded to 4x4 latents
+    assert (small.model, small.steps, small.global_batch_size, small.lr, small.ema_decay) == ("DiT-Tiny/1", 1500, 128,
+                                                                                            1e-3, 0.995)
+    few = argparse.Namespace(**unset)
+    train.fill_defaults(few, 50, 8, 4)
+    assert few.global_batch_size == 48  # at most the data, a multiple of the 4 processes
+    large = argparse.Namespace(**{**unset, "lr": 3e-4})
+    assert train.fill_defaults(large, 1_281_167, 32, 8) == "large"  # ImageNet's latents
+    assert (large.model, large.steps, large.global_batch_size, large.lr) == ("DiT-XL/2", 400_000, 256, 3e-4)
 
 
 class NaNAt:
@@ -141,11 +186,11 @@ def test_fp16_grad_scaler_skips_overflow_backs_off_and_resumes(tmp_path):
         x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
         before = {k: v.clone() for k, v in trainer.raw.state_dict().items()}
         trainer.step_fn.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 backward overflows
-        loss, norm, bad = trainer.train_step(x, y).tolist()
+        loss, norm, bad, _ = trainer.train_step(x, y).tolist()
         assert_same_state(before, trainer.raw.state_dict())
         assert trainer.scaler.get_scale() == 2.0**99 and norm != norm and bad == 0  # NaN norm: the scaler's skip
         trainer.step_fn.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        loss, norm, bad = trainer.train_step(x, y).tolist()
+        loss, norm, bad, _ = trainer.train_step(x, y).tolist()
         assert bad == 0 and torch.isfinite(torch.tensor([loss, norm])).all()
         assert not torch.equal(before["final_layer.linear.weight"], trainer.raw.state_dict()["final_layer.linear.weight"])
         trainer.step, scale = 2, trainer.scaler.get_scale()
@@ -162,12 +207,58 @@ def test_fp16_grad_scaler_skips_overflow_backs_off_and_resumes(tmp_path):
         resumed.close()
 
 
+def test_weights_made_nan_by_an_update_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A finite loss and gradient, then an update that overflows (a huge step): stop at once, before the EMA
+    and before any checkpoint takes the broken weights in."""
+    step = torch.optim.AdamW.step
+
+    def overflow_on_second_call(opt, *args, **kwargs):
+        out = step(opt, *args, **kwargs)
+        overflow_on_second_call.calls += 1
+        if overflow_on_second_call.calls == 2:
+            with torch.no_grad():
+                opt.param_groups[0]["params"][3].mul_(float("inf"))
+        return out
+
+    overflow_on_second_call.calls = 0
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflow_on_second_call)
+    out = tmp_path / "run"
+    assert cli(["train"] + FAST + ["--steps", "5", "--ckpt-every", "1", "--out", str(out)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastdit")]
+    assert len(lines) == 1 and "stopped: the update of step 2 made weights NaN/Inf" in lines[0]
+    assert f"Last good checkpoint: {out / 'checkpoints' / '0000001.pt'}" in lines[0]
+    assert sorted(os.listdir(out / "checkpoints")) == ["0000001.pt"] and not (out / "samples.png").exists()
+    for key in ("model", "ema"):
+        assert all(torch.isfinite(v).all() for v in weights(out / "checkpoints" / "0000001.pt", key).values())
+
+
 def test_bf16_grad_clip_and_checkpointing_options(tmp_path):
     run = train.main(FAST + ["--precision", "bf16", "--grad-clip", "0.5", "--grad-checkpointing", "--steps", "2",
                              "--out", str(tmp_path)])
     assert len(run.losses) == 2 and all(v == v for v in run.losses)
     grad_norms = [r["grad_norm"] for r in _util.read_jsonl(tmp_path / "metrics.jsonl") if "grad_norm" in r]
     assert len(grad_norms) == 2 and all(g > 0 for g in grad_norms)
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_grad_clip_clips(tmp_path, clip):
+    """The optimizer steps with gradients of norm `clip` (not the larger norm the backward gave); 0: unclipped."""
+    trainer = train.Trainer(train.parse_args(FAST + ["--grad-clip", str(clip), "--steps", "1", "--out", str(tmp_path)]))
+    try:
+        applied = []
+        step = trainer.opt.step
+
+        def record_then_step(*args, **kwargs):
+            grads = [p.grad for p in trainer.step_fn.params if p.grad is not None]
+            applied.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            return step(*args, **kwargs)
+
+        trainer.opt.step = record_then_step
+        _, raw_norm, _, _ = trainer.train_step(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))).tolist()
+    finally:
+        trainer.close()
+    assert raw_norm > 0.1  # the backward's norm, logged: clipping at 0.05 has something to do
+    assert applied[0] == pytest.approx(clip if clip else raw_norm, rel=1e-4)
 
 
 def _half_write_then_fail(obj, f):
@@ -218,3 +309,102 @@ def test_metrics_log_keeps_one_record_per_step_across_resumes(tmp_path, monkeypa
         f.write('{"step": 5, "loss": 0.')  # a line cut short by a crash is skipped when read
     assert len(_util.read_jsonl(tmp_path / "metrics.jsonl")) == len(
         [json.loads(l) for l in open(tmp_path / "metrics.jsonl").read().splitlines()[:-1]])
+
+
+def test_deterministic_pins_the_attention_backend_records_it_and_resumes_with_it(tmp_path, monkeypatch):
+    from fastdit import ops
+    from fastdit.ops import _attention_policy
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("FASTDIT_ATTENTION", "sdpa_math")
+    seen = []
+    step = train.Trainer.train_step
+
+    def spy(self, x, y):
+        out = step(self, x, y)
+        seen.append((torch.are_deterministic_algorithms_enabled(), _attention_policy.deterministic(),
+                     ops.last_attention_backend(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return out
+
+    monkeypatch.setattr(train.Trainer, "train_step", spy)
+    run = train.main(FAST + ["--deterministic", "--steps", "2", "--out", str(tmp_path)])
+    assert seen == [(True, True, "sdpa_math", ":4096:8")] * 2
+    assert not torch.are_deterministic_algorithms_enabled() and not _attention_policy.deterministic()  # undone
+    stored = torch.load(run.checkpoint, weights_only=True)
+    assert stored["attention_backend"] == "sdpa_math" and stored["args"]["deterministic"] is True
+
+    monkeypatch.delenv("FASTDIT_ATTENTION")  # auto would pick `math` on the CPU: the recorded backend wins
+    train.main(["--resume", run.out, "--steps", "3"])
+    assert seen[-1] == (True, True, "sdpa_math", ":4096:8")
+    monkeypatch.setenv("FASTDIT_ATTENTION", "math")
+    with pytest.raises(_util.UsageError, match="FASTDIT_ATTENTION=math: the resumed --deterministic run used "
+                                               "attention backend 'sdpa_math'"):
+        train.main(["--resume", run.out, "--steps", "4"])
+
+
+def test_deterministic_mode_runs_the_fused_triton_ops(tmp_path, monkeypatch):
+    """torch.use_deterministic_algorithms(True) lets the fused ops (torch.library custom ops) and the
+    Triton attention run: one training step, every op on its Triton kernel (interpreted on a CPU)."""
+    from fastdit import ops
+
+    monkeypatch.setenv("FASTDIT_BACKEND", "triton")
+    monkeypatch.delenv("FASTDIT_ATTENTION", raising=False)
+    trainer = train.Trainer(train.parse_args(FAST + ["--deterministic", "--global-batch-size", "2", "--steps", "1",
+                                                     "--out", str(tmp_path)]))
+    try:
+        assert trainer.attention_backend == "triton"
+        loss, norm, _, _ = trainer.train_step(torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))).tolist()
+        assert ops.last_attention_backend() == "triton" and torch.isfinite(torch.tensor([loss, norm])).all()
+    finally:
+        trainer.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deterministic_training_and_resume_are_bitwise_on_cuda(tmp_path):
+    """The GPU confirmation of --deterministic: two runs, and a run killed and resumed, give the same bits."""
+    args = FAST + ["--deterministic", "--device", "cuda", "--precision", "bf16", "--model", "DiT-S/2",
+                   "--steps", "4", "--ckpt-every", "2"]
+    a = train.main(args + ["--out", str(tmp_path / "a")])
+    b = train.main(args + ["--out", str(tmp_path / "b")])
+    os.remove(tmp_path / "b" / "checkpoints" / "0000004.pt")  # as if killed after step 2's checkpoint
+    resumed = train.main(["--resume", str(tmp_path / "b"), "--device", "cuda"])
+    assert a.losses == b.losses and a.losses[2:] == resumed.losses
+    stored = torch.load(a.checkpoint, weights_only=True)
+    assert stored["attention_backend"] in ("triton", "flash_attn", "sdpa_math", "math")
+    for key in ("model", "ema"):
+        assert_same_state(weights(a.checkpoint, key), weights(b.checkpoint, key))
+        assert_same_state(weights(a.checkpoint, key), weights(resumed.checkpoint, key))
+
+
+def test_progress_bar_shows_the_logged_loss(tmp_path, monkeypatch):
+    shown = []
+    log = train.Trainer._log
+
+    def spy(self, log_file, bar, window):
+        shown.append((bar.postfix, f"loss={sum(window) / len(window):.4f}"))
+        return log(self, log_file, bar, window)
+
+    monkeypatch.setattr(train.Trainer, "_log", spy)
+    train.main(FAST + ["--steps", "4", "--log-every", "2", "--out", str(tmp_path)])
+    logged = [r["loss"] for r in _util.read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "log"]
+    assert len(shown) == 2 and all(bar == mean for bar, mean in shown)
+    assert [f"loss={v:.4f}" for v in logged] == [mean for _, mean in shown]
+
+
+def test_pauses_are_outside_the_throughput_and_eta_clock(monkeypatch):
+    """A sample grid (or checkpoint) of 30 s moves the log window's and the progress bar's start by 30 s."""
+    from tqdm import tqdm
+
+    clock = [100.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    bar = tqdm(total=10, file=io.StringIO())
+    host = SimpleNamespace(_window_start=90.0)
+    start, last = bar.start_t, bar.last_print_t
+
+    def grid():
+        clock[0] += 30.0
+        return "grid.png"
+
+    assert train.Trainer._outside_clock(host, bar, grid) == "grid.png"
+    assert host._window_start == 120.0 and bar.start_t == start + 30.0 and bar.last_print_t == last + 30.0

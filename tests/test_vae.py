@@ -127,7 +127,7 @@ def test_image_folder_training_pixel_and_latent_space(tmp_path, trained_vae, cap
     pixel = train.main(common + ["--image-size", "8", "--num-workers", "1", "--out", str(tmp_path / "pixel")])
     assert f"skipped an unreadable image (1 so far): {tmp_path / 'imgs' / 'b' / '9.png'}" in capfd.readouterr().err
     stored = torch.load(pixel.checkpoint, weights_only=True)
-    assert stored["model_config"]["in_channels"] == 3 and stored["args"]["lr"] == 1e-4  # DiT's defaults for data
+    assert stored["model_config"]["in_channels"] == 3 and stored["args"]["lr"] == 1e-3  # the small-data defaults
     assert stored["data"]["classes"] == ["a", "b"] and stored["vae"] is None
     latent = train.main(common + ["--image-size", "16", "--vae", trained_vae["path"], "--out", str(tmp_path / "lat")])
     stored = torch.load(latent.checkpoint, weights_only=True)
