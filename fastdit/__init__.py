@@ -5,7 +5,8 @@ Drop-in for facebookresearch/DiT:  from fastdit import DiT_models, create_diffus
 __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from .complexity import flops
 from .diffusion import create_diffusion
 from .models import DiT, DiT_models
 
-__all__ = ["DiT", "DiT_models", "load_checkpoint", "read_checkpoint", "CheckpointError", "create_diffusion", "__version__"]
+__all__ = ["DiT", "DiT_models", "load_checkpoint", "read_checkpoint", "CheckpointError", "create_diffusion", "flops", "__version__"]
