@@ -11,8 +11,8 @@ def _tiny(patch_size):
     return make
 
 
-# The twelve official configs plus a tiny one for the embedded digits (CPU-sized).
-MODELS = {**DiT_models, "DiT-Tiny/1": _tiny(1), "DiT-Tiny/2": _tiny(2)}
+# The twelve official configs plus tiny ones for the digits and MNIST (CPU-sized).
+MODELS = {**DiT_models, **{f"DiT-Tiny/{p}": _tiny(p) for p in (1, 2, 4)}}
 
 
 def check_model_name(name):

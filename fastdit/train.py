@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _util
+from . import _util, datasets
 from ._dist import env_world_size, init_distributed
 from ._registry import MODELS, build_model, check_model_name
 from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_plain, plain
@@ -64,7 +64,8 @@ def add_arguments(p):
         return f"default {d[key]} ({c[key]} for the digits job)"
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips). "
+    src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips); "
+                                    "mnist:DIR (IDX files) or cifar10:DIR (cifar-10-batches-py). "
                                     "Default: the embedded digits (the main job)")
     src.add_argument("--latents", help="latents folder from `fastdit latents` (latent-space training, streamed)")
     p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (see `fastdit latents --help`) "
@@ -138,8 +139,12 @@ def resolve_args(args, saved=None):
     for key, value in (saved or {}).items():
         if key not in MACHINE_ARGS and getattr(a, key, None) is None:
             setattr(a, key, value)
-    preset = PRESETS["digits" if a.data is None and a.latents is None else "data"]
-    if a.data is not None and a.vae is None and a.image_size is None:
+    named = a.data is not None and datasets.parse(a.data)
+    if named:  # mnist:DIR, cifar10:DIR: the digits job's defaults, sized for that dataset
+        preset = {**PRESETS["digits"], **datasets.PRESETS[named[0]]}
+    else:
+        preset = PRESETS["digits" if a.data is None and a.latents is None else "data"]
+    if a.data is not None and not named and a.vae is None and a.image_size is None:
         a.image_size = 32  # pixel space: 256x256 pixels would be 16384 tokens for DiT-XL/2
     for key, value in {**COMMON, **preset}.items():
         if getattr(a, key, None) is None:
