@@ -56,9 +56,11 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
     position embedding; input_size's by patch_size in PatchEmbed.
     """
     sizes = dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
-                 num_heads=num_heads, num_classes=num_classes)
+                 num_heads=num_heads)
     for name, value in sizes.items():
         check_positive_int(name, value)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: an unconditional model), got {num_classes!r}")
     _pair(input_size, "input_size")
     if not (_is_real(mlp_ratio) and math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
         raise ValueError(f"mlp_ratio must be a finite number with int(hidden_size * mlp_ratio) >= 1, got {mlp_ratio!r}")
@@ -313,7 +315,8 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone (Peebles & Xie), drop-in for facebookresearch/DiT.
 
     input_size may also be a pair (H, W) for non-square latents; forward accepts any H, W divisible
-    by patch_size (the fixed sin-cos position embedding is computed for other grids).
+    by patch_size (the fixed sin-cos position embedding is computed for other grids). num_classes=0
+    makes an unconditional model: no label embedding (no y_embedder), no CFG, forward(x, t).
     """
 
     patch_embed_cls, block_cls, final_layer_cls = PatchEmbed, DiTBlock, FinalLayer  # the module tree's parts
@@ -339,11 +342,12 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.num_heads = num_heads
+        self.num_classes = num_classes
         self.gradient_checkpointing = False
 
         self.x_embedder = self.patch_embed_cls(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         # Fixed sin-cos embedding, stored (as the official model does) but never trained.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
 
@@ -368,7 +372,8 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
 
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
@@ -398,8 +403,12 @@ class DiT(nn.Module):
 
     def _check_inputs(self, x, t, y):
         """forward's arguments against the model: a clear error for each misfit; returns the token grid (h, w)."""
+        if (y is None) != (self.y_embedder is None):
+            raise ValueError("y must be None for an unconditional model (num_classes=0)" if y is not None else
+                             f"y (N,) class labels are required: the model has {self.num_classes} classes")
         for name, v in (("x", x), ("t", t), ("y", y)):
-            _check_is_tensor(name, v)
+            if v is not None:
+                _check_is_tensor(name, v)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         p = self.patch_size
@@ -416,6 +425,8 @@ class DiT(nn.Module):
                 f"(or the model to x's dtype), or run under torch.autocast"
             )
         _check_per_sample("t", t, x, "timesteps as integers or floats", t.dtype != torch.bool and not t.is_complex())
+        if y is None:
+            return H // p, W // p
         _check_per_sample("y", y, x, "class labels as int64 or int32", y.dtype in (torch.int64, torch.int32))
         if len(y) and _can_read_values(y):
             self._check_labels(y)
@@ -439,8 +450,14 @@ class DiT(nn.Module):
         """x: (N, T, p*p*C) -> imgs (N, C, H, W); grid_size (h, w) defaults to a square grid."""
         return ops.unpatchify(x, self.patch_size, self.out_channels, grid_size=grid_size)
 
-    def forward(self, x, t, y):
-        """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels.
+    def condition(self, t, y):
+        """c (N, D): the timestep embedding, plus the label embedding of a class-conditional model."""
+        c = self.t_embedder(t)  # (N, D)
+        return c if y is None else c + self.y_embedder(y, self.training)
+
+    def forward(self, x, t, y=None):
+        """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels (None for an
+        unconditional model, num_classes=0).
 
         Bad arguments raise a ValueError or TypeError naming them. Label values are checked where
         reading them is free: CPU tensors in eager mode. On the GPU that read would stall the
@@ -449,7 +466,7 @@ class DiT(nn.Module):
         """
         grid = self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self._pos_embed(grid, self.pos_embed)  # (N, T, D), T = H * W / p**2
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.condition(t, y)  # (N, D)
         *mods, final_mod = self._modulations(c)  # (N, 6D) per block, (N, 2D); or None each
         pending = None  # each block's closing residual, applied fused into the next LayerNorm+modulate
         for block, mod in zip(self.blocks, mods):
@@ -501,6 +518,8 @@ class DiT(nn.Module):
         """
         if cfg_channels not in ("paper", "all"):
             raise ValueError(f"cfg_channels must be 'paper' or 'all', got {cfg_channels!r}")
+        if self.y_embedder is None:
+            raise ValueError("classifier-free guidance needs a class-conditional model; this one has num_classes=0")
         if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {cfg_scale!r}")
         _check_is_tensor("x", x)

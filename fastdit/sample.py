@@ -35,12 +35,25 @@ def sampling_diffusion(sampler, steps, learn_sigma=True, diffusion_steps=1000):
     return create_diffusion(timestep_respacing=spacing, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
 
 
-def grid_labels(num_classes, input_size):
-    """Labels of a sample grid and its row length: a row per class (at most 10), 10 per row for small images."""
-    if num_classes == 1000:
+def grid_labels(num_classes, input_size, per_class=None):
+    """Labels of a sample grid and its row length: a row per class (at most 10; DiT's 8 ImageNet classes for
+    1000-class models), per_class images each (default 10 for small images, else 4; DiT's grid: one each).
+
+    An unconditional model (num_classes 0) gets the number of images instead: 10 rows of per_class
+    images, or 2 rows for large images."""
+    small = input_size <= 32
+    if num_classes == 1000 and per_class is None:
         return DIT_SAMPLE_LABELS, 4
-    per_class = 10 if input_size <= 32 else 4
-    return [c for c in range(min(num_classes, 10)) for _ in range(per_class)], per_class
+    per_class = per_class or (10 if small else 4)
+    if num_classes == 0:
+        return (10 if small else 2) * per_class, per_class
+    classes = DIT_SAMPLE_LABELS if num_classes == 1000 else range(min(num_classes, 10))
+    return [c for c in classes for _ in range(per_class)], per_class
+
+
+def has_null_class(model):
+    """Whether the model was built for classifier-free guidance (label dropout trains its null class)."""
+    return model.y_embedder is not None and model.y_embedder.dropout_prob > 0
 
 
 @torch.no_grad()
@@ -49,6 +62,7 @@ def generate(model, labels, *, cfg_scale, cfg_channels="paper", sampler="ddpm", 
              progress=False):
     """Images (N, C, H, W) in [-1, 1], one per label, sampled from `model` (in eval mode).
 
+    labels: class labels, or for an unconditional model (num_classes 0) the number of images.
     seed None continues the current torch RNG (DiT's scripts seed before building the model);
     z: the initial noise (default: drawn here). use_cfg (default: cfg_scale > 1, as DiT's
     sample_ddp.py; DiT's sample.py always uses it) doubles the batch with the null class and
@@ -94,8 +108,8 @@ class Sampler:
             raise UsageError("--cuda-graphs needs a CUDA device (this run is on the CPU)")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.diffusion = sampling_diffusion(sampler, steps, model.learn_sigma, diffusion_steps)
-        self.guided = cfg_scale > 1 if use_cfg is None else use_cfg
-        if self.guided and model.y_embedder.dropout_prob <= 0:
+        self.guided = (cfg_scale > 1 and model.y_embedder is not None) if use_cfg is None else use_cfg
+        if self.guided and not has_null_class(model):
             raise UsageError("classifier-free guidance needs a model trained with label dropout (it has no null "
                              "class): use --cfg-scale 1")
         if self.guided:
@@ -109,17 +123,23 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, labels, z=None, progress=False):
+        """labels: class labels, one image each; for an unconditional model (num_classes 0) the number of images."""
         model = self.model
-        y = torch.as_tensor(labels, device=self.device)
+        conditional = model.y_embedder is not None
+        if conditional == isinstance(labels, int):
+            raise UsageError("an unconditional model samples a number of images, not class labels" if not conditional
+                             else f"the model is class-conditional ({model.num_classes} classes): give labels")
+        y = torch.as_tensor(labels, device=self.device) if conditional else None
         if z is None:
-            z = torch.randn(len(y), model.in_channels, *model.x_embedder.img_size, device=self.device)
+            z = torch.randn(len(y) if conditional else labels, model.in_channels, *model.x_embedder.img_size,
+                            device=self.device)
         if self.guided:  # the unconditional twins: the same noise, the null class
             z = torch.cat([z, z], 0)
             y = torch.cat([y, torch.full_like(y, model.y_embedder.num_classes)], 0)
         was_training = model.training
         model.eval()
         try:
-            key = (tuple(z.shape), z.dtype, y.dtype)
+            key = (tuple(z.shape), z.dtype, y.dtype if conditional else None)
             if key not in self.loops:
                 self.loops[key] = _Loop(self, z, y)
             samples = self.loops[key].run(z, y, progress)
@@ -138,7 +158,7 @@ class _Loop:
 
     def __init__(self, sampler, z, y):
         self.sampler = sampler
-        self.x, self.y = z.clone(), y.clone()
+        self.x, self.y = z.clone(), (y.clone() if y is not None else None)  # y None: an unconditional model
         self.t = torch.zeros(len(z), dtype=torch.long, device=z.device)
         self.graph = self._capture() if sampler.cuda_graphs else None
 
@@ -164,7 +184,8 @@ class _Loop:
 
     def run(self, z, y, progress):
         self.x.copy_(z)
-        self.y.copy_(y)
+        if y is not None:
+            self.y.copy_(y)
         indices = range(self.sampler.diffusion.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
@@ -259,7 +280,8 @@ def add_arguments(p):
     add_common_arguments(p)
     p.add_argument("--classes", help="comma-separated class labels, one grid row each (default: 0-9, or DiT's 8 "
                                      "ImageNet classes for 1000-class models)")
-    p.add_argument("--per-class", type=int, help="samples per class (default 10 for small images, else 4)")
+    p.add_argument("--per-class", type=int, help="samples per class (default 10 for small images, else 4); "
+                                                   "unconditional models: per row")
     p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
 
 
@@ -283,16 +305,21 @@ def _prepare(args, dist, seed):
                                       args.weights, dist.device)
     if PRECISION_DTYPES[args.precision] is not None:
         cast_gemm_weights(model, PRECISION_DTYPES[args.precision])
+    if model.num_classes == 0 and args.cfg_scale not in (None, 1.0):
+        raise UsageError(f"--cfg-scale {args.cfg_scale}: the model is unconditional (no classes), so there is no "
+                         f"classifier-free guidance")
     cfg_channels = args.cfg_channels or ("paper" if model.in_channels >= 3 else "all")
     return model, codec, cfg_channels
 
 
 def sample(args):
-    """fastdit sample: one PNG grid, a row per class."""
+    """fastdit sample: one PNG grid, a row per class (an unconditional model: 10 rows, or 2 for large images)."""
     dist = init_distributed(args.device)
     try:
         model, codec, cfg_channels = _prepare(args, dist, args.seed)
-        num_classes = model.y_embedder.num_classes
+        num_classes = model.num_classes
+        if args.classes and num_classes == 0:
+            raise UsageError("--classes: the model is unconditional (trained with --num-classes 0)")
         if args.classes:
             try:
                 classes = [int(c) for c in args.classes.split(",")]
@@ -303,18 +330,16 @@ def sample(args):
             per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
             labels = [c for c in classes for _ in range(per)]
         else:
-            labels, per = grid_labels(num_classes, model.x_embedder.img_size[0])
-            if args.per_class:
-                labels, per = [c for c in dict.fromkeys(labels) for _ in range(args.per_class)], args.per_class
+            labels, per = grid_labels(num_classes, model.x_embedder.img_size[0], args.per_class)
         t0 = time.time()
-        guided = model.y_embedder.dropout_prob > 0  # DiT's sample.py always guides, even at scale 1
+        guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
         images = generate(model, labels, cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale,
                           use_cfg=guided, cfg_channels=cfg_channels, sampler=args.sampler, steps=args.steps, device=dist.device,
                           codec=codec, precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
                           progress=True)
         if dist.is_main:
             save_grid(images, args.out, nrow=per)
-            print(f"sampled {len(labels)} images in {time.time() - t0:.1f}s -> {args.out}")
+            print(f"sampled {len(images)} images in {time.time() - t0:.1f}s -> {args.out}")
         return args.out
     finally:
         dist.close()
@@ -333,7 +358,7 @@ def sample_ddp(args):
         model, codec, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank)
         global_batch = args.per_proc_batch_size * dist.world_size
         total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
-        num_classes = model.y_embedder.num_classes
+        num_classes = model.num_classes
         shards = out.parent / f".{out.name}.shards"
         if dist.is_main:
             shutil.rmtree(shards, ignore_errors=True)
@@ -348,7 +373,7 @@ def sample_ddp(args):
         chunks = []
         for _ in tqdm(range(total // global_batch), disable=not dist.is_main, desc="sample-ddp"):
             z = torch.randn(args.per_proc_batch_size, model.in_channels, *model.x_embedder.img_size, device=dist.device)
-            y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device)
+            y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device) if num_classes else len(z)
             with torch.no_grad():
                 chunks.append(to_uint8(to_images(run(y, z=z), codec)))
         shard = np.concatenate(chunks)

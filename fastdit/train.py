@@ -110,6 +110,8 @@ def add_arguments(p):
     p.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
     p.add_argument("--diffusion-steps", type=int, help="diffusion timesteps T (default 1000)")
     p.add_argument("--class-dropout-prob", type=float, help="label dropout for CFG (default 0.1)")
+    p.add_argument("--num-classes", type=int, help="0: unconditional (no labels, no class embedding, no CFG); "
+                                                   "default: the dataset's classes")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
                                                                          "image folders, off for the digits)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda:LOCAL_RANK if present")
@@ -276,6 +278,7 @@ class TrainStep:
         self.forward = amp_forward(model, self.device.type, PRECISIONS[precision])
         self.params = list(raw.parameters())
         self.ema_params = list(ema.parameters())
+        self.conditional = raw.num_classes > 0  # an unconditional model never sees the labels
         # fused: the AdamW implementation that takes a device-side skip flag (found_inf); it also reads and
         # writes each parameter, gradient and moment once per step: 7 passes over 675M fp32 values for
         # DiT-XL/2, ~19 GB, where foreach's eight kernels make ~18 passes, ~49 GB (~6 ms on an H200, predicted).
@@ -284,7 +287,8 @@ class TrainStep:
 
     def __call__(self, x, y):
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
-        loss = self.diffusion.training_losses(self.forward, x, t, dict(y=y))["loss"].mean()
+        kwargs = dict(y=y) if self.conditional else {}
+        loss = self.diffusion.training_losses(self.forward, x, t, kwargs)["loss"].mean()
         # One all-reduce gives every rank the summed loss and how many ranks saw a NaN/Inf: all skip together.
         detached = loss.detach().float()
         stats = self.dist.all_reduce_sum(torch.stack([detached, (~torch.isfinite(detached)).float()]))
@@ -401,10 +405,11 @@ class Trainer:
 
     def _build_model(self):
         a = self.args
+        num_classes = self._num_classes()
         torch.manual_seed(a.seed)  # the same initial weights on every rank
         try:
             model, self.model_config = build_model(
-                a.model, input_size=self.input_size, in_channels=self.channels, num_classes=self.dataset.num_classes,
+                a.model, input_size=self.input_size, in_channels=self.channels, num_classes=num_classes,
                 class_dropout_prob=a.class_dropout_prob,
             )
         except ValueError as e:
@@ -437,6 +442,13 @@ class Trainer:
     @property
     def scaler(self):
         return self.step_fn.scaler
+
+    def _num_classes(self):
+        """The model's classes: the dataset's, or 0 (unconditional) with --num-classes 0."""
+        n, given = self.dataset.num_classes, self.args.num_classes
+        if given not in (None, 0, n):
+            raise UsageError(f"--num-classes must be 0 (unconditional) or the dataset's {n}, got {given}")
+        return n if given is None else given
 
     def _shard(self):
         """FSDP2: each DiT block is a unit of its own (its parameters gathered around its forward),
@@ -524,7 +536,7 @@ class Trainer:
         """EMA samples, a row per class, from a fixed seed: training's RNG streams are left untouched."""
         from .sample import grid_labels
 
-        labels, per_row = grid_labels(self.dataset.num_classes, self.input_size)
+        labels, per_row = grid_labels(self.raw.num_classes, self.input_size)
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             images = self.generate(labels, self.args.cfg_scale, seed=self.args.seed)
@@ -557,11 +569,14 @@ class Trainer:
 
         One Sampler for all the batches: on CUDA without FSDP (whose all-gathers a graph would freeze)
         the denoising step is captured once and replayed; the graph goes with the Sampler afterwards."""
-        from .sample import to_images
+        from .sample import has_null_class, to_images
 
-        cfg = FID_CFG_SCALE if self.raw.y_embedder.dropout_prob > 0 else 1.0
+        cfg = FID_CFG_SCALE if has_null_class(self.raw) else 1.0
         run = self.sampler(cfg, cuda_graphs=self.device.type == "cuda" and not self.args.fsdp)
-        value = self.fid(lambda labels: to_images(run(labels), self.decoder), self.dataset.num_classes)
+        if self.raw.num_classes:
+            value = self.fid(lambda labels: to_images(run(labels), self.decoder), self.raw.num_classes)
+        else:  # an unconditional model draws as many images as the monitor has labels (of one dummy class)
+            value = self.fid(lambda labels: to_images(run(len(labels)), self.decoder), 1)
         self._record(log, dict(event="fid", step=self.step, fid=value, samples=self.args.fid_samples, cfg_scale=cfg))
         return value
 
@@ -575,7 +590,8 @@ class Trainer:
             n_params = sum(p.numel() for p in self.raw.parameters())
             print(f"fastdit train: {a.model} ({n_params / 1e6:.2f}M parameters, input {self.channels}x{self.input_size}"
                   f"x{self.input_size}, {'latent' if self.vae_record else 'pixel'} space) on {self.dataset.name} "
-                  f"({len(self.dataset)} items, {self.dataset.num_classes} classes), {d.world_size} process(es) on "
+                  f"({len(self.dataset)} items, {self.raw.num_classes or 'unconditional: no'} classes), "
+                  f"{d.world_size} process(es) on "
                   f"{self.device.type}, {a.precision}, global batch {a.global_batch_size}; "
                   f"{'resuming at step ' + str(self.step) if self.step else 'from scratch'} -> {self.out}")
         loader = make_loader(self.dataset, self.batches, a.num_workers, self.device.type == "cuda", a.seed)
@@ -713,6 +729,9 @@ def run(args):
     """Train with parsed arguments (unset options resolved from --resume or the presets)."""
     if args.model is not None:
         check_model_name(args.model)  # before any process group or data: the cheapest error first
+    if args.num_classes == 0 and args.cfg_scale not in (None, 1.0):
+        raise UsageError(f"--cfg-scale {args.cfg_scale}: an unconditional model (--num-classes 0) has no "
+                         f"classifier-free guidance")
     if args.global_batch_size is not None and args.global_batch_size % env_world_size():
         raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
                          f"{env_world_size()} (the number of processes)")

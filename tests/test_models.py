@@ -249,7 +249,8 @@ def test_label_dropout_uses_null_class():
         (dict(hidden_size=0), "hidden_size"),
         (dict(depth=0), "depth"),
         (dict(num_heads=-1), "num_heads"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),  # 0 is an unconditional model
+        (dict(num_classes=2.0), "num_classes"),
         (dict(mlp_ratio=0), "mlp_ratio"),
         (dict(mlp_ratio=float("inf")), "mlp_ratio"),
         (dict(class_dropout_prob=-0.1), "class_dropout_prob"),
