@@ -178,13 +178,18 @@ def info(args):
     return rows
 
 
+def gflop_text(v):
+    """Two decimals as the paper prints them; three significant digits below 10 (the tiny models' 0.0577)."""
+    return f"{v:.2f}" if v >= 10 else f"{v:.3g}"
+
+
 def format_table(rows, image_size):
     """A markdown table of Complexity rows, with the conventions spelled out under it."""
     lines = ["| model | block | input | tokens | params (M) | Gflops (paper) | forward GFLOP | train GFLOP/image |",
              "|---|---|---|---|--:|--:|--:|--:|"]
     for r in rows:
         lines.append(f"| {r.model} | {r.block} | {'x'.join(map(str, r.input_shape))} | {r.tokens} | {r.params / 1e6:.2f} "
-                     f"| {r.gflops:.2f} | {r.forward_gflop:.1f} | {r.train_gflop:.1f} |")
+                     f"| {gflop_text(r.gflops)} | {gflop_text(r.forward_gflop)} | {gflop_text(r.train_gflop)} |")
     lines.append(f"\n{image_size}x{image_size} images. Gflops (paper): multiply-accumulates per forward, the DiT "
                  f"paper's convention.\nforward GFLOP: 2 per multiply-add. train GFLOP/image: forward + backward = "
                  f"3 x forward, the FLOPs MFU divides by.")

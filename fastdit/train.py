@@ -698,17 +698,16 @@ def plot_loss_curve(records, path, title):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    pts = [(r["step"], r["loss"]) for r in records if "event" not in r and r.get("loss") is not None]
+    steps, loss = _util.loss_series(records)
     fids = [(r["step"], r["fid"]) for r in records if r.get("event") == "fid"]
     fig = Figure(figsize=(12 if fids else 7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2 if fids else 1, 1)
-    if pts:
-        steps, loss = map(np.asarray, zip(*pts))
+    if len(loss):
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
-        k = max(1, min(50, len(loss) // 10))
-        avg = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], avg, color="tab:blue", linewidth=1.8, label=f"moving average ({k} steps)")
+        k = _util.smoothing_window(len(loss))
+        ax.plot(steps[k - 1 :], _util.moving_average(loss, k), color="tab:blue", linewidth=1.8,
+                label=f"moving average ({k} steps)")
         ax.set_yscale("log")
         ax.legend()
     ax.set_xlabel("step")
