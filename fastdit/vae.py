@@ -232,7 +232,7 @@ def check_same_vae(record, codec):
 
 
 def add_arguments(parser):
-    parser.add_argument("--data", help="image folder (class per sub-folder); default: the embedded digits")
+    parser.add_argument("--data", help="image folder (class per sub-folder), mnist:DIR or cifar10:DIR; default: the embedded digits")
     parser.add_argument("--image-size", type=int, default=16, help="default 16 (the 8x8 digits upsampled)")
     parser.add_argument("--channels", type=int, choices=[1, 3], help="image channels (default: 1 for the digits, 3 for a folder)")
     parser.add_argument("--latent-channels", type=int, default=4)
