@@ -42,6 +42,7 @@ def model_config(model):
         class_dropout_prob=model.y_embedder.dropout_prob if model.y_embedder is not None else 0.0,
         num_classes=model.num_classes,
         learn_sigma=model.learn_sigma,
+        block=model.block,
     )
 
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ._util import UsageError
+from .models import ADAPTIVE, BLOCKS
 
-BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")  # the paper's block designs (Figure 5)
-ADAPTIVE = ("adaLN-Zero", "adaLN")  # designs whose final layer norm is adaptive too
 FREQUENCY_EMBEDDING_SIZE = 256  # the timestep embedder's sinusoid width (models.TimestepEmbedder)
 
 
@@ -170,7 +169,7 @@ def info(args):
     models = OFFICIAL if args.model == "all" else (args.model,)
     blocks = BLOCKS if args.block == "all" else (args.block,)
     rows = [flops(m, args.image_size, vae_factor=args.vae_factor, in_channels=args.in_channels,
-                  num_classes=args.num_classes, **({} if b == BLOCKS[0] else {"block": b})) for m in models for b in blocks]
+                  num_classes=args.num_classes, block=b) for m in models for b in blocks]
     if args.json:
         print("\n".join(json.dumps(r.as_dict()) for r in rows))
     else:
@@ -180,7 +179,7 @@ def info(args):
 
 def gflop_text(v):
     """Two decimals as the paper prints them; three significant digits below 10 (the tiny models' 0.0577)."""
-    return f"{v:.2f}" if v >= 10 else f"{v:.3g}"
+    return f"{v:.2f}" if v >= 10 else f"{v:#.3g}"
 
 
 def format_table(rows, image_size):

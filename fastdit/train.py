@@ -29,6 +29,7 @@ from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_
 from .data import ShardedBatches, build_dataset, make_loader
 from .fid import add_train_arguments as add_fid_arguments, fid_monitor
 from .latents import LatentsDataset
+from .models import BLOCKS
 from .vae import load_vae, load_vae_record
 
 CHECKPOINT_FORMAT = "fastdit-train"
@@ -47,7 +48,7 @@ PRESETS = {
 }
 COMMON = dict(fid_every=0, fid_ref=None, fid_samples=10_000, precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing="none", compile=False, fsdp=False,
               max_bad_steps=10, seed=0, log_every=100, num_workers=0, diffusion_steps=1000, class_dropout_prob=0.1,
-              flip=None, cfg_channels=None, device="auto")
+              flip=None, cfg_channels=None, device="auto", block="adaLN-Zero")
 FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
 # Not taken from a resumed checkpoint: they describe this machine, not the run.
 MACHINE_ARGS = ("resume", "out", "device", "num_workers", "compile")
@@ -72,6 +73,8 @@ def add_arguments(p):
                                  "and train in latent space; with --latents: the VAE that decodes the sample grids "
                                  "(default: the one the latents were encoded with; it must have the same weights)")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)}; {both('model')}")
+    p.add_argument("--block", choices=BLOCKS, help="the DiT paper's block design (its Figure 5): adaLN-Zero (default, "
+                                                   "DiT's), adaLN, cross-attention or in-context")
     p.add_argument("--image-size", type=int, help=f"image size in pixels; {both('image_size')}; 32 for --data "
                                                   f"without --vae (pixel space)")
     p.add_argument("--global-batch-size", type=int, help=f"summed over all processes; {both('global_batch_size')}")
@@ -410,7 +413,7 @@ class Trainer:
         try:
             model, self.model_config = build_model(
                 a.model, input_size=self.input_size, in_channels=self.channels, num_classes=num_classes,
-                class_dropout_prob=a.class_dropout_prob,
+                class_dropout_prob=a.class_dropout_prob, block=a.block,
             )
         except ValueError as e:
             raise UsageError(f"--model {a.model} at input size {self.input_size}: {e}") from e

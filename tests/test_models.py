@@ -73,6 +73,7 @@ def test_constructor_defaults_are_official():
     assert defaults == dict(
         input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
+        block="adaLN-Zero",  # fastdit's one addition, last: the paper's block designs, DiT's by default
     )  # fmt: skip
 
 
