@@ -18,7 +18,7 @@ LayerNorm (defer_residual) and the two run as one gated_residual_modulate_layer_
 import torch.nn as nn
 
 from . import ops
-from .models import Attention, FinalLayer, Mlp, _mlp, _norm_after
+from .models import Attention, DiTBlock, FinalLayer, Mlp, _mlp, _norm_after
 
 
 def _affine(norm, batch):
@@ -36,16 +36,13 @@ def _close(x, y, defer_residual):
     return (x, (y, _ones(x))) if defer_residual else x + y
 
 
-class AdaLNBlock(nn.Module):
-    """adaLN: LayerNorm then modulate with shift and scale regressed from c; no gates."""
+class AdaLNBlock(DiTBlock):
+    """adaLN: LayerNorm then modulate with shift and scale regressed from c; no gates. DiTBlock's layers,
+    with a modulation of 4 x D (shift, scale for attention and MLP) instead of 6 x D."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size, bias=True))
+        super().__init__(hidden_size, num_heads, mlp_ratio)
+        self.adaLN_modulation[-1] = nn.Linear(hidden_size, 4 * hidden_size, bias=True)
 
     def forward(self, x, c, pending=None, defer_residual=False, modulation=None):
         """x (B, T, D), c (B, D) -> x (B, T, D), or (x, pending) with defer_residual (see DiTBlock)."""
