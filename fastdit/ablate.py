@@ -6,11 +6,12 @@ Default: the digits job (DiT-Tiny/2 on the embedded 8x8 digits). Writes into the
 
     <design>/       each run's folder: checkpoint, samples.png (a row per class), loss.png, metrics.jsonl
     ablation.md     a table: design, parameters, Gflops per forward (the paper's convention), final loss
-                    (mean of the last 100 steps), training seconds
-    ablation.png    the designs' loss curves (moving averages), on one plot
+                    (mean of the last 100 steps), the last FID, training seconds
+    ablation.png    the designs' loss curves (moving averages), and their FID over training
 
-The paper compares FID-50K over training; fastdit has no FID tool yet, so this compares the training
-loss (the diffusion MSE + VLB), which ranks the designs but is not the paper's metric.
+The paper compares FID-50K over training. With --fid-every N --fid-ref REF every run measures FID as it
+trains (`fastdit train`'s FID in the loop: --fid-samples EMA samples against REF, e.g. an .npz of real
+images); without them the miniature compares the training loss (the diffusion MSE + VLB).
 """
 import argparse
 import time
@@ -66,29 +67,46 @@ def _row(design, result):
     ckpt = _util.load_plain(result.checkpoint, "checkpoint")
     with torch.device("meta"):
         cost = flops(model_from_config(ckpt["model_config"]))
+    fids = [r["fid"] for r in _util.read_jsonl(Path(result.out) / "metrics.jsonl") if r.get("event") == "fid"]
     return dict(design=design, params=cost.params, gflops=cost.gflops, final_loss=result.final_loss,
-                seconds=result.seconds, steps=ckpt["step"], run=result.out, samples=result.grid)
+                fid=fids[-1] if fids else None, seconds=result.seconds, steps=ckpt["step"], run=result.out,
+                samples=result.grid)
 
 
 def format_table(rows):
     from .complexity import gflop_text
 
-    lines = ["| block design | parameters | Gflops (paper) | final loss | steps | seconds | samples |",
-             "|---|--:|--:|--:|--:|--:|---|"]
+    lines = ["| block design | parameters | Gflops (paper) | final loss | FID | steps | seconds | samples |",
+             "|---|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
+        fid = "not measured" if r["fid"] is None else f"{r['fid']:.2f}"
         lines.append(f"| {r['design']} | {r['params'] / 1e6:.2f}M | {gflop_text(r['gflops'])} | {r['final_loss']:.4f} | "
-                     f"{r['steps']} | {r['seconds']:.0f} | {r['design']}/samples.png |")
+                     f"{fid} | {r['steps']} | {r['seconds']:.0f} | {r['design']}/samples.png |")
     return "\n".join(lines)
 
 
 def plot_losses(records_by_design, path):
-    """Each design's training loss, as a moving average over steps (log scale)."""
+    """Each design's training loss, as a moving average over steps (log scale); beside it their FID over
+    training where the runs measured it (the paper's Figure 5)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4))
+    fids = {d: [(r["step"], r["fid"]) for r in records if r.get("event") == "fid"]
+            for d, records in records_by_design.items()}
+    measured = any(fids.values())
+    fig = Figure(figsize=(12 if measured else 7, 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 2 if measured else 1, 1)
+    if measured:
+        fx = fig.add_subplot(1, 2, 2)
+        for design, points in fids.items():
+            if points:
+                fx.plot(*zip(*points), marker="o", label=design)
+        fx.set_xlabel("step")
+        fx.set_ylabel("FID (EMA samples)")
+        fx.set_title("FID over training")
+        fx.grid(alpha=0.3)
+        fx.legend()
     for design, records in records_by_design.items():
         steps, loss = _util.loss_series(records)
         if len(loss):

@@ -33,3 +33,18 @@ def test_ablate_and_block_errors(capsys):
     with pytest.raises(SystemExit) as e:  # argparse's own one-line error
         cli(["train", "--block", "film"])
     assert e.value.code == 2 and "argument --block: invalid choice: 'film'" in capsys.readouterr().err
+
+
+def test_ablation_table_and_plot_show_fid_where_the_runs_measured_it(tmp_path):
+    from PIL import Image
+
+    from fastdit import ablate
+
+    losses = [dict(step=s, loss=1.0 / s) for s in range(1, 21)]
+    with_fid = {"adaLN-Zero": losses + [dict(event="fid", step=10, fid=80.0), dict(event="fid", step=20, fid=60.5)],
+                "in-context": losses + [dict(event="fid", step=20, fid=75.25)]}
+    wide = Image.open(ablate.plot_losses(with_fid, tmp_path / "fid.png")).size[0]
+    assert wide > 1.5 * Image.open(ablate.plot_losses({"adaLN": losses}, tmp_path / "loss.png")).size[0]
+    row = dict(design="adaLN-Zero", params=2e6, gflops=0.02, final_loss=0.05, fid=60.5, seconds=3, steps=20)
+    table = ablate.format_table([row, dict(row, design="adaLN", fid=None)])
+    assert "| 0.0500 | 60.50 | 20 |" in table and "| not measured |" in table
