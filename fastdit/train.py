@@ -511,6 +511,12 @@ class Trainer:
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
         ck, d = self.ckpt, self.dist
+        own = self.raw.state_dict()
+        if own.keys() != ck["model"].keys() or any(own[k].shape != ck["model"][k].shape for k in own):
+            saved = {"block": "adaLN-Zero", **ck["model_config"]}  # checkpoints from before block designs: DiT's
+            changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.model_config.items() if saved.get(k) != v]
+            raise UsageError(f"--resume {self.ckpt_path}: the checkpoint's weights do not fit the model these options "
+                             f"make ({'; '.join(changed)}): a resumed run keeps its model")
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.raw, ck["model"], options=opts)
         set_model_state_dict(self.ema, ck["ema"], options=opts)

@@ -48,3 +48,10 @@ def test_ablation_table_and_plot_show_fid_where_the_runs_measured_it(tmp_path):
     row = dict(design="adaLN-Zero", params=2e6, gflops=0.02, final_loss=0.05, fid=60.5, seconds=3, steps=20)
     table = ablate.format_table([row, dict(row, design="adaLN", fid=None)])
     assert "| 0.0500 | 60.50 | 20 |" in table and "| not measured |" in table
+
+
+def test_resume_refuses_another_design(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["train", "--steps", "1", *FAST, "--out", str(out)]) == 0
+    assert cli(["train", "--resume", str(out), "--block", "in-context", "--steps", "2"]) == 2
+    assert "block 'adaLN-Zero' -> 'in-context'): a resumed run keeps its model" in capsys.readouterr().err
