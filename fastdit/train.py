@@ -281,7 +281,7 @@ class TrainStep:
         self.forward = amp_forward(model, self.device.type, PRECISIONS[precision])
         self.params = list(raw.parameters())
         self.ema_params = list(ema.parameters())
-        self.conditional = raw.num_classes > 0  # an unconditional model never sees the labels
+        self.conditional = raw.y_embedder is not None  # an unconditional model never sees the labels
         # fused: the AdamW implementation that takes a device-side skip flag (found_inf); it also reads and
         # writes each parameter, gradient and moment once per step: 7 passes over 675M fp32 values for
         # DiT-XL/2, ~19 GB, where foreach's eight kernels make ~18 passes, ~49 GB (~6 ms on an H200, predicted).
