@@ -7,9 +7,9 @@ Implementations (same weights per seed, same batch, bf16 autocast):
   fastdit          fastdit.models.DiT with the backend in force (FASTDIT_BACKEND, default auto)
   fastdit+compile  torch.compile(fastdit.models.DiT)
 
-Forward FLOPs are counted analytically, 2 per multiply-add (so DiT-XL/2 at 256^2 is ~237 GFLOPs
-per image: the paper's 118.6 "GFLOPs" count a multiply-add once); tests cross-check the count
-against torch.utils.flop_counter.FlopCounterMode.
+Forward FLOPs are counted analytically by fastdit.complexity, 2 per multiply-add (so DiT-XL/2 at
+256^2 is ~237 GFLOPs per image: the paper's 118.6 "Gflops" count a multiply-add once; `fastdit info`
+prints both); tests cross-check the count against torch.utils.flop_counter.FlopCounterMode.
 """
 import contextlib
 import functools
@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import cases as headline
 from benchmarks import harness
+from fastdit.complexity import forward_macs
 from fastdit.diffusion import create_diffusion
 from fastdit.models import CONFIGS, DiT
 from fastdit.reference_model import ReferenceDiT
@@ -76,25 +77,12 @@ def describe(cfg):
     )
 
 
-def forward_flops(depth, hidden_size, num_heads, patch_size, latent, mlp_ratio=4.0, learn_sigma=True, freq_dim=256):
-    """FLOPs (2 per multiply-add) of one image's DiT forward: every GEMM and attention product."""
-    T, D, p = (latent // patch_size) ** 2, hidden_size, patch_size
-    mlp = int(D * mlp_ratio)
-    out_channels = IN_CHANNELS * (2 if learn_sigma else 1)
-    block = (
-        2 * D * 6 * D  # adaLN modulation: c (D) -> 6 D
-        + 2 * T * D * 3 * D  # qkv
-        + 2 * 2 * T * T * D  # q k^T and (softmax) v, over all heads (H * Dh = D)
-        + 2 * T * D * D  # attention output projection
-        + 2 * 2 * T * D * mlp  # fc1, fc2
-    )
-    return (
-        2 * T * IN_CHANNELS * p * p * D  # patch embedding
-        + 2 * (freq_dim * D + D * D)  # timestep embedding MLP
-        + depth * block
-        + 2 * D * 2 * D  # final adaLN
-        + 2 * T * D * p * p * out_channels  # final linear
-    )
+def forward_flops(depth, hidden_size, num_heads, patch_size, latent, mlp_ratio=4.0, learn_sigma=True):
+    """FLOPs (2 per multiply-add) of one image's DiT forward: every GEMM and attention product
+    (twice fastdit.complexity's count, which is the paper's Gflops)."""
+    config = dict(input_size=latent, patch_size=patch_size, in_channels=IN_CHANNELS, hidden_size=hidden_size,
+                  depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, learn_sigma=learn_sigma, num_classes=NUM_CLASSES)
+    return 2 * forward_macs(config)
 
 
 def _randomise_zero_init(model, seed):

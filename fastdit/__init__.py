@@ -5,9 +5,10 @@ Drop-in for facebookresearch/DiT:  from fastdit import DiT_models, create_diffus
 __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from .complexity import flops
 from .diffusion import create_diffusion
 from .models import DiT, DiT_models
 from ._registry import load_model
 
 __all__ = ["DiT", "DiT_models", "load_model", "load_checkpoint", "read_checkpoint", "CheckpointError",
-           "create_diffusion", "__version__"]
+           "create_diffusion", "flops", "__version__"]

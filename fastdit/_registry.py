@@ -40,9 +40,10 @@ def model_config(model):
         depth=len(model.blocks),
         num_heads=model.num_heads,
         mlp_ratio=block.mlp.fc1.out_features / hidden,
-        class_dropout_prob=model.y_embedder.dropout_prob,
-        num_classes=model.y_embedder.num_classes,
+        class_dropout_prob=model.y_embedder.dropout_prob if model.y_embedder is not None else 0.0,
+        num_classes=model.num_classes,
         learn_sigma=model.learn_sigma,
+        block=model.block,
     )
 
 

@@ -204,6 +204,22 @@ def plain(value):
     return str(value)  # Path and the like
 
 
+def loss_series(records):
+    """(steps, losses) arrays of a metrics log's per-step records (skipped steps left out)."""
+    pts = [(r["step"], r["loss"]) for r in records if "event" not in r and r.get("loss") is not None]
+    return tuple(np.asarray(v) for v in zip(*pts)) if pts else (np.zeros(0), np.zeros(0))
+
+
+def smoothing_window(n):
+    """Moving-average window for a curve of n points: a tenth of it, between 1 and 50."""
+    return max(1, min(50, n // 10))
+
+
+def moving_average(values, k):
+    """Means of every k consecutive values (len(values) - k + 1 of them)."""
+    return np.convolve(values, np.ones(k) / k, mode="valid")
+
+
 def save_figure(fig, path):
     """Save a matplotlib figure atomically as PNG."""
     buf = io.BytesIO()

@@ -1,4 +1,4 @@
-"""The `fastdit` command: train, sample, sample-ddp, latents, fid, vae, bench.
+"""The `fastdit` command: train, sample, sample-ddp, latents, fid, vae, info, ablate, bench.
 
 Multi-GPU / multi-node: torchrun --nproc_per_node=8 -m fastdit.cli train --data DIR ...
 Every flag is checked when parsed (fastdit/_args.py). Bad input ends with one line on stderr naming
@@ -27,6 +27,8 @@ fastdit: DiT training and sampling on fused kernels.
   fastdit vae                                             train the small VAE on the digits
   fastdit latents --vae VAE --out DIR                     encode a dataset once (chunked, resumable)
   fastdit fid SAMPLES.npz REF                             FID, sFID, IS, precision/recall of samples
+  fastdit info --model DiT-XL/2 --image-size 256          parameters, Gflops (the paper's), training FLOPs
+  fastdit ablate                                          the four block designs on the digits, one budget
   fastdit bench ...                                       the benchmarks (source checkout)
 
 Under torchrun every command that samples or trains runs one process per device."""
@@ -40,11 +42,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     import torch
 
-    from . import __version__, fid, latents, sample, train, vae
+    from . import __version__, ablate, complexity, fid, latents, sample, train, vae
 
     p = _Parser(prog="fastdit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"fastdit {__version__} (torch {torch.__version__})")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,sample-ddp,latents,fid,vae,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,sample-ddp,latents,fid,vae,info,ablate,bench}")
     commands = [
         ("train", "train a DiT (no arguments: the digits main job)", train.add_arguments, train.run, train.__doc__),
         ("sample", "sample a labelled image grid from a checkpoint", sample.add_arguments, sample.sample,
@@ -57,6 +59,10 @@ def build_parser():
          fid.run, fid.run.__doc__),
         ("vae", "train the small VAE on the digits or an image folder", vae.add_arguments, vae.train_vae,
          vae.DESCRIPTION),
+        ("info", "parameters and FLOPs of the DiT configs (the paper's Gflops)", complexity.add_arguments,
+         complexity.info, complexity.__doc__),
+        ("ablate", "train the paper's four block designs with one budget: a table and a loss plot",
+         ablate.add_arguments, ablate.ablate, ablate.__doc__),
     ]
     for name, help, add, func, doc in commands:
         sp = sub.add_parser(name, help=help, description=inspect.cleandoc(doc or ""),

@@ -210,11 +210,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(data, image_size, channels=None, flip=None):
-    """data None -> the digits; else an image folder. channels/flip None -> the dataset's default."""
+    """data None -> the digits; 'mnist:DIR' / 'cifar10:DIR' -> fastdit.datasets; else an image folder.
+    channels/flip None -> the dataset's default."""
+    from . import datasets
+
     if data is None:
         if channels not in (None, 1):
             raise UsageError("the digits have 1 channel; --channels 3 needs --data FOLDER")
         return DigitsDataset(image_size)
+    if datasets.parse(data):
+        return datasets.build(data, image_size, channels, flip)
     return ImageFolderDataset(data, image_size, channels=channels or 3, flip=True if flip is None else flip)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import _args
+from . import datasets
 from ._dist import init_distributed
 from ._util import PRECISION_DTYPES, UsageError, atomic_write
 from .data import UnreadableImage, build_dataset, warn_unreadable
@@ -39,10 +40,11 @@ def add_arguments(parser):
                              "cached for offline use), another hub id, a local diffusers AutoencoderKL folder, or a "
                              "fastdit VAE checkpoint (`fastdit vae`); required")
     parser.add_argument("--vae-revision", help="hub revision (branch, tag or commit) of --vae; default main")
-    parser.add_argument("--data", help="image folder (class per sub-folder); default: the embedded digits")
+    parser.add_argument("--data", help="image folder (class per sub-folder), mnist:DIR or cifar10:DIR; default: the "
+                                       "embedded digits")
     parser.add_argument("--image-size", type=_args.positive,
                         help="image size to encode, a multiple of the VAE's factor; default: the VAE's training size "
-                             "for the digits, else 256")
+                             "for the digits, MNIST and CIFAR-10, else 256")
     parser.add_argument("--latent", choices=["mean", "sample"], default="mean",
                         help="store the posterior mean, or one sample per image; default mean")
     parser.add_argument("--flips", choices=["auto", "both", "none"], default="auto",
@@ -206,8 +208,9 @@ def make_latents(args):
     try:
         codec = load_vae(args.vae, dist.device, args.precision, revision=args.vae_revision)
         trained = codec.trained_on or {}
-        # Default size: the digits at the size the VAE was trained on; DiT's 256 for a folder.
-        image_size = args.image_size or (trained.get("image_size", 8) if args.data is None else 256)
+        # Default size: the digits, MNIST, CIFAR-10 at the size the VAE was trained on; DiT's 256 for a folder.
+        own_size = args.data is None or datasets.parse(args.data)
+        image_size = args.image_size or (trained.get("image_size", 8) if own_size else 256)
         if image_size < 1 or image_size % codec.factor:
             raise UsageError(f"--image-size {image_size} must be a positive multiple of the VAE's downsampling "
                              f"factor {codec.factor}")

@@ -27,6 +27,11 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from . import ops
 from ._validate import check_positive_int
 
+# The DiT paper's block designs (its §3.2 and Figure 5): DiT(block=...). adaLN-Zero is DiT's own
+# (DiTBlock below); the others live in fastdit.blocks. ADAPTIVE: those conditioned through c = t + y.
+BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
+ADAPTIVE = ("adaLN-Zero", "adaLN")
+
 #################################################################################
 #               Embedding layers for patches, timesteps and class labels        #
 #################################################################################
@@ -49,16 +54,18 @@ def _pair(v, name):
 
 
 def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                  class_dropout_prob, num_classes, learn_sigma):
+                  class_dropout_prob, num_classes, learn_sigma, block):
     """A ValueError naming the first constructor argument outside its domain.
 
     hidden_size's divisibility is checked where it matters: by num_heads in Attention, by 4 in the
     position embedding; input_size's by patch_size in PatchEmbed.
     """
     sizes = dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
-                 num_heads=num_heads, num_classes=num_classes)
+                 num_heads=num_heads)
     for name, value in sizes.items():
         check_positive_int(name, value)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: an unconditional model), got {num_classes!r}")
     _pair(input_size, "input_size")
     if not (_is_real(mlp_ratio) and math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
         raise ValueError(f"mlp_ratio must be a finite number with int(hidden_size * mlp_ratio) >= 1, got {mlp_ratio!r}")
@@ -66,6 +73,8 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
         raise ValueError(f"class_dropout_prob must be a probability in [0, 1], got {class_dropout_prob!r}")
     if learn_sigma not in (True, False):
         raise ValueError(f"learn_sigma must be True or False, got {learn_sigma!r}")
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {', '.join(BLOCKS)}; got {block!r}")
 
 
 class PatchEmbed(nn.Module):
@@ -313,7 +322,9 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone (Peebles & Xie), drop-in for facebookresearch/DiT.
 
     input_size may also be a pair (H, W) for non-square latents; forward accepts any H, W divisible
-    by patch_size (the fixed sin-cos position embedding is computed for other grids).
+    by patch_size (the fixed sin-cos position embedding is computed for other grids). num_classes=0
+    makes an unconditional model: no label embedding (no y_embedder), no CFG, forward(x, t).
+    block: one of BLOCKS, the paper's block designs (fastdit.blocks); adaLN-Zero, the default, is DiT's.
     """
 
     patch_embed_cls, block_cls, final_layer_cls = PatchEmbed, DiTBlock, FinalLayer  # the module tree's parts
@@ -330,25 +341,35 @@ class DiT(nn.Module):
         class_dropout_prob=0.1,
         num_classes=1000,
         learn_sigma=True,
+        block="adaLN-Zero",
     ):
         super().__init__()
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                      class_dropout_prob, num_classes, learn_sigma)
+                      class_dropout_prob, num_classes, learn_sigma, block)
+        self.block = block
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.num_heads = num_heads
+        self.num_classes = num_classes
         self.gradient_checkpointing = False
 
         self.x_embedder = self.patch_embed_cls(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         # Fixed sin-cos embedding, stored (as the official model does) but never trained.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
 
-        self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = self.final_layer_cls(hidden_size, patch_size, self.out_channels)
+        if block == "adaLN-Zero":
+            self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+            self.final_layer = self.final_layer_cls(hidden_size, patch_size, self.out_channels)
+        else:
+            from . import blocks as designs  # imported here: that module builds on this one
+
+            self.blocks = nn.ModuleList([designs.build_block(block, hidden_size, num_heads, mlp_ratio)
+                                         for _ in range(depth)])
+            self.final_layer = designs.build_final_layer(block, hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -368,16 +389,18 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
 
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-        # adaLN-Zero: every block starts as the identity, and the output layer at zero.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        # adaLN-Zero: every block starts as the identity, and the output layer at zero (every design's).
+        if self.block == "adaLN-Zero":
+            for block in self.blocks:
+                nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+                nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
@@ -398,8 +421,12 @@ class DiT(nn.Module):
 
     def _check_inputs(self, x, t, y):
         """forward's arguments against the model: a clear error for each misfit; returns the token grid (h, w)."""
+        if (y is None) != (self.y_embedder is None):
+            raise ValueError("y must be None for an unconditional model (num_classes=0)" if y is not None else
+                             f"y (N,) class labels are required: the model has {self.num_classes} classes")
         for name, v in (("x", x), ("t", t), ("y", y)):
-            _check_is_tensor(name, v)
+            if v is not None:
+                _check_is_tensor(name, v)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         p = self.patch_size
@@ -416,6 +443,8 @@ class DiT(nn.Module):
                 f"(or the model to x's dtype), or run under torch.autocast"
             )
         _check_per_sample("t", t, x, "timesteps as integers or floats", t.dtype != torch.bool and not t.is_complex())
+        if y is None:
+            return H // p, W // p
         _check_per_sample("y", y, x, "class labels as int64 or int32", y.dtype in (torch.int64, torch.int32))
         if len(y) and _can_read_values(y):
             self._check_labels(y)
@@ -439,8 +468,17 @@ class DiT(nn.Module):
         """x: (N, T, p*p*C) -> imgs (N, C, H, W); grid_size (h, w) defaults to a square grid."""
         return ops.unpatchify(x, self.patch_size, self.out_channels, grid_size=grid_size)
 
-    def forward(self, x, t, y):
-        """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels.
+    def condition(self, t, y):
+        """The conditioning: c = t_emb + y_emb (N, D) for the adaLN designs; the sequence [t_emb, y_emb]
+        (N, 2, D) for cross-attention and in-context. An unconditional model (y None) has t_emb alone."""
+        c = self.t_embedder(t)  # (N, D)
+        if self.block in ADAPTIVE:
+            return c if y is None else c + self.y_embedder(y, self.training)
+        return torch.stack([c] if y is None else [c, self.y_embedder(y, self.training)], dim=1)  # (N, L, D)
+
+    def forward(self, x, t, y=None):
+        """x: (N, C, H, W) latents or images, t: (N,) diffusion timesteps, y: (N,) class labels (None for an
+        unconditional model, num_classes=0).
 
         Bad arguments raise a ValueError or TypeError naming them. Label values are checked where
         reading them is free: CPU tensors in eager mode. On the GPU that read would stall the
@@ -449,11 +487,16 @@ class DiT(nn.Module):
         """
         grid = self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self._pos_embed(grid, self.pos_embed)  # (N, T, D), T = H * W / p**2
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.condition(t, y)  # (N, D); cross-attention, in-context: (N, L, D)
+        T = x.shape[1]
+        if self.block == "in-context":
+            x = torch.cat([x, c.to(x.dtype)], dim=1)  # (N, T + L, D): t and y as extra tokens
         *mods, final_mod = self._modulations(c)  # (N, 6D) per block, (N, 2D); or None each
         pending = None  # each block's closing residual, applied fused into the next LayerNorm+modulate
         for block, mod in zip(self.blocks, mods):
             x, pending = self._block(block, x, c, pending, mod)  # (N, T, D), ((N, T, D), (N, D))
+        if self.block == "in-context":  # the conditioning tokens leave before the final layer
+            x, pending = x[:, :T], (pending[0][:, :T], pending[1])
         x = self.final_layer(x, c, pending, modulation=final_mod)  # (N, T, p*p*out_channels)
         return self.unpatchify(x, grid)  # (N, out_channels, H, W)
 
@@ -469,7 +512,7 @@ class DiT(nn.Module):
 
     def _modulations(self, c):
         """adaLN_modulation(c) of every block and of the final layer from one GEMM: c (N, D) -> [(N, 6D)] * depth
-        + [(N, 2D)], views of one (N, depth * 6D + 2D) output.
+        + [(N, 2D)], views of one (N, depth * 6D + 2D) output (adaLN: 4D per block).
 
         The parameters stay per layer (official keys, shapes and strict loading; per-block FSDP units);
         the GEMM reads them concatenated, cast first to the GEMM's dtype. That copy is the price, and
@@ -482,6 +525,8 @@ class DiT(nn.Module):
         FSDP-sharded parameters (DTensors) a block's weights are whole only inside its own forward:
         every layer then computes its own modulation (None here), as the official model does.
         """
+        if self.block not in ADAPTIVE:  # cross-attention, in-context: no adaptive norms, nothing to compute
+            return [None] * (len(self.blocks) + 1)
         layers = [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
         if _is_dtensor(layers[0].weight):
             return [None] * len(layers)
@@ -501,6 +546,8 @@ class DiT(nn.Module):
         """
         if cfg_channels not in ("paper", "all"):
             raise ValueError(f"cfg_channels must be 'paper' or 'all', got {cfg_channels!r}")
+        if self.y_embedder is None:
+            raise ValueError("classifier-free guidance needs a class-conditional model; this one has num_classes=0")
         if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {cfg_scale!r}")
         _check_is_tensor("x", x)

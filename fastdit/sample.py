@@ -42,12 +42,25 @@ def sampling_diffusion(sampler, steps, learn_sigma=True, diffusion_steps=1000):
         raise UsageError(f"--steps {steps}: {e}") from e
 
 
-def grid_labels(num_classes, input_size):
-    """Labels of a sample grid and its row length: a row per class (at most 10), 10 per row for small images."""
-    if num_classes == 1000:
+def grid_labels(num_classes, input_size, per_class=None):
+    """Labels of a sample grid and its row length: a row per class (at most 10; DiT's 8 ImageNet classes for
+    1000-class models), per_class images each (default 10 for small images, else 4; DiT's grid: one each).
+
+    An unconditional model (num_classes 0) gets the number of images instead: 10 rows of per_class
+    images, or 2 rows for large images."""
+    small = input_size <= 32
+    if num_classes == 1000 and per_class is None:
         return DIT_SAMPLE_LABELS, 4
-    per_class = 10 if input_size <= 32 else 4
-    return [c for c in range(min(num_classes, 10)) for _ in range(per_class)], per_class
+    per_class = per_class or (10 if small else 4)
+    if num_classes == 0:
+        return (10 if small else 2) * per_class, per_class
+    classes = DIT_SAMPLE_LABELS if num_classes == 1000 else range(min(num_classes, 10))
+    return [c for c in classes for _ in range(per_class)], per_class
+
+
+def has_null_class(model):
+    """Whether the model was built for classifier-free guidance (label dropout trains its null class)."""
+    return model.y_embedder is not None and model.y_embedder.dropout_prob > 0
 
 
 @torch.no_grad()
@@ -56,6 +69,7 @@ def generate(model, labels, *, cfg_scale, cfg_channels="paper", sampler="ddpm", 
              progress=False):
     """Images (N, C, H, W) in [-1, 1], one per label, sampled from `model` (in eval mode).
 
+    labels: class labels, or for an unconditional model (num_classes 0) the number of images.
     seed None continues the current torch RNG (DiT's scripts seed before building the model);
     z: the initial noise (default: drawn here). use_cfg (default: cfg_scale > 1, as DiT's
     sample_ddp.py; DiT's sample.py always uses it) doubles the batch with the null class and
@@ -101,8 +115,8 @@ class Sampler:
             raise UsageError("--cuda-graphs needs a CUDA device (this run is on the CPU)")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.diffusion = sampling_diffusion(sampler, steps, model.learn_sigma, diffusion_steps)
-        self.guided = cfg_scale > 1 if use_cfg is None else use_cfg
-        if self.guided and model.y_embedder.dropout_prob <= 0:
+        self.guided = (cfg_scale > 1 and model.y_embedder is not None) if use_cfg is None else use_cfg
+        if self.guided and not has_null_class(model):
             raise UsageError("classifier-free guidance needs a model trained with label dropout (it has no null "
                              "class): use --cfg-scale 1")
         if self.guided:
@@ -116,17 +130,23 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, labels, z=None, progress=False):
+        """labels: class labels, one image each; for an unconditional model (num_classes 0) the number of images."""
         model = self.model
-        y = torch.as_tensor(labels, device=self.device)
+        conditional = model.y_embedder is not None
+        if conditional == isinstance(labels, int):
+            raise UsageError("an unconditional model samples a number of images, not class labels" if not conditional
+                             else f"the model is class-conditional ({model.num_classes} classes): give labels")
+        y = torch.as_tensor(labels, device=self.device) if conditional else None
         if z is None:
-            z = torch.randn(len(y), model.in_channels, *model.x_embedder.img_size, device=self.device)
+            z = torch.randn(len(y) if conditional else labels, model.in_channels, *model.x_embedder.img_size,
+                            device=self.device)
         if self.guided:  # the unconditional twins: the same noise, the null class
             z = torch.cat([z, z], 0)
             y = torch.cat([y, torch.full_like(y, model.y_embedder.num_classes)], 0)
         was_training = model.training
         model.eval()
         try:
-            key = (tuple(z.shape), z.dtype, y.dtype)
+            key = (tuple(z.shape), z.dtype, y.dtype if conditional else None)
             if key not in self.loops:
                 self.loops[key] = _Loop(self, z, y)
             samples = self.loops[key].run(z, y, progress)
@@ -145,7 +165,7 @@ class _Loop:
 
     def __init__(self, sampler, z, y):
         self.sampler = sampler
-        self.x, self.y = z.clone(), y.clone()
+        self.x, self.y = z.clone(), (y.clone() if y is not None else None)  # y None: an unconditional model
         self.t = torch.zeros(len(z), dtype=torch.long, device=z.device)
         self.graph = self._capture() if sampler.cuda_graphs else None
 
@@ -171,7 +191,8 @@ class _Loop:
 
     def run(self, z, y, progress):
         self.x.copy_(z)
-        self.y.copy_(y)
+        if y is not None:
+            self.y.copy_(y)
         indices = range(self.sampler.diffusion.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
@@ -287,7 +308,8 @@ def add_arguments(p):
     p.add_argument("--classes", type=_args.int_list(0), help="comma-separated class labels, one grid row each; "
                                                              "default: 0-9, or DiT's 8 ImageNet classes for "
                                                              "1000-class models")
-    p.add_argument("--per-class", type=_args.positive, help="samples per class; default 10 for small images, else 4")
+    p.add_argument("--per-class", type=_args.positive, help="samples per class (unconditional models: per row); "
+                                                            "default 10 for small images, else 4")
     p.add_argument("--out", type=_args.output_file(tuple(IMAGE_FORMATS), "the grid"),
                    help=f"image file to write, its format from its suffix ({', '.join(IMAGE_FORMATS)}); default "
                         f"runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>.png")
@@ -322,17 +344,23 @@ def _prepare(args, dist, seed):
     sampling_diffusion(args.sampler, args.steps, loaded.model.learn_sigma, loaded.diffusion_steps)
     if PRECISION_DTYPES[args.precision] is not None:
         cast_gemm_weights(loaded.model, PRECISION_DTYPES[args.precision])
+    if loaded.model.num_classes == 0 and args.cfg_scale not in (None, 1.0):
+        raise UsageError(f"--cfg-scale {args.cfg_scale}: the model is unconditional (no classes), so there is no "
+                         f"classifier-free guidance")
     cfg_channels = args.cfg_channels or ("paper" if loaded.model.in_channels >= 3 else "all")
     return loaded, cfg_channels
 
 
 def sample(args):
-    """fastdit sample: one image grid, a row per class, labelled."""
+    """fastdit sample: one image grid, a row per class, labelled (an unconditional model: 10 rows, or 2 for
+    large images)."""
     dist = init_distributed(args.device)
     try:
         loaded, cfg_channels = _prepare(args, dist, args.seed)
         model, names = loaded.model, loaded.classes
-        num_classes = model.y_embedder.num_classes
+        num_classes = model.num_classes
+        if args.classes and num_classes == 0:
+            raise UsageError("--classes: the model is unconditional (trained with --num-classes 0)")
         if args.classes:
             if any(c >= num_classes for c in args.classes):
                 raise UsageError(f"--classes must be in [0, {num_classes}) for this model, got "
@@ -340,20 +368,19 @@ def sample(args):
             per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
             labels = [c for c in args.classes for _ in range(per)]
         else:
-            labels, per = grid_labels(num_classes, model.x_embedder.img_size[0])
-            if args.per_class:
-                labels, per = [c for c in dict.fromkeys(labels) for _ in range(args.per_class)], args.per_class
+            labels, per = grid_labels(num_classes, model.x_embedder.img_size[0], args.per_class)
         cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
         out = args.out or default_out(args, cfg_scale, ".png")
         t0 = time.time()
-        guided = model.y_embedder.dropout_prob > 0  # DiT's sample.py always guides, even at scale 1
+        guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
         images = generate(model, labels, cfg_scale=cfg_scale, use_cfg=guided, cfg_channels=cfg_channels,
                           sampler=args.sampler, steps=args.steps, device=dist.device, codec=loaded.codec,
                           precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs, progress=True,
                           diffusion_steps=loaded.diffusion_steps)
         if dist.is_main:
-            save_grid(images, out, nrow=per, labels=[names[c] if names else c for c in labels])
-            print(f"sampled {len(labels)} images in {time.time() - t0:.1f}s -> {out}")
+            row_labels = [names[c] if names else c for c in labels] if num_classes else None
+            save_grid(images, out, nrow=per, labels=row_labels)
+            print(f"sampled {len(images)} images in {time.time() - t0:.1f}s -> {out}")
         return out
     finally:
         dist.close()
@@ -366,14 +393,17 @@ def sample_ddp(args):
         # DiT sample_ddp.py's per-rank seed, set before the model is built
         loaded, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank)
         model = loaded.model
-        cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
-        if cfg_scale > 1 and model.y_embedder.dropout_prob <= 0:
+        if args.cfg_scale is not None:
+            cfg_scale = args.cfg_scale
+        else:  # DiT's sample_ddp.py default; an unconditional model has nothing to guide
+            cfg_scale = 1.5 if model.num_classes else 1.0
+        if cfg_scale > 1 and not has_null_class(model):
             raise UsageError(f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (it has no null "
                              f"class): use --cfg-scale 1")
         out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
         global_batch = args.per_proc_batch_size * dist.world_size
         total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
-        num_classes = model.y_embedder.num_classes
+        num_classes = model.num_classes
         shards = out.parent / f".{out.name}.shards"
         if dist.is_main:
             shutil.rmtree(shards, ignore_errors=True)
@@ -407,7 +437,7 @@ def _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, batches, num_clas
                   compile=args.compile, cuda_graphs=args.cuda_graphs, device=dist.device)
     for _ in tqdm(range(batches), disable=not dist.is_main, desc="sample-ddp"):
         z = torch.randn(args.per_proc_batch_size, model.in_channels, *model.x_embedder.img_size, device=dist.device)
-        y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device)
+        y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device) if num_classes else len(z)
         with torch.no_grad():
             chunks.append(to_uint8(to_images(run(y, z=z), loaded.codec)))
     shard = np.concatenate(chunks)

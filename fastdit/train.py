@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _args, _util
+from . import _args, _util, datasets
 from ._dist import env_world_size, init_distributed
 from ._registry import MODELS, build_model, check_model_name, model_name
 from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
 from .fid import add_train_arguments as add_fid_arguments, fid_monitor
 from .latents import LatentsDataset
+from .models import BLOCKS
 from .vae import load_vae, load_vae_record
 
 CHECKPOINT_FORMAT = "fastdit-train"
@@ -54,14 +55,15 @@ PRESETS = {
 }
 COMMON = dict(fid_every=0, fid_ref=None, fid_samples=10_000, precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing="none", compile=False, fsdp=False,
               max_bad_steps=10, seed=0, log_every=100, num_workers=0, diffusion_steps=1000, class_dropout_prob=0.1,
-              flip=None, cfg_channels=None, device="auto", deterministic=False)
+              flip=None, cfg_channels=None, device="auto", deterministic=False, block="adaLN-Zero")
 FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
 # DiT's linear betas end at 0.02 * 1000 / T, which must stay below 1 (the last step keeping some signal).
 MIN_DIFFUSION_STEPS = 21
 # Not taken from a resumed checkpoint: they describe this machine, not the run.
 MACHINE_ARGS = ("resume", "out", "device", "num_workers", "compile")
 # A resumed run keeps these: other values would not continue the same run (or fit its weights).
-KEPT_ON_RESUME = ("model", "image_size", "global_batch_size", "seed", "diffusion_steps", "class_dropout_prob")
+KEPT_ON_RESUME = ("model", "block", "num_classes", "image_size", "global_batch_size", "seed", "diffusion_steps",
+                  "class_dropout_prob")
 # Options that go together: given again on resume, the stored ones of the same group do not apply.
 GROUPS = (("data", "latents", "vae"), ("steps", "epochs"))
 
@@ -78,7 +80,8 @@ def add_arguments(p):
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips); "
-                                    "default: the embedded digits (the main job)")
+                                    "mnist:DIR (IDX files) or cifar10:DIR (cifar-10-batches-py); default: the "
+                                    "embedded digits (the main job)")
     src.add_argument("--latents", help="latents folder from `fastdit latents` (latent-space training, streamed); "
                                        "default: none")
     p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (see `fastdit latents --help`) "
@@ -87,11 +90,14 @@ def add_arguments(p):
                                  "(another must have the same weights)")
     p.add_argument("--model", type=model_name, help=f"one of {', '.join(MODELS)}; default for small data: DiT-Tiny "
                                                     f"with the largest patch size (4, 2, 1) that leaves at least 16 "
-                                                    f"tokens (the digits: DiT-Tiny/2), for larger data {g['model']} "
-                                                    f"(DiT's)")
+                                                    f"tokens (the digits: DiT-Tiny/2; MNIST: DiT-Tiny/4; CIFAR-10: "
+                                                    f"DiT-S/2), for larger data {g['model']} (DiT's)")
+    p.add_argument("--block", choices=BLOCKS, help="the DiT paper's block design (its Figure 5): adaLN-Zero (DiT's), "
+                                                   "adaLN, cross-attention or in-context; default adaLN-Zero")
     p.add_argument("--image-size", type=_args.positive, help="image size in pixels, divisible by the patch size (and "
-                                                             "the VAE's factor); default 8 for the digits, 32 for "
-                                                             "--data (pixel space), 256 for --data with --vae")
+                                                             "the VAE's factor); default 8 for the digits, 28 for "
+                                                             "MNIST, 32 for CIFAR-10 and --data (pixel space), 256 "
+                                                             "for --data with --vae")
     p.add_argument("--global-batch-size", type=_args.positive, help=f"summed over all processes, a multiple of their "
                                                                     f"number; {both('global_batch_size')} (at most "
                                                                     f"the dataset's size)")
@@ -145,6 +151,8 @@ def add_arguments(p):
                                                                                      f"least {MIN_DIFFUSION_STEPS}; "
                                                                                      f"default 1000")
     p.add_argument("--class-dropout-prob", type=_args.probability, help="label dropout for CFG, in [0, 1); default 0.1")
+    p.add_argument("--num-classes", type=_args.non_negative, help="0: unconditional (no labels, no class embedding, "
+                                                                  "no CFG); default: the dataset's classes")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips; default on for "
                                                                          "image folders, off for the digits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
@@ -205,6 +213,11 @@ def fill_defaults(a, num_items, input_size, world):
     if small:
         preset["model"] = small_model(input_size)
         preset["global_batch_size"] = max(world, min(preset["global_batch_size"], num_items // world * world))
+    named = a.data is not None and datasets.parse(a.data)
+    if named:  # mnist:DIR, cifar10:DIR: defaults sized for that dataset
+        preset.update(datasets.PRESETS[named[0]])
+    if a.num_classes == 0:
+        preset["cfg_scale"] = 1.0  # an unconditional model has nothing to guide
     for key, value in {**COMMON, **preset}.items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
@@ -223,16 +236,19 @@ def check_args(a, world, input_size):
                          f"by {a.model}'s patch size {patch}")
     if a.sample_steps > a.diffusion_steps:
         raise UsageError(f"--sample-steps {a.sample_steps} must be at most --diffusion-steps {a.diffusion_steps}")
-    if a.cfg_scale > 1 and a.class_dropout_prob == 0:
+    if a.cfg_scale > 1 and a.class_dropout_prob == 0 and a.num_classes != 0:
         raise UsageError(f"--cfg-scale {a.cfg_scale} guides the sample grids with the null class, which "
                          f"--class-dropout-prob 0 does not train: use --cfg-scale 1, or a dropout > 0")
 
 
 def default_image_size(a):
-    """8 for the digits, 32 for pixel-space folders (256x256 pixels would be 16384 tokens for DiT-XL/2),
-    256 with a VAE."""
+    """8 for the digits, 28 for MNIST, 32 for CIFAR-10 and pixel-space folders (256x256 pixels would be
+    16384 tokens for DiT-XL/2), 256 for a folder with a VAE."""
     if a.data is None:
         return 8
+    named = datasets.parse(a.data)
+    if named:
+        return datasets.PRESETS[named[0]]["image_size"]
     return 32 if a.vae is None else 256
 
 
@@ -332,6 +348,7 @@ class TrainStep:
         self.forward = amp_forward(model, self.device.type, PRECISIONS[precision])
         self.params = list(raw.parameters())
         self.ema_params = list(ema.parameters())
+        self.conditional = raw.y_embedder is not None  # an unconditional model never sees the labels
         # fused: the AdamW implementation that takes a device-side skip flag (found_inf); it also reads and
         # writes each parameter, gradient and moment once per step: 7 passes over 675M fp32 values for
         # DiT-XL/2, ~19 GB, where foreach's eight kernels make ~18 passes, ~49 GB (~6 ms on an H200, predicted).
@@ -340,7 +357,8 @@ class TrainStep:
 
     def __call__(self, x, y):
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
-        loss = self.diffusion.training_losses(self.forward, x, t, dict(y=y))["loss"].mean()
+        kwargs = dict(y=y) if self.conditional else {}
+        loss = self.diffusion.training_losses(self.forward, x, t, kwargs)["loss"].mean()
         # One all-reduce gives every rank the summed loss and how many ranks saw a NaN/Inf: all skip together.
         detached = loss.detach().float()
         stats = self.dist.all_reduce_sum(torch.stack([detached, (~torch.isfinite(detached)).float()]))
@@ -545,7 +563,7 @@ class Trainer:
     def _check_fits_checkpoint(self):
         """On resume, this data must make the checkpoint's model (else: what differs, not a size mismatch)."""
         stored = self.ckpt["model_config"]
-        here = dict(input_size=[self.input_size] * 2, in_channels=self.channels, num_classes=self.dataset.num_classes)
+        here = dict(input_size=[self.input_size] * 2, in_channels=self.channels, num_classes=self._num_classes())
         differ = [f"{k} {v} (checkpoint: {stored.get(k)})" for k, v in here.items() if v != stored.get(k)]
         if differ:
             raise UsageError(f"resuming {self.ckpt_path}: this data makes a model with {', '.join(differ)}; resume "
@@ -553,11 +571,12 @@ class Trainer:
 
     def _build_model(self):
         a = self.args
+        num_classes = self._num_classes()
         torch.manual_seed(a.seed)  # the same initial weights on every rank
         try:
             model, self.model_config = build_model(
-                a.model, input_size=self.input_size, in_channels=self.channels, num_classes=self.dataset.num_classes,
-                class_dropout_prob=a.class_dropout_prob,
+                a.model, input_size=self.input_size, in_channels=self.channels, num_classes=num_classes,
+                class_dropout_prob=a.class_dropout_prob, block=a.block,
             )
         except ValueError as e:
             raise UsageError(f"--model {a.model} at input size {self.input_size}: {e}") from e
@@ -589,6 +608,13 @@ class Trainer:
     @property
     def scaler(self):
         return self.step_fn.scaler
+
+    def _num_classes(self):
+        """The model's classes: the dataset's, or 0 (unconditional) with --num-classes 0."""
+        n, given = self.dataset.num_classes, self.args.num_classes
+        if given not in (None, 0, n):
+            raise UsageError(f"--num-classes must be 0 (unconditional) or the dataset's {n}, got {given}")
+        return n if given is None else given
 
     def _shard(self):
         """FSDP2: each DiT block is a unit of its own (its parameters gathered around its forward),
@@ -649,6 +675,12 @@ class Trainer:
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
         ck, d = self.ckpt, self.dist
+        own = self.raw.state_dict()
+        if own.keys() != ck["model"].keys() or any(own[k].shape != ck["model"][k].shape for k in own):
+            saved = {"block": "adaLN-Zero", **ck["model_config"]}  # checkpoints from before block designs: DiT's
+            changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.model_config.items() if saved.get(k) != v]
+            raise UsageError(f"--resume {self.ckpt_path}: the checkpoint's weights do not fit the model these options "
+                             f"make ({'; '.join(changed)}): a resumed run keeps its model")
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.raw, ck["model"], options=opts)
         set_model_state_dict(self.ema, ck["ema"], options=opts)
@@ -677,12 +709,13 @@ class Trainer:
         """EMA samples, a row per class, from a fixed seed: training's RNG streams are left untouched."""
         from .sample import grid_labels
 
-        labels, per_row = grid_labels(self.dataset.num_classes, self.input_size)
+        labels, per_row = grid_labels(self.raw.num_classes, self.input_size)
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             images = self.generate(labels, self.args.cfg_scale, seed=self.args.seed)
         if self.dist.is_main:
-            _util.save_grid(images, path, nrow=per_row, labels=[self.dataset.classes[c] for c in labels])
+            names = [self.dataset.classes[c] for c in labels] if self.raw.num_classes else None  # labels: a count
+            _util.save_grid(images, path, nrow=per_row, labels=names)
         return path
 
     def generate(self, labels, cfg_scale, seed=None):
@@ -710,11 +743,14 @@ class Trainer:
 
         One Sampler for all the batches: on CUDA without FSDP (whose all-gathers a graph would freeze)
         the denoising step is captured once and replayed; the graph goes with the Sampler afterwards."""
-        from .sample import to_images
+        from .sample import has_null_class, to_images
 
-        cfg = FID_CFG_SCALE if self.raw.y_embedder.dropout_prob > 0 else 1.0
+        cfg = FID_CFG_SCALE if has_null_class(self.raw) else 1.0
         run = self.sampler(cfg, cuda_graphs=self.device.type == "cuda" and not self.args.fsdp)
-        value = self.fid(lambda labels: to_images(run(labels), self.decoder), self.dataset.num_classes)
+        if self.raw.num_classes:
+            value = self.fid(lambda labels: to_images(run(labels), self.decoder), self.raw.num_classes)
+        else:  # an unconditional model draws as many images as the monitor has labels (of one dummy class)
+            value = self.fid(lambda labels: to_images(run(len(labels)), self.decoder), 1)
         self._record(log, dict(event="fid", step=self.step, fid=value, samples=self.args.fid_samples, cfg_scale=cfg))
         return value
 
@@ -728,7 +764,8 @@ class Trainer:
             n_params = sum(p.numel() for p in self.raw.parameters())
             print(f"fastdit train: {a.model} ({n_params / 1e6:.2f}M parameters, input {self.channels}x{self.input_size}"
                   f"x{self.input_size}, {'latent' if self.vae_record else 'pixel'} space) on {self.dataset.name} "
-                  f"({len(self.dataset)} items, {self.dataset.num_classes} classes: {self.preset}-data defaults), "
+                  f"({len(self.dataset)} items, {self.raw.num_classes or 'unconditional: no'} classes; "
+                  f"{self.preset}-data defaults), "
                   f"{d.world_size} process(es) on {self.device.type}, {a.precision}, global batch "
                   f"{a.global_batch_size}; {'resuming at step ' + str(self.step) if self.step else 'from scratch'} "
                   f"-> {self.out}")
@@ -873,17 +910,16 @@ def plot_loss_curve(records, path, title):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    pts = [(r["step"], r["loss"]) for r in records if "event" not in r and r.get("loss") is not None]
+    steps, loss = _util.loss_series(records)
     fids = [(r["step"], r["fid"]) for r in records if r.get("event") == "fid"]
     fig = Figure(figsize=(12 if fids else 7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2 if fids else 1, 1)
-    if pts:
-        steps, loss = map(np.asarray, zip(*pts))
+    if len(loss):
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
-        k = max(1, min(50, len(loss) // 10))
-        avg = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], avg, color="tab:blue", linewidth=1.8, label=f"moving average ({k} steps)")
+        k = _util.smoothing_window(len(loss))
+        ax.plot(steps[k - 1 :], _util.moving_average(loss, k), color="tab:blue", linewidth=1.8,
+                label=f"moving average ({k} steps)")
         ax.set_yscale("log")
         ax.legend()
     ax.set_xlabel("step")
@@ -902,6 +938,11 @@ def plot_loss_curve(records, path, title):
 
 def run(args):
     """Train with parsed arguments (unset options resolved from --resume or the presets)."""
+    if args.model is not None:
+        check_model_name(args.model)  # before any process group or data: the cheapest error first
+    if args.num_classes == 0 and args.cfg_scale not in (None, 1.0):
+        raise UsageError(f"--cfg-scale {args.cfg_scale}: an unconditional model (--num-classes 0) has no "
+                         f"classifier-free guidance")
     if args.global_batch_size is not None and args.global_batch_size % env_world_size():
         raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
                          f"{env_world_size()} (the number of processes)")

@@ -239,7 +239,8 @@ Writes <out>/vae.pt (weights, config, latent scale factor) and <out>/reconstruct
 
 
 def add_arguments(parser):
-    parser.add_argument("--data", help="image folder (class per sub-folder); default: the embedded digits")
+    parser.add_argument("--data", help="image folder (class per sub-folder), mnist:DIR or cifar10:DIR; default: the "
+                                       "embedded digits")
     parser.add_argument("--image-size", type=_args.positive, default=16, help="image size, divisible by "
                                                                               "2**--downsample; default 16 (the 8x8 "
                                                                               "digits upsampled)")

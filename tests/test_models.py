@@ -74,6 +74,7 @@ def test_constructor_defaults_are_official():
     assert defaults == dict(
         input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
+        block="adaLN-Zero",  # fastdit's one addition, last: the paper's block designs, DiT's by default
     )  # fmt: skip
 
 
@@ -250,7 +251,8 @@ def test_label_dropout_uses_null_class():
         (dict(hidden_size=0), "hidden_size"),
         (dict(depth=0), "depth"),
         (dict(num_heads=-1), "num_heads"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),  # 0 is an unconditional model
+        (dict(num_classes=2.0), "num_classes"),
         (dict(mlp_ratio=0), "mlp_ratio"),
         (dict(mlp_ratio=float("inf")), "mlp_ratio"),
         (dict(class_dropout_prob=-0.1), "class_dropout_prob"),

@@ -32,6 +32,7 @@ from PIL import Image
 
 from fastdit import cli
 
+from _dataset_files import write_cifar10, write_mnist
 from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,10 @@ MAX_PROCESSES = 2
 
 
 def stand_ins(folder):
-    """README's stand-in paths, made real: path/to/images, a folder of 2 classes x 8 RGB images."""
+    """README's stand-in paths, made real: path/to/images, a folder of 2 classes x 8 RGB images; data/mnist
+    and data/cifar-10-batches-py, small synthetic copies of the downloads."""
+    write_mnist(folder / "data/mnist")
+    write_cifar10(folder / "data/cifar-10-batches-py")
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs"):
         (folder / "path/to/images" / cls).mkdir(parents=True)
@@ -151,7 +155,7 @@ def test_readme_commands_run_verbatim(tmp_path, monkeypatch, capsys):
     folder_run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("images-"))
     stored = torch.load(next((folder_run / "checkpoints").glob("*.pt")), weights_only=True)
     assert stored["classes"] == ["cats", "dogs"]  # what sample grids label their rows with
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["path", "runs"]  # nothing loose in the working folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "path", "runs"]  # the stand-ins and runs/: nothing loose
 
 
 def test_every_command_line_is_run_or_skipped_with_a_reason():

@@ -121,7 +121,7 @@ def test_defaults_follow_the_data():
     """Small data gets DiT-Tiny (its patch size fitted to the input) and a short schedule; large data DiT's recipe."""
     assert [train.small_model(n) for n in (4, 8, 9, 12, 32, 256)] == [
         "DiT-Tiny/1", "DiT-Tiny/2", "DiT-Tiny/1", "DiT-Tiny/2", "DiT-Tiny/4", "DiT-Tiny/4"]
-    unset = {k: None for k in ("model", "global_batch_size", "lr", "steps", "ema_decay", "seed")}
+    unset = {k: None for k in ("model", "global_batch_size", "lr", "steps", "ema_decay", "seed", "data", "num_classes")}
     small = argparse.Namespace(**unset)
     assert train.fill_defaults(small, 1797, 4, 1) == "small"  # the digits encoded to 4x4 latents
     assert (small.model, small.steps, small.global_batch_size, small.lr, small.ema_decay) == ("DiT-Tiny/1", 1500, 128,

@@ -1,0 +1,158 @@
+"""The paper's four block designs (DiT(block=...)): each one's forward and every gradient against a plain
+PyTorch rendering written here from the paper's description (it shares no code with fastdit.models), on the
+reference backend and on the Triton kernels (interpreted on CPU); initialisation; checkpoints; the CLI."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdit import DiT, ops
+from fastdit.models import BLOCKS
+from tests.helpers import assert_close
+from tests.kernel_helpers import poisoned  # noqa: F401 (fixture)
+
+TINY = dict(input_size=(8, 4), patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5)
+
+
+def ln(x, params=None, name=None):
+    w, b = (params[f"{name}.weight"], params[f"{name}.bias"]) if name else (None, None)
+    return F.layer_norm(x, x.shape[-1:], w, b, eps=1e-6)
+
+
+def linear(x, params, name):
+    return F.linear(x, params[f"{name}.weight"], params[f"{name}.bias"])
+
+
+def attention(q, k, v, heads):
+    """softmax(q k^T / sqrt(Dh)) v per head: q (B, Tq, D), k and v (B, Tk, D) -> (B, Tq, D)."""
+    B, Tq, D = q.shape
+    q, k, v = (a.reshape(B, a.shape[1], heads, D // heads).transpose(1, 2) for a in (q, k, v))  # (B, H, T, Dh)
+    w = (q @ k.transpose(-1, -2) / math.sqrt(D // heads)).softmax(-1)
+    return (w @ v).transpose(1, 2).reshape(B, Tq, D)
+
+
+def self_attention(x, params, name, heads):
+    q, k, v = linear(x, params, f"{name}.qkv").chunk(3, dim=-1)
+    return linear(attention(q, k, v, heads), params, f"{name}.proj")
+
+
+def mlp(x, params, name):
+    return linear(F.gelu(linear(x, params, f"{name}.fc1"), approximate="tanh"), params, f"{name}.fc2")
+
+
+def render(params, design, x, t, y, cfg):
+    """The DiT of `design` written out from the paper: patch embedding, sin-cos positions, timestep and
+    label embeddings, the blocks (Figure 3's four designs), the decoder, unpatchify."""
+    p, H, D = cfg["patch_size"], cfg["num_heads"], cfg["hidden_size"]
+    tokens = F.conv2d(x, params["x_embedder.proj.weight"], params["x_embedder.proj.bias"], stride=p)
+    h, w = tokens.shape[-2:]
+    tokens = tokens.flatten(2).transpose(1, 2) + params["pos_embed"]  # (B, T, D)
+    half = 128  # the 256-wide sinusoid, in float32 as the official model computes it
+    args = t[:, None].float() * torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], -1).to(tokens.dtype)
+    t_emb = linear(F.silu(linear(t_freq, params, "t_embedder.mlp.0")), params, "t_embedder.mlp.2")
+    y_emb = params["y_embedder.embedding_table.weight"][y]
+    c = t_emb + y_emb
+    cond = torch.stack([t_emb, y_emb], dim=1)  # (B, 2, D): the length-two sequence / the two extra tokens
+    T = tokens.shape[1]
+    if design == "in-context":
+        tokens = torch.cat([tokens, cond], dim=1)
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}"
+        if design in ("adaLN-Zero", "adaLN"):
+            mod = linear(F.silu(c), params, f"{b}.adaLN_modulation.1")[:, None]  # (B, 1, 6D or 4D)
+            if design == "adaLN-Zero":
+                s1, sc1, g1, s2, sc2, g2 = mod.chunk(6, dim=-1)
+            else:
+                (s1, sc1, s2, sc2), g1, g2 = mod.chunk(4, dim=-1), 1, 1
+            tokens = tokens + g1 * self_attention(ln(tokens) * (1 + sc1) + s1, params, f"{b}.attn", H)
+            tokens = tokens + g2 * mlp(ln(tokens) * (1 + sc2) + s2, params, f"{b}.mlp")
+        else:
+            tokens = tokens + self_attention(ln(tokens, params, f"{b}.norm1"), params, f"{b}.attn", H)
+            if design == "cross-attention":
+                q = linear(ln(tokens, params, f"{b}.norm_cross"), params, f"{b}.cross_attn.q")
+                k, v = linear(cond, params, f"{b}.cross_attn.kv").chunk(2, dim=-1)
+                tokens = tokens + linear(attention(q, k, v, H), params, f"{b}.cross_attn.proj")
+            tokens = tokens + mlp(ln(tokens, params, f"{b}.norm2"), params, f"{b}.mlp")
+    tokens = tokens[:, :T]  # in-context: the conditioning tokens leave before the decoder
+    if design in ("adaLN-Zero", "adaLN"):
+        shift, scale = linear(F.silu(c), params, "final_layer.adaLN_modulation.1")[:, None].chunk(2, dim=-1)
+        tokens = ln(tokens) * (1 + scale) + shift
+    else:
+        tokens = ln(tokens, params, "final_layer.norm_final")
+    out = linear(tokens, params, "final_layer.linear")  # (B, T, p*p*C)
+    C = out.shape[-1] // (p * p)
+    out = out.reshape(len(x), h, w, p, p, C)
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(len(x), C, h * p, w * p)
+
+
+def randomised(model):
+    """Random weights everywhere (zero-initialised layers would hide half of each design)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+def loss_and_grads(fn, params, x):
+    """[loss, output, d-loss/d-param for each trained parameter] of out = fn(params)."""
+    out = fn(params)
+    loss = (out - torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).square().mean()
+    return [loss.detach(), out.detach(), *torch.autograd.grad(loss, list(params.values()))]
+
+
+@pytest.mark.parametrize("design", BLOCKS)
+def test_design_matches_the_papers_description(design, poisoned):  # noqa: F811
+    model = randomised(DiT(**TINY, block=design))
+    x, t, y = torch.randn(3, 3, 8, 4), torch.randint(0, 1000, (3,)), torch.tensor([0, 4, 2])
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fixed = {n: p.detach().double() for n, p in model.named_parameters() if not p.requires_grad}  # pos_embed
+    ref64 = {n: p.detach().double().requires_grad_() for n, p in trained.items()}
+    ref = loss_and_grads(lambda ps: render({**ps, **fixed}, design, x.double(), t, y, TINY), ref64, x)
+    names = ["loss", "output"] + [f"d {n}" for n in trained]
+    pt = None
+    # the rendering checked against the model on the reference backend; then the fused kernels (adaLN-Zero's
+    # are tested in test_model_triton), judged against PyTorch's own fp32 error
+    for backend in ("reference",) if design == "adaLN-Zero" else ("reference", "triton"):
+        with ops.use_backend(backend):
+            got = loss_and_grads(lambda ps: model(x, t, y), trained, x)
+        pt = pt or got
+        for name, g, p, r in zip(names, got, pt, ref):
+            assert_close(f"{design} {backend} {name}", g, p, r)
+
+
+def test_initialisation_per_design():
+    """adaLN-Zero: every block the identity (zero modulation); adaLN: its modulation initialised like any linear
+    layer; the standard designs: LayerNorm weight 1, bias 0. Every design starts with the output layer at zero."""
+    for design in BLOCKS:
+        model = DiT(**TINY, block=design)
+        assert not model.final_layer.linear.weight.any() and not model.final_layer.linear.bias.any()
+        first = model.blocks[0]
+        if design in ("adaLN-Zero", "adaLN"):
+            w = first.adaLN_modulation[-1].weight
+            assert w.shape == ((6 if design == "adaLN-Zero" else 4) * 48, 48) and (w.any() == (design == "adaLN"))
+            assert bool(model.final_layer.adaLN_modulation[-1].weight.any()) == (design == "adaLN")
+        else:
+            assert torch.equal(first.norm1.weight, torch.ones(48)) and not first.norm2.bias.any()
+            assert (first.cross_attn is not None) == (design == "cross-attention")
+    with pytest.raises(ValueError, match="block must be one of adaLN-Zero, adaLN, cross-attention, in-context"):
+        DiT(**TINY, block="film")
+
+
+def test_default_design_keeps_the_official_keys():
+    assert DiT(**TINY).state_dict().keys() == DiT(**TINY, block="adaLN-Zero").state_dict().keys()
+    torch.manual_seed(0)
+    a = DiT(**TINY)
+    torch.manual_seed(0)
+    b = DiT(**TINY, block="adaLN-Zero")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())  # the same draws
+
+
+@pytest.mark.parametrize("design", ["cross-attention", "in-context"])
+def test_unconditional_designs_have_one_conditioning_vector(design):
+    """num_classes=0: cross-attention attends over t alone, in-context appends one token."""
+    model = randomised(DiT(**{**TINY, "num_classes": 0}, block=design))
+    x, t = torch.randn(2, 3, 8, 4), torch.randint(0, 1000, (2,))
+    assert model(x, t).shape == (2, 6, 8, 4)
