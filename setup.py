@@ -1,22 +1,19 @@
-"""fastdit: fast, drop-in Diffusion Transformer training and sampling.
+"""fastdit's build step beyond pyproject.toml: the native CUDA kernels.
 
-Install offline on a machine that already has torch:  pip install --no-build-isolation -e ".[test]"
 With nvcc and cmake found, the install also builds the native CUDA kernels (kernels/, CMake) into
 fastdit/_native/; FASTDIT_BUILD_NATIVE=1 makes that mandatory, =0 skips it (kernels/build.py).
 """
 import os
-import re
 import runpy
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from setuptools import Command, find_packages, setup
+from setuptools import Command, setup
 from setuptools.command.build import build
 from setuptools.dist import Distribution
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "fastdit" / "__init__.py").read_text()).group(1)
 
 
 def _native_build():
@@ -70,36 +67,5 @@ class BinaryDistribution(Distribution):
         return True
 
 
-setup(
-    name="fastdit",
-    version=VERSION,
-    description="Fused-kernel Diffusion Transformer (DiT) training and sampling, drop-in for facebookresearch/DiT",
-    long_description=(HERE / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.9",
-    packages=find_packages(include=["fastdit", "fastdit.*"]),
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        # The fused kernels; on other platforms fastdit runs its pure-PyTorch reference ops.
-        "triton>=3.0; platform_system == 'Linux'",
-        "safetensors",
-        "tqdm",
-        "pillow",
-        "matplotlib",  # loss curves, sample grids, benchmark plots
-        "scikit-learn",  # the embedded default dataset (handwritten digits): nothing to download
-    ],
-    extras_require={
-        # diffusers: the tests drive the real AutoencoderKL path (a tiny one with random weights). torch-fidelity
-        # (fastdit fid) is installed by .ci/run with --no-deps: its dependencies would pull a torchvision, and
-        # with it another torch, that fastdit does not use.
-        "test": ["pytest>=7", "pytest-timeout", "diffusers==0.42.1"],
-        "flash": ["flash-attn"],
-        "xformers": ["xformers"],
-        "diffusers": ["diffusers==0.42.1"],  # the SD-VAE (fastdit latents, decoding); hub downloads via huggingface-hub
-    },
-    entry_points={"console_scripts": ["fastdit=fastdit.cli:main"]},
-    cmdclass={"build": BuildWithNative, "build_native": build_native},
-    distclass=BinaryDistribution,
-)
+# Metadata, dependencies and entry points live in pyproject.toml; this file adds the native build step.
+setup(cmdclass={"build": BuildWithNative, "build_native": build_native}, distclass=BinaryDistribution)
