@@ -3,6 +3,7 @@
 With nvcc and cmake found, the install also builds the native CUDA kernels (kernels/, CMake) into
 fastdit/_native/; FASTDIT_BUILD_NATIVE=1 makes that mandatory, =0 skips it (kernels/build.py).
 """
+
 import os
 import runpy
 import sys
@@ -38,7 +39,10 @@ class build_native(Command):
         native = _native_build()
         tools, why = native.decide()  # raises when FASTDIT_BUILD_NATIVE=1 cannot be honoured
         if tools is None:
-            print(f"fastdit: not building the native CUDA kernels ({why}); the cuda backend will be unavailable", file=sys.stderr)
+            print(
+                f"fastdit: not building the native CUDA kernels ({why}); the cuda backend will be unavailable",
+                file=sys.stderr,
+            )
             return
         out = native.PACKAGE_DIR if self.editable_mode else Path(self.build_lib) / "fastdit" / "_native"
         print(f"fastdit: building the native CUDA kernels with {tools[0]}", file=sys.stderr)
@@ -47,7 +51,10 @@ class build_native(Command):
         except native.BuildError as e:
             if os.environ.get(native.ENV, "").strip() == "1":
                 raise
-            print(f"fastdit: {e}\nfastdit: installing without the native CUDA kernels (FASTDIT_BUILD_NATIVE=1 makes this an error)", file=sys.stderr)
+            print(
+                f"fastdit: {e}\nfastdit: installing without the native CUDA kernels (FASTDIT_BUILD_NATIVE=1 makes this an error)",
+                file=sys.stderr,
+            )
 
     def get_outputs(self):
         return []

@@ -15,6 +15,7 @@ DIR defaults to $OUT when that is set, else benchmarks/reports/<gpu-slug>/ on a 
 (--smoke, or no CUDA GPU) write into a temporary folder or DIR, never into benchmarks/reports/.
 Steps and deadlines: benchmarks/runner.py; the report: benchmarks/report/.
 """
+
 import argparse
 import os
 import sys
@@ -25,14 +26,30 @@ from benchmarks import report, runner
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device-check", action="store_true",
                         help=f"a GPU session's one command: tests, headline cases first, report, in --budget (default {runner.DEVICE_CHECK_BUDGET_S} s)")  # fmt: skip
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, no ceilings: proves everything runs (the default without a GPU)")
-    parser.add_argument("--out", type=Path, help="report folder (default $OUT, else benchmarks/reports/<gpu-slug>; smoke: a temporary folder)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes, no ceilings: proves everything runs (the default without a GPU)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="report folder (default $OUT, else benchmarks/reports/<gpu-slug>; smoke: a temporary folder)",
+    )
     parser.add_argument("--only", help="comma-separated suite names to run, e.g. end_to_end,attention")
-    parser.add_argument("--resume", action="store_true", help="keep the steps DIR's previous run finished and run the rest")
-    parser.add_argument("--budget", type=float, help=f"seconds for the whole run (default {runner.DEVICE_CHECK_BUDGET_S} with --device-check, else none)")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the steps DIR's previous run finished and run the rest"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help=f"seconds for the whole run (default {runner.DEVICE_CHECK_BUDGET_S} with --device-check, else none)",
+    )
     args = parser.parse_args(argv)
     suites = runner.discover()
     if args.only:
@@ -79,7 +96,9 @@ def main(argv=None):
     budget = args.budget or (runner.DEVICE_CHECK_BUDGET_S if args.device_check else None)
     out = out_dir(args, mode, gpu)
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
-    results, status, seconds = runner.execute(out, mode, args.device_check, budget, args.suites, command, resume=args.resume)
+    results, status, seconds = runner.execute(
+        out, mode, args.device_check, budget, args.suites, command, resume=args.resume
+    )
     if mode != "smoke" and report.REPORTS_DIR in out.parents:
         (report.REPORTS_DIR / "README.md").write_text(report.render_index())
     runner.print_summary(results, out, seconds)

@@ -32,6 +32,7 @@ swapped, to revisit the defaults (chosen without a GPU) on one: impl "triton[fwd
 "triton_deterministic[dq=...]" (the deterministic backward's dQ kernel).
 Smoke mode (no CUDA): one tiny shape, Triton interpreted; it proves the suite runs.
 """
+
 import importlib
 import itertools
 import os
@@ -143,7 +144,9 @@ def measure(impl, T, Dh, mode):
     why = harness.skip_reason(MIN_SECONDS.get(impl, MIN_SECONDS_OTHER)) or cannot_run(impl, T, Dh)
     if why is not None:
         status = "not installed" if "not installed" in why else why
-        return harness.not_run(SUITE, case, impl, status, mode=mode, T=T, Dh=Dh, H=H, dtype=str(DTYPE).replace("torch.", ""))
+        return harness.not_run(
+            SUITE, case, impl, status, mode=mode, T=T, Dh=Dh, H=H, dtype=str(DTYPE).replace("torch.", "")
+        )
     B = batch(T, impl)
     fn, next_set = timed_call(runner(impl), B, T, Dh, mode)
     ms, spread = harness.time_ms(fn)
@@ -206,7 +209,9 @@ DKDV_VARIANTS = [(32, 128, 4, 5), (32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 
 DQ_VARIANTS = [(128, 32, 4, 5), (128, 32, 8, 4), (64, 64, 4, 3)]  # timed through the deterministic backward
 SWEEP = ([("fwd", "triton", 0, b) for b in FWD_VARIANTS] + [("bwd", "triton", 1, b) for b in DKDV_VARIANTS]
          + [("bwd", "triton_deterministic", 2, b) for b in DQ_VARIANTS])  # fmt: skip
-CONFIG_CASES = [shape + sweep for shape in SHAPES for sweep in SWEEP] if CONFIG_SWEEP else [(0, 0, "fwd", "triton", 0, ())]
+CONFIG_CASES = (
+    [shape + sweep for shape in SHAPES for sweep in SWEEP] if CONFIG_SWEEP else [(0, 0, "fwd", "triton", 0, ())]
+)
 
 
 @pytest.mark.skipif(not CONFIG_SWEEP, reason="set FASTDIT_BENCH_ATTENTION_CONFIGS=1 on a GPU to compare tile configs")

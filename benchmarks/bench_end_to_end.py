@@ -19,6 +19,7 @@ recorded as such; one that fails is recorded and its test fails. In smoke mode t
 rows are recorded as skipped (compiling on a CPU runner takes minutes) unless
 FASTDIT_BENCH_COMPILE=1, and every row names its stand-in model (`stand_in`, `config`).
 """
+
 import functools
 import os
 import traceback
@@ -153,10 +154,19 @@ def fastdit_sampler(impl, cfg, n):
     z = torch.randn(n, workloads.IN_CHANNELS, cfg["latent"], cfg["latent"], device=harness.DEVICE)
     y = torch.randint(0, workloads.NUM_CLASSES, (n,), device=harness.DEVICE)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def sampler(name, steps):
-        return Sampler(model, cfg_scale=workloads.CFG_SCALE, sampler=name, steps=steps, use_cfg=True,
-                       clip_denoised=False, precision="bf16", compile=impl in workloads.COMPILED, device=harness.DEVICE)
+        return Sampler(
+            model,
+            cfg_scale=workloads.CFG_SCALE,
+            sampler=name,
+            steps=steps,
+            use_cfg=True,
+            clip_denoised=False,
+            precision="bf16",
+            compile=impl in workloads.COMPILED,
+            device=harness.DEVICE,
+        )
 
     return lambda name, steps: sampler(name, steps)(y, z=z)
 
@@ -169,9 +179,11 @@ def measure_sample(base, cfg, n):
     step_flops = workloads.forward_flops(**cfg) * 2 * n  # the model sees the conditional + unconditional batch
     rows = []
     for name, steps in workloads.SAMPLERS.items():
-        timed = workloads.SMOKE_TIMED_STEPS if harness.SMOKE else workloads.QUICK_TIMED_STEPS if harness.QUICK else steps
+        timed = (
+            workloads.SMOKE_TIMED_STEPS if harness.SMOKE else workloads.QUICK_TIMED_STEPS if harness.QUICK else steps
+        )
         # warm: the first call compiled the model; fastdit's samplers also capture a graph per (sampler, steps)
-        loop_ms, spread = harness.time_steps(lambda: sampler(name, timed), iters=1, warmup=int(ours))
+        loop_ms, spread = harness.time_steps(lambda n=name, k=timed: sampler(n, k), iters=1, warmup=int(ours))
         ms = loop_ms * steps / timed  # the whole sampling run
         rows.append(harness.record(
             SUITE, **base, sampler=name, steps=steps, timed_steps=timed, extrapolated=timed != steps,

@@ -9,6 +9,7 @@ Bytes (e = 2 bytes per bf16 element, N = B*T rows of D):
   fwd+bwd  the sum
 Rows and method: benchmarks/kernel_bench.py.
 """
+
 import pytest
 
 from benchmarks import kernel_bench as kb
@@ -29,7 +30,9 @@ def apex(case, D):
     return run
 
 
-IMPLS = kb.implementations(ops.gated_residual_modulate_layer_norm, reference.gated_residual_modulate_layer_norm, apex=apex)
+IMPLS = kb.implementations(
+    ops.gated_residual_modulate_layer_norm, reference.gated_residual_modulate_layer_norm, apex=apex
+)
 
 
 def traffic(B, T, D, e=2):

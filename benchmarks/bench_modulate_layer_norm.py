@@ -7,6 +7,7 @@ Bytes (e = 2 bytes per bf16 element, N = B*T rows of D):
   fwd+bwd  the sum
 Rows and method: benchmarks/kernel_bench.py.
 """
+
 import pytest
 
 from benchmarks import kernel_bench as kb

@@ -4,6 +4,7 @@
 Bytes: fwd and bwd each read and write every element once (2 B C H W e, e = 2 for bf16);
 fwd+bwd twice that. Rows and method: benchmarks/kernel_bench.py.
 """
+
 import pytest
 
 from benchmarks import kernel_bench as kb

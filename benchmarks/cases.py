@@ -3,6 +3,7 @@
 One definition of each (BENCHMARKING.md's headline block); the suites and the report both read
 them from here. Plain data: the report imports this without torch.
 """
+
 # Fused kernels: the DiT-XL/2 width, a batch of 256 images of 256 tokens (256² latents, patch 2).
 KERNEL = {"B": 256, "T": 256, "D": 1152, "dtype": "bfloat16"}
 # Layout kernels at the same batch: 4-channel 32x32 latents (256² images), patch 2.

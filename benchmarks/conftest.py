@@ -8,6 +8,7 @@ Cases marked `headline` run first, across every suite file of the process, and a
 that compile (torch.compile of the reference: seconds each) after the ones that do not: a time budget
 cuts the others, and the most headline numbers fit.
 """
+
 import os
 
 import torch

@@ -3,6 +3,7 @@
 `python -m benchmarks.environment OUT.json` writes {"environment": ..., "ceilings": ...}; the
 runner calls it in a child process so that the runner itself never holds GPU memory.
 """
+
 import datetime
 import importlib.metadata
 import json
@@ -14,7 +15,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-NVIDIA_SMI_FIELDS = ("driver_version", "clocks.max.sm", "clocks.max.memory", "power.limit")  # one query each: one unsupported field fails a query
+NVIDIA_SMI_FIELDS = (
+    "driver_version",
+    "clocks.max.sm",
+    "clocks.max.memory",
+    "power.limit",
+)  # one query each: one unsupported field fails a query
 OPTIONAL_PACKAGES = ("triton", "flash-attn", "xformers", "apex", "numpy", "matplotlib")
 
 
@@ -56,7 +62,10 @@ def collect():
     env["triton"] = env["packages"]["triton"]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        smi = {f: _run("nvidia-smi", f"--query-gpu={f}", "--format=csv,noheader,nounits", "-i", "0") for f in NVIDIA_SMI_FIELDS}
+        smi = {
+            f: _run("nvidia-smi", f"--query-gpu={f}", "--format=csv,noheader,nounits", "-i", "0")
+            for f in NVIDIA_SMI_FIELDS
+        }
         env.update(
             gpu=props.name,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),

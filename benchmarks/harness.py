@@ -21,6 +21,7 @@ harness, so nothing here reports pytest's own timings. What `python -m benchmark
                           before it starts and is recorded as skipped, with the reason, when it
                           would not fit
 """
+
 import functools
 import json
 import math
@@ -47,7 +48,7 @@ def bytes_of(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ceilings():
     """{'copy_bandwidth_gbs', 'bf16_matmul_tflops'} of this GPU, measured once per process
     (or once per run: taken from FASTDIT_BENCH_CEILINGS when the runner set it)."""

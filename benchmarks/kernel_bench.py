@@ -34,6 +34,7 @@ Rows (harness.memory_bound_row / harness.not_run), one per (case, mode, impl):
               bytes moved, GB/s and % of the measured copy bandwidth (None in smoke mode)
   status      why a row has no time (e.g. "not installed", "not built", or skipped for the time budget)
 """
+
 import pytest
 import torch
 
@@ -47,13 +48,19 @@ DTYPE = getattr(torch, headline.KERNEL["dtype"])
 # Row ops: DiT widths x 8K..64K tokens of 256-token images (DiT /2 at 256²), and the 512² case;
 # the headline shape first.
 ROW_HEADLINE = tuple(headline.KERNEL[k] for k in "BTD")
-ROW_SHAPES = [ROW_HEADLINE] + [(B, 256, D) for D in (384, 768, 1024, 1152) for B in (32, 64, 128, 256) if (B, 256, D) != ROW_HEADLINE] + [(64, 1024, 1152)]
+ROW_SHAPES = (
+    [ROW_HEADLINE]
+    + [(B, 256, D) for D in (384, 768, 1024, 1152) for B in (32, 64, 128, 256) if (B, 256, D) != ROW_HEADLINE]
+    + [(64, 1024, 1152)]
+)
 ROW_SHAPES_QUICK = [ROW_HEADLINE, (32, 256, 1152), (256, 256, 384), (64, 1024, 1152)]
 SMOKE_ROW_SHAPE = (2, 16, 72)
 # Layout ops: DiT latents of 256² (32x32) and 512² (64x64) images, batches 32..256, patch 2, 4, 8;
 # the headline shape first.
 LAYOUT_HEADLINE = tuple(headline.LAYOUT[k] for k in ("B", "H", "W", "p"))
-LAYOUT_SHAPES = [LAYOUT_HEADLINE] + [(B, 32, 32, 2) for B in (32, 64, 128)] + [(64, 64, 64, 2), (256, 32, 32, 4), (256, 32, 32, 8)]
+LAYOUT_SHAPES = (
+    [LAYOUT_HEADLINE] + [(B, 32, 32, 2) for B in (32, 64, 128)] + [(64, 64, 64, 2), (256, 32, 32, 4), (256, 32, 32, 8)]
+)
 LAYOUT_SHAPES_QUICK = [LAYOUT_HEADLINE, (64, 64, 64, 2)]
 SMOKE_LAYOUT_SHAPE = (2, 8, 8, 2)
 MIN_SECONDS = {"compile": 15.0}  # to start a case before the deadline (compile: compiling); others
@@ -180,7 +187,10 @@ def row_inputs(B, T, D, tensors, vectors):
     adaLN output, as DiT passes them; the gradient of a vector reaches that (B, 6D) leaf."""
 
     def make(requires_grad):
-        big = [torch.randn(B, T, D, dtype=DTYPE, device=harness.DEVICE, requires_grad=requires_grad) for _ in range(tensors)]
+        big = [
+            torch.randn(B, T, D, dtype=DTYPE, device=harness.DEVICE, requires_grad=requires_grad)
+            for _ in range(tensors)
+        ]
         ada = torch.randn(B, 6 * D, dtype=DTYPE, device=harness.DEVICE, requires_grad=requires_grad)
         return [*big, ada], [*big, *ada.chunk(6, dim=1)[:vectors]]
 
@@ -195,7 +205,9 @@ def run_row_case(suite, impls, shape, mode, impl, tensors, vectors, traffic):
     case = f"B={B},T={T},D={D}"
     fwd, bwd = traffic(B, T, D)
     nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-    measure(suite, case, fields, impl, lambda: impls[impl](case, D), row_inputs(B, T, D, tensors, vectors), mode, nbytes)
+    measure(
+        suite, case, fields, impl, lambda: impls[impl](case, D), row_inputs(B, T, D, tensors, vectors), mode, nbytes
+    )
 
 
 def apex_modulate_layer_norm(D):

@@ -12,6 +12,7 @@ shapes compile in their own parallel workers (pytest-xdist).
 Writes {wall_s, capture_s, workers, kernels: {name: {variants, seconds, max_seconds}}, errors}:
 the compile time per kernel family, summed over its variants.
 """
+
 import argparse
 import json
 import multiprocessing
@@ -27,12 +28,19 @@ def workloads():
     """[(label, run)] of what the device check's suites and end-to-end jobs launch, on the GPU."""
     import torch
 
-    from benchmarks import bench_attention, bench_end_to_end, kernel_bench, profile_step, workloads as e2e
+    from benchmarks import bench_attention, bench_end_to_end, kernel_bench, profile_step
+    from benchmarks import workloads as e2e
     from fastdit.ops import _codegen
 
     bf16 = torch.bfloat16
-    out = [(f"kernels {s}", lambda s=s: _codegen.row_ops(*s, bf16, bf16, device="cuda")) for s in kernel_bench.ROW_SHAPES_QUICK]
-    out += [(f"kernels {s}", lambda s=s: _codegen.layout_ops(s[0], 4, s[1], s[3], bf16, device="cuda")) for s in kernel_bench.LAYOUT_SHAPES_QUICK]
+    out = [
+        (f"kernels {s}", lambda s=s: _codegen.row_ops(*s, bf16, bf16, device="cuda"))
+        for s in kernel_bench.ROW_SHAPES_QUICK
+    ]
+    out += [
+        (f"kernels {s}", lambda s=s: _codegen.layout_ops(s[0], 4, s[1], s[3], bf16, device="cuda"))
+        for s in kernel_bench.LAYOUT_SHAPES_QUICK
+    ]
     out += [(f"attention T={T} Dh={Dh}", lambda T=T, Dh=Dh: _codegen.attention_ops(bench_attention.batch(T, "triton"), T, bench_attention.H, Dh, bf16, device="cuda"))
             for T, Dh in bench_attention.SHAPES]  # fmt: skip
 
@@ -77,7 +85,10 @@ def main(argv=None):
 
     t0 = time.time()
     device = torch.device("cuda")
-    sms, capability = torch.cuda.get_device_properties(device).multi_processor_count, torch.cuda.get_device_capability(device)
+    sms, capability = (
+        torch.cuda.get_device_properties(device).multi_processor_count,
+        torch.cuda.get_device_capability(device),
+    )
     launches, errors = [], []
     for label, run in workloads():  # one failing workload (reported) leaves the others' variants to compile
         try:
@@ -99,7 +110,12 @@ def main(argv=None):
                 errors.append({"kernel": name, "error": error})
             if time.time() > deadline:
                 pool.shutdown(wait=False, cancel_futures=True)
-                errors.append({"kernel": "(the rest)", "error": "not compiled: the step's deadline passed; they compile on first use"})
+                errors.append(
+                    {
+                        "kernel": "(the rest)",
+                        "error": "not compiled: the step's deadline passed; they compile on first use",
+                    }
+                )
                 break
     info = {"wall_s": round(time.time() - t0, 1), "capture_s": round(capture_s, 1), "workers": args.workers,
             "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1]["seconds"])), "errors": errors}  # fmt: skip

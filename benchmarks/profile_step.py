@@ -11,6 +11,7 @@ missed target.
     python -m benchmarks.profile_step [--model DiT-XL/2] [--resolution 256] [--batch 64] [--impl fastdit]
 prints the table for one model and implementation.
 """
+
 import argparse
 import copy
 import re
@@ -50,8 +51,16 @@ def train_step(impl, cfg, batch, checkpointing="none", precision="bf16"):
     if precision == "fp8":
         train.to_float8(model, device)
     single = Dist(rank=0, world_size=1, local_rank=0, device=device, owns_group=False)
-    step = train.TrainStep(workloads.maybe_compile(model, impl), model, ema, create_diffusion(timestep_respacing=""),
-                           single, precision=precision, lr=1e-4, ema_decay=workloads.EMA_DECAY)
+    step = train.TrainStep(
+        workloads.maybe_compile(model, impl),
+        model,
+        ema,
+        create_diffusion(timestep_respacing=""),
+        single,
+        precision=precision,
+        lr=1e-4,
+        ema_decay=workloads.EMA_DECAY,
+    )
     x = torch.randn(batch, workloads.IN_CHANNELS, cfg["latent"], cfg["latent"], device=device)
     y = torch.randint(0, workloads.NUM_CLASSES, (batch,), device=device)
     return lambda: step(x, y)
@@ -103,13 +112,37 @@ def record_breakdown(base, cfg, batch):
     ops, total = breakdown(train_step(base["impl"], cfg, batch))
     clock = "device" if harness.DEVICE == "cuda" else "cpu"
     common = dict(base, clock=clock, total_ms=total)
-    rows = [harness.record(SUITE, **common, level="op", ms=o["ms"], **{k: o[k] for k in ("op", "category", "calls", "pct")}) for o in ops[:TOP_OPS]]
+    rows = [
+        harness.record(SUITE, **common, level="op", ms=o["ms"], **{k: o[k] for k in ("op", "category", "calls", "pct")})
+        for o in ops[:TOP_OPS]
+    ]
     rest = ops[TOP_OPS:]
     if rest:
         ms = sum(o["ms"] for o in rest)
-        rows.append(harness.record(SUITE, **common, level="op", op=f"({len(rest)} other ops)", category="", ms=ms, calls=sum(o["calls"] for o in rest), pct=100 * ms / total))
+        rows.append(
+            harness.record(
+                SUITE,
+                **common,
+                level="op",
+                op=f"({len(rest)} other ops)",
+                category="",
+                ms=ms,
+                calls=sum(o["calls"] for o in rest),
+                pct=100 * ms / total,
+            )
+        )
     for name, ms in categories(ops).items():
-        rows.append(harness.record(SUITE, **common, level="category", op=None, category=name, ms=ms, pct=100 * ms / total if total else None))
+        rows.append(
+            harness.record(
+                SUITE,
+                **common,
+                level="category",
+                op=None,
+                category=name,
+                ms=ms,
+                pct=100 * ms / total if total else None,
+            )
+        )
     return rows[0] if rows else harness.record(SUITE, **common, level="op", ms=None, status="profiler recorded no ops")
 
 
@@ -124,7 +157,9 @@ def main(argv=None):
     batch = args.batch or next((c[2] for c in workloads.cases() if c[:2] == (args.model, args.resolution)), 8)
     ops, total = breakdown(train_step(args.impl, cfg, batch))
     clock = "device" if harness.DEVICE == "cuda" else "CPU"
-    print(f"{args.model} {args.resolution}px, {workloads.IMPL_LABELS[args.impl]}, batch {batch}: {total:.2f} ms {clock} time in ops")
+    print(
+        f"{args.model} {args.resolution}px, {workloads.IMPL_LABELS[args.impl]}, batch {batch}: {total:.2f} ms {clock} time in ops"
+    )
     for name, ms in categories(ops).items():
         print(f"  {name:28s} {ms:10.3f} ms {100 * ms / total:5.1f} %")
     print()

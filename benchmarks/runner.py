@@ -15,6 +15,7 @@ that finishes early leaves its time to the next), every case checks its deadline
 and records itself as skipped when it would not fit, and a step still running past its deadline
 is stopped; its finished cases are kept and the rest are listed as not reached.
 """
+
 import dataclasses
 import json
 import os
@@ -143,7 +144,11 @@ def status_of(rc, stopped_reason="stopped at its deadline"):
 
 
 def last_pytest_line(log):
-    found = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|skipped|deselected)[^=\n]*?)\s*=*$", Path(log).read_text(errors="replace"), re.MULTILINE)
+    found = re.findall(
+        r"^=*\s*(\d+ (?:passed|failed|error|skipped|deselected)[^=\n]*?)\s*=*$",
+        Path(log).read_text(errors="replace"),
+        re.MULTILINE,
+    )
     return found[-1] if found else ""
 
 
@@ -168,7 +173,9 @@ def run_environment(run, step):
 def run_compile(run, step, deadline):
     path = run.scratch / "compile.json"
     cmd = [sys.executable, "-m", "benchmarks.precompile", "--json", str(path), "--workers", str(os.cpu_count() or 1)]
-    rc, seconds, log = run.run_child(step.name, cmd, run.child_env(FASTDIT_BENCH_DEADLINE=deadline or ""), _kill_at(run, deadline))
+    rc, seconds, log = run.run_child(
+        step.name, cmd, run.child_env(FASTDIT_BENCH_DEADLINE=deadline or ""), _kill_at(run, deadline)
+    )
     info = report.read_json(path) or {"status": f"{status_of(rc)}: no compile times recorded (see run.log)"}
     run.recorded["compile"] = info
     summary = (f"{sum(k['variants'] for k in info.get('kernels', {}).values())} kernel variants in {fmt(info.get('wall_s'))} s "
@@ -178,7 +185,20 @@ def run_compile(run, step, deadline):
 
 def run_tests(run, step, deadline):
     log_path = run.scratch / "tests.jsonl"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.test_outcomes", "-rfE"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "tests",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "benchmarks.test_outcomes",
+        "-rfE",
+    ]
     if run.mode != "smoke" and _installed("xdist"):
         cmd += ["-n", str(TEST_WORKERS)]
     if deadline is not None:
@@ -195,7 +215,9 @@ def run_tests(run, step, deadline):
         "status": status, "seconds": round(seconds, 1), "results": results,
         "not_reached": [t for t in collected if t not in ran],
     }  # fmt: skip
-    return run.record_step(step, status, seconds, last_pytest_line(log) or f"{len(results)} of {len(collected)} tests reported")
+    return run.record_step(
+        step, status, seconds, last_pytest_line(log) or f"{len(results)} of {len(collected)} tests reported"
+    )
 
 
 def run_suites(run, step, deadline):
@@ -204,7 +226,11 @@ def run_suites(run, step, deadline):
     cmd += [f"benchmarks/bench_{s}.py" for s in step.suites]
     if deadline is None and run.mode == "full":
         cmd.append(f"--timeout={FULL_TEST_TIMEOUT_S}")
-    env = run.child_env(FASTDIT_BENCH_JSON=path, FASTDIT_BENCH_DEADLINE=deadline or "", FASTDIT_BENCH_CEILINGS=json.dumps(run.recorded["ceilings"]))
+    env = run.child_env(
+        FASTDIT_BENCH_JSON=path,
+        FASTDIT_BENCH_DEADLINE=deadline or "",
+        FASTDIT_BENCH_CEILINGS=json.dumps(run.recorded["ceilings"]),
+    )
     rc, seconds, log = run.run_child(step.name, cmd, env, _kill_at(run, deadline))
     data = report.read_json(path) or {}
     status = status_of(rc)
@@ -250,7 +276,9 @@ def execute(out, mode, device_check, budget, suites, command, resume=False):
     previous = report.read_json(out / report.RESULTS) if resume else None
     if not resume:
         for name in OUTPUTS:
-            shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(
+                missing_ok=True
+            )
     kept = {s["name"] for s in (previous or {}).get("run", {}).get("steps", []) if s["status"] == "ok"}
     recorded = {k: v for k, v in (previous or {}).items() if k in report.RECORDED} or None
     run = Run(out, mode, device_check, budget, command, recorded)
@@ -268,7 +296,12 @@ def execute(out, mode, device_check, budget, suites, command, resume=False):
         elif run.end is not None and time.time() >= run.end:
             info = run.record_step(step, "skipped: the time budget ran out before this step", 0.0)
             for suite in step.suites:
-                run.recorded["suites"][suite] = {"step": step.name, "status": info["status"], "complete": False, "not_reached": []}
+                run.recorded["suites"][suite] = {
+                    "step": step.name,
+                    "status": info["status"],
+                    "complete": False,
+                    "not_reached": [],
+                }
         else:
             info = STEPS[step.kind](run, step, run.deadline(step, [s for s in todo[i:] if s.kind != "environment"]))
         print(f"{info['status']}, {info['seconds']:.0f} s: {info['summary']}", flush=True)
@@ -277,7 +310,11 @@ def execute(out, mode, device_check, budget, suites, command, resume=False):
     run.recorded["run"]["finished"] = time.time()
     results = run.save(with_plots=True)
     shutil.rmtree(run.scratch, ignore_errors=True)
-    failed = [s["name"] for s in run.recorded["run"]["steps"] if s["status"] in ("failures",) or s["status"].startswith("exit")]
+    failed = [
+        s["name"]
+        for s in run.recorded["run"]["steps"]
+        if s["status"] in ("failures",) or s["status"].startswith("exit")
+    ]
     return results, (1 if failed else 0), time.time() - run.t0
 
 

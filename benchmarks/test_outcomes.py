@@ -6,6 +6,7 @@ reason instead of run.
   FASTDIT_TEST_LOG        the JSON-lines file to append to
   FASTDIT_BENCH_DEADLINE  the Unix time after which no test starts
 """
+
 import json
 import os
 import time
@@ -48,7 +49,14 @@ def pytest_runtest_setup(item):
 def pytest_runtest_logreport(report):
     if report.when == "call" or report.outcome != "passed":
         outcome = report.outcome if report.when == "call" or report.outcome == "skipped" else "error"
-        _log({"test": report.nodeid, "outcome": outcome, "seconds": round(report.duration, 2), "message": _message(report)})
+        _log(
+            {
+                "test": report.nodeid,
+                "outcome": outcome,
+                "seconds": round(report.duration, 2),
+                "message": _message(report),
+            }
+        )
 
 
 def _message(report):

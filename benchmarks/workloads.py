@@ -11,6 +11,7 @@ Forward FLOPs are counted analytically by fastdit.complexity, 2 per multiply-add
 256^2 is ~237 GFLOPs per image: the paper's 118.6 "Gflops" count a multiply-add once; `fastdit info`
 prints both); tests cross-check the count against torch.utils.flop_counter.FlopCounterMode.
 """
+
 import contextlib
 import functools
 import time
@@ -64,9 +65,18 @@ def config(model, resolution):
     patch_size, latent); in smoke mode the tiny stand-in with the model's patch size."""
     size, patch = model.removeprefix("DiT-").split("/")
     if harness.SMOKE:
-        return {**{k: SMOKE_CONFIG[k] for k in ("depth", "hidden_size", "num_heads", "latent")}, "patch_size": int(patch)}
+        return {
+            **{k: SMOKE_CONFIG[k] for k in ("depth", "hidden_size", "num_heads", "latent")},
+            "patch_size": int(patch),
+        }
     depth, hidden, heads = CONFIGS[size]
-    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch), "latent": resolution // 8}
+    return {
+        "depth": depth,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "patch_size": int(patch),
+        "latent": resolution // 8,
+    }
 
 
 def describe(cfg):
@@ -80,8 +90,17 @@ def describe(cfg):
 def forward_flops(depth, hidden_size, num_heads, patch_size, latent, mlp_ratio=4.0, learn_sigma=True):
     """FLOPs (2 per multiply-add) of one image's DiT forward: every GEMM and attention product
     (twice fastdit.complexity's count, which is the paper's Gflops)."""
-    config = dict(input_size=latent, patch_size=patch_size, in_channels=IN_CHANNELS, hidden_size=hidden_size,
-                  depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, learn_sigma=learn_sigma, num_classes=NUM_CLASSES)
+    config = dict(
+        input_size=latent,
+        patch_size=patch_size,
+        in_channels=IN_CHANNELS,
+        hidden_size=hidden_size,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        learn_sigma=learn_sigma,
+        num_classes=NUM_CLASSES,
+    )
     return 2 * forward_macs(config)
 
 
@@ -121,7 +140,7 @@ def autocast():
     return torch.autocast(device_type=harness.DEVICE, dtype=torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _respaced(steps):
     """create_diffusion(str(steps)), made once: its tables reach the GPU on first use, not every run."""
     return create_diffusion(str(steps))

@@ -1,4 +1,5 @@
 """python -m fastdit: the fastdit command line (see fastdit/cli.py)."""
+
 import sys
 
 from .cli import main

@@ -3,6 +3,7 @@
 A bad value ends the command with one line naming the flag, e.g.
 `fastdit train: error: argument --lr: must be a finite number > 0, got 'inf'`.
 """
+
 import argparse
 import math
 from pathlib import Path
@@ -82,8 +83,9 @@ def output_file(suffixes, what):
     def parse(text):
         path = Path(text)
         if suffixes is not None and path.suffix.lower() not in suffixes:
-            raise argparse.ArgumentTypeError(f"{text!r}: {what} is written as {' or '.join(suffixes)}; "
-                                             f"end the file name with one of them")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {what} is written as {' or '.join(suffixes)}; end the file name with one of them"
+            )
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is an existing folder; give a file name")
         output_folder(str(path.parent))

@@ -1,4 +1,5 @@
 """torchrun process groups: one process per device; a plain `python` run is a world of one."""
+
 import os
 from dataclasses import dataclass
 

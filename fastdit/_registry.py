@@ -1,10 +1,11 @@
 """Model names, model configs stored in checkpoints as plain dicts, and loading a model from a checkpoint."""
+
 import argparse
 from pathlib import Path
 
+from ._util import UsageError, find_checkpoint
 from .checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from .models import DiT, DiT_models
-from ._util import UsageError, find_checkpoint
 
 MODELS = DiT_models  # the CLI's names are the API's: the twelve official configs and DiT-Tiny/1, /2, /4
 
@@ -77,8 +78,10 @@ def model_from_checkpoint(obj, source, model=None, weights="ema", **kwargs):
         net = model_from_config(config)
         sd = extract_state_dict(obj, key=weights, source=source)
     elif model is None:
-        raise CheckpointError(f"{source} records no model config (an official DiT checkpoint?): name the model and "
-                              f"its arguments, e.g. load_model(path, 'DiT-XL/2', input_size=32)")
+        raise CheckpointError(
+            f"{source} records no model config (an official DiT checkpoint?): name the model and "
+            f"its arguments, e.g. load_model(path, 'DiT-XL/2', input_size=32)"
+        )
     else:
         if model not in MODELS:
             raise CheckpointError(f"unknown model {model!r}; valid names: {', '.join(MODELS)}")

@@ -1,4 +1,5 @@
 """Small shared helpers of the training stack: bad-input errors, atomic file writes, image grids, memory."""
+
 import contextlib
 import io
 import json
@@ -62,8 +63,9 @@ def find_checkpoint(path, flag):
     """A checkpoint file, or a run folder's latest checkpoints/NNNNNNN.pt; `flag` names the option in errors."""
     p = Path(path)
     if p.is_dir():
-        found = sorted((f for f in (p / "checkpoints").glob("*.pt") if re.fullmatch(r"\d+\.pt", f.name)),
-                       key=lambda f: int(f.stem))
+        found = sorted(
+            (f for f in (p / "checkpoints").glob("*.pt") if re.fullmatch(r"\d+\.pt", f.name)), key=lambda f: int(f.stem)
+        )
         if not found:
             raise UsageError(f"{flag} {path}: no checkpoints/NNNNNNN.pt in this folder")
         return found[-1]
@@ -136,8 +138,9 @@ def save_grid(images, path, nrow, labels=None, min_cell=64, pad=2):
     if zoom > 1:
         img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
     if labels is not None:
-        img = _caption(img, [labels[i : i + ncol] for i in range(0, n, ncol)], (h + pad) * zoom, (w + pad) * zoom,
-                       pad * zoom)
+        img = _caption(
+            img, [labels[i : i + ncol] for i in range(0, n, ncol)], (h + pad) * zoom, (w + pad) * zoom, pad * zoom
+        )
     return atomic_write(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
 
 

@@ -13,6 +13,7 @@ The paper compares FID-50K over training. With --fid-every N --fid-ref REF every
 trains (`fastdit train`'s FID in the loop: --fid-samples EMA samples against REF, e.g. an .npz of real
 images); without them the miniature compares the training loss (the diffusion MSE + VLB).
 """
+
 import argparse
 import time
 from pathlib import Path
@@ -26,8 +27,11 @@ from .models import BLOCKS
 
 def add_arguments(p):
     train.add_arguments(p)
-    p.add_argument("--blocks", default=",".join(BLOCKS), help=f"comma-separated designs to train (default: all, "
-                                                               f"{','.join(BLOCKS)})")
+    p.add_argument(
+        "--blocks",
+        default=",".join(BLOCKS),
+        help=f"comma-separated designs to train (default: all, {','.join(BLOCKS)})",
+    )
 
 
 def parse_blocks(text):
@@ -61,27 +65,39 @@ def ablate(args):
 
 
 def _row(design, result):
-    from .complexity import flops
     from ._registry import model_from_config
+    from .complexity import flops
 
     ckpt = _util.load_plain(result.checkpoint, "checkpoint")
     with torch.device("meta"):
         cost = flops(model_from_config(ckpt["model_config"]))
     fids = [r["fid"] for r in _util.read_jsonl(Path(result.out) / "metrics.jsonl") if r.get("event") == "fid"]
-    return dict(design=design, params=cost.params, gflops=cost.gflops, final_loss=result.final_loss,
-                fid=fids[-1] if fids else None, seconds=result.seconds, steps=ckpt["step"], run=result.out,
-                samples=result.grid)
+    return dict(
+        design=design,
+        params=cost.params,
+        gflops=cost.gflops,
+        final_loss=result.final_loss,
+        fid=fids[-1] if fids else None,
+        seconds=result.seconds,
+        steps=ckpt["step"],
+        run=result.out,
+        samples=result.grid,
+    )
 
 
 def format_table(rows):
     from .complexity import gflop_text
 
-    lines = ["| block design | parameters | Gflops (paper) | final loss | FID | steps | seconds | samples |",
-             "|---|--:|--:|--:|--:|--:|--:|---|"]
+    lines = [
+        "| block design | parameters | Gflops (paper) | final loss | FID | steps | seconds | samples |",
+        "|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
     for r in rows:
         fid = "not measured" if r["fid"] is None else f"{r['fid']:.2f}"
-        lines.append(f"| {r['design']} | {r['params'] / 1e6:.2f}M | {gflop_text(r['gflops'])} | {r['final_loss']:.4f} | "
-                     f"{fid} | {r['steps']} | {r['seconds']:.0f} | {r['design']}/samples.png |")
+        lines.append(
+            f"| {r['design']} | {r['params'] / 1e6:.2f}M | {gflop_text(r['gflops'])} | {r['final_loss']:.4f} | "
+            f"{fid} | {r['steps']} | {r['seconds']:.0f} | {r['design']}/samples.png |"
+        )
     return "\n".join(lines)
 
 
@@ -91,8 +107,10 @@ def plot_losses(records_by_design, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fids = {d: [(r["step"], r["fid"]) for r in records if r.get("event") == "fid"]
-            for d, records in records_by_design.items()}
+    fids = {
+        d: [(r["step"], r["fid"]) for r in records if r.get("event") == "fid"]
+        for d, records in records_by_design.items()
+    }
     measured = any(fids.values())
     fig = Figure(figsize=(12 if measured else 7, 4))
     FigureCanvasAgg(fig)

@@ -15,6 +15,7 @@ with weight w and bias b is modulate_layer_norm with shift b and scale w - 1, an
 a gated one with gate 1. So every block, as DiTBlock does, leaves its closing residual to the next
 LayerNorm (defer_residual) and the two run as one gated_residual_modulate_layer_norm.
 """
+
 import torch.nn as nn
 
 from . import ops
@@ -100,7 +101,9 @@ class TransformerBlock(nn.Module):
         x, h = _norm_after(x, pending, *_affine(self.norm1, B), self.norm1.eps)  # (B, T, D) each
         y = self.attn(h)  # (B, T, D)
         if self.cross_attn is not None:
-            x, h = ops.gated_residual_modulate_layer_norm(x, y, _ones(x), *_affine(self.norm_cross, B), self.norm_cross.eps)
+            x, h = ops.gated_residual_modulate_layer_norm(
+                x, y, _ones(x), *_affine(self.norm_cross, B), self.norm_cross.eps
+            )
             y = self.cross_attn(h, c)  # (B, T, D)
         x, h = ops.gated_residual_modulate_layer_norm(x, y, _ones(x), *_affine(self.norm2, B), self.norm2.eps)
         return _close(x, _mlp(self.mlp, h), defer_residual)

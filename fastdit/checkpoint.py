@@ -8,6 +8,7 @@ A file that is no torch.save file (zip or legacy format) is reported as not a Py
 checkpoint, and weights that are not floating-point tensors are refused (load_state_dict would
 cast them silently).
 """
+
 import argparse
 import os
 import pickle

@@ -5,6 +5,7 @@ Every flag is checked when parsed (fastdit/_args.py). Bad input ends with one li
 the flag or file and exit code 2, before anything is written; a training run that cannot go on
 (NaN/Inf losses or weights) with exit code 1, its last good checkpoint kept.
 """
+
 import argparse
 import inspect
 import subprocess
@@ -49,24 +50,63 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="{train,sample,sample-ddp,latents,fid,vae,info,ablate,bench}")
     commands = [
         ("train", "train a DiT (no arguments: the digits main job)", train.add_arguments, train.run, train.__doc__),
-        ("sample", "sample a labelled image grid from a checkpoint", sample.add_arguments, sample.sample,
-         sample.__doc__),
-        ("sample-ddp", "sample many images (torchrun-sharded) into an ADM .npz", sample.add_ddp_arguments,
-         sample.sample_ddp, sample.__doc__),
-        ("latents", "encode a dataset into a folder of latents", latents.add_arguments, latents.make_latents,
-         latents.make_latents.__doc__),
-        ("fid", "FID (and sFID, IS, precision, recall) of a sample .npz against a reference", fid.add_arguments,
-         fid.run, fid.run.__doc__),
-        ("vae", "train the small VAE on the digits or an image folder", vae.add_arguments, vae.train_vae,
-         vae.DESCRIPTION),
-        ("info", "parameters and FLOPs of the DiT configs (the paper's Gflops)", complexity.add_arguments,
-         complexity.info, complexity.__doc__),
-        ("ablate", "train the paper's four block designs with one budget: a table and a loss plot",
-         ablate.add_arguments, ablate.ablate, ablate.__doc__),
+        (
+            "sample",
+            "sample a labelled image grid from a checkpoint",
+            sample.add_arguments,
+            sample.sample,
+            sample.__doc__,
+        ),
+        (
+            "sample-ddp",
+            "sample many images (torchrun-sharded) into an ADM .npz",
+            sample.add_ddp_arguments,
+            sample.sample_ddp,
+            sample.__doc__,
+        ),
+        (
+            "latents",
+            "encode a dataset into a folder of latents",
+            latents.add_arguments,
+            latents.make_latents,
+            latents.make_latents.__doc__,
+        ),
+        (
+            "fid",
+            "FID (and sFID, IS, precision, recall) of a sample .npz against a reference",
+            fid.add_arguments,
+            fid.run,
+            fid.run.__doc__,
+        ),
+        (
+            "vae",
+            "train the small VAE on the digits or an image folder",
+            vae.add_arguments,
+            vae.train_vae,
+            vae.DESCRIPTION,
+        ),
+        (
+            "info",
+            "parameters and FLOPs of the DiT configs (the paper's Gflops)",
+            complexity.add_arguments,
+            complexity.info,
+            complexity.__doc__,
+        ),
+        (
+            "ablate",
+            "train the paper's four block designs with one budget: a table and a loss plot",
+            ablate.add_arguments,
+            ablate.ablate,
+            ablate.__doc__,
+        ),
     ]
     for name, help, add, func, doc in commands:
-        sp = sub.add_parser(name, help=help, description=inspect.cleandoc(doc or ""),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(
+            name,
+            help=help,
+            description=inspect.cleandoc(doc or ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add(sp)
         sp.set_defaults(func=func)
     sub.add_parser("bench", help="run the benchmarks (python -m benchmarks ARGS; needs a source checkout)")
@@ -78,13 +118,18 @@ def bench(args):
     """Forward to `python -m benchmarks` from the source checkout this fastdit was imported from."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "__main__.py").is_file():
-        print("fastdit bench: error: the benchmarks live in the source checkout (benchmarks/ next to fastdit/); "
-              "this fastdit is installed without them. Clone the repository and pip install -e it", file=sys.stderr)
+        print(
+            "fastdit bench: error: the benchmarks live in the source checkout (benchmarks/ next to fastdit/); "
+            "this fastdit is installed without them. Clone the repository and pip install -e it",
+            file=sys.stderr,
+        )
         return 2
     # `python -m benchmarks` with the checkout first on sys.path (plain -m would prefer the current
     # folder), run from the user's folder so that relative paths in ARGS mean what they say.
-    launcher = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
-                "runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)")
+    launcher = (
+        "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)"
+    )
     return subprocess.call([sys.executable, "-c", launcher, str(root), *args])
 
 

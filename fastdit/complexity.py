@@ -18,6 +18,7 @@ DiT-XL/2 at 256x256: 118.6 paper Gflops, 237.2 GFLOP forward, 711.7 GFLOP per tr
     fastdit.flops("DiT-Tiny/2", 28, vae_factor=1, in_channels=1)    # pixel space
     fastdit.flops(model)                               # a built model at its own input size
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -85,9 +86,16 @@ class Complexity:
         return 3 * self.forward_gflop
 
     def as_dict(self):
-        return dict(model=self.model, block=self.block, input_shape=list(self.input_shape), tokens=self.tokens,
-                    params=self.params, gflops=self.gflops, forward_gflop=self.forward_gflop,
-                    train_gflop=self.train_gflop)
+        return dict(
+            model=self.model,
+            block=self.block,
+            input_shape=list(self.input_shape),
+            tokens=self.tokens,
+            params=self.params,
+            gflops=self.gflops,
+            forward_gflop=self.forward_gflop,
+            train_gflop=self.train_gflop,
+        )
 
 
 def flops(model_or_name, image_size=None, *, vae_factor=8, in_channels=4, **model_kwargs):
@@ -125,8 +133,11 @@ def flops(model_or_name, image_size=None, *, vae_factor=8, in_channels=4, **mode
     if h % p or w % p:
         raise UsageError(f"input size {(h, w)} must be divisible by the patch size {p}")
     return Complexity(
-        model=name, block=config.get("block", "adaLN-Zero"), input_shape=(config["in_channels"], h, w),
-        tokens=(h // p) * (w // p), params=sum(t.numel() for t in model.parameters()),
+        model=name,
+        block=config.get("block", "adaLN-Zero"),
+        input_shape=(config["in_channels"], h, w),
+        tokens=(h // p) * (w // p),
+        params=sum(t.numel() for t in model.parameters()),
         gflops=forward_macs(config) / 1e9,
     )
 
@@ -139,17 +150,32 @@ OFFICIAL = tuple(f"DiT-{size}/{p}" for size in ("S", "B", "L", "XL") for p in (8
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="all", help="a model name (see `fastdit train --help`), or all: the twelve "
-                                                  "DiT configs (default)")
+    p.add_argument(
+        "--model",
+        default="all",
+        help="a model name (see `fastdit train --help`), or all: the twelve DiT configs (default)",
+    )
     p.add_argument("--image-size", type=_args.positive, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--block", default="adaLN-Zero", help=f"block design: {', '.join(BLOCKS)}, or all "
-                                                         f"(default adaLN-Zero)")
-    p.add_argument("--vae-factor", type=_args.positive, default=8, help="pixels per latent (default 8: DiT's SD-VAE; 1: pixel "
-                                                             "space)")
-    p.add_argument("--in-channels", type=_args.positive, default=4, help="channels the model sees (default 4: SD-VAE latents)")
-    p.add_argument("--num-classes", type=_args.non_negative, default=1000, help="class labels; 0: unconditional (default 1000)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table; "
-                                                       "default off (a markdown table)")
+    p.add_argument(
+        "--block", default="adaLN-Zero", help=f"block design: {', '.join(BLOCKS)}, or all (default adaLN-Zero)"
+    )
+    p.add_argument(
+        "--vae-factor",
+        type=_args.positive,
+        default=8,
+        help="pixels per latent (default 8: DiT's SD-VAE; 1: pixel space)",
+    )
+    p.add_argument(
+        "--in-channels", type=_args.positive, default=4, help="channels the model sees (default 4: SD-VAE latents)"
+    )
+    p.add_argument(
+        "--num-classes", type=_args.non_negative, default=1000, help="class labels; 0: unconditional (default 1000)"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per model instead of a table; default off (a markdown table)",
+    )
 
 
 def info(args):
@@ -165,8 +191,18 @@ def info(args):
         raise UsageError(f"--block must be one of {', '.join(BLOCKS)} or all, got {args.block!r}")
     models = OFFICIAL if args.model == "all" else (args.model,)
     blocks = BLOCKS if args.block == "all" else (args.block,)
-    rows = [flops(m, args.image_size, vae_factor=args.vae_factor, in_channels=args.in_channels,
-                  num_classes=args.num_classes, block=b) for m in models for b in blocks]
+    rows = [
+        flops(
+            m,
+            args.image_size,
+            vae_factor=args.vae_factor,
+            in_channels=args.in_channels,
+            num_classes=args.num_classes,
+            block=b,
+        )
+        for m in models
+        for b in blocks
+    ]
     if args.json:
         print("\n".join(json.dumps(r.as_dict()) for r in rows))
     else:
@@ -181,12 +217,18 @@ def gflop_text(v):
 
 def format_table(rows, image_size):
     """A markdown table of Complexity rows, with the conventions spelled out under it."""
-    lines = ["| model | block | input | tokens | params (M) | Gflops (paper) | forward GFLOP | train GFLOP/image |",
-             "|---|---|---|---|--:|--:|--:|--:|"]
+    lines = [
+        "| model | block | input | tokens | params (M) | Gflops (paper) | forward GFLOP | train GFLOP/image |",
+        "|---|---|---|---|--:|--:|--:|--:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.block} | {'x'.join(map(str, r.input_shape))} | {r.tokens} | {r.params / 1e6:.2f} "
-                     f"| {gflop_text(r.gflops)} | {gflop_text(r.forward_gflop)} | {gflop_text(r.train_gflop)} |")
-    lines.append(f"\n{image_size}x{image_size} images. Gflops (paper): multiply-accumulates per forward, the DiT "
-                 f"paper's convention.\nforward GFLOP: 2 per multiply-add. train GFLOP/image: forward + backward = "
-                 f"3 x forward, the FLOPs MFU divides by.")
+        lines.append(
+            f"| {r.model} | {r.block} | {'x'.join(map(str, r.input_shape))} | {r.tokens} | {r.params / 1e6:.2f} "
+            f"| {gflop_text(r.gflops)} | {gflop_text(r.forward_gflop)} | {gflop_text(r.train_gflop)} |"
+        )
+    lines.append(
+        f"\n{image_size}x{image_size} images. Gflops (paper): multiply-accumulates per forward, the DiT "
+        f"paper's convention.\nforward GFLOP: 2 per multiply-add. train GFLOP/image: forward + backward = "
+        f"3 x forward, the FLOPs MFU divides by."
+    )
     return "\n".join(lines)

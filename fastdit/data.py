@@ -4,6 +4,7 @@ Every dataset item is addressed as (index, flip): the sampler draws the horizont
 its seeded per-epoch generator, so what a batch holds depends only on (seed, epoch, batch
 position) — never on worker processes or on where a run was resumed.
 """
+
 import sys
 from pathlib import Path
 
@@ -54,8 +55,9 @@ class DigitsDataset(TensorImages):
         digits = load_digits()
         x = torch.from_numpy(digits.images).float().div(16.0).mul(2.0).sub(1.0).unsqueeze(1)  # (1797, 1, 8, 8)
         if image_size != 8:
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                              antialias=image_size < 8).clamp(-1, 1)
+            x = F.interpolate(
+                x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=image_size < 8
+            ).clamp(-1, 1)
         super().__init__(x, torch.from_numpy(digits.target).long(), 10, "digits")
         self.classes = [str(d) for d in range(10)]
 
@@ -139,15 +141,22 @@ def list_image_folder(root):
         raise UsageError(f"data path {str(root)!r} is not a folder (expected <folder>/<class>/<image>)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise UsageError(f"data path {str(root)!r} holds no class sub-folders (expected {root}/<class>/<image>.png; "
-                         f"extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise UsageError(
+            f"data path {str(root)!r} holds no class sub-folders (expected {root}/<class>/<image>.png; "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)})"
+        )
     files = []
     for label, cls in enumerate(classes):
-        found = [(str(f), label) for f in sorted((root / cls).rglob("*"))
-                 if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        found = [
+            (str(f), label)
+            for f in sorted((root / cls).rglob("*"))
+            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+        ]
         if not found:
-            raise UsageError(f"class folder {str(root / cls)!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}): "
-                             f"remove it or add its images")
+            raise UsageError(
+                f"class folder {str(root / cls)!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}): "
+                f"remove it or add its images"
+            )
         files += found
     return classes, files
 
@@ -205,8 +214,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return torch.stack([x for _, x, _ in self.readable()])
 
     def describe(self):
-        return dict(kind="image-folder", path=str(self.root.resolve()), image_size=self.image_size,
-                    channels=self.channels, size=len(self), classes=self.classes)
+        return dict(
+            kind="image-folder",
+            path=str(self.root.resolve()),
+            image_size=self.image_size,
+            channels=self.channels,
+            size=len(self),
+            classes=self.classes,
+        )
 
 
 def build_dataset(data, image_size, channels=None, flip=None):
@@ -262,6 +277,10 @@ def make_loader(dataset, batches, num_workers, pin_memory, seed):
     # A private generator: the loader draws its workers' base seed from it, not from the global
     # RNG, whose stream (diffusion noise and timesteps) must not depend on when a loader starts.
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -10,6 +10,7 @@ one-line error. CIFAR-10's batches are Python pickles, and a pickle can run code
 are read by an unpickler that resolves only the numpy array constructors those files use (every other
 global is refused), then the result is checked to be uint8 images and integer labels.
 """
+
 import gzip
 import io
 import pickle
@@ -26,8 +27,9 @@ from .data import TensorImages
 # Training defaults per dataset (over the digits job's): small models that train on a CPU or one GPU.
 PRESETS = {
     "mnist": dict(model="DiT-Tiny/4", image_size=28, steps=3000),  # 28x28 pixels, patch 4: 49 tokens
-    "cifar10": dict(model="DiT-S/2", image_size=32, lr=3e-4, steps=50_000, ema_decay=0.999, ckpt_every=10_000,
-                    sample_every=10_000),  # pixels: 256 tokens; SmallVAE latents (4, 8, 8): 16 tokens
+    "cifar10": dict(
+        model="DiT-S/2", image_size=32, lr=3e-4, steps=50_000, ema_decay=0.999, ckpt_every=10_000, sample_every=10_000
+    ),  # pixels: 256 tokens; SmallVAE latents (4, 8, 8): 16 tokens
 }
 
 
@@ -59,8 +61,13 @@ class _Uint8Images(TensorImages):
         if image_size not in (None, images.shape[-1]):
             if image_size < 2:
                 raise UsageError(f"--image-size must be at least 2, got {image_size}")
-            x = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False,
-                              antialias=image_size < images.shape[-1])
+            x = F.interpolate(
+                images.float(),
+                size=(image_size, image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=image_size < images.shape[-1],
+            )
             images = x.round().clamp(0, 255).to(torch.uint8)
         super().__init__(images, torch.from_numpy(labels.astype(np.int64)), len(classes), name)
         self.classes, self.root = classes, root
@@ -78,8 +85,14 @@ class _Uint8Images(TensorImages):
         return _to_float(self.images)
 
     def describe(self):
-        return dict(kind=self.name, path=str(self.root.resolve()), image_size=self.image_size, channels=self.channels,
-                    size=len(self), classes=self.classes)
+        return dict(
+            kind=self.name,
+            path=str(self.root.resolve()),
+            image_size=self.image_size,
+            channels=self.channels,
+            size=len(self),
+            classes=self.classes,
+        )
 
 
 def _to_float(x):
@@ -104,11 +117,13 @@ def read_idx(path):
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
             magic = f.read(4)
             if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_TYPES or magic[3] == 0:
-                raise UsageError(f"{path}: not an IDX file (magic number {magic.hex() or 'missing'}; expected 0000, a "
-                                 f"type code in {', '.join(f'{c:02x}' for c in IDX_TYPES)} and the number of dimensions)")
+                raise UsageError(
+                    f"{path}: not an IDX file (magic number {magic.hex() or 'missing'}; expected 0000, a "
+                    f"type code in {', '.join(f'{c:02x}' for c in IDX_TYPES)} and the number of dimensions)"
+                )
             ndim = magic[3]
             header = f.read(4 * ndim)
             if len(header) < 4 * ndim:
@@ -121,8 +136,10 @@ def read_idx(path):
         raise UsageError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
     if len(body) != size:
         what = "truncated" if len(body) < size else "longer than its header says"
-        raise UsageError(f"{path}: {what}: dimensions {dims} need {size} bytes of values, the file holds "
-                         f"{len(body) if len(body) <= size else 'more'}")
+        raise UsageError(
+            f"{path}: {what}: dimensions {dims} need {size} bytes of values, the file holds "
+            f"{len(body) if len(body) <= size else 'more'}"
+        )
     return np.frombuffer(body, dtype=dtype).reshape(dims).copy()  # writable, as torch.from_numpy wants
 
 
@@ -134,8 +151,10 @@ def _find(root, stem, what):
             for suffix in ("", ".gz"):
                 if (folder / (name + suffix)).is_file():
                     return folder / (name + suffix)
-    raise UsageError(f"--data mnist:{root}: no {what} file {stem}[.gz] in that folder (download the four files "
-                     f"of MNIST or Fashion-MNIST and unpack nothing, or gunzip them: both work)")
+    raise UsageError(
+        f"--data mnist:{root}: no {what} file {stem}[.gz] in that folder (download the four files "
+        f"of MNIST or Fashion-MNIST and unpack nothing, or gunzip them: both work)"
+    )
 
 
 class MNISTDataset(_Uint8Images):
@@ -148,8 +167,9 @@ class MNISTDataset(_Uint8Images):
         labels_path = _find(root, "train-labels-idx1-ubyte", "label")
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
-            raise UsageError(f"{images_path}: expected uint8 images (N, H, W) with H == W, got {images.dtype} "
-                             f"{images.shape}")
+            raise UsageError(
+                f"{images_path}: expected uint8 images (N, H, W) with H == W, got {images.dtype} {images.shape}"
+            )
         if labels.ndim != 1 or labels.dtype != np.uint8:
             raise UsageError(f"{labels_path}: expected uint8 labels (N,), got {labels.dtype} {labels.shape}")
         if len(images) != len(labels):
@@ -194,7 +214,9 @@ def load_pickle(path):
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     except Exception as e:  # a corrupt pickle fails anywhere in the unpickler, with any error type
-        raise UsageError(f"{path}: not a CIFAR python batch, or a corrupt or unsafe one ({type(e).__name__}: {e})") from e
+        raise UsageError(
+            f"{path}: not a CIFAR python batch, or a corrupt or unsafe one ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(obj, dict):
         raise UsageError(f"{path}: expected a dict, the pickle holds a {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -225,8 +247,10 @@ class CIFAR10Dataset(_Uint8Images):
         paths = [root / f"data_batch_{i}" for i in range(1, 6)]
         for p in paths + [root / "batches.meta"]:
             if not p.is_file():
-                raise UsageError(f"--data cifar10:{root}: {p.name} is missing (expected the python version's folder "
-                                 f"cifar-10-batches-py: data_batch_1 ... data_batch_5 and batches.meta)")
+                raise UsageError(
+                    f"--data cifar10:{root}: {p.name} is missing (expected the python version's folder "
+                    f"cifar-10-batches-py: data_batch_1 ... data_batch_5 and batches.meta)"
+                )
         names = load_pickle(root / "batches.meta").get("label_names")
         if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, (bytes, str)) for n in names):
             raise UsageError(f"{root / 'batches.meta'}: 'label_names' must be a list of 10 names")

@@ -11,6 +11,7 @@ Only torch-fidelity's Inception module is loaded, not its package __init__, whic
 torchvision for feature extractors and datasets fastdit does not use (and torchvision wheels often
 do not match the installed torch). So torch-fidelity installs with `pip install --no-deps`.
 """
+
 import importlib
 import importlib.util
 import math
@@ -44,8 +45,10 @@ def inception_class():
     if module not in sys.modules:
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
-            raise UsageError("FID needs torch-fidelity's Inception-V3: pip install --no-deps torch-fidelity==0.4.0 "
-                             "(or pip install 'fastdit[fid]')")
+            raise UsageError(
+                "FID needs torch-fidelity's Inception-V3: pip install --no-deps torch-fidelity==0.4.0 "
+                "(or pip install 'fastdit[fid]')"
+            )
         shell = "torch_fidelity" not in sys.modules
         if shell:  # an empty package object: its submodules import, its __init__ (and torchvision) does not run
             package = types.ModuleType("torch_fidelity")
@@ -74,7 +77,8 @@ class Inception(torch.nn.Module):
             raise UsageError(
                 f"Inception-V3 weights: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Offline, give "
                 f"the file torch-fidelity downloads (weights-inception-2015-12-05-6726825d.pth) with "
-                f"--inception-weights FILE or ${INCEPTION_ENV}") from e
+                f"--inception-weights FILE or ${INCEPTION_ENV}"
+            ) from e
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)  # TF's mixed_6/conv
         self._spatial = None
 
@@ -145,7 +149,9 @@ def fid_from_features(feats, mu, sigma):
         return frechet_distance(*statistics(feats), mu, sigma)
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.shape != (d,) or sigma.shape != (d, d):
-        raise UsageError(f"statistics of different shapes: features of dimension {d}, mu {mu.shape}, sigma {sigma.shape}")
+        raise UsageError(
+            f"statistics of different shapes: features of dimension {d}, mu {mu.shape}, sigma {sigma.shape}"
+        )
     mean = feats.mean(0)
     xc = feats - mean  # (N, D)
     gram = xc @ sigma @ xc.T / (n - 1)  # (N, N)
@@ -203,15 +209,18 @@ def precision_recall(ref, samples, k=PR_NEIGHBOURS, device="cpu", block=4096):
 def check_images(arr, source):
     """ADM-format images: (N, H, W, 3) uint8 (or (N, H, W, 1), replicated to RGB; integers in 0..255 accepted)."""
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise UsageError(f"{source}: expected images (N, H, W, 3) (ADM's .npz format, as sample-ddp writes), got "
-                         f"shape {arr.shape}")
+        raise UsageError(
+            f"{source}: expected images (N, H, W, 3) (ADM's .npz format, as sample-ddp writes), got shape {arr.shape}"
+        )
     if len(arr) < 2:
         raise UsageError(f"{source}: {len(arr)} image(s); FID needs at least 2")
     if arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.integer):
             lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0, 0)
-            raise UsageError(f"{source}: expected uint8 pixels 0..255, got {arr.dtype} with values in [{lo:.3g}, "
-                             f"{hi:.3g}] (scale and round to uint8 first)")
+            raise UsageError(
+                f"{source}: expected uint8 pixels 0..255, got {arr.dtype} with values in [{lo:.3g}, "
+                f"{hi:.3g}] (scale and round to uint8 first)"
+            )
         if arr.min() < 0 or arr.max() > 255:
             raise UsageError(f"{source}: pixel values must be in 0..255, got [{arr.min()}, {arr.max()}] ({arr.dtype})")
         arr = arr.astype(np.uint8)
@@ -247,8 +256,10 @@ def load_folder_images(path, image_size):
             skipped += 1
             warn_unreadable(e, skipped)
     if len(images) < 2:
-        raise UsageError(f"reference folder {path}: {len(images)} readable image(s) (extensions "
-                         f"{', '.join(IMAGE_EXTENSIONS)}); FID needs at least 2")
+        raise UsageError(
+            f"reference folder {path}: {len(images)} readable image(s) (extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}); FID needs at least 2"
+        )
     return np.stack(images)
 
 
@@ -266,8 +277,10 @@ class Reference:
         elif p.is_file():
             self._read_npz(p)
         else:
-            raise UsageError(f"reference {path!r} does not exist (give an ADM reference batch .npz, an image .npz or "
-                             f"a folder of images)")
+            raise UsageError(
+                f"reference {path!r} does not exist (give an ADM reference batch .npz, an image .npz or "
+                f"a folder of images)"
+            )
 
     def _read_npz(self, p):
         with _open_npz(p, "reference") as f:
@@ -275,8 +288,10 @@ class Reference:
                 if f"mu{key}" in f.files or f"sigma{key}" in f.files:
                     mu, sigma = (np.asarray(f[n], np.float64) for n in (f"mu{key}", f"sigma{key}"))
                     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-                        raise UsageError(f"reference {p}: mu{key} {mu.shape} and sigma{key} {sigma.shape} are not "
-                                         f"(D,) and (D, D) statistics")
+                        raise UsageError(
+                            f"reference {p}: mu{key} {mu.shape} and sigma{key} {sigma.shape} are not "
+                            f"(D,) and (D, D) statistics"
+                        )
                     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
                         raise UsageError(f"reference {p}: mu{key}/sigma{key} hold NaN or Inf")
                     self.stats[dim] = (mu, sigma)
@@ -298,18 +313,25 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
     """{metric: value} of uint8 sample images (N, H, W, 3) against a Reference, with the Inception `net`."""
     unknown = [m for m in metrics if m not in FEATURE_OF]
     if unknown or not metrics:
-        raise UsageError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(METRICS)}")
+        raise UsageError(
+            f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}"
+        )
     pr = [m for m in metrics if m in ("precision", "recall")]
-    mine = features(samples, net, batch_size, device, sorted({FEATURE_OF[m] for m in metrics}), progress,
-                    desc="inception (samples)")
+    mine = features(
+        samples, net, batch_size, device, sorted({FEATURE_OF[m] for m in metrics}), progress, desc="inception (samples)"
+    )
     ref_keys = {FEATURE_OF[m] for m in metrics if m in ("fid", "sfid") and FEATURE_OF[m] not in reference.stats}
     ref_keys |= {"pool"} if pr else set()
     if ref_keys and reference.images is None:
-        raise UsageError(f"reference {reference.path}: {', '.join(m for m in metrics if FEATURE_OF[m] in ref_keys)} "
-                         f"need(s) its arr_0 images or statistics, and it has neither for that")
-    theirs = features(reference.images, net, batch_size, device, sorted(ref_keys), progress,
-                      desc="inception (reference)") if ref_keys else {}
+        raise UsageError(
+            f"reference {reference.path}: {', '.join(m for m in metrics if FEATURE_OF[m] in ref_keys)} "
+            f"need(s) its arr_0 images or statistics, and it has neither for that"
+        )
+    theirs = (
+        features(reference.images, net, batch_size, device, sorted(ref_keys), progress, desc="inception (reference)")
+        if ref_keys
+        else {}
+    )
     out = {}
     for metric in ("fid", "sfid"):
         if metric in metrics:
@@ -326,18 +348,32 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
 
 def add_arguments(p):
     p.add_argument("samples", help="sample .npz (arr_0: uint8 (N, H, W, 3), as `fastdit sample-ddp` writes)")
-    p.add_argument("ref", help="reference: an ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz; its "
-                               "mu/sigma are used), an image .npz (arr_0), or a folder of images (center-cropped to "
-                               "the samples' size)")
-    p.add_argument("--metrics", default=",".join(METRICS),
-                   help=f"comma-separated, from {', '.join(METRICS)} (default: all)")
+    p.add_argument(
+        "ref",
+        help="reference: an ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz; its "
+        "mu/sigma are used), an image .npz (arr_0), or a folder of images (center-cropped to "
+        "the samples' size)",
+    )
+    p.add_argument(
+        "--metrics", default=",".join(METRICS), help=f"comma-separated, from {', '.join(METRICS)} (default: all)"
+    )
     p.add_argument("--batch-size", type=_args.positive, default=200, help="images per Inception forward; default 200")
-    p.add_argument("--inception-weights", help=f"local Inception-V3 weights file (default: ${INCEPTION_ENV}, else "
-                                               f"torch-fidelity's download, cached in the torch hub folder)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to run; default auto: cuda if present, else cpu")
-    p.add_argument("--out", type=_args.output_file((".json",), "the numbers"),
-                   help="also write the numbers to this .json file; default: print them only")
+    p.add_argument(
+        "--inception-weights",
+        help=f"local Inception-V3 weights file (default: ${INCEPTION_ENV}, else "
+        f"torch-fidelity's download, cached in the torch hub folder)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run; default auto: cuda if present, else cpu",
+    )
+    p.add_argument(
+        "--out",
+        type=_args.output_file((".json",), "the numbers"),
+        help="also write the numbers to this .json file; default: print them only",
+    )
 
 
 def run(args):
@@ -423,12 +459,17 @@ class FidMonitor:
 
 def add_train_arguments(p):
     """`fastdit train`'s FID options."""
-    p.add_argument("--fid-every", type=_args.non_negative, help="FID of EMA samples every N steps and at the end; "
-                                                                "default 0 (off)")
-    p.add_argument("--fid-ref", help="FID reference: an ADM reference batch .npz, an image .npz or a folder of "
-                                     "images; required with --fid-every")
-    p.add_argument("--fid-samples", type=_args.positive, help="EMA samples per FID, shared over the processes; "
-                                                              "default 10000")
+    p.add_argument(
+        "--fid-every", type=_args.non_negative, help="FID of EMA samples every N steps and at the end; default 0 (off)"
+    )
+    p.add_argument(
+        "--fid-ref",
+        help="FID reference: an ADM reference batch .npz, an image .npz or a folder of "
+        "images; required with --fid-every",
+    )
+    p.add_argument(
+        "--fid-samples", type=_args.positive, help="EMA samples per FID, shared over the processes; default 10000"
+    )
 
 
 def fid_monitor(a, dist, device):
@@ -437,5 +478,6 @@ def fid_monitor(a, dist, device):
         return None
     if a.fid_ref is None:
         raise UsageError("--fid-every needs --fid-ref (an ADM reference batch .npz, an image .npz or a folder)")
-    return FidMonitor(a.fid_ref, a.fid_samples, a.image_size, dist, device, a.seed,
-                      batch_size=a.global_batch_size // dist.world_size)
+    return FidMonitor(
+        a.fid_ref, a.fid_samples, a.image_size, dist, device, a.seed, batch_size=a.global_batch_size // dist.world_size
+    )

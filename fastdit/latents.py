@@ -12,6 +12,7 @@ command skips the chunks already written and finishes the rest; rank 0 then mark
 complete. Training reads only complete folders. Unreadable images are skipped with a warning
 naming each, and listed in the manifest.
 """
+
 import bisect
 import json
 import time
@@ -19,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import _args
-from . import datasets
+from . import _args, datasets
 from ._dist import init_distributed
 from ._util import PRECISION_DTYPES, UsageError, atomic_write
 from .data import UnreadableImage, build_dataset, warn_unreadable
@@ -35,34 +35,64 @@ CROP = "adm-center-crop"
 
 
 def add_arguments(parser):
-    parser.add_argument("--vae", required=True,
-                        help="the VAE: ema | mse (DiT's stabilityai/sd-vae-ft-ema | -mse from the Hugging Face hub, "
-                             "cached for offline use), another hub id, a local diffusers AutoencoderKL folder, or a "
-                             "fastdit VAE checkpoint (`fastdit vae`); required")
+    parser.add_argument(
+        "--vae",
+        required=True,
+        help="the VAE: ema | mse (DiT's stabilityai/sd-vae-ft-ema | -mse from the Hugging Face hub, "
+        "cached for offline use), another hub id, a local diffusers AutoencoderKL folder, or a "
+        "fastdit VAE checkpoint (`fastdit vae`); required",
+    )
     parser.add_argument("--vae-revision", help="hub revision (branch, tag or commit) of --vae; default main")
-    parser.add_argument("--data", help="image folder (class per sub-folder), mnist:DIR or cifar10:DIR; default: the "
-                                       "embedded digits")
-    parser.add_argument("--image-size", type=_args.positive,
-                        help="image size to encode, a multiple of the VAE's factor; default: the VAE's training size "
-                             "for the digits, MNIST and CIFAR-10, else 256")
-    parser.add_argument("--latent", choices=["mean", "sample"], default="mean",
-                        help="store the posterior mean, or one sample per image; default mean")
-    parser.add_argument("--flips", choices=["auto", "both", "none"], default="auto",
-                        help="both: also encode every image mirrored, training then picks one at random; "
-                             "none: no flips; default auto: both for folders, none for the digits")
+    parser.add_argument(
+        "--data", help="image folder (class per sub-folder), mnist:DIR or cifar10:DIR; default: the embedded digits"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=_args.positive,
+        help="image size to encode, a multiple of the VAE's factor; default: the VAE's training size "
+        "for the digits, MNIST and CIFAR-10, else 256",
+    )
+    parser.add_argument(
+        "--latent",
+        choices=["mean", "sample"],
+        default="mean",
+        help="store the posterior mean, or one sample per image; default mean",
+    )
+    parser.add_argument(
+        "--flips",
+        choices=["auto", "both", "none"],
+        default="auto",
+        help="both: also encode every image mirrored, training then picks one at random; "
+        "none: no flips; default auto: both for folders, none for the digits",
+    )
     parser.add_argument("--batch-size", type=_args.positive, default=64, help="images per VAE call; default 64")
     parser.add_argument("--chunk-size", type=_args.positive, default=4096, help="images per chunk file; default 4096")
-    parser.add_argument("--precision", choices=list(PRECISION_DTYPES), default="fp32",
-                        help="autocast dtype of the VAE (bf16 / fp16 on a GPU); default fp32")
-    parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float32",
-                        help="dtype of the stored latents (float16 halves the disk); default float32")
-    parser.add_argument("--num-workers", type=_args.non_negative, default=0, help="image decoding processes; "
-                                                                                  "default 0")
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISION_DTYPES),
+        default="fp32",
+        help="autocast dtype of the VAE (bf16 / fp16 on a GPU); default fp32",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(STORAGE_DTYPES),
+        default="float32",
+        help="dtype of the stored latents (float16 halves the disk); default float32",
+    )
+    parser.add_argument("--num-workers", type=_args.non_negative, default=0, help="image decoding processes; default 0")
     parser.add_argument("--seed", type=_args.seed, default=0, help="seed of --latent sample; default 0")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu")
-    parser.add_argument("--out", required=True, type=_args.output_folder,
-                        help="output folder (created; rerun the same command to resume); required")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=_args.output_folder,
+        help="output folder (created; rerun the same command to resume); required",
+    )
 
 
 class _Readable(torch.utils.data.Dataset):
@@ -87,8 +117,12 @@ def _collate(items):
     bad = [msg for x, msg, _ in items if x is None]
     if not good:
         return None, None, [], bad
-    return (torch.stack([x for x, _, _ in good]), torch.tensor([y for _, y, _ in good], dtype=torch.long),
-            [i for _, _, i in good], bad)
+    return (
+        torch.stack([x for x, _, _ in good]),
+        torch.tensor([y for _, y, _ in good], dtype=torch.long),
+        [i for _, _, i in good],
+        bad,
+    )
 
 
 def chunk_path(out, c):
@@ -98,12 +132,26 @@ def chunk_path(out, c):
 def plan(dataset, codec, args, flips):
     """The manifest's settings: what a resumed run must share with the run it continues."""
     size = dataset.image_size // codec.factor
-    return dict(format=FORMAT, version=VERSION, vae=codec.describe(), scale_factor=codec.scale_factor, crop=CROP,
-                image_size=dataset.image_size, image_channels=dataset.channels, flips=flips == "both",
-                latent=args.latent, seed=args.seed, precision=args.precision, dtype=args.dtype,
-                chunk_size=args.chunk_size, latent_shape=[codec.latent_channels, size, size],
-                source_items=len(dataset), num_classes=dataset.num_classes, classes=list(dataset.classes),
-                data=dataset.describe())
+    return dict(
+        format=FORMAT,
+        version=VERSION,
+        vae=codec.describe(),
+        scale_factor=codec.scale_factor,
+        crop=CROP,
+        image_size=dataset.image_size,
+        image_channels=dataset.channels,
+        flips=flips == "both",
+        latent=args.latent,
+        seed=args.seed,
+        precision=args.precision,
+        dtype=args.dtype,
+        chunk_size=args.chunk_size,
+        latent_shape=[codec.latent_channels, size, size],
+        source_items=len(dataset),
+        num_classes=dataset.num_classes,
+        classes=list(dataset.classes),
+        data=dataset.describe(),
+    )
 
 
 def _start(out, settings):
@@ -113,11 +161,16 @@ def _start(out, settings):
         raise UsageError(f"--out {out} is a file; give a folder for the latents")
     if path.is_file():
         old = json.loads(path.read_text())
-        differ = sorted(k for k in set(settings) | set(old) if k not in ("complete", "count", "chunks", "skipped")
-                        and old.get(k) != settings.get(k))
+        differ = sorted(
+            k
+            for k in set(settings) | set(old)
+            if k not in ("complete", "count", "chunks", "skipped") and old.get(k) != settings.get(k)
+        )
         if differ:
-            raise UsageError(f"--out {out} holds latents made with other settings ({', '.join(differ)} differ): "
-                             f"give another --out, or delete it to start over")
+            raise UsageError(
+                f"--out {out} holds latents made with other settings ({', '.join(differ)} differ): "
+                f"give another --out, or delete it to start over"
+            )
         return
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a folder with other files in it: give a new or empty folder")
@@ -139,13 +192,19 @@ def encode_chunks(dataset, codec, out, settings, rank=0, world_size=1, batch_siz
         for lo in range(c * size, min((c + 1) * size, n), batch_size):
             batches.append(list(range(lo, min(lo + batch_size, (c + 1) * size, n))))
             owner.append(c)
-    loader = torch.utils.data.DataLoader(_Readable(dataset), batch_sampler=batches, num_workers=num_workers,
-                                         collate_fn=_collate, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        _Readable(dataset),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(0),
+    )
     from tqdm import tqdm
 
     sample, skipped, chunk = settings["latent"] == "sample", 0, None
-    for b, (x, y, index, bad) in enumerate(tqdm(loader, total=len(batches), desc=f"latents (rank {rank})",
-                                                disable=rank != 0, dynamic_ncols=True)):
+    for b, (x, y, index, bad) in enumerate(
+        tqdm(loader, total=len(batches), desc=f"latents (rank {rank})", disable=rank != 0, dynamic_ncols=True)
+    ):
         if owner[b] != chunk:
             chunk, zs, labels, indices, unreadable = owner[b], [], [], [], []
             torch.manual_seed(settings["seed"] * 1_000_003 + chunk)  # --latent sample: the same draws on any world size
@@ -168,10 +227,16 @@ def _write_chunk(out, c, zs, labels, indices, unreadable, settings):
     dtype = STORAGE_DTYPES[settings["dtype"]]
     shape = settings["latent_shape"]
     flips = settings["flips"]
-    z = torch.cat([t.view(2 if flips else 1, -1, *shape).transpose(0, 1) for t in zs], 0) if zs else \
-        torch.zeros(0, 2 if flips else 1, *shape)  # (n, 1 or 2, C, h, w)
-    tensors = dict(latents=z[:, 0].to(dtype).contiguous(), labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-                   index=torch.tensor(indices, dtype=torch.long))
+    z = (
+        torch.cat([t.view(2 if flips else 1, -1, *shape).transpose(0, 1) for t in zs], 0)
+        if zs
+        else torch.zeros(0, 2 if flips else 1, *shape)
+    )  # (n, 1 or 2, C, h, w)
+    tensors = dict(
+        latents=z[:, 0].to(dtype).contiguous(),
+        labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        index=torch.tensor(indices, dtype=torch.long),
+    )
     if flips:
         tensors["flipped"] = z[:, 1].to(dtype).contiguous()
     data = save(tensors, metadata=dict(unreadable=json.dumps(unreadable)))
@@ -212,8 +277,9 @@ def make_latents(args):
         own_size = args.data is None or datasets.parse(args.data)
         image_size = args.image_size or (trained.get("image_size", 8) if own_size else 256)
         if image_size < 1 or image_size % codec.factor:
-            raise UsageError(f"--image-size {image_size} must be a positive multiple of the VAE's downsampling "
-                             f"factor {codec.factor}")
+            raise UsageError(
+                f"--image-size {image_size} must be a positive multiple of the VAE's downsampling factor {codec.factor}"
+            )
         dataset = build_dataset(args.data, image_size, channels=codec.image_channels)
         flips = args.flips if args.flips != "auto" else ("both" if dataset.flip else "none")
         settings = plan(dataset, codec, args, flips)
@@ -232,9 +298,11 @@ def make_latents(args):
         dist.barrier()
         if dist.is_main:
             manifest = finish(out, settings)
-            print(f"encoded {manifest['count']} images{' (and their mirror images)' if manifest['flips'] else ''} into "
-                  f"latents {tuple(manifest['latent_shape'])} in {time.time() - t0:.1f}s -> {out} (scale factor "
-                  f"{codec.scale_factor:.5f}; {len(manifest['skipped'])} unreadable images skipped)")
+            print(
+                f"encoded {manifest['count']} images{' (and their mirror images)' if manifest['flips'] else ''} into "
+                f"latents {tuple(manifest['latent_shape'])} in {time.time() - t0:.1f}s -> {out} (scale factor "
+                f"{codec.scale_factor:.5f}; {len(manifest['skipped'])} unreadable images skipped)"
+            )
         return str(out)
     finally:
         dist.close()
@@ -250,8 +318,13 @@ class LatentsDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.is_file():
-            what = ("does not exist" if not self.path.exists() else "is a file, not a folder" if self.path.is_file()
-                    else f"has no {MANIFEST}")
+            what = (
+                "does not exist"
+                if not self.path.exists()
+                else "is a file, not a folder"
+                if self.path.is_file()
+                else f"has no {MANIFEST}"
+            )
             raise UsageError(f"latents folder {str(self.path)!r} {what} (write one with `fastdit latents --out DIR`)")
         try:
             meta = json.loads(manifest.read_text())
@@ -260,8 +333,10 @@ class LatentsDataset(torch.utils.data.Dataset):
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise UsageError(f"{manifest} is not a version-{VERSION} manifest written by `fastdit latents`")
         if not meta.get("complete"):
-            raise UsageError(f"latents folder {str(self.path)!r} is incomplete (its `fastdit latents` run was "
-                             f"interrupted): rerun the same command to finish it")
+            raise UsageError(
+                f"latents folder {str(self.path)!r} is incomplete (its `fastdit latents` run was "
+                f"interrupted): rerun the same command to finish it"
+            )
         for ch in meta["chunks"]:
             if not (self.path / ch["file"]).is_file():
                 raise UsageError(f"latents folder {str(self.path)!r}: chunk file {ch['file']} is missing")

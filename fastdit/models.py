@@ -14,6 +14,7 @@ Between the fused ops only GEMMs and attention remain, each feeding the next op 
   - MLP: without autograd (sampling) on CUDA, fc1's bias and tanh-GELU run in the GEMM's epilogue
     (_linear_gelu_tanh); fc2's output is the next fused op's input.
 """
+
 import math
 import numbers
 from functools import lru_cache, partial
@@ -53,15 +54,27 @@ def _pair(v, name):
     raise ValueError(f"{name} must be a positive int or a pair of positive ints (H, W), got {v!r}")
 
 
-def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                  class_dropout_prob, num_classes, learn_sigma, block):
+def _check_config(
+    input_size,
+    patch_size,
+    in_channels,
+    hidden_size,
+    depth,
+    num_heads,
+    mlp_ratio,
+    class_dropout_prob,
+    num_classes,
+    learn_sigma,
+    block,
+):
     """A ValueError naming the first constructor argument outside its domain.
 
     hidden_size's divisibility is checked where it matters: by num_heads in Attention, by 4 in the
     position embedding; input_size's by patch_size in PatchEmbed.
     """
-    sizes = dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
-                 num_heads=num_heads)
+    sizes = dict(
+        patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth, num_heads=num_heads
+    )
     for name, value in sizes.items():
         check_positive_int(name, value)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
@@ -222,7 +235,9 @@ def _linear_gelu_tanh(x, weight, bias):
     images at 256^2 (predicted, unmeasured: ~4 ms of a ~50 ms sampling step at ~4.5 TB/s).
     """
     dtype = _gemm_dtype(x)  # autocast does not list _addmm_activation: cast as it would for a linear
-    h = torch._addmm_activation(bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype).t(), use_gelu=True)
+    h = torch._addmm_activation(
+        bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype).t(), use_gelu=True
+    )
     return h.view(*x.shape[:-1], h.shape[-1])  # (B, T, 4D)
 
 
@@ -266,8 +281,13 @@ class DiTBlock(nn.Module):
 
 CHECKPOINTING = {False: False, "none": False, True: "full", "full": "full", "selective": "selective"}
 # Ops whose outputs selective checkpointing keeps: GEMMs (fp8 ones too) and attention (any backend's op).
-_GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-          torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}
+_GEMMS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_mm.default,
+}
 
 
 def _keep_gemm_and_attention(ctx, op, *args, **kwargs):
@@ -344,8 +364,19 @@ class DiT(nn.Module):
         block="adaLN-Zero",
     ):
         super().__init__()
-        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                      class_dropout_prob, num_classes, learn_sigma, block)
+        _check_config(
+            input_size,
+            patch_size,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            mlp_ratio,
+            class_dropout_prob,
+            num_classes,
+            learn_sigma,
+            block,
+        )
         self.block = block
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -367,8 +398,9 @@ class DiT(nn.Module):
         else:
             from . import blocks as designs  # imported here: that module builds on this one
 
-            self.blocks = nn.ModuleList([designs.build_block(block, hidden_size, num_heads, mlp_ratio)
-                                         for _ in range(depth)])
+            self.blocks = nn.ModuleList(
+                [designs.build_block(block, hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+            )
             self.final_layer = designs.build_final_layer(block, hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -415,15 +447,20 @@ class DiT(nn.Module):
         model keeps 48), as tests/test_fused_forward.py measures.
         """
         if enabled not in CHECKPOINTING:
-            raise ValueError(f"gradient checkpointing must be one of {', '.join(map(repr, CHECKPOINTING))}, got {enabled!r}")
+            raise ValueError(
+                f"gradient checkpointing must be one of {', '.join(map(repr, CHECKPOINTING))}, got {enabled!r}"
+            )
         self.gradient_checkpointing = CHECKPOINTING[enabled]
         return self
 
     def _check_inputs(self, x, t, y):
         """forward's arguments against the model: a clear error for each misfit; returns the token grid (h, w)."""
         if (y is None) != (self.y_embedder is None):
-            raise ValueError("y must be None for an unconditional model (num_classes=0)" if y is not None else
-                             f"y (N,) class labels are required: the model has {self.num_classes} classes")
+            raise ValueError(
+                "y must be None for an unconditional model (num_classes=0)"
+                if y is not None
+                else f"y (N,) class labels are required: the model has {self.num_classes} classes"
+            )
         for name, v in (("x", x), ("t", t), ("y", y)):
             if v is not None:
                 _check_is_tensor(name, v)
@@ -455,8 +492,11 @@ class DiT(nn.Module):
         lo, hi = (int(v) for v in torch.aminmax(y))  # y is on the CPU: reading it costs no sync
         if 0 <= lo and hi < emb.embedding_table.num_embeddings:  # num_classes, + 1 (the null class) with dropout
             return
-        null = (f"or the null class {emb.num_classes}" if emb.dropout_prob > 0
-                else "(no null class: class_dropout_prob is 0)")
+        null = (
+            f"or the null class {emb.num_classes}"
+            if emb.dropout_prob > 0
+            else "(no null class: class_dropout_prob is 0)"
+        )
         raise ValueError(f"y holds label {lo if lo < 0 else hi}; labels must be 0..{emb.num_classes - 1} {null}")
 
     def _pos_embed(self, grid, like):

@@ -4,6 +4,7 @@ Kept dumb and obviously right: each function is the formula from the op contract
 DESIGN.md, written with plain PyTorch in whatever dtype it is given (tests call it once in
 the input dtype and once upcast to float64). Nothing here imports from fastdit.
 """
+
 import torch
 import torch.nn.functional as F
 

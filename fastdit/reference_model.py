@@ -14,6 +14,7 @@ oracle), input_size may be a pair (H, W), and forward_with_cfg follows fastdit's
 contract (cfg_channels; only eps channels are guided), which is the official one for in_channels >= 3.
 It is also the benchmarks' eager baseline.
 """
+
 import math
 from functools import partial
 
@@ -189,9 +190,7 @@ class ReferenceDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, math_attention) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, math_attention) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

@@ -6,6 +6,7 @@ an official DiT checkpoint with --model and --image-size. Latent models are deco
 recorded in the checkpoint (or --vae). The random draws follow DiT's sample.py / sample_ddp.py:
 seed, then the model is built, then z ~ N(0, I) (doubled with the null class under CFG).
 """
+
 import argparse
 import math
 import shutil
@@ -16,11 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._dist import init_distributed
 from . import _args
+from ._dist import init_distributed
 from ._registry import model_from_checkpoint, model_name
-from ._util import (IMAGE_FORMATS, PRECISION_DTYPES, UsageError, amp_forward, atomic_write, find_checkpoint, load_plain,
-                    save_grid, to_uint8)
+from ._util import (
+    IMAGE_FORMATS,
+    PRECISION_DTYPES,
+    UsageError,
+    amp_forward,
+    atomic_write,
+    find_checkpoint,
+    load_plain,
+    save_grid,
+    to_uint8,
+)
 from .checkpoint import CheckpointError
 from .vae import load_vae, load_vae_record
 
@@ -64,9 +74,25 @@ def has_null_class(model):
 
 
 @torch.no_grad()
-def generate(model, labels, *, cfg_scale, cfg_channels="paper", sampler="ddpm", steps=250, seed=None, device="cpu",
-             z=None, use_cfg=None, codec=None, precision="fp32", diffusion_steps=1000, compile=False, cuda_graphs=False,
-             progress=False):
+def generate(
+    model,
+    labels,
+    *,
+    cfg_scale,
+    cfg_channels="paper",
+    sampler="ddpm",
+    steps=250,
+    seed=None,
+    device="cpu",
+    z=None,
+    use_cfg=None,
+    codec=None,
+    precision="fp32",
+    diffusion_steps=1000,
+    compile=False,
+    cuda_graphs=False,
+    progress=False,
+):
     """Images (N, C, H, W) in [-1, 1], one per label, sampled from `model` (in eval mode).
 
     labels: class labels, or for an unconditional model (num_classes 0) the number of images.
@@ -77,9 +103,20 @@ def generate(model, labels, *, cfg_scale, cfg_channels="paper", sampler="ddpm", 
     clipped to [-1, 1] at every step; latents are not (DiT's clip_denoised=False) and are
     decoded with `codec`. To sample many batches, build one Sampler and call it per batch.
     """
-    run = Sampler(model, cfg_scale=cfg_scale, cfg_channels=cfg_channels, sampler=sampler, steps=steps, use_cfg=use_cfg,
-                  clip_denoised=codec is None, precision=precision, diffusion_steps=diffusion_steps, compile=compile,
-                  cuda_graphs=cuda_graphs, device=device)
+    run = Sampler(
+        model,
+        cfg_scale=cfg_scale,
+        cfg_channels=cfg_channels,
+        sampler=sampler,
+        steps=steps,
+        use_cfg=use_cfg,
+        clip_denoised=codec is None,
+        precision=precision,
+        diffusion_steps=diffusion_steps,
+        compile=compile,
+        cuda_graphs=cuda_graphs,
+        device=device,
+    )
     if seed is not None:
         torch.manual_seed(seed)
     return to_images(run(labels, z=z, progress=progress), codec)
@@ -107,9 +144,22 @@ class Sampler:
     `fastdit sample-ddp` reuse one capture and one compilation.
     """
 
-    def __init__(self, model, *, cfg_scale, cfg_channels="paper", sampler="ddpm", steps=250, use_cfg=None,
-                 clip_denoised=True, precision="fp32", diffusion_steps=1000, compile=False, cuda_graphs=None,
-                 device="cpu"):
+    def __init__(
+        self,
+        model,
+        *,
+        cfg_scale,
+        cfg_channels="paper",
+        sampler="ddpm",
+        steps=250,
+        use_cfg=None,
+        clip_denoised=True,
+        precision="fp32",
+        diffusion_steps=1000,
+        compile=False,
+        cuda_graphs=None,
+        device="cpu",
+    ):
         self.model, self.device = model, torch.device(device)
         if cuda_graphs and self.device.type != "cuda":
             raise UsageError("--cuda-graphs needs a CUDA device (this run is on the CPU)")
@@ -117,8 +167,10 @@ class Sampler:
         self.diffusion = sampling_diffusion(sampler, steps, model.learn_sigma, diffusion_steps)
         self.guided = (cfg_scale > 1 and model.y_embedder is not None) if use_cfg is None else use_cfg
         if self.guided and not has_null_class(model):
-            raise UsageError("classifier-free guidance needs a model trained with label dropout (it has no null "
-                             "class): use --cfg-scale 1")
+            raise UsageError(
+                "classifier-free guidance needs a model trained with label dropout (it has no null "
+                "class): use --cfg-scale 1"
+            )
         if self.guided:
             fn, self.kwargs = model.forward_with_cfg, dict(cfg_scale=cfg_scale, cfg_channels=cfg_channels)
         else:
@@ -134,12 +186,16 @@ class Sampler:
         model = self.model
         conditional = model.y_embedder is not None
         if conditional == isinstance(labels, int):
-            raise UsageError("an unconditional model samples a number of images, not class labels" if not conditional
-                             else f"the model is class-conditional ({model.num_classes} classes): give labels")
+            raise UsageError(
+                "an unconditional model samples a number of images, not class labels"
+                if not conditional
+                else f"the model is class-conditional ({model.num_classes} classes): give labels"
+            )
         y = torch.as_tensor(labels, device=self.device) if conditional else None
         if z is None:
-            z = torch.randn(len(y) if conditional else labels, model.in_channels, *model.x_embedder.img_size,
-                            device=self.device)
+            z = torch.randn(
+                len(y) if conditional else labels, model.in_channels, *model.x_embedder.img_size, device=self.device
+            )
         if self.guided:  # the unconditional twins: the same noise, the null class
             z = torch.cat([z, z], 0)
             y = torch.cat([y, torch.full_like(y, model.y_embedder.num_classes)], 0)
@@ -246,15 +302,22 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
     ours = isinstance(obj, dict) and "model_config" in obj
     if not ours:
         if model is None or image_size is None:
-            raise UsageError(f"{ckpt} holds no model config (an official DiT checkpoint?): give --model and --image-size")
+            raise UsageError(
+                f"{ckpt} holds no model config (an official DiT checkpoint?): give --model and --image-size"
+            )
         if image_size % 8:
-            raise UsageError(f"--image-size {image_size} must be divisible by 8 (official DiT models sample SD-VAE latents)")
+            raise UsageError(
+                f"--image-size {image_size} must be divisible by 8 (official DiT models sample SD-VAE latents)"
+            )
         if vae is None:
-            raise UsageError("official DiT checkpoints generate SD-VAE latents: give --vae ema (or mse, as DiT's "
-                             "sample.py), or a local folder with those diffusers AutoencoderKL weights")
+            raise UsageError(
+                "official DiT checkpoints generate SD-VAE latents: give --vae ema (or mse, as DiT's "
+                "sample.py), or a local folder with those diffusers AutoencoderKL weights"
+            )
     try:
-        net = model_from_checkpoint(obj, str(ckpt), model, weights, input_size=image_size and image_size // 8,
-                                    num_classes=num_classes)
+        net = model_from_checkpoint(
+            obj, str(ckpt), model, weights, input_size=image_size and image_size // 8, num_classes=num_classes
+        )
     except CheckpointError as e:
         raise UsageError(f"--ckpt: {e}") from e
     record = obj.get("vae") if ours else None
@@ -264,67 +327,131 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
     elif vae is not None:
         codec = load_vae(vae, device)
         if codec.latent_channels != net.in_channels:
-            raise UsageError(f"--vae {vae} makes {codec.latent_channels}-channel latents, but the model takes "
-                             f"{net.in_channels} channels")
-    return Loaded(net.to(device), codec, obj.get("classes") if ours else None,
-                  obj["args"].get("diffusion_steps", 1000) if ours else 1000)
+            raise UsageError(
+                f"--vae {vae} makes {codec.latent_channels}-channel latents, but the model takes "
+                f"{net.in_channels} channels"
+            )
+    return Loaded(
+        net.to(device),
+        codec,
+        obj.get("classes") if ours else None,
+        obj["args"].get("diffusion_steps", 1000) if ours else 1000,
+    )
 
 
 def add_common_arguments(p):
-    p.add_argument("--ckpt", required=True, help="fastdit checkpoint or run folder (its latest checkpoint), or an "
-                                                 "official DiT checkpoint with --model and --image-size; required")
-    p.add_argument("--model", type=model_name, help="for official checkpoints: the DiT config name, e.g. DiT-XL/2; "
-                                                    "default: the checkpoint's")
-    p.add_argument("--image-size", type=_args.positive, help="for official checkpoints: 256 or 512; default: the "
-                                                             "checkpoint's")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="fastdit checkpoint or run folder (its latest checkpoint), or an "
+        "official DiT checkpoint with --model and --image-size; required",
+    )
+    p.add_argument(
+        "--model",
+        type=model_name,
+        help="for official checkpoints: the DiT config name, e.g. DiT-XL/2; default: the checkpoint's",
+    )
+    p.add_argument(
+        "--image-size", type=_args.positive, help="for official checkpoints: 256 or 512; default: the checkpoint's"
+    )
     p.add_argument("--num-classes", type=_args.positive, default=1000, help="for official checkpoints; default 1000")
-    p.add_argument("--vae", help="VAE for latent models: ema | mse | a hub id | a local diffusers AutoencoderKL folder | "
-                                 "a fastdit VAE checkpoint; default: the one recorded in the checkpoint (another must "
-                                 "have the same weights)")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a fastdit checkpoint; "
-                                                                              "default ema")
-    p.add_argument("--cfg-scale", type=_args.number(), help="classifier-free guidance (1: none); default 4.0 "
-                                                            "(sample-ddp: 1.5, as DiT)")
-    p.add_argument("--cfg-channels", choices=["paper", "all"], help="paper: guide the first 3 channels (DiT's); all; "
-                                                                    "default paper with >= 3 channels, else all")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm (ancestral, DiT's) or ddim "
-                                                                             "(deterministic); default ddpm")
-    p.add_argument("--steps", type=_args.integer(2), default=250, help="sampling steps, at least 2, at most the "
-                                                                       "model's diffusion steps; default 250")
-    p.add_argument("--seed", type=_args.seed, default=0, help="seed of the initial noise; default 0 (sample-ddp: rank "
-                                                              "r uses seed * world_size + r, as DiT)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the "
-                                                                                         "model; default fp32")
+    p.add_argument(
+        "--vae",
+        help="VAE for latent models: ema | mse | a hub id | a local diffusers AutoencoderKL folder | "
+        "a fastdit VAE checkpoint; default: the one recorded in the checkpoint (another must "
+        "have the same weights)",
+    )
+    p.add_argument(
+        "--weights", choices=["ema", "model"], default="ema", help="which weights of a fastdit checkpoint; default ema"
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=_args.number(),
+        help="classifier-free guidance (1: none); default 4.0 (sample-ddp: 1.5, as DiT)",
+    )
+    p.add_argument(
+        "--cfg-channels",
+        choices=["paper", "all"],
+        help="paper: guide the first 3 channels (DiT's); all; default paper with >= 3 channels, else all",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["ddpm", "ddim"],
+        default="ddpm",
+        help="ddpm (ancestral, DiT's) or ddim (deterministic); default ddpm",
+    )
+    p.add_argument(
+        "--steps",
+        type=_args.integer(2),
+        default=250,
+        help="sampling steps, at least 2, at most the model's diffusion steps; default 250",
+    )
+    p.add_argument(
+        "--seed",
+        type=_args.seed,
+        default=0,
+        help="seed of the initial noise; default 0 (sample-ddp: rank r uses seed * world_size + r, as DiT)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="autocast dtype of the model; default fp32",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the sampling loop; default off")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
-                   help="capture the whole denoising step (model, guidance, update) once per batch shape in a CUDA "
-                        "graph and replay it for every step; default on with CUDA")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="capture the whole denoising step (model, guidance, update) once per batch shape in a CUDA "
+        "graph and replay it for every step; default on with CUDA",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu",
+    )
 
 
 def add_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--classes", type=_args.int_list(0), help="comma-separated class labels, one grid row each; "
-                                                             "default: 0-9, or DiT's 8 ImageNet classes for "
-                                                             "1000-class models")
-    p.add_argument("--per-class", type=_args.positive, help="samples per class (unconditional models: per row); "
-                                                            "default 10 for small images, else 4")
-    p.add_argument("--out", type=_args.output_file(tuple(IMAGE_FORMATS), "the grid"),
-                   help=f"image file to write, its format from its suffix ({', '.join(IMAGE_FORMATS)}); default "
-                        f"runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>.png")
+    p.add_argument(
+        "--classes",
+        type=_args.int_list(0),
+        help="comma-separated class labels, one grid row each; "
+        "default: 0-9, or DiT's 8 ImageNet classes for "
+        "1000-class models",
+    )
+    p.add_argument(
+        "--per-class",
+        type=_args.positive,
+        help="samples per class (unconditional models: per row); default 10 for small images, else 4",
+    )
+    p.add_argument(
+        "--out",
+        type=_args.output_file(tuple(IMAGE_FORMATS), "the grid"),
+        help=f"image file to write, its format from its suffix ({', '.join(IMAGE_FORMATS)}); default "
+        f"runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>.png",
+    )
 
 
 def add_ddp_arguments(p):
     add_common_arguments(p)
     p.add_argument("--num-samples", type=_args.positive, default=50_000, help="total samples; default 50000 (FID-50K)")
-    p.add_argument("--per-proc-batch-size", type=_args.positive, default=32, help="images per process and batch; "
-                                                                                   "default 32")
-    p.add_argument("--rgb", action="store_true", help="store grayscale samples as 3 identical channels (FID tools "
-                                                      "want RGB); default off")
-    p.add_argument("--out", type=_args.output_file((".npz",), "the samples file"),
-                   help="the .npz to write (arr_0: uint8 (N, H, W, C)); default "
-                        "runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<num-samples>.npz")
+    p.add_argument(
+        "--per-proc-batch-size", type=_args.positive, default=32, help="images per process and batch; default 32"
+    )
+    p.add_argument(
+        "--rgb",
+        action="store_true",
+        help="store grayscale samples as 3 identical channels (FID tools want RGB); default off",
+    )
+    p.add_argument(
+        "--out",
+        type=_args.output_file((".npz",), "the samples file"),
+        help="the .npz to write (arr_0: uint8 (N, H, W, C)); default "
+        "runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<num-samples>.npz",
+    )
 
 
 def default_out(args, cfg_scale, suffix):
@@ -339,14 +466,17 @@ def default_out(args, cfg_scale, suffix):
 def _prepare(args, dist, seed):
     """The Loaded model and the CFG channels; the sampler's settings checked before any sampling."""
     torch.manual_seed(seed)  # before the model is built, as DiT's scripts
-    loaded = load_sampler_model(args.ckpt, args.model, args.image_size, args.num_classes, args.vae, args.weights,
-                                dist.device)
+    loaded = load_sampler_model(
+        args.ckpt, args.model, args.image_size, args.num_classes, args.vae, args.weights, dist.device
+    )
     sampling_diffusion(args.sampler, args.steps, loaded.model.learn_sigma, loaded.diffusion_steps)
     if PRECISION_DTYPES[args.precision] is not None:
         cast_gemm_weights(loaded.model, PRECISION_DTYPES[args.precision])
     if loaded.model.num_classes == 0 and args.cfg_scale not in (None, 1.0):
-        raise UsageError(f"--cfg-scale {args.cfg_scale}: the model is unconditional (no classes), so there is no "
-                         f"classifier-free guidance")
+        raise UsageError(
+            f"--cfg-scale {args.cfg_scale}: the model is unconditional (no classes), so there is no "
+            f"classifier-free guidance"
+        )
     cfg_channels = args.cfg_channels or ("paper" if loaded.model.in_channels >= 3 else "all")
     return loaded, cfg_channels
 
@@ -363,8 +493,9 @@ def sample(args):
             raise UsageError("--classes: the model is unconditional (trained with --num-classes 0)")
         if args.classes:
             if any(c >= num_classes for c in args.classes):
-                raise UsageError(f"--classes must be in [0, {num_classes}) for this model, got "
-                                 f"{','.join(map(str, args.classes))}")
+                raise UsageError(
+                    f"--classes must be in [0, {num_classes}) for this model, got {','.join(map(str, args.classes))}"
+                )
             per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
             labels = [c for c in args.classes for _ in range(per)]
         else:
@@ -373,10 +504,22 @@ def sample(args):
         out = args.out or default_out(args, cfg_scale, ".png")
         t0 = time.time()
         guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
-        images = generate(model, labels, cfg_scale=cfg_scale, use_cfg=guided, cfg_channels=cfg_channels,
-                          sampler=args.sampler, steps=args.steps, device=dist.device, codec=loaded.codec,
-                          precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs, progress=True,
-                          diffusion_steps=loaded.diffusion_steps)
+        images = generate(
+            model,
+            labels,
+            cfg_scale=cfg_scale,
+            use_cfg=guided,
+            cfg_channels=cfg_channels,
+            sampler=args.sampler,
+            steps=args.steps,
+            device=dist.device,
+            codec=loaded.codec,
+            precision=args.precision,
+            compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
+            progress=True,
+            diffusion_steps=loaded.diffusion_steps,
+        )
         if dist.is_main:
             row_labels = [names[c] if names else c for c in labels] if num_classes else None
             save_grid(images, out, nrow=per, labels=row_labels)
@@ -398,8 +541,10 @@ def sample_ddp(args):
         else:  # DiT's sample_ddp.py default; an unconditional model has nothing to guide
             cfg_scale = 1.5 if model.num_classes else 1.0
         if cfg_scale > 1 and not has_null_class(model):
-            raise UsageError(f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (it has no null "
-                             f"class): use --cfg-scale 1")
+            raise UsageError(
+                f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (it has no null "
+                f"class): use --cfg-scale 1"
+            )
         out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
         global_batch = args.per_proc_batch_size * dist.world_size
         total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
@@ -432,9 +577,19 @@ def _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, batches, num_clas
 
     model, chunks = loaded.model, []
     # One Sampler for every batch: compiled and captured once (every batch has the same shape).
-    run = Sampler(model, cfg_scale=cfg_scale, cfg_channels=cfg_channels, sampler=args.sampler, steps=args.steps,
-                  clip_denoised=loaded.codec is None, precision=args.precision, diffusion_steps=loaded.diffusion_steps,
-                  compile=args.compile, cuda_graphs=args.cuda_graphs, device=dist.device)
+    run = Sampler(
+        model,
+        cfg_scale=cfg_scale,
+        cfg_channels=cfg_channels,
+        sampler=args.sampler,
+        steps=args.steps,
+        clip_denoised=loaded.codec is None,
+        precision=args.precision,
+        diffusion_steps=loaded.diffusion_steps,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        device=dist.device,
+    )
     for _ in tqdm(range(batches), disable=not dist.is_main, desc="sample-ddp"):
         z = torch.randn(args.per_proc_batch_size, model.in_channels, *model.x_embedder.img_size, device=dist.device)
         y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device) if num_classes else len(z)

@@ -14,6 +14,7 @@ so `--resume` continues with exactly the losses an uninterrupted run would have 
 GPUs too with --deterministic). A run whose loss, gradients or weights turn NaN/Inf stops with
 its last good checkpoint kept.
 """
+
 import argparse
 import contextlib
 import copy
@@ -32,7 +33,8 @@ from ._dist import env_world_size, init_distributed
 from ._registry import MODELS, build_model, check_model_name, model_name
 from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
-from .fid import add_train_arguments as add_fid_arguments, fid_monitor
+from .fid import add_train_arguments as add_fid_arguments
+from .fid import fid_monitor
 from .latents import LatentsDataset
 from .models import BLOCKS
 from .vae import load_vae, load_vae_record
@@ -48,22 +50,66 @@ CHECKPOINTING = ("none", "selective", "full")
 SMALL_DATA = 100_000
 PRESETS = {
     # EMA 0.995: DiT's 0.9999 would still be ~86% the initial weights after 1500 steps.
-    "small": dict(global_batch_size=128, lr=1e-3, steps=1500, ema_decay=0.995, ckpt_every=500, sample_every=500,
-                  sample_steps=100, cfg_scale=2.0),  # model: DiT-Tiny, its patch size fitted to the input (small_model)
-    "large": dict(model="DiT-XL/2", global_batch_size=256, lr=1e-4, steps=400_000, ema_decay=0.9999,
-                  ckpt_every=50_000, sample_every=10_000, sample_steps=250, cfg_scale=4.0),
+    "small": dict(
+        global_batch_size=128,
+        lr=1e-3,
+        steps=1500,
+        ema_decay=0.995,
+        ckpt_every=500,
+        sample_every=500,
+        sample_steps=100,
+        cfg_scale=2.0,
+    ),  # model: DiT-Tiny, its patch size fitted to the input (small_model)
+    "large": dict(
+        model="DiT-XL/2",
+        global_batch_size=256,
+        lr=1e-4,
+        steps=400_000,
+        ema_decay=0.9999,
+        ckpt_every=50_000,
+        sample_every=10_000,
+        sample_steps=250,
+        cfg_scale=4.0,
+    ),
 }
-COMMON = dict(fid_every=0, fid_ref=None, fid_samples=10_000, precision="fp32", weight_decay=0.0, grad_clip=0.0, grad_checkpointing="none", compile=False, fsdp=False,
-              max_bad_steps=10, seed=0, log_every=100, num_workers=0, diffusion_steps=1000, class_dropout_prob=0.1,
-              flip=None, cfg_channels=None, device="auto", deterministic=False, block="adaLN-Zero")
+COMMON = dict(
+    fid_every=0,
+    fid_ref=None,
+    fid_samples=10_000,
+    precision="fp32",
+    weight_decay=0.0,
+    grad_clip=0.0,
+    grad_checkpointing="none",
+    compile=False,
+    fsdp=False,
+    max_bad_steps=10,
+    seed=0,
+    log_every=100,
+    num_workers=0,
+    diffusion_steps=1000,
+    class_dropout_prob=0.1,
+    flip=None,
+    cfg_channels=None,
+    device="auto",
+    deterministic=False,
+    block="adaLN-Zero",
+)
 FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
 # DiT's linear betas end at 0.02 * 1000 / T, which must stay below 1 (the last step keeping some signal).
 MIN_DIFFUSION_STEPS = 21
 # Not taken from a resumed checkpoint: they describe this machine, not the run.
 MACHINE_ARGS = ("resume", "out", "device", "num_workers", "compile")
 # A resumed run keeps these: other values would not continue the same run (or fit its weights).
-KEPT_ON_RESUME = ("model", "block", "num_classes", "image_size", "global_batch_size", "seed", "diffusion_steps",
-                  "class_dropout_prob")
+KEPT_ON_RESUME = (
+    "model",
+    "block",
+    "num_classes",
+    "image_size",
+    "global_batch_size",
+    "seed",
+    "diffusion_steps",
+    "class_dropout_prob",
+)
 # Options that go together: given again on resume, the stored ones of the same group do not apply.
 GROUPS = (("data", "latents", "vae"), ("steps", "epochs"))
 
@@ -79,86 +125,166 @@ def add_arguments(p):
         return f"default {s[key]} for small data (< {SMALL_DATA:,} items, e.g. the digits), {g[key]} (DiT's) for larger"
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="image folder: one sub-folder per class (center crop, random flips); "
-                                    "mnist:DIR (IDX files) or cifar10:DIR (cifar-10-batches-py); default: the "
-                                    "embedded digits (the main job)")
-    src.add_argument("--latents", help="latents folder from `fastdit latents` (latent-space training, streamed); "
-                                       "default: none")
-    p.add_argument("--vae", help="with --data: encode images on the fly with this VAE (see `fastdit latents --help`) "
-                                 "and train in latent space; with --latents: the VAE that decodes the sample grids; "
-                                 "default: none with --data (pixel space), the one the latents were encoded with "
-                                 "(another must have the same weights)")
-    p.add_argument("--model", type=model_name, help=f"one of {', '.join(MODELS)}; default for small data: DiT-Tiny "
-                                                    f"with the largest patch size (4, 2, 1) that leaves at least 16 "
-                                                    f"tokens (the digits: DiT-Tiny/2; MNIST: DiT-Tiny/4; CIFAR-10: "
-                                                    f"DiT-S/2), for larger data {g['model']} (DiT's)")
-    p.add_argument("--block", choices=BLOCKS, help="the DiT paper's block design (its Figure 5): adaLN-Zero (DiT's), "
-                                                   "adaLN, cross-attention or in-context; default adaLN-Zero")
-    p.add_argument("--image-size", type=_args.positive, help="image size in pixels, divisible by the patch size (and "
-                                                             "the VAE's factor); default 8 for the digits, 28 for "
-                                                             "MNIST, 32 for CIFAR-10 and --data (pixel space), 256 "
-                                                             "for --data with --vae")
-    p.add_argument("--global-batch-size", type=_args.positive, help=f"summed over all processes, a multiple of their "
-                                                                    f"number; {both('global_batch_size')} (at most "
-                                                                    f"the dataset's size)")
+    src.add_argument(
+        "--data",
+        help="image folder: one sub-folder per class (center crop, random flips); "
+        "mnist:DIR (IDX files) or cifar10:DIR (cifar-10-batches-py); default: the "
+        "embedded digits (the main job)",
+    )
+    src.add_argument(
+        "--latents", help="latents folder from `fastdit latents` (latent-space training, streamed); default: none"
+    )
+    p.add_argument(
+        "--vae",
+        help="with --data: encode images on the fly with this VAE (see `fastdit latents --help`) "
+        "and train in latent space; with --latents: the VAE that decodes the sample grids; "
+        "default: none with --data (pixel space), the one the latents were encoded with "
+        "(another must have the same weights)",
+    )
+    p.add_argument(
+        "--model",
+        type=model_name,
+        help=f"one of {', '.join(MODELS)}; default for small data: DiT-Tiny "
+        f"with the largest patch size (4, 2, 1) that leaves at least 16 "
+        f"tokens (the digits: DiT-Tiny/2; MNIST: DiT-Tiny/4; CIFAR-10: "
+        f"DiT-S/2), for larger data {g['model']} (DiT's)",
+    )
+    p.add_argument(
+        "--block",
+        choices=BLOCKS,
+        help="the DiT paper's block design (its Figure 5): adaLN-Zero (DiT's), "
+        "adaLN, cross-attention or in-context; default adaLN-Zero",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_args.positive,
+        help="image size in pixels, divisible by the patch size (and "
+        "the VAE's factor); default 8 for the digits, 28 for "
+        "MNIST, 32 for CIFAR-10 and --data (pixel space), 256 "
+        "for --data with --vae",
+    )
+    p.add_argument(
+        "--global-batch-size",
+        type=_args.positive,
+        help=f"summed over all processes, a multiple of their "
+        f"number; {both('global_batch_size')} (at most "
+        f"the dataset's size)",
+    )
     p.add_argument("--lr", type=_args.number(0, low_open=True), help=f"AdamW learning rate, constant; {both('lr')}")
     p.add_argument("--weight-decay", type=_args.number(0), help="AdamW weight decay; default 0 (DiT's)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_args.positive, help=f"total training steps; {both('steps')}")
-    steps.add_argument("--epochs", type=_args.positive, help="train this many epochs instead of --steps; default: "
-                                                             "--steps")
-    p.add_argument("--precision", choices=list(PRECISIONS), help="autocast dtype of the model (loss in fp32; "
-                                                                 "fp16 uses a GradScaler; fp8: the blocks' linear "
-                                                                 "layers in float8 through torchao, on Ada/Hopper "
-                                                                 "GPUs, the rest in bf16); default fp32")
-    p.add_argument("--ema-decay", type=_args.probability, help=f"EMA of the weights, the ones sampled from, in "
-                                                               f"[0, 1); {both('ema_decay')}")
+    steps.add_argument(
+        "--epochs", type=_args.positive, help="train this many epochs instead of --steps; default: --steps"
+    )
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help="autocast dtype of the model (loss in fp32; "
+        "fp16 uses a GradScaler; fp8: the blocks' linear "
+        "layers in float8 through torchao, on Ada/Hopper "
+        "GPUs, the rest in bf16); default fp32",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=_args.probability,
+        help=f"EMA of the weights, the ones sampled from, in [0, 1); {both('ema_decay')}",
+    )
     p.add_argument("--grad-clip", type=_args.number(0), help="clip the global grad norm to this; default 0 (off)")
-    p.add_argument("--grad-checkpointing", nargs="?", const="full", choices=CHECKPOINTING,
-                   help="recompute activations in the backward for less memory: full (alone: whole blocks, about a "
-                        "third more compute) or selective (only the memory-bound ops between the GEMMs and "
-                        "attention); default none")
-    p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const="none",
-                   help="keep every activation (the default)")
+    p.add_argument(
+        "--grad-checkpointing",
+        nargs="?",
+        const="full",
+        choices=CHECKPOINTING,
+        help="recompute activations in the backward for less memory: full (alone: whole blocks, about a "
+        "third more compute) or selective (only the memory-bound ops between the GEMMs and "
+        "attention); default none",
+    )
+    p.add_argument(
+        "--no-grad-checkpointing",
+        dest="grad_checkpointing",
+        action="store_const",
+        const="none",
+        help="keep every activation (the default)",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model; default off")
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="shard parameters, gradients and optimizer "
-                                                                         "state over the processes (FSDP2) instead "
-                                                                         "of DDP; default off")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
-                   help="bitwise reproducible training and resume on GPUs too: deterministic attention backward, "
-                        "the attention backend pinned (recorded in the checkpoint, reused on resume), "
-                        "torch.use_deterministic_algorithms and cuBLAS's deterministic workspace; default off")
-    p.add_argument("--max-bad-steps", type=_args.positive, help="abort after this many NaN/Inf losses in a row, each "
-                                                                "one skipping its step; default 10")
-    p.add_argument("--resume", help="checkpoint file, or a run folder (its latest checkpoint); options not given "
-                                    "again are the checkpoint's; a finished run gets its missing outputs; default: "
-                                    "a new run")
-    p.add_argument("--ckpt-every", type=_args.non_negative, help=f"checkpoint every N steps (0: only at the end); "
-                                                                 f"{both('ckpt_every')}")
-    p.add_argument("--sample-every", type=_args.non_negative, help=f"EMA sample grid every N steps (0: only at the "
-                                                                   f"end); {both('sample_every')}")
-    p.add_argument("--sample-steps", type=_args.integer(2), help=f"DDPM steps of the sample grids, at least 2, at most "
-                                                               f"--diffusion-steps; {both('sample_steps')}")
-    p.add_argument("--cfg-scale", type=_args.number(), help=f"classifier-free guidance of the sample grids (1: none); "
-                                                            f"{both('cfg_scale')}")
-    p.add_argument("--cfg-channels", choices=["paper", "all"], help="channels CFG guides: paper = the first 3 "
-                                                                    "(DiT's), all; default paper with >= 3 "
-                                                                    "channels, else all")
+    p.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        help="shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP; default off",
+    )
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        help="bitwise reproducible training and resume on GPUs too: deterministic attention backward, "
+        "the attention backend pinned (recorded in the checkpoint, reused on resume), "
+        "torch.use_deterministic_algorithms and cuBLAS's deterministic workspace; default off",
+    )
+    p.add_argument(
+        "--max-bad-steps",
+        type=_args.positive,
+        help="abort after this many NaN/Inf losses in a row, each one skipping its step; default 10",
+    )
+    p.add_argument(
+        "--resume",
+        help="checkpoint file, or a run folder (its latest checkpoint); options not given "
+        "again are the checkpoint's; a finished run gets its missing outputs; default: "
+        "a new run",
+    )
+    p.add_argument(
+        "--ckpt-every",
+        type=_args.non_negative,
+        help=f"checkpoint every N steps (0: only at the end); {both('ckpt_every')}",
+    )
+    p.add_argument(
+        "--sample-every",
+        type=_args.non_negative,
+        help=f"EMA sample grid every N steps (0: only at the end); {both('sample_every')}",
+    )
+    p.add_argument(
+        "--sample-steps",
+        type=_args.integer(2),
+        help=f"DDPM steps of the sample grids, at least 2, at most --diffusion-steps; {both('sample_steps')}",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=_args.number(),
+        help=f"classifier-free guidance of the sample grids (1: none); {both('cfg_scale')}",
+    )
+    p.add_argument(
+        "--cfg-channels",
+        choices=["paper", "all"],
+        help="channels CFG guides: paper = the first 3 (DiT's), all; default paper with >= 3 channels, else all",
+    )
     p.add_argument("--log-every", type=_args.positive, help="log every N steps; default 100")
     p.add_argument("--seed", type=_args.seed, help="global seed; rank r uses seed * world_size + r as DiT; default 0")
     p.add_argument("--num-workers", type=_args.non_negative, help="data loader worker processes; default 0")
-    p.add_argument("--diffusion-steps", type=_args.integer(MIN_DIFFUSION_STEPS), help=f"diffusion timesteps T, at "
-                                                                                     f"least {MIN_DIFFUSION_STEPS}; "
-                                                                                     f"default 1000")
+    p.add_argument(
+        "--diffusion-steps",
+        type=_args.integer(MIN_DIFFUSION_STEPS),
+        help=f"diffusion timesteps T, at least {MIN_DIFFUSION_STEPS}; default 1000",
+    )
     p.add_argument("--class-dropout-prob", type=_args.probability, help="label dropout for CFG, in [0, 1); default 0.1")
-    p.add_argument("--num-classes", type=_args.non_negative, help="0: unconditional (no labels, no class embedding, "
-                                                                  "no CFG); default: the dataset's classes")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips; default on for "
-                                                                         "image folders, off for the digits")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu")
-    p.add_argument("--out", type=_args.output_folder, help="run folder; default runs/<data>-<model>-<time>, or the "
-                                                           "resumed run's folder")
+    p.add_argument(
+        "--num-classes",
+        type=_args.non_negative,
+        help="0: unconditional (no labels, no class embedding, no CFG); default: the dataset's classes",
+    )
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="random horizontal flips; default on for image folders, off for the digits",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu",
+    )
+    p.add_argument(
+        "--out",
+        type=_args.output_folder,
+        help="run folder; default runs/<data>-<model>-<time>, or the resumed run's folder",
+    )
     add_fid_arguments(p)
 
 
@@ -190,8 +316,10 @@ def merge_args(args, saved=None):
     for key in KEPT_ON_RESUME:
         given = getattr(a, key)
         if given is not None and given != saved.get(key):
-            raise UsageError(f"{flag(key)} {given} contradicts the resumed run's {saved.get(key)}: a resumed run "
-                             f"keeps it (start a new run, with another --out, to change it)")
+            raise UsageError(
+                f"{flag(key)} {given} contradicts the resumed run's {saved.get(key)}: a resumed run "
+                f"keeps it (start a new run, with another --out, to change it)"
+            )
     regrouped = {k for group in GROUPS if any(getattr(a, k) is not None for k in group) for k in group}
     for key, value in saved.items():
         if key not in MACHINE_ARGS and key not in regrouped and getattr(a, key, None) is None:
@@ -228,17 +356,23 @@ def check_args(a, world, input_size):
     """What single flags cannot say (their values were checked when parsed): how they fit together."""
     check_model_name(a.model)
     if a.global_batch_size % world:
-        raise UsageError(f"--global-batch-size {a.global_batch_size} must be a multiple of the world size {world} "
-                         f"(the number of processes)")
+        raise UsageError(
+            f"--global-batch-size {a.global_batch_size} must be a multiple of the world size {world} "
+            f"(the number of processes)"
+        )
     patch = int(a.model.rsplit("/", 1)[1])  # every name is DiT-<size>/<patch size>
     if input_size % patch:
-        raise UsageError(f"--image-size {a.image_size}: the model's input {input_size}x{input_size} must be divisible "
-                         f"by {a.model}'s patch size {patch}")
+        raise UsageError(
+            f"--image-size {a.image_size}: the model's input {input_size}x{input_size} must be divisible "
+            f"by {a.model}'s patch size {patch}"
+        )
     if a.sample_steps > a.diffusion_steps:
         raise UsageError(f"--sample-steps {a.sample_steps} must be at most --diffusion-steps {a.diffusion_steps}")
     if a.cfg_scale > 1 and a.class_dropout_prob == 0 and a.num_classes != 0:
-        raise UsageError(f"--cfg-scale {a.cfg_scale} guides the sample grids with the null class, which "
-                         f"--class-dropout-prob 0 does not train: use --cfg-scale 1, or a dropout > 0")
+        raise UsageError(
+            f"--cfg-scale {a.cfg_scale} guides the sample grids with the null class, which "
+            f"--class-dropout-prob 0 does not train: use --cfg-scale 1, or a dropout > 0"
+        )
 
 
 def default_image_size(a):
@@ -256,8 +390,10 @@ def check_run_folder(out, resumed_run=None):
     """--out must not be another run's folder: its checkpoints and logs would be overwritten and mixed."""
     ckpts = out / "checkpoints"
     if ckpts.is_dir() and any(ckpts.glob("*.pt")) and (resumed_run is None or out.resolve() != resumed_run):
-        raise UsageError(f"--out {out} holds another run (checkpoints in {ckpts}): continue it with --resume {out}, "
-                         f"or give a new --out")
+        raise UsageError(
+            f"--out {out} holds another run (checkpoints in {ckpts}): continue it with --resume {out}, "
+            f"or give a new --out"
+        )
 
 
 def find_checkpoint(path):
@@ -316,10 +452,14 @@ def to_float8(model, device):
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError as e:
-        raise UsageError("--precision fp8 needs the torchao package, which is not installed (pip install torchao)") from e
+        raise UsageError(
+            "--precision fp8 needs the torchao package, which is not installed (pip install torchao)"
+        ) from e
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise UsageError("--precision fp8 needs an NVIDIA GPU with float8 tensor cores (compute capability 8.9 or "
-                         f"newer: Ada, Hopper, Blackwell); this run is on {device}")
+        raise UsageError(
+            "--precision fp8 needs an NVIDIA GPU with float8 tensor cores (compute capability 8.9 or "
+            f"newer: Ada, Hopper, Blackwell); this run is on {device}"
+        )
     return convert_to_float8_training(model, module_filter_fn=lambda module, name: name.endswith(FP8_LAYERS))
 
 
@@ -341,8 +481,20 @@ class TrainStep:
     Under fp16 the GradScaler also lowers its scale on such a step.
     """
 
-    def __init__(self, model, raw, ema, diffusion, dist, *, precision="fp32", lr=1e-4, weight_decay=0.0,
-                 grad_clip=0.0, ema_decay=0.9999):
+    def __init__(
+        self,
+        model,
+        raw,
+        ema,
+        diffusion,
+        dist,
+        *,
+        precision="fp32",
+        lr=1e-4,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        ema_decay=0.9999,
+    ):
         self.device, self.dist, self.diffusion = dist.device, dist, diffusion
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.forward = amp_forward(model, self.device.type, PRECISIONS[precision])
@@ -433,8 +585,10 @@ class Trainer:
             self.ckpt_path = find_checkpoint(args.resume)
             self.ckpt = load_plain(self.ckpt_path, "--resume")
             if not isinstance(self.ckpt, dict) or self.ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise UsageError(f"{self.ckpt_path} is not a fastdit training checkpoint (to fine-tune official "
-                                 f"weights, start a new run)")
+                raise UsageError(
+                    f"{self.ckpt_path} is not a fastdit training checkpoint (to fine-tune official "
+                    f"weights, start a new run)"
+                )
             saved = self.ckpt["args"]
         a = self.args = merge_args(args, saved)
         if a.vae and not (a.data or a.latents):
@@ -454,8 +608,10 @@ class Trainer:
         if a.epochs is not None:
             a.steps = a.epochs * self.batches.per_epoch
         if self.ckpt is not None and a.steps < self.ckpt["step"]:
-            raise UsageError(f"--steps {a.steps}: the resumed run is at step {self.ckpt['step']} already; pass a "
-                             f"larger --steps to train on")
+            raise UsageError(
+                f"--steps {a.steps}: the resumed run is at step {self.ckpt['step']} already; pass a "
+                f"larger --steps to train on"
+            )
         if a.deterministic:
             self._make_deterministic()  # before the first cuBLAS call
         self._build_model()
@@ -492,18 +648,24 @@ class Trainer:
             self.dataset = LatentsDataset(a.latents)
             self.vae_record = self.dataset.meta["vae"]
             if a.image_size not in (None, self.dataset.meta["image_size"]):
-                raise UsageError(f"--image-size {a.image_size}: {a.latents} holds latents of "
-                                 f"{self.dataset.meta['image_size']}x{self.dataset.meta['image_size']} images")
+                raise UsageError(
+                    f"--image-size {a.image_size}: {a.latents} holds latents of "
+                    f"{self.dataset.meta['image_size']}x{self.dataset.meta['image_size']} images"
+                )
             a.image_size = self.dataset.meta["image_size"]
             if a.flip and not self.dataset.flip:
-                raise UsageError(f"--flip: {a.latents} holds no flipped latents (encode with `fastdit latents --flips both`)")
+                raise UsageError(
+                    f"--flip: {a.latents} holds no flipped latents (encode with `fastdit latents --flips both`)"
+                )
             self.decoder = load_vae_record(self.vae_record, self.device, name=a.vae)  # fails now, not at the first grid
         else:
             if a.vae:
                 self.codec = self.decoder = load_vae(a.vae, self.device)
                 self.vae_record = self.codec.describe()
                 if a.image_size % self.codec.factor:
-                    raise UsageError(f"--image-size {a.image_size} must be divisible by the VAE's factor {self.codec.factor}")
+                    raise UsageError(
+                        f"--image-size {a.image_size} must be divisible by the VAE's factor {self.codec.factor}"
+                    )
             self.dataset = build_dataset(a.data, a.image_size, channels=self.codec and self.codec.image_channels)
         self.channels = self.codec.latent_channels if self.codec else self.dataset.channels
         self.input_size = a.image_size // self.codec.factor if self.codec else self.dataset.image_size
@@ -521,13 +683,20 @@ class Trainer:
         from . import ops
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self._restore.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled(),
-                               warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+        self._restore.callback(
+            torch.use_deterministic_algorithms,
+            torch.are_deterministic_algorithms_enabled(),
+            warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
         torch.use_deterministic_algorithms(True)
         # Deterministic mode also NaN-fills every torch.empty (one more pass over memory per output);
         # fastdit's kernels write every element of their outputs (tested with NaN-poisoned buffers).
-        self._restore.callback(setattr, torch.utils.deterministic, "fill_uninitialized_memory",
-                               torch.utils.deterministic.fill_uninitialized_memory)
+        self._restore.callback(
+            setattr,
+            torch.utils.deterministic,
+            "fill_uninitialized_memory",
+            torch.utils.deterministic.fill_uninitialized_memory,
+        )
         torch.utils.deterministic.fill_uninitialized_memory = False
         self._restore.enter_context(ops.use_deterministic(True))
 
@@ -542,8 +711,9 @@ class Trainer:
         heads, batch = self.raw.num_heads, self.args.global_batch_size // self.dist.world_size
         dtype = (PRECISIONS[self.args.precision] if self.device.type == "cuda" else None) or torch.float32
         tokens, head_dim = (self.input_size // self.raw.patch_size) ** 2, self.raw.pos_embed.shape[-1] // heads
-        probe = torch.empty(batch, tokens, heads, head_dim, device=self.device, dtype=dtype,
-                            requires_grad=True)  # (B, T, H, Dh): q as the model makes it in training
+        probe = torch.empty(
+            batch, tokens, heads, head_dim, device=self.device, dtype=dtype, requires_grad=True
+        )  # (B, T, H, Dh): q as the model makes it in training
         try:
             with torch.enable_grad(), ops.use_attention_backend(recorded) if recorded else contextlib.nullcontext():
                 name = ops.attention_backend(probe)
@@ -551,12 +721,16 @@ class Trainer:
             raise UsageError(f"--deterministic: {e}" + (" (the resumed run's backend)" if recorded else "")) from e
         explicit = os.environ.get("FASTDIT_ATTENTION", "auto").strip().lower() or "auto"
         if recorded and explicit not in ("auto", recorded):
-            raise UsageError(f"FASTDIT_ATTENTION={explicit}: the resumed --deterministic run used attention backend "
-                             f"{recorded!r}; unset FASTDIT_ATTENTION (or resume with --no-deterministic)")
+            raise UsageError(
+                f"FASTDIT_ATTENTION={explicit}: the resumed --deterministic run used attention backend "
+                f"{recorded!r}; unset FASTDIT_ATTENTION (or resume with --no-deterministic)"
+            )
         if not BACKENDS[name].deterministic:
             usable = ", ".join(n for n, b in BACKENDS.items() if b.deterministic)
-            raise UsageError(f"--deterministic: attention backend {name!r} has no deterministic backward; choose one "
-                             f"of {usable} (FASTDIT_ATTENTION)")
+            raise UsageError(
+                f"--deterministic: attention backend {name!r} has no deterministic backward; choose one "
+                f"of {usable} (FASTDIT_ATTENTION)"
+            )
         self._restore.enter_context(ops.use_attention_backend(name))
         return name
 
@@ -566,8 +740,10 @@ class Trainer:
         here = dict(input_size=[self.input_size] * 2, in_channels=self.channels, num_classes=self._num_classes())
         differ = [f"{k} {v} (checkpoint: {stored.get(k)})" for k, v in here.items() if v != stored.get(k)]
         if differ:
-            raise UsageError(f"resuming {self.ckpt_path}: this data makes a model with {', '.join(differ)}; resume "
-                             f"with the run's data ({plain(self.ckpt.get('data'))})")
+            raise UsageError(
+                f"resuming {self.ckpt_path}: this data makes a model with {', '.join(differ)}; resume "
+                f"with the run's data ({plain(self.ckpt.get('data'))})"
+            )
 
     def _build_model(self):
         a = self.args
@@ -575,8 +751,12 @@ class Trainer:
         torch.manual_seed(a.seed)  # the same initial weights on every rank
         try:
             model, self.model_config = build_model(
-                a.model, input_size=self.input_size, in_channels=self.channels, num_classes=num_classes,
-                class_dropout_prob=a.class_dropout_prob, block=a.block,
+                a.model,
+                input_size=self.input_size,
+                in_channels=self.channels,
+                num_classes=num_classes,
+                class_dropout_prob=a.class_dropout_prob,
+                block=a.block,
             )
         except ValueError as e:
             raise UsageError(f"--model {a.model} at input size {self.input_size}: {e}") from e
@@ -596,10 +776,21 @@ class Trainer:
         self.model.train()  # label dropout on: it trains the null class used by CFG
         if a.compile:
             self.model = torch.compile(self.model)
-        diffusion = create_diffusion(timestep_respacing="", learn_sigma=self.raw.learn_sigma,
-                                     diffusion_steps=a.diffusion_steps)
-        self.step_fn = TrainStep(self.model, self.raw, self.ema, diffusion, self.dist, precision=a.precision, lr=a.lr,
-                                 weight_decay=a.weight_decay, grad_clip=a.grad_clip, ema_decay=a.ema_decay)
+        diffusion = create_diffusion(
+            timestep_respacing="", learn_sigma=self.raw.learn_sigma, diffusion_steps=a.diffusion_steps
+        )
+        self.step_fn = TrainStep(
+            self.model,
+            self.raw,
+            self.ema,
+            diffusion,
+            self.dist,
+            precision=a.precision,
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            grad_clip=a.grad_clip,
+            ema_decay=a.ema_decay,
+        )
 
     @property
     def opt(self):
@@ -646,11 +837,17 @@ class Trainer:
         the same with and without FSDP, so DDP and FSDP runs resume each other's checkpoints.
         """
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=bool(self.args.fsdp))
-        return (get_model_state_dict(self.raw, options=opts), get_model_state_dict(self.ema, options=opts),
-                get_optimizer_state_dict(self.raw, self.opt, options=opts))
+        return (
+            get_model_state_dict(self.raw, options=opts),
+            get_model_state_dict(self.ema, options=opts),
+            get_optimizer_state_dict(self.raw, self.opt, options=opts),
+        )
 
     def save_checkpoint(self):
         a = self.args
@@ -658,29 +855,48 @@ class Trainer:
         rngs = self.dist.all_gather_object(rng_state(self.device))
         path = self.out / "checkpoints" / f"{self.step:07d}.pt"
         if self.dist.is_main:
-            atomic_save(dict(
-                format=CHECKPOINT_FORMAT, model=model_sd, ema=ema_sd, opt=opt_sd, scaler=self.scaler.state_dict(),
-                step=self.step, data_position=list(self.position), rng=rngs, world_size=self.dist.world_size,
-                skipped=self.skipped, args=plain({k: v for k, v in vars(a).items() if k not in MACHINE_ARGS}),
-                model_name=a.model, model_config=self.model_config, vae=self.vae_record,
-                attention_backend=self.attention_backend, classes=list(self.dataset.classes),
-                data=self.dataset.describe() if a.latents is None else dict(kind="latents", path=a.latents),
-            ), path)
+            atomic_save(
+                dict(
+                    format=CHECKPOINT_FORMAT,
+                    model=model_sd,
+                    ema=ema_sd,
+                    opt=opt_sd,
+                    scaler=self.scaler.state_dict(),
+                    step=self.step,
+                    data_position=list(self.position),
+                    rng=rngs,
+                    world_size=self.dist.world_size,
+                    skipped=self.skipped,
+                    args=plain({k: v for k, v in vars(a).items() if k not in MACHINE_ARGS}),
+                    model_name=a.model,
+                    model_config=self.model_config,
+                    vae=self.vae_record,
+                    attention_backend=self.attention_backend,
+                    classes=list(self.dataset.classes),
+                    data=self.dataset.describe() if a.latents is None else dict(kind="latents", path=a.latents),
+                ),
+                path,
+            )
         self.dist.barrier()
         self.last_checkpoint = path
         return path
 
     def _load_state(self):
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         ck, d = self.ckpt, self.dist
         own = self.raw.state_dict()
         if own.keys() != ck["model"].keys() or any(own[k].shape != ck["model"][k].shape for k in own):
             saved = {"block": "adaLN-Zero", **ck["model_config"]}  # checkpoints from before block designs: DiT's
             changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.model_config.items() if saved.get(k) != v]
-            raise UsageError(f"--resume {self.ckpt_path}: the checkpoint's weights do not fit the model these options "
-                             f"make ({'; '.join(changed)}): a resumed run keeps its model")
+            raise UsageError(
+                f"--resume {self.ckpt_path}: the checkpoint's weights do not fit the model these options "
+                f"make ({'; '.join(changed)}): a resumed run keeps its model"
+            )
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.raw, ck["model"], options=opts)
         set_model_state_dict(self.ema, ck["ema"], options=opts)
@@ -694,8 +910,10 @@ class Trainer:
         else:  # the random streams cannot continue: derive new ones, deterministic per (seed, step, rank)
             seed_everything((self.args.seed * d.world_size + d.rank) * 1_000_003 + self.step)
             if d.is_main:
-                print(f"note: resuming a {ck['world_size']}-process run on {d.world_size} processes: the data order "
-                      f"continues, the random streams restart (not bit-exact)")
+                print(
+                    f"note: resuming a {ck['world_size']}-process run on {d.world_size} processes: the data order "
+                    f"continues, the random streams restart (not bit-exact)"
+                )
         self.last_checkpoint = self.ckpt_path
         self.ckpt = None  # free the memory
 
@@ -734,9 +952,18 @@ class Trainer:
         # CPUs lack fast fp16 (and often bf16) matmuls: there the samples are drawn in fp32. Autocast's
         # dtype, not fp8: the EMA model has no float8 layers.
         precision = {"fp8": "bf16"}.get(a.precision, a.precision) if self.device.type == "cuda" else "fp32"
-        return Sampler(self.ema, cfg_scale=cfg_scale, cfg_channels=a.cfg_channels, sampler="ddpm", steps=a.sample_steps,
-                       clip_denoised=self.decoder is None, precision=precision, diffusion_steps=a.diffusion_steps,
-                       cuda_graphs=cuda_graphs, device=self.device)
+        return Sampler(
+            self.ema,
+            cfg_scale=cfg_scale,
+            cfg_channels=a.cfg_channels,
+            sampler="ddpm",
+            steps=a.sample_steps,
+            clip_denoised=self.decoder is None,
+            precision=precision,
+            diffusion_steps=a.diffusion_steps,
+            cuda_graphs=cuda_graphs,
+            device=self.device,
+        )
 
     def measure_fid(self, log):
         """FID of --fid-samples EMA samples (DiT's FID guidance 1.5 where the model has a null class), logged.
@@ -762,16 +989,20 @@ class Trainer:
         a, d = self.args, self.dist
         if d.is_main:
             n_params = sum(p.numel() for p in self.raw.parameters())
-            print(f"fastdit train: {a.model} ({n_params / 1e6:.2f}M parameters, input {self.channels}x{self.input_size}"
-                  f"x{self.input_size}, {'latent' if self.vae_record else 'pixel'} space) on {self.dataset.name} "
-                  f"({len(self.dataset)} items, {self.raw.num_classes or 'unconditional: no'} classes; "
-                  f"{self.preset}-data defaults), "
-                  f"{d.world_size} process(es) on {self.device.type}, {a.precision}, global batch "
-                  f"{a.global_batch_size}; {'resuming at step ' + str(self.step) if self.step else 'from scratch'} "
-                  f"-> {self.out}")
+            print(
+                f"fastdit train: {a.model} ({n_params / 1e6:.2f}M parameters, input {self.channels}x{self.input_size}"
+                f"x{self.input_size}, {'latent' if self.vae_record else 'pixel'} space) on {self.dataset.name} "
+                f"({len(self.dataset)} items, {self.raw.num_classes or 'unconditional: no'} classes; "
+                f"{self.preset}-data defaults), "
+                f"{d.world_size} process(es) on {self.device.type}, {a.precision}, global batch "
+                f"{a.global_batch_size}; {'resuming at step ' + str(self.step) if self.step else 'from scratch'} "
+                f"-> {self.out}"
+            )
             if self.step == a.steps:
-                print(f"the run is at its last step ({a.steps}): writing its final samples and loss curve; pass a "
-                      f"larger --steps to train on")
+                print(
+                    f"the run is at its last step ({a.steps}): writing its final samples and loss curve; pass a "
+                    f"larger --steps to train on"
+                )
         losses, t_start = [], time.time()
         bar = tqdm(total=a.steps, initial=self.step, disable=not d.is_main, desc="train", dynamic_ncols=True)
         try:
@@ -790,9 +1021,11 @@ class Trainer:
         finite = [v for v in losses if v is not None][-100:]
         final = sum(finite) / len(finite) if finite else float("nan")
         if d.is_main:
-            print(f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {len(finite)} "
-                  f"steps), {self.skipped} skipped\n  checkpoint {checkpoint}\n  samples    {grid}\n"
-                  f"  loss curve {curve}")
+            print(
+                f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {len(finite)} "
+                f"steps), {self.skipped} skipped\n  checkpoint {checkpoint}\n  samples    {grid}\n"
+                f"  loss curve {curve}"
+            )
         return TrainResult(str(self.out), str(checkpoint), str(grid), str(curve), losses, final, self.skipped, seconds)
 
     def _loop(self, bar):
@@ -860,7 +1093,8 @@ class Trainer:
                 raise TrainingError(
                     f"the update of step {step} made weights NaN/Inf (its loss {loss:.4g} and grad norm "
                     f"{norm:.4g} were finite: the step was too large); stopping. Last good checkpoint: "
-                    f"{self.last_checkpoint or 'none'}. Try a lower --lr, or --grad-clip 1")
+                    f"{self.last_checkpoint or 'none'}. Try a lower --lr, or --grad-clip 1"
+                )
             if bad:
                 self.skipped, self.bad_run = self.skipped + 1, self.bad_run + 1
                 losses.append(None)
@@ -870,7 +1104,8 @@ class Trainer:
                         f"the loss or gradients were NaN/Inf for {self.bad_run} steps in a row (steps "
                         f"{step - self.bad_run + 1}-{step}, {self.skipped} skipped in all); stopping. Last "
                         f"checkpoint: {self.last_checkpoint or 'none'}. Try a lower --lr, --grad-clip 1, or "
-                        f"--precision bf16 instead of fp16")
+                        f"--precision bf16 instead of fp16"
+                    )
             else:
                 self.bad_run = 0
                 losses.append(loss)
@@ -890,14 +1125,23 @@ class Trainer:
         rate = steps / max(now - self._window_start, 1e-9)
         self._window_start = now
         mem = _util.memory_bytes(self.device) / 2**30
-        rec = dict(event="log", step=self.step, loss=sum(window) / steps if steps else None, steps_per_s=rate,
-                   images_per_s=rate * self.args.global_batch_size, memory_gb=mem, skipped=self.skipped)
+        rec = dict(
+            event="log",
+            step=self.step,
+            loss=sum(window) / steps if steps else None,
+            steps_per_s=rate,
+            images_per_s=rate * self.args.global_batch_size,
+            memory_gb=mem,
+            skipped=self.skipped,
+        )
         if self.dist.is_main:
             self._record(log, rec)
             loss = f"{rec['loss']:.4f}" if steps else "n/a"
-            bar.write(f"step {self.step:7d}  loss {loss}  {rec['images_per_s']:.0f} img/s  "
-                      f"{'cuda max allocated' if self.device.type == 'cuda' else 'peak RSS'} {mem:.2f} GiB"
-                      + (f"  skipped {self.skipped}" if self.skipped else ""))
+            bar.write(
+                f"step {self.step:7d}  loss {loss}  {rec['images_per_s']:.0f} img/s  "
+                f"{'cuda max allocated' if self.device.type == 'cuda' else 'peak RSS'} {mem:.2f} GiB"
+                + (f"  skipped {self.skipped}" if self.skipped else "")
+            )
 
     def close(self):
         self._restore.close()
@@ -918,8 +1162,13 @@ def plot_loss_curve(records, path, title):
     if len(loss):
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
         k = _util.smoothing_window(len(loss))
-        ax.plot(steps[k - 1 :], _util.moving_average(loss, k), color="tab:blue", linewidth=1.8,
-                label=f"moving average ({k} steps)")
+        ax.plot(
+            steps[k - 1 :],
+            _util.moving_average(loss, k),
+            color="tab:blue",
+            linewidth=1.8,
+            label=f"moving average ({k} steps)",
+        )
         ax.set_yscale("log")
         ax.legend()
     ax.set_xlabel("step")
@@ -941,11 +1190,14 @@ def run(args):
     if args.model is not None:
         check_model_name(args.model)  # before any process group or data: the cheapest error first
     if args.num_classes == 0 and args.cfg_scale not in (None, 1.0):
-        raise UsageError(f"--cfg-scale {args.cfg_scale}: an unconditional model (--num-classes 0) has no "
-                         f"classifier-free guidance")
+        raise UsageError(
+            f"--cfg-scale {args.cfg_scale}: an unconditional model (--num-classes 0) has no classifier-free guidance"
+        )
     if args.global_batch_size is not None and args.global_batch_size % env_world_size():
-        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
-                         f"{env_world_size()} (the number of processes)")
+        raise UsageError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
+            f"{env_world_size()} (the number of processes)"
+        )
     trainer = Trainer(args)
     try:
         return trainer.fit()

@@ -6,6 +6,7 @@ decode(scaled latents) -> images. A codec describes itself as a plain record (ki
 revision, a fingerprint of its weights, scale factor, shapes) that travels with every latents
 folder and checkpoint, so that sampling decodes with the VAE the latents were encoded with.
 """
+
 import hashlib
 import re
 import time
@@ -94,9 +95,16 @@ class LatentCodec:
 
     def describe(self):
         """Plain-typed record of this VAE (stored in latents manifests and checkpoints)."""
-        return dict(kind=self.kind, name=self.name, revision=self.revision, fingerprint=self.fingerprint,
-                    scale_factor=self.scale_factor, latent_channels=self.latent_channels, factor=self.factor,
-                    image_channels=self.image_channels)
+        return dict(
+            kind=self.kind,
+            name=self.name,
+            revision=self.revision,
+            fingerprint=self.fingerprint,
+            scale_factor=self.scale_factor,
+            latent_channels=self.latent_channels,
+            factor=self.factor,
+            image_channels=self.image_channels,
+        )
 
     def _autocast(self):
         dtype = PRECISION_DTYPES[self.precision]
@@ -130,8 +138,17 @@ class SmallVAECodec(LatentCodec):
         self.vae.load_state_dict(ckpt["vae"])
         cfg = ckpt["config"]
         self.trained_on = ckpt.get("data")
-        super().__init__(Path(path).resolve(), None, self.vae, ckpt["scale_factor"], cfg["latent_channels"],
-                         2 ** cfg["downsample"], cfg["in_channels"], device, precision)
+        super().__init__(
+            Path(path).resolve(),
+            None,
+            self.vae,
+            ckpt["scale_factor"],
+            cfg["latent_channels"],
+            2 ** cfg["downsample"],
+            cfg["in_channels"],
+            device,
+            precision,
+        )
 
     def _posterior(self, x):
         mean, logvar = self.vae.encode(x)
@@ -151,7 +168,8 @@ def hub_snapshot(repo_id, revision=None):
         raise UsageError(
             f"--vae {repo_id}{'@' + revision if revision else ''}: cannot get it from the Hugging Face hub nor its local "
             f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Run once on a machine with internet "
-            f"(the cache is reused offline), or give a local folder with the AutoencoderKL weights") from e
+            f"(the cache is reused offline), or give a local folder with the AutoencoderKL weights"
+        ) from e
     return Path(folder), Path(folder).name
 
 
@@ -164,21 +182,36 @@ class DiffusersVAE(LatentCodec):
         try:
             from diffusers.models import AutoencoderKL
         except ImportError as e:
-            raise UsageError(f"--vae {name}: diffusers' AutoencoderKL is needed but diffusers is not installed "
-                             f"(pip install 'fastdit[diffusers]')") from e
+            raise UsageError(
+                f"--vae {name}: diffusers' AutoencoderKL is needed but diffusers is not installed "
+                f"(pip install 'fastdit[diffusers]')"
+            ) from e
         folder = Path(name)
         if folder.is_dir():
             name, revision = folder.resolve(), None
         else:
             folder, revision = hub_snapshot(name, revision)
         try:
-            self.vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
+            self.vae = (
+                AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
+                .to(device)
+                .eval()
+            )
         except (OSError, ValueError, TypeError) as e:
             raise UsageError(f"--vae {name}: not a diffusers AutoencoderKL folder ({_first_line(e)})") from e
         cfg = self.vae.config
         factor = 2 ** (len(cfg.block_out_channels) - 1)
-        super().__init__(name, revision, self.vae, cfg.scaling_factor, cfg.latent_channels, factor, cfg.in_channels,
-                         device, precision)
+        super().__init__(
+            name,
+            revision,
+            self.vae,
+            cfg.scaling_factor,
+            cfg.latent_channels,
+            factor,
+            cfg.in_channels,
+            device,
+            precision,
+        )
 
     def _posterior(self, x):
         dist = self.vae.encode(x).latent_dist
@@ -224,7 +257,8 @@ def check_same_vae(record, codec):
         raise UsageError(
             f"VAE mismatch: the latents were encoded with {record['name']} (weights {record['fingerprint']}, scale "
             f"factor {record['scale_factor']}), but --vae {codec.name} has weights {codec.fingerprint}, scale factor "
-            f"{codec.scale_factor}: decode with the VAE the latents were encoded with")
+            f"{codec.scale_factor}: decode with the VAE the latents were encoded with"
+        )
 
 
 #################################################################################
@@ -239,29 +273,45 @@ Writes <out>/vae.pt (weights, config, latent scale factor) and <out>/reconstruct
 
 
 def add_arguments(parser):
-    parser.add_argument("--data", help="image folder (class per sub-folder), mnist:DIR or cifar10:DIR; default: the "
-                                       "embedded digits")
-    parser.add_argument("--image-size", type=_args.positive, default=16, help="image size, divisible by "
-                                                                              "2**--downsample; default 16 (the 8x8 "
-                                                                              "digits upsampled)")
-    parser.add_argument("--channels", type=int, choices=[1, 3], help="image channels; default 1 for the digits, 3 for "
-                                                                     "a folder")
+    parser.add_argument(
+        "--data", help="image folder (class per sub-folder), mnist:DIR or cifar10:DIR; default: the embedded digits"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=_args.positive,
+        default=16,
+        help="image size, divisible by 2**--downsample; default 16 (the 8x8 digits upsampled)",
+    )
+    parser.add_argument(
+        "--channels", type=int, choices=[1, 3], help="image channels; default 1 for the digits, 3 for a folder"
+    )
     parser.add_argument("--latent-channels", type=_args.positive, default=4, help="channels of the latents; default 4")
-    parser.add_argument("--downsample", type=_args.integer(0, 8), default=2,
-                        help="stride-2 stages: latents are image_size / 2**downsample; default 2")
-    parser.add_argument("--base-channels", type=_args.positive, default=32, help="channels of the convolutions; "
-                                                                                 "default 32")
+    parser.add_argument(
+        "--downsample",
+        type=_args.integer(0, 8),
+        default=2,
+        help="stride-2 stages: latents are image_size / 2**downsample; default 2",
+    )
+    parser.add_argument(
+        "--base-channels", type=_args.positive, default=32, help="channels of the convolutions; default 32"
+    )
     parser.add_argument("--beta", type=_args.number(0), default=1e-3, help="KL weight (per pixel); default 0.001")
     parser.add_argument("--steps", type=_args.positive, default=1000, help="training steps; default 1000")
     parser.add_argument("--batch-size", type=_args.positive, default=128, help="images per step; default 128")
-    parser.add_argument("--lr", type=_args.number(0, low_open=True), default=2e-3, help="Adam learning rate; "
-                                                                                        "default 0.002")
+    parser.add_argument(
+        "--lr", type=_args.number(0, low_open=True), default=2e-3, help="Adam learning rate; default 0.002"
+    )
     parser.add_argument("--seed", type=_args.seed, default=0, help="seed of the weights and batches; default 0")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to run; default auto: cuda if present, else cpu")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run; default auto: cuda if present, else cpu",
+    )
     parser.add_argument("--out", type=_args.output_folder, help="output folder; default runs/vae-<data>-<time>")
-    parser.add_argument("--log-every", type=_args.positive, default=100, help="show the losses every N steps; "
-                                                                              "default 100")
+    parser.add_argument(
+        "--log-every", type=_args.positive, default=100, help="show the losses every N steps; default 100"
+    )
 
 
 def train_vae(args):
@@ -274,7 +324,7 @@ def train_vae(args):
     from ._dist import pick_device
 
     if args.image_size % 2**args.downsample:
-        raise UsageError(f"--image-size {args.image_size} must be divisible by 2**--downsample = {2 ** args.downsample}")
+        raise UsageError(f"--image-size {args.image_size} must be divisible by 2**--downsample = {2**args.downsample}")
     device = pick_device(args.device, 0)
     dataset = build_dataset(args.data, args.image_size, channels=args.channels, flip=False)
     images = dataset.all_images()  # (N, C, S, S) in [-1, 1]
@@ -301,12 +351,22 @@ def train_vae(args):
         recon = vae.decode(vae.encode(shown)[0])
     path = out / "vae.pt"
     atomic_save(
-        dict(format=VAE_FORMAT, vae=vae.state_dict(), config=vae.config, scale_factor=scale,
-             data=dataset.describe(), steps=args.steps, beta=args.beta, final_loss=losses[-1]),
+        dict(
+            format=VAE_FORMAT,
+            vae=vae.state_dict(),
+            config=vae.config,
+            scale_factor=scale,
+            data=dataset.describe(),
+            steps=args.steps,
+            beta=args.beta,
+            final_loss=losses[-1],
+        ),
         path,
     )
     save_grid(torch.cat([shown, recon]).cpu(), out / "reconstructions.png", nrow=16)
-    print(f"VAE: final loss {losses[-1]:.4f}, latent scale factor {scale:.4f}, latents "
-          f"{args.latent_channels}x{args.image_size // 2**args.downsample}x{args.image_size // 2**args.downsample}")
+    print(
+        f"VAE: final loss {losses[-1]:.4f}, latent scale factor {scale:.4f}, latents "
+        f"{args.latent_channels}x{args.image_size // 2**args.downsample}x{args.image_size // 2**args.downsample}"
+    )
     print(f"wrote {path} and {out / 'reconstructions.png'} (top: images, bottom: reconstructions)")
     return dict(path=str(path), losses=losses, scale_factor=scale, out=str(out))

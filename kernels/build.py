@@ -7,6 +7,7 @@
 FASTDIT_BUILD_NATIVE decides whether an install builds them: unset, when nvcc and cmake are found;
 1, always (a missing tool is an error); 0, never. Plain Python, no torch: setup.py imports it.
 """
+
 import argparse
 import os
 import shutil
@@ -46,7 +47,9 @@ def decide(env=os.environ):
     """(nvcc, cmake) to build with, or None with the reason to skip; BuildError when forced and impossible."""
     setting = env.get(ENV, "").strip()
     if setting not in ("", "0", "1"):
-        raise BuildError(f"{ENV} must be 0 (skip the native kernels), 1 (build them) or unset (build if nvcc is found); got {setting!r}")
+        raise BuildError(
+            f"{ENV} must be 0 (skip the native kernels), 1 (build them) or unset (build if nvcc is found); got {setting!r}"
+        )
     if setting == "0":
         return None, f"{ENV}=0"
     nvcc, cmake = find_nvcc(env), shutil.which("cmake", path=env.get("PATH"))
@@ -62,7 +65,15 @@ def decide(env=os.environ):
 def build(out_dir, build_dir, nvcc, cmake, jobs=None):
     """Configure and build with CMake in build_dir; copy the library into out_dir; return its path."""
     out_dir, build_dir = Path(out_dir), Path(build_dir)
-    configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    configure = [
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build_dir),
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DCMAKE_CUDA_COMPILER={nvcc}",
+    ]
     compile_ = [cmake, "--build", str(build_dir), "--parallel", str(jobs or os.cpu_count() or 1)]
     for cmd in (configure, compile_):
         run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -75,7 +86,9 @@ def build(out_dir, build_dir, nvcc, cmake, jobs=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PACKAGE_DIR, help=f"folder for {LIB_NAME} (default: %(default)s)")
-    parser.add_argument("--build-dir", type=Path, default=ROOT / "build" / "native", help="CMake build folder (default: %(default)s)")
+    parser.add_argument(
+        "--build-dir", type=Path, default=ROOT / "build" / "native", help="CMake build folder (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     try:
         tools, _ = decide({**os.environ, ENV: "1"})

@@ -1,4 +1,5 @@
 """Synthetic MNIST (IDX files) and CIFAR-10 (python pickles) folders, laid out as the real downloads."""
+
 import gzip
 import pickle
 import struct
@@ -30,8 +31,15 @@ def write_mnist(folder, n=20):
 
 def cifar_batch(images, labels, py2_names=False):
     """A data_batch_N pickle as CIFAR-10's python version stores it (images (N, 3, 32, 32) uint8)."""
-    raw = pickle.dumps({"batch_label": "training batch", "labels": [int(v) for v in labels],
-                        "data": images.reshape(len(images), -1), "filenames": ["x.png"] * len(images)}, protocol=2)
+    raw = pickle.dumps(
+        {
+            "batch_label": "training batch",
+            "labels": [int(v) for v in labels],
+            "data": images.reshape(len(images), -1),
+            "filenames": ["x.png"] * len(images),
+        },
+        protocol=2,
+    )
     # the real files were written by Python 2 and numpy 1: their arrays name numpy.core.multiarray
     return raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray") if py2_names else raw
 

@@ -7,6 +7,7 @@ unnoticed: inside `SyncTrap()` every one of them is recorded, wherever it comes 
 through the torch-function layer, C++ through the dispatcher), with the line that caused it.
 (`.to(device)` is not flagged: on the CPU a move to the CPU cannot be told from one that stays put.)
 """
+
 import traceback
 
 import pytest
@@ -15,8 +16,17 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that hand values to the host or size their output by the values.
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
-               "equal", "is_nonzero", "allclose"}
+SYNCING_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "equal",
+    "is_nonzero",
+    "allclose",
+}
 # Tensor methods that read values into Python (on the CPU some never reach the dispatcher).
 READING_METHODS = {"tolist", "item", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__complex__"}
 
@@ -78,7 +88,9 @@ class SyncTrap:
 
     def check(self):
         if self.events:
-            raise AssertionError(f"{len(self.events)} device-to-host read(s):\n" + "\n".join(f"{w}\n{loc}" for w, loc in self.events))
+            raise AssertionError(
+                f"{len(self.events)} device-to-host read(s):\n" + "\n".join(f"{w}\n{loc}" for w, loc in self.events)
+            )
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Shared by the training-stack tests (test_train*.py, test_vae.py, test_sample.py, test_cli.py)."""
+
 import pytest
 import torch
 

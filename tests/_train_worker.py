@@ -6,6 +6,7 @@ usage: python -m torch.distributed.run ... tests/_train_worker.py OUT CRASH_AT -
 CRASH_AT > 0 makes every rank die (exit code 3) when it is about to run step CRASH_AT + 1.
 FASTDIT_TEST_NAN_AT="3,5" makes rank 1's loss NaN on those (1-based) steps.
 """
+
 import hashlib
 import json
 import os
@@ -54,8 +55,9 @@ def main():
         result = fit(self)
         model_sd, ema_sd, _ = self._state_dicts()
         with open(f"{out}.rank{self.dist.rank}.json", "w") as f:
-            json.dump(dict(losses=result.losses, model=digest(model_sd), ema=digest(ema_sd),
-                           world=self.dist.world_size), f)
+            json.dump(
+                dict(losses=result.losses, model=digest(model_sd), ema=digest(ema_sd), world=self.dist.world_size), f
+            )
         if self.dist.is_main:
             torch.save(dict(model=model_sd, ema=ema_sd), f"{out}.weights.pt")
         return result

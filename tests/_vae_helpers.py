@@ -1,4 +1,5 @@
 """A tiny diffusers AutoencoderKL with random weights (nothing downloaded) and a small RGB image folder."""
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +11,15 @@ def save_tiny_sd_vae(path, seed=0):
     from diffusers.models import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
     vae.save_pretrained(str(path))
     return str(path)
 

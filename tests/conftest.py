@@ -5,6 +5,7 @@ and the tests marked `gpu` are skipped (the device check runs them, compiled, on
 TRITON_INTERPRET must be set before Triton decorates a kernel; on a GPU machine it stays unset
 so the same tests run the compiled kernels on CUDA tensors.
 """
+
 import os
 import sys
 import types
@@ -29,7 +30,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    needs_gpu = pytest.mark.skip(reason="needs a CUDA GPU (the device check runs it: python -m benchmarks --device-check)")
+    needs_gpu = pytest.mark.skip(
+        reason="needs a CUDA GPU (the device check runs it: python -m benchmarks --device-check)"
+    )
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(needs_gpu)

@@ -24,6 +24,7 @@ Where PyTorch itself gives inf or NaN it earns no allowance. float32 results pas
 ill-conditioned inputs, e.g. attention logits near -100). NaN never passes. A failure says where and
 by how much.
 """
+
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,7 +95,7 @@ def reference_pair(fn, inputs, grad_out=None):
         runs[key] = {"out": outs, "leaves": leaves}
     if grad_out is None:
         grad_out = [torch.randn_like(o) for o in runs["pt"]["out"]]
-    for key, run in runs.items():
+    for run in runs.values():
         gs = [g.to(o.dtype) for g, o in zip(grad_out, run["out"])]
         run["grad"] = torch.autograd.grad(run["out"], run["leaves"], gs, allow_unused=True)
     return runs["pt"], runs["ref"], grad_out

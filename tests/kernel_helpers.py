@@ -1,5 +1,6 @@
 """What the kernel tests share: the backend under test, NaN-poisoned buffers, and one check of an
 op (outputs and every gradient) against fastdit.reference by the DESIGN.md rule."""
+
 import numpy as np
 import pytest
 import torch
@@ -207,7 +208,9 @@ class RowOpTests:
     @pytest.mark.parametrize("kind", ["transposed", "expanded", "batch_broadcast"])
     def test_strided_upstream_gradients(self, kind, device):
         inputs = self.inputs(3, 4, 72, torch.float32, device)
-        self.check(inputs, [upstream_grad(kind, (3, 4, 72), torch.float32, device) for _ in range(self.n_outputs(inputs))])
+        self.check(
+            inputs, [upstream_grad(kind, (3, 4, 72), torch.float32, device) for _ in range(self.n_outputs(inputs))]
+        )
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_gpu_blocking_is_correct_and_deterministic(self, dtype, device, monkeypatch, kernel_backend):

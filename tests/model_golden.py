@@ -1,5 +1,6 @@
 """The official DiT's numbers (tests/data/official_model_golden.pt, made by the official models.py
 through tests/data/make_official_model_golden.py) and how a model is judged against them."""
+
 import torch
 
 from tests.data import make_official_model_golden as official

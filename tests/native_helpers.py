@@ -1,6 +1,7 @@
 """The native CUDA kernels in tests: the library pip install built (or a fresh build through the
 same CMake recipe), and, without a GPU, the same kernel sources compiled as C++ and run on the CPU
 (tests/native_emulation), so CI checks the kernels' logic and not only that they compile."""
+
 import atexit
 import contextlib
 import functools
@@ -34,7 +35,7 @@ def _newest_source():
     return max(p.stat().st_mtime for p in sources)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built_library():
     """The library built from the current sources: fastdit/_native's when it is newer than every
     kernel source (pip install built it), else a fresh CMake build in a temporary folder (once per
@@ -49,7 +50,7 @@ def built_library():
     return build.build(out / "lib", out / "build", *tools), None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def emulated_library():
     """kernels/*.cu compiled with g++ against tests/native_emulation (once per session); None, with
     the reason, where g++ or the CUDA headers are missing."""

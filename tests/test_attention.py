@@ -1,5 +1,6 @@
 """fastdit.ops.attention: the Triton kernels (forward, both backwards) and every installed backend
 against fastdit.reference.attention, backend selection, determinism, the model, torch.compile."""
+
 import pytest
 import torch
 
@@ -8,8 +9,10 @@ from fastdit.models import DiT
 from fastdit.ops import _attention as attention_module
 from fastdit.ops import _attention_policy
 from tests.helpers import DTYPES, assert_close, reference_pair
-from tests.kernel_helpers import poisoned  # noqa: F401 (fixture)
-from tests.kernel_helpers import round_bfloat16_like_the_gpu
+from tests.kernel_helpers import (
+    poisoned,  # noqa: F401 (fixture)
+    round_bfloat16_like_the_gpu,
+)
 
 pytestmark = pytest.mark.usefixtures("poisoned")  # the Triton kernels' buffers start as NaN
 
@@ -181,7 +184,9 @@ def test_missing_backends_raise_a_clear_error_and_auto_skips_them(monkeypatch):
     missing = [b for b in ("flash_attn", "xformers") if not attention_module.INSTALLED.intersection(
         attention_module.BACKENDS[b].packages)]  # fmt: skip
     for name in missing:
-        with pytest.raises(RuntimeError, match=f"attention backend '{name}' needs the .* package, which is not installed"):
+        with pytest.raises(
+            RuntimeError, match=f"attention backend '{name}' needs the .* package, which is not installed"
+        ):
             ops.attention(q, q, q, backend=name)
     with pytest.raises(RuntimeError, match="'sdpa_cudnn' runs on CUDA tensors only"):
         ops.attention(q, q, q, backend="sdpa_cudnn")

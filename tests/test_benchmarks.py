@@ -1,6 +1,7 @@
 """The benchmark runner and report: the device check in smoke mode (every file, the deadlines, what
 was skipped), the headline contract, the report of a synthetic GPU run, the FLOP count, the
 README section, the reports index and filing a GPU run's folder."""
+
 import json
 import re
 import subprocess
@@ -80,7 +81,9 @@ def run_command(*args):
     cmd = [sys.executable, "-m", "benchmarks", *args]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc.stdout, time.time() - t0
 
 
@@ -135,7 +138,9 @@ def test_output_folder_defaults_to_OUT(monkeypatch, tmp_path):
     assert cli.out_dir(cli.parse_args(["--device-check"]), "device check", "NVIDIA H200") == tmp_path.resolve()
 
 
-@pytest.mark.parametrize("argv, message", [(["--only", "nope"], "no suite named nope"), (["--budget", "5"], "must exceed")])
+@pytest.mark.parametrize(
+    "argv, message", [(["--only", "nope"], "no suite named nope"), (["--budget", "5"], "must exceed")]
+)
 def test_bad_arguments_give_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
@@ -154,8 +159,20 @@ def test_deadline_shares_flow_to_later_steps():
 def test_test_step_plugin_logs_outcomes_and_skips_past_the_deadline(tmp_path):
     (tmp_path / "test_x.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    assert 1 == 2\n")
     log = tmp_path / "log.jsonl"
-    env = runner.Run.child_env(SimpleNamespace(mode="smoke", device_check=False), FASTDIT_TEST_LOG=log, FASTDIT_BENCH_DEADLINE="")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.test_outcomes", str(tmp_path / "test_x.py")]
+    env = runner.Run.child_env(
+        SimpleNamespace(mode="smoke", device_check=False), FASTDIT_TEST_LOG=log, FASTDIT_BENCH_DEADLINE=""
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "benchmarks.test_outcomes",
+        str(tmp_path / "test_x.py"),
+    ]
     subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records[0]["collected"]) == 2
@@ -176,7 +193,13 @@ def test_headline_cases_run_first(monkeypatch):
     assert params[0].values[0] == (cases.KERNEL["B"], cases.KERNEL["T"], cases.KERNEL["D"])
     headline = [p for p in params if p.marks]
     assert len(headline) == len(kernel_bench.MODES) * 2 and params[: len(headline)] == headline
-    specs = (("a", False, "triton"), ("b", True, "compile"), ("c", False, "eager"), ("d", True, "triton"), ("e", True, "eager"))
+    specs = (
+        ("a", False, "triton"),
+        ("b", True, "compile"),
+        ("c", False, "eager"),
+        ("d", True, "triton"),
+        ("e", True, "eager"),
+    )
     items = [SimpleNamespace(name=n, callspec=SimpleNamespace(params={"impl": impl}), get_closest_marker=lambda name, h=h: h or None)
              for n, h, impl in specs]  # fmt: skip
     bench_conftest.pytest_collection_modifyitems(None, None, items)
@@ -208,9 +231,27 @@ def synthetic_run(out, gpu="NVIDIA H100 80GB HBM3", date="2031-01-02"):
                  row("attention", case, "flash_attn", 1.5, tflops=tflops / 1.5, **shape),
                  row("attention", case, "sdpa_flash", 1.25, tflops=tflops / 1.25, **shape),
                  {**row("attention", case, "xformers", None, **shape), "status": "not installed"}]  # fmt: skip
-    for impl, img_s, mem in (("eager", 100.0, 40.0), ("compile", 150.0, 30.0), ("fastdit", 160.0, 20.0), ("fastdit+compile", 180.0, 22.0)):
+    for impl, img_s, mem in (
+        ("eager", 100.0, 40.0),
+        ("compile", 150.0, 30.0),
+        ("fastdit", 160.0, 20.0),
+        ("fastdit+compile", 180.0, 22.0),
+    ):
         base = dict(model="DiT-XL/2", resolution=256)
-        rows.append(row("end_to_end", "train DiT-XL/2 256", impl, 64e3 / img_s, task="train", batch=64, img_per_s=img_s, mfu=img_s / 4, peak_mem_gib=mem, **base))
+        rows.append(
+            row(
+                "end_to_end",
+                "train DiT-XL/2 256",
+                impl,
+                64e3 / img_s,
+                task="train",
+                batch=64,
+                img_per_s=img_s,
+                mfu=img_s / 4,
+                peak_mem_gib=mem,
+                **base,
+            )
+        )
         for sampler, steps in workloads.SAMPLERS.items():
             rows.append(row("end_to_end", "sample DiT-XL/2 256", impl, 64e3 / img_s, task="sample", sampler=sampler, steps=steps,
                             timed_steps=10, extrapolated=True, batch=64, img_per_s=img_s / 100, **base))  # fmt: skip
@@ -218,10 +259,20 @@ def synthetic_run(out, gpu="NVIDIA H100 80GB HBM3", date="2031-01-02"):
                     status=harness.OUT_OF_TIME))  # fmt: skip
     for impl in ("eager", "fastdit"):
         p = dict(model="DiT-XL/2", resolution=256, batch=64, clock="device", total_ms=100.0)
-        rows.append(row("profile", "profile", impl, 70.0, level="op", op="aten::mm", category="GEMM", calls=300, pct=70.0, **p))
-        rows += [row("profile", "profile", impl, ms, level="category", op=None, category=c, pct=ms, **p) for c, ms in (("GEMM", 70.0), ("attention", 30.0))]
-    suites = {s: {"step": s, "status": "ok", "complete": True, "not_reached": []} for s in (*report.KERNELS, "attention", "end_to_end")}
-    suites["end_to_end"].update(status="stopped at its deadline", complete=False, not_reached=["test_end_to_end[sample-DiT-B/2-256-eager]"])
+        rows.append(
+            row("profile", "profile", impl, 70.0, level="op", op="aten::mm", category="GEMM", calls=300, pct=70.0, **p)
+        )
+        rows += [
+            row("profile", "profile", impl, ms, level="category", op=None, category=c, pct=ms, **p)
+            for c, ms in (("GEMM", 70.0), ("attention", 30.0))
+        ]
+    suites = {
+        s: {"step": s, "status": "ok", "complete": True, "not_reached": []}
+        for s in (*report.KERNELS, "attention", "end_to_end")
+    }
+    suites["end_to_end"].update(
+        status="stopped at its deadline", complete=False, not_reached=["test_end_to_end[sample-DiT-B/2-256-eager]"]
+    )
     recorded = {
         "environment": {"gpu": gpu, "date": date, "time_utc": date + "T00:00:00+00:00", "commit": "abc123", "torch": "2.x"},
         "ceilings": {"copy_bandwidth_gbs": 3000.0, "bf16_matmul_tflops": 700.0},
@@ -241,10 +292,24 @@ def test_report_of_a_gpu_run_computes_the_headline(tmp_path):
     results = synthetic_run(tmp_path)
     h = results["headline"]
     assert leaves(h, CONTRACT)
-    assert (h["gpu"], h["date"], h["commit"], h["copy_bandwidth_gbs"]) == ("NVIDIA H100 80GB HBM3", "2031-01-02", "abc123", 3000.0)
+    assert (h["gpu"], h["date"], h["commit"], h["copy_bandwidth_gbs"]) == (
+        "NVIDIA H100 80GB HBM3",
+        "2031-01-02",
+        "abc123",
+        3000.0,
+    )
     for k in report.KERNELS:  # the D=1152, 64K-token bf16 case; compile twice as slow as fastdit
-        assert h["kernels"][k] == {"fwd_pct_copy_bw": 80.0, "bwd_pct_copy_bw": 40.0, "fwd_speedup_vs_compile": 2.0, "bwd_speedup_vs_compile": 2.0}
-    assert h["attention"] == {"T256_hd72_tflops": 300.0, "T256_hd72_vs_best_other": 1.25, "hd72_over_hd64_per_flop": 0.75}
+        assert h["kernels"][k] == {
+            "fwd_pct_copy_bw": 80.0,
+            "bwd_pct_copy_bw": 40.0,
+            "fwd_speedup_vs_compile": 2.0,
+            "bwd_speedup_vs_compile": 2.0,
+        }
+    assert h["attention"] == {
+        "T256_hd72_tflops": 300.0,
+        "T256_hd72_vs_best_other": 1.25,
+        "hd72_over_hd64_per_flop": 0.75,
+    }
     t = h["train"]  # fastdit = the faster of fastdit and torch.compile(fastdit)
     assert (t["model"], t["batch_per_gpu"], t["img_per_s"], t["mfu"]) == ("DiT-XL/2", 64, 180.0, 45.0)
     assert (t["speedup_vs_eager"], t["speedup_vs_compile"], t["peak_mem_ratio_vs_eager"]) == (1.8, 1.2, 22.0 / 40.0)
@@ -265,7 +330,10 @@ def test_report_of_a_gpu_run_computes_the_headline(tmp_path):
 
 
 def test_headline_falls_back_to_the_closest_kernel_shape_and_says_so(tmp_path):
-    rows = [row("patchify", "small", impl, ms, mode="fwd", dtype="float32", D=16, tokens=64) for impl, ms in (("compile", 3.0), ("triton", 1.0))]
+    rows = [
+        row("patchify", "small", impl, ms, mode="fwd", dtype="float32", D=16, tokens=64)
+        for impl, ms in (("compile", 3.0), ("triton", 1.0))
+    ]
     results = report.save(tmp_path, {"rows": rows, "suites": {"patchify": {"status": "ok"}}})
     assert results["headline"]["kernels"]["patchify"]["fwd_speedup_vs_compile"] == 3.0
     assert "closest shape used" in results["headline_sources"]["kernels.patchify.fwd"]
@@ -349,9 +417,12 @@ def test_end_to_end_job_records_oom_and_fails_on_errors(monkeypatch):
     def build(error):
         def fail(*args, **kwargs):
             raise error
+
         return fail
 
-    monkeypatch.setattr(profile_step, "train_step", build(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
+    monkeypatch.setattr(
+        profile_step, "train_step", build(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    )
     row = bench_end_to_end.run_job("train", "DiT-XL/2", 256, 4, 2, "eager")
     assert row["ms"] is None and row["status"] == "out of memory at batch 4"
     monkeypatch.setattr(profile_step, "train_step", build(RuntimeError("kernel exploded")))

@@ -1,4 +1,5 @@
 """fastdit.load_checkpoint: official, DiT train.py and wrapped checkpoints, safely, with clear errors."""
+
 import argparse
 import collections
 import pickle

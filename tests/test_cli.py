@@ -1,5 +1,6 @@
 """The `fastdit` command: every bad flag is one line naming it (exit code 2, nothing written, no
 traceback), valid edge values work, every option's help states its default, `fastdit bench` forwards."""
+
 import argparse
 import os
 import subprocess
@@ -9,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 from PIL import Image
 
 from fastdit import DiT, cli, train
-
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,8 +23,24 @@ def files(tmp_path_factory):
     """What the invocations point at: a finished 2-step run, a VAE, image folders, files of the wrong kind."""
     root = tmp_path_factory.mktemp("files")
     train.main(FAST + ["--steps", "2", "--out", str(root / "run")])
-    assert cli.main(["vae", "--steps", "1", "--batch-size", "8", "--base-channels", "4", "--log-every", "1",
-                     "--out", str(root / "vae")]) == 0
+    assert (
+        cli.main(
+            [
+                "vae",
+                "--steps",
+                "1",
+                "--batch-size",
+                "8",
+                "--base-channels",
+                "4",
+                "--log-every",
+                "1",
+                "--out",
+                str(root / "vae"),
+            ]
+        )
+        == 0
+    )
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):
         (root / "rgb" / cls).mkdir(parents=True)
@@ -33,8 +49,10 @@ def files(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "junk.pt").write_bytes(os.urandom(256))
     (root / "plain.txt").write_text("not a folder")
-    torch.save(DiT(input_size=4, in_channels=4, depth=1, hidden_size=32, num_heads=2, num_classes=10).state_dict(),
-               root / "official.pt")
+    torch.save(
+        DiT(input_size=4, in_channels=4, depth=1, hidden_size=32, num_heads=2, num_classes=10).state_dict(),
+        root / "official.pt",
+    )
     return root
 
 
@@ -85,8 +103,10 @@ INVALID = [
     ("train --out {F}/plain.txt", "argument --out: '{F}/plain.txt' is a folder to write into, but"),
     ("train --out {F}/plain.txt/run", "argument --out"),
     # train: flags that must fit together, the data and the run folder
-    ("train --model DiT-Tiny/2 --image-size 9", "--image-size 9: the model's input 9x9 must be divisible by "
-                                                "DiT-Tiny/2's patch size 2"),
+    (
+        "train --model DiT-Tiny/2 --image-size 9",
+        "--image-size 9: the model's input 9x9 must be divisible by DiT-Tiny/2's patch size 2",
+    ),
     ("train --global-batch-size 5000", "the dataset has 1797 items, fewer than --global-batch-size 5000"),
     ("train --sample-steps 2000", "--sample-steps 2000 must be at most --diffusion-steps 1000"),
     ("train --cfg-scale 2 --class-dropout-prob 0", "--cfg-scale 2.0 guides the sample grids with the null class"),
@@ -115,8 +135,11 @@ INVALID = [
     ("train --resume {F}/run --diffusion-steps 500", "--diffusion-steps 500 contradicts"),
     ("train --resume {F}/run --class-dropout-prob 0.2", "--class-dropout-prob 0.2 contradicts"),
     ("train --resume {F}/run --data {F}/rgb --steps 3", "this data makes a model with in_channels 3 (checkpoint: 1)"),
-    ("train --deterministic --steps 1", "attention backend 'sdpa' has no deterministic backward",
-     dict(FASTDIT_ATTENTION="sdpa")),
+    (
+        "train --deterministic --steps 1",
+        "attention backend 'sdpa' has no deterministic backward",
+        dict(FASTDIT_ATTENTION="sdpa"),
+    ),
     # sample
     ("sample", "the following arguments are required: --ckpt"),
     ("sample --ckpt /no/ckpt.pt", "--ckpt '/no/ckpt.pt' does not exist or is not a file"),
@@ -124,10 +147,14 @@ INVALID = [
     ("sample --ckpt {F}/junk.pt", "--ckpt: {F}/junk.pt: not a PyTorch checkpoint"),
     ("sample --ckpt {F}/official.pt", "holds no model config"),
     ("sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 32", "give --vae"),
-    ("sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 32 --vae x", "does not fit the model (pos_embed "
-                                                                            "differs"),
-    ("sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 32 --vae x", "pos_embed: checkpoint (1, 4, 32), "
-                                                                            "model (1, 4, 384); "),
+    (
+        "sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 32 --vae x",
+        "does not fit the model (pos_embed differs",
+    ),
+    (
+        "sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 32 --vae x",
+        "pos_embed: checkpoint (1, 4, 32), model (1, 4, 384); ",
+    ),
     ("sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 36 --vae x", "--image-size 36 must be divisible by 8"),
     ("sample --ckpt {F}/run --steps 0", "argument --steps"),
     ("sample --ckpt {F}/run --steps 1001", "--steps must be in [2, 1000] (the model's diffusion steps), got 1001"),
@@ -152,8 +179,10 @@ INVALID = [
     # sample-ddp
     ("sample-ddp --ckpt {F}/run --num-samples 0", "argument --num-samples"),
     ("sample-ddp --ckpt {F}/run --per-proc-batch-size 0", "argument --per-proc-batch-size"),
-    ("sample-ddp --ckpt {F}/run --out samples.png", "argument --out: 'samples.png': the samples file is written as "
-                                                    ".npz"),
+    (
+        "sample-ddp --ckpt {F}/run --out samples.png",
+        "argument --out: 'samples.png': the samples file is written as .npz",
+    ),
     ("sample-ddp --ckpt {F}/run --out {F}/empty", "argument --out"),
     ("sample-ddp --ckpt {F}/run --steps 0", "argument --steps"),
     ("sample-ddp --ckpt {F}/run --steps 5000", "--steps must be in [2, 1000]"),
@@ -184,15 +213,19 @@ INVALID = [
     ("latents --vae /no/vae.pt --out x.pt", "--vae '/no/vae.pt' does not exist"),
     ("latents --vae {F}/junk.pt --out x.pt", "VAE checkpoint: {F}/junk.pt: not a PyTorch checkpoint"),
     ("latents --vae {F}/run/checkpoints/0000002.pt --out x.pt", "is not a fastdit VAE checkpoint"),
-    ("latents --vae {F}/vae/vae.pt --out {F}/plain.txt", "argument --out: '{F}/plain.txt' is a folder to write "
-                                                         "into, but"),
+    (
+        "latents --vae {F}/vae/vae.pt --out {F}/plain.txt",
+        "argument --out: '{F}/plain.txt' is a folder to write into, but",
+    ),
     ("latents --vae {F}/vae/vae.pt --out {F}/run", "--out {F}/run is a folder with other files in it"),
     ("latents --vae {F}/vae/vae.pt --out x --chunk-size 0", "argument --chunk-size"),
     ("latents --vae {F}/vae/vae.pt --out x --num-workers -1", "argument --num-workers"),
     ("latents --vae {F}/vae/vae.pt --out x --dtype float8", "argument --dtype: invalid choice"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --image-size 0", "argument --image-size"),
-    ("latents --vae {F}/vae/vae.pt --out x.pt --image-size 10", "--image-size 10 must be a positive multiple of "
-                                                                "the VAE's downsampling factor 4"),
+    (
+        "latents --vae {F}/vae/vae.pt --out x.pt --image-size 10",
+        "--image-size 10 must be a positive multiple of the VAE's downsampling factor 4",
+    ),
     ("latents --vae {F}/vae/vae.pt --out x.pt --batch-size 0", "argument --batch-size"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --seed -1", "argument --seed"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --flips sideways", "argument --flips: invalid choice"),
@@ -231,25 +264,140 @@ def test_every_bad_invocation_is_one_line_naming_it_and_writes_nothing(case, fil
 def test_valid_edge_values_work(files, tmp_path, monkeypatch, capsys):
     """The smallest (or largest) value every check lets through runs end to end."""
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["train", "--model", "DiT-Tiny/1", "--image-size", "4", "--steps", "1", "--global-batch-size", "1",
-                     "--diffusion-steps", "21", "--sample-steps", "2", "--ema-decay", "0", "--weight-decay", "0",
-                     "--cfg-scale", "0", "--class-dropout-prob", "0", "--ckpt-every", "0", "--sample-every", "0",
-                     "--log-every", "1", "--seed", "4294967295", "--max-bad-steps", "1", "--out", "edge"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                "DiT-Tiny/1",
+                "--image-size",
+                "4",
+                "--steps",
+                "1",
+                "--global-batch-size",
+                "1",
+                "--diffusion-steps",
+                "21",
+                "--sample-steps",
+                "2",
+                "--ema-decay",
+                "0",
+                "--weight-decay",
+                "0",
+                "--cfg-scale",
+                "0",
+                "--class-dropout-prob",
+                "0",
+                "--ckpt-every",
+                "0",
+                "--sample-every",
+                "0",
+                "--log-every",
+                "1",
+                "--seed",
+                "4294967295",
+                "--max-bad-steps",
+                "1",
+                "--out",
+                "edge",
+            ]
+        )
+        == 0
+    )
     ckpt = tmp_path / "edge" / "checkpoints" / "0000001.pt"
     assert ckpt.is_file() and (tmp_path / "edge" / "samples.png").is_file()
-    assert cli.main(["sample", "--ckpt", "edge", "--steps", "2", "--per-class", "1", "--classes", "0,9",
-                     "--seed", "0", "--out", "grid.jpg"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--ckpt",
+                "edge",
+                "--steps",
+                "2",
+                "--per-class",
+                "1",
+                "--classes",
+                "0,9",
+                "--seed",
+                "0",
+                "--out",
+                "grid.jpg",
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "grid.jpg").format == "JPEG"  # the suffix's format, not PNG bytes
-    assert cli.main(["sample", "--ckpt", str(files / "run"), "--sampler", "ddim", "--steps", "2",
-                     "--per-class", "1", "--classes", "3", "--out", "ddim.png"]) == 0
-    assert cli.main(["sample-ddp", "--ckpt", str(ckpt), "--num-samples", "1", "--per-proc-batch-size", "1",
-                     "--steps", "21", "--cfg-scale", "1", "--out", "one.npz"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--ckpt",
+                str(files / "run"),
+                "--sampler",
+                "ddim",
+                "--steps",
+                "2",
+                "--per-class",
+                "1",
+                "--classes",
+                "3",
+                "--out",
+                "ddim.png",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "sample-ddp",
+                "--ckpt",
+                str(ckpt),
+                "--num-samples",
+                "1",
+                "--per-proc-batch-size",
+                "1",
+                "--steps",
+                "21",
+                "--cfg-scale",
+                "1",
+                "--out",
+                "one.npz",
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "one.npz")["arr_0"].shape == (1, 4, 4, 1)
-    assert cli.main(["vae", "--steps", "1", "--batch-size", "1", "--downsample", "0", "--image-size", "8",
-                     "--beta", "0", "--base-channels", "1", "--latent-channels", "1", "--log-every", "1",
-                     "--out", "vae"]) == 0
-    assert cli.main(["latents", "--vae", "vae/vae.pt", "--batch-size", "2000", "--chunk-size", "2000",
-                     "--out", "lat"]) == 0
+    assert (
+        cli.main(
+            [
+                "vae",
+                "--steps",
+                "1",
+                "--batch-size",
+                "1",
+                "--downsample",
+                "0",
+                "--image-size",
+                "8",
+                "--beta",
+                "0",
+                "--base-channels",
+                "1",
+                "--latent-channels",
+                "1",
+                "--log-every",
+                "1",
+                "--out",
+                "vae",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(["latents", "--vae", "vae/vae.pt", "--batch-size", "2000", "--chunk-size", "2000", "--out", "lat"])
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddim.png", "edge", "grid.jpg", "lat", "one.npz", "vae"]
 
 
@@ -257,8 +405,9 @@ def test_outputs_go_under_runs_by_default(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--ckpt", str(files / "run"), "--steps", "2", "--per-class", "1", "--classes", "1", "--seed", "5"]
     assert cli.main(["sample", *args]) == 0
-    assert cli.main(["sample-ddp", *args[:4], "--num-samples", "1", "--per-proc-batch-size", "1",
-                     "--cfg-scale", "1"]) == 0
+    assert (
+        cli.main(["sample-ddp", *args[:4], "--num-samples", "1", "--per-proc-batch-size", "1", "--cfg-scale", "1"]) == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     written = sorted(p.name for p in (tmp_path / "runs" / "samples").iterdir())
     assert written == ["run-0000002-ddpm2-cfg1-seed0-n1.npz", "run-0000002-ddpm2-cfg4-seed5.png"]
@@ -284,8 +433,13 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
 
 def test_console_command_prints_no_traceback():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "fastdit", "train", "--data", "/no/such/dir"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdit", "train", "--data", "/no/such/dir"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr  # python -m fastdit passes on the exit code
     assert proc.stderr.strip() == "fastdit train: error: data path '/no/such/dir' does not exist"
 

@@ -8,6 +8,7 @@ for 16-bit attention tensor-core dots and pipelined copies.
 Triton 3.6 runs from .ci/triton-3.6, which .ci/run installs
 (pip install --target .ci/triton-3.6 triton==3.6.0 --no-deps); without it that half is skipped.
 """
+
 import json
 import os
 import subprocess
@@ -26,10 +27,21 @@ def compile_gate(pythonpath):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join(filter(None, [pythonpath, str(REPO), os.environ.get("PYTHONPATH")])))  # fmt: skip
     check = "import triton, os; print(triton.__version__, os.path.exists(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')))"
-    version, has_cuobjdump = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True).stdout.split()
+    version, has_cuobjdump = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     if has_cuobjdump != "True":
         pytest.skip(f"Triton {version} here cannot compile ahead of time for NVIDIA GPUs (no bundled cuobjdump)")
-    cmd = [sys.executable, "-m", "fastdit.ops._codegen", "--gate", "--arch", "80,90", "--jobs", str(os.cpu_count() or 1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastdit.ops._codegen",
+        "--gate",
+        "--arch",
+        "80,90",
+        "--jobs",
+        str(os.cpu_count() or 1),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, f"Triton {version}: {done.stderr[-3000:]}"
     return version, [json.loads(line) for line in done.stdout.splitlines()]
@@ -50,8 +62,16 @@ def test_every_dit_kernel_compiles_for_sm80_and_sm90(gate):
     version, rows = gate
     kernels = {(r["arch"], r["kernel"]) for r in rows}
     for arch in (80, 90):
-        for op in ("modulate_layer_norm", "gated_residual", "gated_residual_modulate_layer_norm", "patchify", "unpatchify"):
-            assert {(arch, f"{op}_fwd_kernel"), (arch, f"{op}_bwd_kernel")} <= kernels, f"Triton {version}, sm_{arch}: {op}"
+        for op in (
+            "modulate_layer_norm",
+            "gated_residual",
+            "gated_residual_modulate_layer_norm",
+            "patchify",
+            "unpatchify",
+        ):
+            assert {(arch, f"{op}_fwd_kernel"), (arch, f"{op}_bwd_kernel")} <= kernels, (
+                f"Triton {version}, sm_{arch}: {op}"
+            )
         assert {(arch, k) for k in (*ATTENTION_DOTS, "attention_bwd_delta_kernel")} <= kernels
 
 
@@ -60,7 +80,8 @@ def test_no_spills_and_the_occupancy_the_launchers_assume(gate):
     for r in rows:
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"spills: {where(version, r)}"
         assert r["programs_per_sm"] >= r["assumed_programs_per_sm"], (
-            f"{r['programs_per_sm']} programs fit per SM, the launcher sizes its grid for {r['assumed_programs_per_sm']}: {where(version, r)}")
+            f"{r['programs_per_sm']} programs fit per SM, the launcher sizes its grid for {r['assumed_programs_per_sm']}: {where(version, r)}"
+        )
 
 
 def test_vector_loads_and_tensor_cores_survive(gate):
@@ -69,4 +90,6 @@ def test_vector_loads_and_tensor_cores_survive(gate):
         if not r["kernel"].startswith(("patchify", "unpatchify")):  # a permutation: one side is strided
             assert r["vector_loads"] > 0, f"no 16-byte loads: {where(version, r)}"
         if r["kernel"] in ATTENTION_DOTS and "fp32" not in r["workload"]:
-            assert r["tensor_core_ops"] > 0 and r["cp_async"] > 0, f"no tensor-core dots or no cp.async: {where(version, r)}"
+            assert r["tensor_core_ops"] > 0 and r["cp_async"] > 0, (
+                f"no tensor-core dots or no cp.async: {where(version, r)}"
+            )

@@ -1,16 +1,23 @@
 """Datasets (every PIL mode, unreadable files, empty folders) and the resumable sharded sampler."""
+
 import itertools
 
 import numpy as np
 import pytest
 import torch
+from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
 from PIL import Image
 
 from fastdit._util import UsageError
-from fastdit.data import (DigitsDataset, ImageFolderDataset, ShardedBatches, UnreadableImage, build_dataset,
-                          center_crop_arr, read_image)
-
-from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from fastdit.data import (
+    DigitsDataset,
+    ImageFolderDataset,
+    ShardedBatches,
+    UnreadableImage,
+    build_dataset,
+    center_crop_arr,
+    read_image,
+)
 
 
 def test_digits_are_the_real_embedded_dataset():
@@ -85,14 +92,22 @@ RGB = np.random.default_rng(1).integers(0, 256, (8, 8, 3)).astype(np.uint8)
 ALPHA = np.tile(np.array([0, 255, 128, 64, 255, 0, 200, 30], dtype=np.uint8), (8, 1))
 MODES = [
     ("I;16", ".png", lambda: Image.fromarray(RAMP16.astype(np.uint16)), np.rint(RAMP16 / 257)),
-    ("I;16B", ".tif", lambda: Image.fromarray(RAMP16.astype(np.uint16)).convert("I").convert("I;16B"),
-     np.rint(RAMP16 / 257)),
+    (
+        "I;16B",
+        ".tif",
+        lambda: Image.fromarray(RAMP16.astype(np.uint16)).convert("I").convert("I;16B"),
+        np.rint(RAMP16 / 257),
+    ),
     ("I", ".tif", lambda: Image.fromarray(RAMP16.astype(np.int32)), np.rint(RAMP16 / 257)),
     ("F", ".tif", lambda: Image.fromarray(GRAY.astype(np.float32)), np.rint(GRAY * 255)),
     ("1", ".png", lambda: Image.fromarray(GRAY > 0.5), 255.0 * (GRAY > 0.5)),
     ("L", ".png", lambda: Image.fromarray(np.rint(GRAY * 255).astype(np.uint8)), np.rint(GRAY * 255)),
-    ("LA", ".png", lambda: Image.fromarray(np.dstack([np.rint(GRAY * 255).astype(np.uint8), ALPHA]), "LA"),
-     white_over(np.rint(GRAY * 255)[..., None], ALPHA)[..., 0]),
+    (
+        "LA",
+        ".png",
+        lambda: Image.fromarray(np.dstack([np.rint(GRAY * 255).astype(np.uint8), ALPHA]), "LA"),
+        white_over(np.rint(GRAY * 255)[..., None], ALPHA)[..., 0],
+    ),
     ("RGBA", ".png", lambda: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA"), white_over(RGB, ALPHA)),
     ("P", ".png", lambda: Image.fromarray(RGB).quantize(256), None),  # checked against its own palette below
     ("P+transparency", ".png", lambda: _palette_with_transparency(), None),
@@ -121,7 +136,9 @@ def test_every_pil_mode_reads_as_a_viewer_shows_it(tmp_path, mode, suffix, make,
     expected = np.asarray(expected, dtype=np.float64)
     rgb = (read_image(path, 8, 3).permute(1, 2, 0).double() + 1) * 127.5  # (8, 8, 3) in 0..255
     want = expected if expected.ndim == 3 else np.repeat(expected[..., None], 3, -1)
-    assert np.abs(rgb.numpy() - want).max() <= 1.0 + 1e-9, f"{mode}: worst pixel off by {np.abs(rgb.numpy() - want).max()}"
+    assert np.abs(rgb.numpy() - want).max() <= 1.0 + 1e-9, (
+        f"{mode}: worst pixel off by {np.abs(rgb.numpy() - want).max()}"
+    )
     gray = (read_image(path, 8, 1)[0].double() + 1) * 127.5
     assert gray.shape == (8, 8) and (gray.max() - gray.min()) > 50  # not a flat (all-white) image
 

@@ -4,6 +4,7 @@ The golden numbers in tests/data/official_diffusion_golden.pt come from running 
 the cases of tests/data/make_official_diffusion_golden.py (see that script); here fastdit runs the
 same cases. The closed-form tests check the math independently of any implementation.
 """
+
 import importlib.util
 import math
 from pathlib import Path

@@ -5,6 +5,7 @@ is torch-fidelity's, with random weights injected as a local weights file throug
 $FASTDIT_INCEPTION_WEIGHTS (nothing downloaded), run at 75x75 instead of 299x299 to keep the CPU
 suite fast (the network is fully convolutional; only the spatial feature's size changes).
 """
+
 import importlib.util
 import json
 import math
@@ -13,16 +14,17 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 from PIL import Image
 
 from fastdit import fid, train
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
-
-needs_inception = pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None,
-                                     reason="torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)")
+needs_inception = pytest.mark.skipif(
+    importlib.util.find_spec("torch_fidelity") is None,
+    reason="torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)",
+)
 
 
 def gaussian_pair(d, seed):
@@ -62,10 +64,12 @@ def test_gaussian_feature_sets_give_the_closed_form_distance_and_identical_sets_
     assert abs(fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f1))) < 1e-9
     # Few samples (N <= D) take the N x N route: the same number as the D x D one.
     few = f1[:4] * np.array([1, 2, 3, 4, 5])
-    assert fid.fid_from_features(few, mu2, s2) == pytest.approx(fid.frechet_distance(*fid.statistics(few), mu2, s2),
-                                                                rel=1e-9)
-    assert fid.fid_from_features(f1[:6], mu2, s2) == pytest.approx(fid.frechet_distance(*fid.statistics(f1[:6]), mu2, s2),
-                                                                   rel=1e-9)
+    assert fid.fid_from_features(few, mu2, s2) == pytest.approx(
+        fid.frechet_distance(*fid.statistics(few), mu2, s2), rel=1e-9
+    )
+    assert fid.fid_from_features(f1[:6], mu2, s2) == pytest.approx(
+        fid.frechet_distance(*fid.statistics(f1[:6]), mu2, s2), rel=1e-9
+    )
     assert abs(fid.fid_from_features(f1[:3], *fid.statistics(f1[:3]))) < 1e-9
 
 
@@ -145,8 +149,10 @@ def random_inception_weights(path):
     """Random Inception-V3 weights in torch-fidelity's layout (He-normal convolutions keep activations O(1))."""
     cls = fid.inception_class()
     module = __import__(cls.__module__, fromlist=["_"])
-    with mock.patch.object(cls, "load_state_dict", lambda self, sd: None), \
-            mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None):
+    with (
+        mock.patch.object(cls, "load_state_dict", lambda self, sd: None),
+        mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None),
+    ):
         net = cls("random", ["2048"])
     torch.manual_seed(0)
     for m in net.modules():
@@ -213,12 +219,14 @@ def test_fastdit_fid_cli(small_inception, tmp_path, capsys):
 def test_fid_in_the_training_loop_on_the_digits(small_inception, tmp_path):
     """--fid-every on the digits: FID of the EMA samples at steps 2 and 3 (the end) in metrics.jsonl, and a
     loss curve with the FID beside it."""
-    from fastdit.data import DigitsDataset
     from fastdit._util import to_uint8
+    from fastdit.data import DigitsDataset
 
     ref = write_npz(tmp_path / "digits.npz", arr_0=to_uint8(DigitsDataset().images[:40]))
-    run = train.main(FAST + ["--steps", "3", "--fid-every", "2", "--fid-ref", ref, "--fid-samples", "6",
-                             "--out", str(tmp_path / "run")])
+    run = train.main(
+        FAST
+        + ["--steps", "3", "--fid-every", "2", "--fid-ref", ref, "--fid-samples", "6", "--out", str(tmp_path / "run")]
+    )
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     fids = [r for r in records if r.get("event") == "fid"]
     assert [r["step"] for r in fids] == [2, 3] and all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)

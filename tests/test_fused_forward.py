@@ -1,5 +1,6 @@
 """The model's fused forward against the official per-layer one: one adaLN GEMM, activation
 checkpointing (whole blocks or selective), and the GEMM epilogues of the no-grad (sampling) path."""
+
 import gc
 
 import pytest
@@ -18,8 +19,16 @@ GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}  # the linear 
 def small(depth=3, input_size=8, **kw):
     """An odd-sized model (D=72 = 4 heads of 18) with every zero-initialised weight drawn, so no check is vacuous."""
     torch.manual_seed(0)
-    model = DiT(input_size=input_size, patch_size=2, hidden_size=72, depth=depth, num_heads=4, num_classes=10,
-                class_dropout_prob=0.0, **kw)
+    model = DiT(
+        input_size=input_size,
+        patch_size=2,
+        hidden_size=72,
+        depth=depth,
+        num_heads=4,
+        num_classes=10,
+        class_dropout_prob=0.0,
+        **kw,
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and not p.any():
@@ -87,7 +96,7 @@ def test_one_adaln_gemm_per_forward_same_outputs_and_gradients_as_per_layer():
 
 
 def test_one_adaln_gemm_under_bf16_autocast_matches_per_layer():
-    model, (x, t, y) = small(depth=2), batch(2)
+    model, (_, t, _) = small(depth=2), batch(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = model._modulations(model.t_embedder(t.float()))
         c = model.t_embedder(t.float())
@@ -137,7 +146,10 @@ def test_selective_checkpointing_recomputes_no_gemm_but_the_norms():
         loss = model(x, t, y).square().mean()
         with OpLog() as log:
             loss.backward()
-        counts[mode] = (log.count(lambda op: op in GEMMS), log.count(lambda op: op is torch.ops.aten.native_layer_norm.default))
+        counts[mode] = (
+            log.count(lambda op: op in GEMMS),
+            log.count(lambda op: op is torch.ops.aten.native_layer_norm.default),
+        )
     gemms, norms = counts[False]
     assert counts["selective"][0] == gemms  # nothing GEMM-like recomputed
     assert counts["selective"][1] == norms + 2 * depth  # both LayerNorms of every block recomputed
@@ -191,7 +203,9 @@ def test_checkpointing_modes_keep_the_expected_activation_bytes():
                 x, t, y = torch.randn(n, 4, 8, 8), torch.randint(0, 1000, (n,)), torch.randint(0, 10, (n,))
                 with ops.use_backend("triton"), ops.use_attention_backend("sdpa"):  # one attention op, like flash
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        loss, kept[n, depth] = retained_bytes(lambda: model(x, t, y).float().square().mean())
+                        loss, kept[n, depth] = retained_bytes(
+                            lambda m=model, a=(x, t, y): m(*a).float().square().mean()
+                        )
                     loss.backward()
         per_sample_block = kept[2, 2] - kept[1, 2] - kept[2, 1] + kept[1, 1]
         assert per_sample_block == T * bytes_per_token + 2 * 6 * D, (mode, per_sample_block / (T * D))
@@ -218,7 +232,11 @@ def test_linear_gelu_epilogue_is_tanh_gelu(rows, dtype):
     from helpers import assert_close
 
     D = 1152
-    x, w, b = torch.randn(rows, D, device="cuda"), torch.randn(4 * D, D, device="cuda") / D**0.5, torch.randn(4 * D, device="cuda")
+    x, w, b = (
+        torch.randn(rows, D, device="cuda"),
+        torch.randn(4 * D, D, device="cuda") / D**0.5,
+        torch.randn(4 * D, device="cuda"),
+    )
     out = models._linear_gelu_tanh(x.to(dtype), w.to(dtype), b.to(dtype))
     pt = F.gelu(F.linear(x.to(dtype), w.to(dtype), b.to(dtype)), approximate="tanh")
     ref = F.gelu(F.linear(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double()), approximate="tanh")

@@ -1,4 +1,5 @@
 """fastdit.ops.gated_residual's Triton and native CUDA kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
+
 import torch
 
 from fastdit import ops, reference

@@ -1,4 +1,5 @@
 """fastdit.ops.gated_residual_modulate_layer_norm's Triton and native CUDA kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
+
 from fastdit import ops, reference
 from tests.kernel_helpers import KERNEL_FIXTURES, RowOpTests, kernel_backend, poisoned  # noqa: F401 (fixtures)
 

@@ -9,6 +9,7 @@ capture and replay of sampling; two training steps, then --resume, bit-exact.
 Marked `gpu`: skipped without CUDA; the device check runs them (python -m benchmarks --device-check).
 Sized to run in seconds each on an H100/H200, compiles included.
 """
+
 import pytest
 import torch
 
@@ -69,8 +70,14 @@ def test_row_kernels_at_dit_shapes(op, shape, dtype):
 @pytest.mark.parametrize("shape", DIT_LAYOUT_SHAPES, ids=str)
 def test_layout_kernels_at_dit_shapes(shape, dtype):
     B, C, H, W, p = shape
-    check_exact(lambda x: ops.patchify(x, p), lambda x: reference.patchify(x, p), torch.randn(B, C, H, W, dtype=dtype, device="cuda"))
-    tokens = torch.randn(B, (H // p) * (W // p), p * p * 2 * C, dtype=dtype, device="cuda")  # learned sigma: 2C channels out
+    check_exact(
+        lambda x: ops.patchify(x, p),
+        lambda x: reference.patchify(x, p),
+        torch.randn(B, C, H, W, dtype=dtype, device="cuda"),
+    )
+    tokens = torch.randn(
+        B, (H // p) * (W // p), p * p * 2 * C, dtype=dtype, device="cuda"
+    )  # learned sigma: 2C channels out
     check_exact(lambda t: ops.unpatchify(t, p, 2 * C), lambda t: reference.unpatchify(t, p, 2 * C), tokens)
 
 
@@ -128,7 +135,11 @@ def test_dit_xl2_bf16_autocast_matches_the_reference_model(poisoned):
     config = dict(input_size=32, num_classes=1000)
     torch.manual_seed(0)
     model = zero_init_randomised(DiT_models["DiT-XL/2"](**config).cuda()).eval()
-    inputs = (torch.randn(2, 4, 32, 32, device="cuda"), torch.tensor([10, 900], device="cuda"), torch.tensor([3, 1000], device="cuda"))
+    inputs = (
+        torch.randn(2, 4, 32, 32, device="cuda"),
+        torch.tensor([10, 900], device="cuda"),
+        torch.tensor([3, 1000], device="cuda"),
+    )
     got = loss_and_grads(model, inputs, "triton", autocast=True)
     pt = loss_and_grads(model, inputs, "reference", autocast=True)
     with torch.device("cuda"):  # built where it runs: 675M float64 parameters
@@ -145,11 +156,15 @@ def test_cuda_graph_sampling_replays_the_eager_samples(monkeypatch):
     capture = sample.CudaGraphed._capture
     monkeypatch.setattr(sample.CudaGraphed, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
     torch.manual_seed(0)
-    model = zero_init_randomised(DiT(input_size=16, patch_size=2, hidden_size=144, depth=2, num_heads=2, num_classes=10).cuda())
+    model = zero_init_randomised(
+        DiT(input_size=16, patch_size=2, hidden_size=144, depth=2, num_heads=2, num_classes=10).cuda()
+    )
     runs = {}
     with ops.use_attention_backend("triton"):
         for graphs in (False, True):
-            runs[graphs] = sample.generate(model, [1, 7, 3], cfg_scale=4.0, steps=5, seed=0, device="cuda", cuda_graphs=graphs)
+            runs[graphs] = sample.generate(
+                model, [1, 7, 3], cfg_scale=4.0, steps=5, seed=0, device="cuda", cuda_graphs=graphs
+            )
     assert captures == [1], "one capture, then replays"
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
 

@@ -1,5 +1,6 @@
 """The test machinery itself: the judge (tests/helpers.py) passes correct low-precision results and
 fails a small bias; interpreted kernels round to bfloat16 as the GPU does."""
+
 import pytest
 import torch
 

@@ -2,6 +2,7 @@
 hub names offline, `fastdit latents` of an image folder (manifest, ADM crop, flips, chunks, resume after a crash,
 shards), and README's ImageNet recipe (latents -> train --latents with FID in the loop -> sample-ddp -> fid) at toy
 size, whose sampling decodes with the same VAE."""
+
 import json
 import math
 import shlex
@@ -12,25 +13,38 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from _vae_helpers import rgb_folder, save_tiny_sd_vae, sd_vae  # noqa: F401 (fixtures)
 from PIL import Image
+from test_fid import needs_inception, random_inception_weights
+from test_vae import offline_hub
 
 from fastdit import fid, latents, vae
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 from fastdit.data import read_image
 
-from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from _vae_helpers import rgb_folder, save_tiny_sd_vae, sd_vae  # noqa: F401 (fixtures)
-from test_fid import needs_inception, random_inception_weights
-from test_vae import offline_hub
-
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def latents_argv(vae_name, folder, out, *extra):
     """README's ImageNet command at toy size: 16x16 images, 3 images a chunk."""
-    return ["latents", "--vae", str(vae_name), "--data", str(folder), "--image-size", "16", "--chunk-size", "3",
-            "--batch-size", "2", "--out", str(out), *extra]
+    return [
+        "latents",
+        "--vae",
+        str(vae_name),
+        "--data",
+        str(folder),
+        "--image-size",
+        "16",
+        "--chunk-size",
+        "3",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +90,13 @@ def test_latents_folder_manifest_and_values(encoded, sd_vae, rgb_folder):
     m = ds.meta
     codec = vae.load_vae(sd_vae)
     assert m["vae"] == codec.describe() and m["vae"]["revision"] is None and m["scale_factor"] == 0.18215
-    assert (m["crop"], m["image_size"], m["flips"], m["count"], m["classes"]) == ("adm-center-crop", 16, True, 7, ["a", "b"])
+    assert (m["crop"], m["image_size"], m["flips"], m["count"], m["classes"]) == (
+        "adm-center-crop",
+        16,
+        True,
+        7,
+        ["a", "b"],
+    )
     assert m["latent_shape"] == [4, 8, 8] and [c["count"] for c in m["chunks"]] == [3, 3, 1] and m["complete"]
     assert len(ds) == 7 and ds.flip and (ds.channels, ds.image_size, ds.num_classes) == (4, 8, 2)
     files = sorted(rgb_folder.rglob("*.png"))
@@ -180,20 +200,40 @@ def recipe(sd_vae, rgb_folder, tmp_path_factory):
     weights = random_inception_weights(work / "inception.pt")
     rng = np.random.default_rng(0)
     # ADM's reference-batch format: images and pool_3 / spatial statistics (63-d spatial: Inception at 75x75 here)
-    np.savez(work / "VIRTUAL_imagenet256_labeled.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8),
-             mu=np.zeros(2048), sigma=np.eye(2048) * 1e-2, mu_s=np.zeros(63), sigma_s=np.eye(63) * 1e-2)
-    values = {"--vae": sd_vae, "--data": str(rgb_folder), "--image-size": "16", "--batch-size": "2",
-              "--num-workers": "0", "--model": "DiT-Tiny/2", "--fid-every": "2", "--fid-samples": "4",
-              "--num-samples": "4", "--ckpt": "runs/in256-xl2/checkpoints/0000002.pt"}
-    extra = {"latents": ["--chunk-size", "3"], "train": ["--steps", "2", "--global-batch-size", "4", "--sample-steps", "2"],
-             "sample-ddp": ["--steps", "2", "--per-proc-batch-size", "4"]}
+    np.savez(
+        work / "VIRTUAL_imagenet256_labeled.npz",
+        arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8),
+        mu=np.zeros(2048),
+        sigma=np.eye(2048) * 1e-2,
+        mu_s=np.zeros(63),
+        sigma_s=np.eye(63) * 1e-2,
+    )
+    values = {
+        "--vae": sd_vae,
+        "--data": str(rgb_folder),
+        "--image-size": "16",
+        "--batch-size": "2",
+        "--num-workers": "0",
+        "--model": "DiT-Tiny/2",
+        "--fid-every": "2",
+        "--fid-samples": "4",
+        "--num-samples": "4",
+        "--ckpt": "runs/in256-xl2/checkpoints/0000002.pt",
+    }
+    extra = {
+        "latents": ["--chunk-size", "3"],
+        "train": ["--steps", "2", "--global-batch-size", "4", "--sample-steps", "2"],
+        "sample-ddp": ["--steps", "2", "--per-proc-batch-size", "4"],
+    }
     commands = [toy(argv, values, extra) for argv in readme_imagenet_commands()]
     assert [c[0] for c in commands] == ["latents", "train", "sample-ddp", "fid"]
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        with mock.patch.dict(os.environ, {fid.INCEPTION_ENV: weights}), \
-                mock.patch.object(fid.inception_class(), "INPUT_IMAGE_SIZE", 75):
+        with (
+            mock.patch.dict(os.environ, {fid.INCEPTION_ENV: weights}),
+            mock.patch.object(fid.inception_class(), "INPUT_IMAGE_SIZE", 75),
+        ):
             for argv in commands:
                 assert cli(argv) == 0, argv
     finally:
@@ -227,7 +267,10 @@ def test_sampling_decodes_with_the_vae_of_the_latents_only(recipe, encoded, sd_v
     capsys.readouterr()
     for argv, message in [
         (["train", "--latents", str(encoded), "--image-size", "32"], "--image-size 32: "),
-        (["train", "--latents", str(encoded), "--vae", other, "--steps", "1"], "VAE mismatch: the latents were encoded"),
+        (
+            ["train", "--latents", str(encoded), "--vae", other, "--steps", "1"],
+            "VAE mismatch: the latents were encoded",
+        ),
         (["sample", "--ckpt", ckpt, "--vae", other, "--out", str(png)], "VAE mismatch"),
         (["train", "--latents", str(encoded / "manifest.json")], "is a file, not a folder"),
     ]:

@@ -1,6 +1,7 @@
 """The whole DiT on fastdit's Triton kernels (interpreted on CPU) against the official model's numbers
 and the independent ReferenceDiT in float64: loss, output and every parameter gradient; under bf16
 autocast; traced whole by torch.compile(fullgraph=True); captured in a CUDA graph."""
+
 import pytest
 import torch
 
@@ -68,7 +69,9 @@ def test_dit_s2_forward_backward_matches_reference(device):
     inputs = batch(device)
     got = loss_and_grads(model, inputs, "triton")
     pt = loss_and_grads(model, inputs, "reference")
-    ref = loss_and_grads(float64_twin(model, lambda **kw: reference_DiT_models["DiT-S/2"](**SMALL, **kw)), inputs, "reference")
+    ref = loss_and_grads(
+        float64_twin(model, lambda **kw: reference_DiT_models["DiT-S/2"](**SMALL, **kw)), inputs, "reference"
+    )
     for name, g, p, r in zip(names(model), got, pt, ref):
         assert_close(name, g, p, r)
 

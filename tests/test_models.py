@@ -1,5 +1,6 @@
 """The DiT backbone against the facebookresearch/DiT contract: keys, shapes, init, forward, CFG, and
 against the official model's own numbers (tests/model_golden.py) and the independent ReferenceDiT."""
+
 import subprocess
 import sys
 

@@ -1,4 +1,5 @@
 """fastdit.ops.modulate_layer_norm's Triton and native CUDA kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
+
 import torch
 
 from fastdit import ops, reference
@@ -24,7 +25,9 @@ def test_backends_part_only_where_pytorch_layer_norm_overflows():
             with ops.use_backend(backend):
                 out = ops.modulate_layer_norm(x * std, shift, scale)
             if backend == "reference" and overflows:
-                assert torch.equal(out, shift[:, None].expand_as(out)), "PyTorch's layer_norm no longer overflows: update the docs"
+                assert torch.equal(out, shift[:, None].expand_as(out)), (
+                    "PyTorch's layer_norm no longer overflows: update the docs"
+                )
             else:
                 torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 

@@ -1,6 +1,7 @@
 """fastdit's native CUDA kernels without a GPU: the CMake build, the resource usage of the built
 code (no spills, no local memory, on sm_80 and on sm_90), the build switches, and the loader's and
 the cuda backend's errors. The kernels' results: the `cuda` cases of the op tests."""
+
 import os
 import re
 import shutil
@@ -38,7 +39,9 @@ def resource_usage(lib):
     and the architectures its PTX targets, from `cuobjdump --dump-resource-usage`."""
     tool = cuobjdump()
     if tool is None:
-        pytest.fail("the native library is built but no cuobjdump was found (CUDA toolkit, or Triton's copy) to check it")
+        pytest.fail(
+            "the native library is built but no cuobjdump was found (CUDA toolkit, or Triton's copy) to check it"
+        )
     text = subprocess.run([tool, "--dump-resource-usage", str(lib)], check=True, capture_output=True, text=True).stdout
     usage, ptx, arch, kind, kernel = {}, set(), None, None, None
     for line in text.splitlines():
@@ -82,9 +85,15 @@ def test_python_constants_match_the_c_header():
     defines = {k: int(v) for k, v in re.findall(r"#define (FASTDIT_\w+) (\d+)", header)}
     codes = {k: int(v) for k, v in re.findall(r"FASTDIT_(F32|F16|BF16) = (\d+)", header)}
     assert (defines["FASTDIT_ABI_VERSION"], defines["FASTDIT_ROWS_MAX_D"], defines["FASTDIT_LAYOUT_MAX_F"]) == (
-        _native.ABI_VERSION, _native.MAX_D, _native.MAX_F
+        _native.ABI_VERSION,
+        _native.MAX_D,
+        _native.MAX_F,
     )
-    assert codes == {"F32": _native.DTYPE_CODES[torch.float32], "F16": _native.DTYPE_CODES[torch.float16], "BF16": _native.DTYPE_CODES[torch.bfloat16]}
+    assert codes == {
+        "F32": _native.DTYPE_CODES[torch.float32],
+        "F16": _native.DTYPE_CODES[torch.float16],
+        "BF16": _native.DTYPE_CODES[torch.bfloat16],
+    }
 
 
 def run_setup(*args, **env):
@@ -129,7 +138,10 @@ def test_build_switch(setting, outcome, tmp_path):
 def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.delenv(_native.ENV_LIB, raising=False)
     monkeypatch.setattr(_native, "PACKAGED_LIB", tmp_path / _native.LIB_NAME)
-    with pytest.raises(_native.NativeUnavailable, match=r"not built: .*libfastdit_kernels.so does not exist; build them with pip install -e \."):
+    with pytest.raises(
+        _native.NativeUnavailable,
+        match=r"not built: .*libfastdit_kernels.so does not exist; build them with pip install -e \.",
+    ):
         _native.load(_native.library_path())
 
 
@@ -140,23 +152,33 @@ def test_bad_native_lib_env(monkeypatch, tmp_path):
     not_elf = tmp_path / "text.so"
     not_elf.write_text("not a library")
     monkeypatch.setenv(_native.ENV_LIB, str(not_elf))
-    with pytest.raises(_native.NativeUnavailable, match="cannot load fastdit's native CUDA kernels from FASTDIT_NATIVE_LIB="):
+    with pytest.raises(
+        _native.NativeUnavailable, match="cannot load fastdit's native CUDA kernels from FASTDIT_NATIVE_LIB="
+    ):
         _native.load(_native.library_path())
 
 
 def test_foreign_or_stale_library_is_refused(monkeypatch):
-    libm = next(Path(p) for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6") if Path(p).exists())
+    libm = next(
+        Path(p)
+        for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6")
+        if Path(p).exists()
+    )
     with pytest.raises(_native.NativeUnavailable, match="not fastdit's native kernel library"):
         _native.load(libm)
     monkeypatch.setattr(_native, "ABI_VERSION", _native.ABI_VERSION + 1)
-    with pytest.raises(_native.NativeUnavailable, match=f"has ABI version {_native.ABI_VERSION - 1}, this fastdit needs"):
+    with pytest.raises(
+        _native.NativeUnavailable, match=f"has ABI version {_native.ABI_VERSION - 1}, this fastdit needs"
+    ):
         _native.load(require(emulated_library()))
 
 
 def test_cuda_backend_rejects_cpu_tensors(monkeypatch):
     x, v = torch.randn(2, 3, 8), torch.randn(2, 8)
     monkeypatch.setenv("FASTDIT_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="x is on cpu, and the cuda backend .* runs fastdit's native kernels on CUDA tensors only"):
+    with pytest.raises(
+        RuntimeError, match="x is on cpu, and the cuda backend .* runs fastdit's native kernels on CUDA tensors only"
+    ):
         ops.modulate_layer_norm(x, v, v)
 
 
@@ -172,5 +194,8 @@ def test_cuda_backend_rejects_rows_wider_than_the_kernels(monkeypatch):
     use_emulated_native(monkeypatch)
     D = _native.MAX_D + 8
     x, v = torch.randn(1, 1, D), torch.randn(1, D)
-    with ops.use_backend("cuda"), pytest.raises(ValueError, match=f"D={D} exceeds the native CUDA row kernels' maximum of 4096"):
+    with (
+        ops.use_backend("cuda"),
+        pytest.raises(ValueError, match=f"D={D} exceeds the native CUDA row kernels' maximum of 4096"),
+    ):
         ops.modulate_layer_norm(x, v, v)

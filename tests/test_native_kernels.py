@@ -2,6 +2,7 @@
 (tests/test_<op>.py): scalar accesses (D % 8 != 0, misaligned views), x and y of different dtypes,
 rows near the top of float32, tiled layouts, torch.compile; on a GPU, offsets past 2**31
 elements and CUDA graphs. Without a GPU the kernels' sources run emulated on the CPU (cuda_emulated)."""
+
 import pytest
 import torch
 
@@ -44,7 +45,9 @@ def test_misaligned_views_take_the_scalar_kernels(op, dtype, device):
 
 
 @pytest.mark.parametrize("op", ["gated_residual", "gated_residual_modulate_layer_norm"])
-@pytest.mark.parametrize("x_dtype, y_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(
+    "x_dtype, y_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)], ids=str
+)
 def test_x_and_y_of_different_dtypes(op, x_dtype, y_dtype, device):
     inputs = row_inputs(ROW_OPS[op][2], 2, 5, 216, x_dtype, device, vec_dtype=torch.bfloat16)
     inputs[1] = inputs[1].to(y_dtype)

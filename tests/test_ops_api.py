@@ -1,4 +1,5 @@
 """fastdit.ops: backend selection and input validation shared by every op."""
+
 import pytest
 import torch
 
@@ -24,7 +25,9 @@ def test_one_name_finds_everything_about_an_op():
         module = importlib.import_module(f"fastdit.ops._{name}")
         assert getattr(ops, name) is getattr(module, name), name
         assert callable(getattr(reference, name)), name
-        assert (root / "tests" / f"test_{name}.py").exists() and (root / "benchmarks" / f"bench_{name}.py").exists(), name
+        assert (root / "tests" / f"test_{name}.py").exists() and (root / "benchmarks" / f"bench_{name}.py").exists(), (
+            name
+        )
         assert hasattr(torch.ops.fastdit, f"{name}_fwd") and hasattr(torch.ops.fastdit, f"{name}_bwd"), name
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("fastdit.ops.attention")

@@ -1,4 +1,5 @@
 """fastdit.ops.patchify's Triton and native CUDA layout kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
+
 import pytest
 import torch
 
@@ -15,7 +16,9 @@ SHAPES = [(1, 4, 8, 8, 2), (3, 3, 6, 10, 2), (2, 4, 16, 16, 8), (1, 5, 3, 6, 3)]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(shape, dtype, device):
     *bchw, p = shape
-    check_exact(lambda x: ops.patchify(x, p), lambda x: reference.patchify(x, p), torch.randn(bchw, dtype=dtype, device=device))
+    check_exact(
+        lambda x: ops.patchify(x, p), lambda x: reference.patchify(x, p), torch.randn(bchw, dtype=dtype, device=device)
+    )
 
 
 @pytest.mark.parametrize(

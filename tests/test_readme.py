@@ -18,6 +18,7 @@ models; they never change a path, the data or what a command does. README's stan
 stand-ins (stand_ins). Lines that cannot run here are listed in SKIPPED with the reason, and every
 line must be run or skipped: a new README line is tested or explicitly excused.
 """
+
 import os
 import re
 import shlex
@@ -26,14 +27,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+from _dataset_files import write_cifar10, write_mnist
+from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
 from PIL import Image
 
 from fastdit import cli
-
-from _dataset_files import write_cifar10, write_mnist
-from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -44,7 +43,7 @@ SKIPPED = {  # a command containing the key -> why it does not run here
     "python -m benchmarks": "the GPU benchmark report (its CPU smoke mode has tests of its own)",
     "python kernels/build.py": "builds the native CUDA kernels with nvcc (tests/test_native_build.py builds them)",
     "in256": "DiT's ImageNet recipe: ImageNet, the SD-VAE (a download), ADM's reference batch, 8 GPUs "
-             "(tests/test_latents.py runs these commands at toy sizes)",
+    "(tests/test_latents.py runs these commands at toy sizes)",
     "DiT-XL-2-256x256.pt": "needs the official DiT-XL/2 release (a download) and a GPU",
 }
 TOY = {  # subcommand -> flags appended
@@ -115,10 +114,16 @@ def run(argv):
     if argv[0] == "fastdit":
         return cli.main(argv[1:]), ""
     assert argv[0] == "torchrun", f"README runs {argv[0]!r}: teach this test how"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *argv[1:]], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", *argv[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -155,11 +160,15 @@ def test_readme_commands_run_verbatim(tmp_path, monkeypatch, capsys):
     folder_run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("images-"))
     stored = torch.load(next((folder_run / "checkpoints").glob("*.pt")), weights_only=True)
     assert stored["classes"] == ["cats", "dogs"]  # what sample grids label their rows with
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "path", "runs"]  # the stand-ins and runs/: nothing loose
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "path",
+        "runs",
+    ]  # the stand-ins and runs/: nothing loose
 
 
 def test_every_command_line_is_run_or_skipped_with_a_reason():
-    for line, parts in commands():
+    for _, parts in commands():
         for _, argv in parts:
             command = " ".join(argv)
             if not any(key in command for key in SKIPPED):

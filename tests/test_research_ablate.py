@@ -1,12 +1,11 @@
 """The block designs through the CLI: `fastdit ablate` trains each with one budget (a table and a loss plot),
 checkpoints record the design and sample back."""
-import pytest
+
 import torch
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 from fastdit.cli import main as cli
 from fastdit.models import BLOCKS
-
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 
 def test_ablate_trains_every_design_and_writes_a_table_and_a_plot(tmp_path, capsys):
@@ -20,14 +19,30 @@ def test_ablate_trains_every_design_and_writes_a_table_and_a_plot(tmp_path, caps
         raw = torch.load(ckpt, weights_only=True)
         assert raw["model_config"]["block"] == design and raw["args"]["block"] == design
         assert (out / design / "samples.png").is_file()
-    assert cli(["sample", "--ckpt", str(out / "in-context" / "checkpoints" / "0000002.pt"), "--steps", "2",
-                "--per-class", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        cli(
+            [
+                "sample",
+                "--ckpt",
+                str(out / "in-context" / "checkpoints" / "0000002.pt"),
+                "--steps",
+                "2",
+                "--per-class",
+                "1",
+                "--out",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_ablate_and_block_errors(capsys):
-    for argv, message in ((["ablate", "--blocks", "adaLN,film"], "--blocks must be a comma-separated list of"),
-                          (["ablate", "--blocks", "adaLN,adaLN"], "--blocks names a design twice"),
-                          (["ablate", "--block", "adaLN"], "--resume and --block do not apply to ablate")):
+    for argv, message in (
+        (["ablate", "--blocks", "adaLN,film"], "--blocks must be a comma-separated list of"),
+        (["ablate", "--blocks", "adaLN,adaLN"], "--blocks names a design twice"),
+        (["ablate", "--block", "adaLN"], "--resume and --block do not apply to ablate"),
+    ):
         assert cli(argv) == 2
         assert message in capsys.readouterr().err
     assert cli(["train", "--block", "film"]) == 2  # argparse's own one-line error
@@ -40,8 +55,10 @@ def test_ablation_table_and_plot_show_fid_where_the_runs_measured_it(tmp_path):
     from fastdit import ablate
 
     losses = [dict(step=s, loss=1.0 / s) for s in range(1, 21)]
-    with_fid = {"adaLN-Zero": losses + [dict(event="fid", step=10, fid=80.0), dict(event="fid", step=20, fid=60.5)],
-                "in-context": losses + [dict(event="fid", step=20, fid=75.25)]}
+    with_fid = {
+        "adaLN-Zero": losses + [dict(event="fid", step=10, fid=80.0), dict(event="fid", step=20, fid=60.5)],
+        "in-context": losses + [dict(event="fid", step=20, fid=75.25)],
+    }
     wide = Image.open(ablate.plot_losses(with_fid, tmp_path / "fid.png")).size[0]
     assert wide > 1.5 * Image.open(ablate.plot_losses({"adaLN": losses}, tmp_path / "loss.png")).size[0]
     row = dict(design="adaLN-Zero", params=2e6, gflops=0.02, final_loss=0.05, fid=60.5, seconds=3, steps=20)

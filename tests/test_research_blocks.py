@@ -1,6 +1,7 @@
 """The paper's four block designs (DiT(block=...)): each one's forward and every gradient against a plain
 PyTorch rendering written here from the paper's description (it shares no code with fastdit.models), on the
 reference backend and on the Triton kernels (interpreted on CPU); initialisation; checkpoints; the CLI."""
+
 import math
 
 import pytest
@@ -44,7 +45,7 @@ def mlp(x, params, name):
 def render(params, design, x, t, y, cfg):
     """The DiT of `design` written out from the paper: patch embedding, sin-cos positions, timestep and
     label embeddings, the blocks (Figure 3's four designs), the decoder, unpatchify."""
-    p, H, D = cfg["patch_size"], cfg["num_heads"], cfg["hidden_size"]
+    p, H = cfg["patch_size"], cfg["num_heads"]
     tokens = F.conv2d(x, params["x_embedder.proj.weight"], params["x_embedder.proj.bias"], stride=p)
     h, w = tokens.shape[-2:]
     tokens = tokens.flatten(2).transpose(1, 2) + params["pos_embed"]  # (B, T, D)

@@ -1,5 +1,6 @@
 """MNIST (IDX files) and CIFAR-10 (python pickles) from synthetic files written here: reading, the checks
 on malformed and unsafe files, and the CLI recipes (MNIST in pixel space; CIFAR-10 through the small VAE)."""
+
 import gzip
 import os
 import pickle
@@ -7,14 +8,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _dataset_files import CIFAR_NAMES, cifar_batch, idx_bytes, write, write_cifar10, write_mnist
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
-from fastdit import data, datasets
+from fastdit import data
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 from fastdit.latents import LatentsDataset
 
-from _dataset_files import CIFAR_NAMES, cifar_batch, idx_bytes, write, write_cifar10, write_mnist
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 @pytest.fixture
 def mnist(tmp_path):
@@ -65,8 +66,9 @@ def _corrupt(root, images, labels, case):
     return "train-labels-idx1-ubyte", "no label file train-labels-idx1-ubyte[.gz]"
 
 
-@pytest.mark.parametrize("case", ["magic", "truncated", "trailing", "header", "count", "dims", "label_range", "gzip",
-                                  "missing"])
+@pytest.mark.parametrize(
+    "case", ["magic", "truncated", "trailing", "header", "count", "dims", "label_range", "gzip", "missing"]
+)
 def test_malformed_idx_files_are_named(mnist, case):
     root, images, labels = mnist
     culprit, message = _corrupt(root, images, labels, case)
@@ -144,16 +146,48 @@ def test_mnist_train_and_sample_cli(mnist, tmp_path):
     from PIL import Image
 
     assert Image.open(out / "samples.png").height == (10 * (28 + 2) + 2) * 3  # 10 rows of digits, 2-pixel gaps, x3
-    assert cli(["sample", "--ckpt", str(out / "checkpoints" / "0000002.pt"), "--steps", "2", "--per-class", "1",
-                "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        cli(
+            [
+                "sample",
+                "--ckpt",
+                str(out / "checkpoints" / "0000002.pt"),
+                "--steps",
+                "2",
+                "--per-class",
+                "1",
+                "--out",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_cifar10_small_vae_latent_recipe(cifar, tmp_path):
     """The README's CIFAR-10 recipe: small VAE to (4, 8, 8) latents, encode, train a DiT on them, sample."""
     parent, _, _ = cifar
     src = f"cifar10:{parent}"
-    assert cli(["vae", "--data", src, "--image-size", "32", "--steps", "2", "--batch-size", "8", "--base-channels",
-                "8", "--out", str(tmp_path / "vae")]) == 0
+    assert (
+        cli(
+            [
+                "vae",
+                "--data",
+                src,
+                "--image-size",
+                "32",
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--base-channels",
+                "8",
+                "--out",
+                str(tmp_path / "vae"),
+            ]
+        )
+        == 0
+    )
     lat = tmp_path / "latents"
     assert cli(["latents", "--vae", str(tmp_path / "vae" / "vae.pt"), "--data", src, "--out", str(lat)]) == 0
     stored = LatentsDataset(lat)
@@ -161,6 +195,20 @@ def test_cifar10_small_vae_latent_recipe(cifar, tmp_path):
     assert stored.meta["data"]["kind"] == "cifar10" and stored.classes == CIFAR_NAMES
     out = tmp_path / "run"
     assert cli(["train", "--latents", str(lat), "--model", "DiT-Tiny/2", "--steps", "2", *FAST, "--out", str(out)]) == 0
-    assert cli(["sample", "--ckpt", str(out / "checkpoints" / "0000002.pt"), "--steps", "2", "--per-class", "1",
-                "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        cli(
+            [
+                "sample",
+                "--ckpt",
+                str(out / "checkpoints" / "0000002.pt"),
+                "--steps",
+                "2",
+                "--per-class",
+                "1",
+                "--out",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s.png").is_file()

@@ -1,5 +1,6 @@
 """Parameters and FLOPs (fastdit.flops, `fastdit info`): the paper's Gflops, MFU's training FLOPs, and the
 analytic count checked against torch's FlopCounterMode on small models."""
+
 import json
 
 import pytest
@@ -68,7 +69,9 @@ def test_info_command(capsys):
     assert "| DiT-XL/2 | adaLN-Zero | 4x64x64 | 1024 | 676.01 | 524.54 |" in out
     assert cli(["info", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["model"] for r in rows] == list(complexity.OFFICIAL) and rows[-1]["gflops"] == pytest.approx(118.62, abs=0.005)
+    assert [r["model"] for r in rows] == list(complexity.OFFICIAL) and rows[-1]["gflops"] == pytest.approx(
+        118.62, abs=0.005
+    )
 
 
 @pytest.mark.parametrize("argv, message", [

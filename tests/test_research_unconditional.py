@@ -1,12 +1,12 @@
 """Unconditional DiTs (num_classes=0): no label embedding, no CFG; training and sampling without labels."""
+
 import numpy as np
 import pytest
 import torch
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 from fastdit.cli import main as cli
 from fastdit.models import DiT
-
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4)
 
@@ -44,13 +44,17 @@ def test_train_and_sample_without_labels(tmp_path, capsys):
     ckpt = out / "checkpoints" / "0000002.pt"
     raw = torch.load(ckpt, weights_only=True)
     assert raw["model_config"]["num_classes"] == 0 and not any(k.startswith("y_embedder") for k in raw["ema"])
-    assert cli(["sample", "--ckpt", str(ckpt), "--steps", "2", "--per-class", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        cli(["sample", "--ckpt", str(ckpt), "--steps", "2", "--per-class", "2", "--out", str(tmp_path / "s.png")]) == 0
+    )
     assert "sampled 20 images" in capsys.readouterr().out  # 10 rows of 2
     npz = tmp_path / "s.npz"
     assert cli(["sample-ddp", "--ckpt", str(ckpt), "--steps", "2", "--num-samples", "3", "--out", str(npz)]) == 0
     assert np.load(npz)["arr_0"].shape == (3, 8, 8, 1)
-    for argv, message in ((["sample", "--classes", "1"], "--classes: the model is unconditional"),
-                          (["sample", "--cfg-scale", "4"], "--cfg-scale 4.0: the model is unconditional")):
+    for argv, message in (
+        (["sample", "--classes", "1"], "--classes: the model is unconditional"),
+        (["sample", "--cfg-scale", "4"], "--cfg-scale 4.0: the model is unconditional"),
+    ):
         assert cli([*argv, "--ckpt", str(ckpt), "--out", str(tmp_path / "x.png")]) == 2
         assert message in capsys.readouterr().err
 

@@ -1,18 +1,18 @@
 """fastdit sample (PNG grid) and fastdit sample-ddp (ADM .npz) from a tiny checkpoint."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 from PIL import Image
 
 import fastdit
 from fastdit import DiT, sample, train
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
-
-from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +36,46 @@ def test_sample_writes_a_grid_deterministically(ckpt, tmp_path):
 
 def test_sample_ddp_writes_an_adm_npz(ckpt, tmp_path):
     out = tmp_path / "samples.npz"
-    assert cli(["sample-ddp", "--ckpt", ckpt, "--num-samples", "5", "--per-proc-batch-size", "2", "--steps", "2",
-                "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "sample-ddp",
+                "--ckpt",
+                ckpt,
+                "--num-samples",
+                "5",
+                "--per-proc-batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     arr = np.load(out)["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 1)  # 6 sampled (3 batches of 2), trimmed to 5
     assert not list(tmp_path.glob(".*"))  # the per-rank shards are cleaned up
-    assert cli(["sample-ddp", "--ckpt", ckpt, "--num-samples", "2", "--per-proc-batch-size", "2", "--steps", "2",
-                "--rgb", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "sample-ddp",
+                "--ckpt",
+                ckpt,
+                "--num-samples",
+                "2",
+                "--per-proc-batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--rgb",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rgb = np.load(out)["arr_0"]
     assert rgb.shape == (2, 8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
 
@@ -57,14 +90,22 @@ def test_generate_follows_dit_sample_order(ckpt):
     z = torch.randn(2, 1, 8, 8)
     diffusion = sample.sampling_diffusion("ddpm", 4)
     y = torch.tensor(labels + [10, 10])
-    out = diffusion.p_sample_loop(model.forward_with_cfg, (4, 1, 8, 8), torch.cat([z, z]), clip_denoised=True,
-                                  model_kwargs=dict(y=y, cfg_scale=1.5, cfg_channels="all"), device="cpu")
+    out = diffusion.p_sample_loop(
+        model.forward_with_cfg,
+        (4, 1, 8, 8),
+        torch.cat([z, z]),
+        clip_denoised=True,
+        model_kwargs=dict(y=y, cfg_scale=1.5, cfg_channels="all"),
+        device="cpu",
+    )
     assert torch.equal(ours, out[:2].clamp(-1, 1))
 
 
 def test_official_checkpoint_needs_model_and_vae(tmp_path):
     path = tmp_path / "DiT-Tiny-64.pt"
-    torch.save(DiT(input_size=8, in_channels=4, depth=1, hidden_size=32, num_heads=2, num_classes=10).state_dict(), path)
+    torch.save(
+        DiT(input_size=8, in_channels=4, depth=1, hidden_size=32, num_heads=2, num_classes=10).state_dict(), path
+    )
     with pytest.raises(UsageError, match="give --model and --image-size"):
         sample.load_sampler_model(str(path))
     with pytest.raises(UsageError, match="--vae"):
@@ -87,8 +128,11 @@ def test_load_model_builds_the_model_a_checkpoint_records(ckpt, tmp_path):
     with pytest.raises(fastdit.CheckpointError, match="records no model config"):
         fastdit.load_model(official)
     assert fastdit.load_model(official, "DiT-Tiny/2", input_size=4, num_classes=10).x_embedder.img_size == (4, 4)
-    with pytest.raises(fastdit.CheckpointError, match=r"x_embedder.proj.weight: checkpoint \(128, 4, 2, 2\), model "
-                                                      r"\(128, 4, 4, 4\)"):
+    with pytest.raises(
+        fastdit.CheckpointError,
+        match=r"x_embedder.proj.weight: checkpoint \(128, 4, 2, 2\), model "
+        r"\(128, 4, 4, 4\)",
+    ):
         fastdit.load_model(official, "DiT-Tiny/4", input_size=4, num_classes=10)
 
 
@@ -124,8 +168,14 @@ def dit_loop(model, sampler_name, steps, z, y, cfg_scale):
     diffusion = sample.sampling_diffusion(sampler_name, steps)
     loop = diffusion.ddim_sample_loop if sampler_name == "ddim" else diffusion.p_sample_loop
     y = torch.cat([y, torch.full_like(y, 10)])
-    out = loop(model.forward_with_cfg, (2 * len(z), *z.shape[1:]), torch.cat([z, z]), clip_denoised=False,
-               model_kwargs=dict(y=y, cfg_scale=cfg_scale), device=z.device)
+    out = loop(
+        model.forward_with_cfg,
+        (2 * len(z), *z.shape[1:]),
+        torch.cat([z, z]),
+        clip_denoised=False,
+        model_kwargs=dict(y=y, cfg_scale=cfg_scale),
+        device=z.device,
+    )
     return out[: len(z)]
 
 
@@ -162,7 +212,10 @@ def test_gemm_weights_cast_once_give_the_same_samples():
     for m in (model, sample.cast_gemm_weights(sampler_model(), torch.bfloat16)):
         torch.manual_seed(3)
         outs.append(sample.Sampler(m, cfg_scale=3.0, steps=2, clip_denoised=False, precision="bf16")(y, z=z))
-    assert model.blocks[0].mlp.fc1.weight.dtype == torch.float32 and model.y_embedder.embedding_table.weight.dtype == torch.float32
+    assert (
+        model.blocks[0].mlp.fc1.weight.dtype == torch.float32
+        and model.y_embedder.embedding_table.weight.dtype == torch.float32
+    )
     assert torch.equal(outs[0], outs[1])
 
 
@@ -174,8 +227,25 @@ def test_sample_ddp_compiles_once_for_all_batches(ckpt, tmp_path, monkeypatch):
         return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    assert cli(["sample-ddp", "--ckpt", ckpt, "--num-samples", "6", "--per-proc-batch-size", "2", "--steps", "2",
-                "--compile", "--out", str(tmp_path / "s.npz")]) == 0
+    assert (
+        cli(
+            [
+                "sample-ddp",
+                "--ckpt",
+                ckpt,
+                "--num-samples",
+                "6",
+                "--per-proc-batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--compile",
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
     assert len(compiled) == 1  # 3 batches, one compilation
 
 
@@ -187,8 +257,9 @@ def test_cuda_graph_replay_equals_eager_steps(name):
     the samples of the eager step (and of DiT's loop); one capture in all."""
     model = sampler_model("cuda")
     graphs = sample.Sampler(model, cfg_scale=3.0, sampler=name, steps=5, clip_denoised=False, precision="bf16")
-    eager = sample.Sampler(model, cfg_scale=3.0, sampler=name, steps=5, clip_denoised=False, precision="bf16",
-                           cuda_graphs=False)
+    eager = sample.Sampler(
+        model, cfg_scale=3.0, sampler=name, steps=5, clip_denoised=False, precision="bf16", cuda_graphs=False
+    )
     assert graphs.cuda_graphs
     for seed in (1, 2):
         z, y = torch.randn(3, 4, 8, 8, device="cuda"), torch.randint(0, 10, (3,), device="cuda")

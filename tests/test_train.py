@@ -1,5 +1,6 @@
 """fastdit train in one process: the default job, bit-exact resume, NaN guard, GradScaler, atomic checkpoints,
 --deterministic, the defaults that follow the data, the progress bar and logs."""
+
 import argparse
 import io
 import json
@@ -8,13 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 import fastdit
 from fastdit import DiT, _util, load_checkpoint, train
 from fastdit.cli import main as cli
 from fastdit.diffusion import create_diffusion
-
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 
 def weights(path, key="model"):
@@ -120,12 +120,23 @@ def test_resume_finishes_a_run_killed_before_its_outputs(tmp_path):
 def test_defaults_follow_the_data():
     """Small data gets DiT-Tiny (its patch size fitted to the input) and a short schedule; large data DiT's recipe."""
     assert [train.small_model(n) for n in (4, 8, 9, 12, 32, 256)] == [
-        "DiT-Tiny/1", "DiT-Tiny/2", "DiT-Tiny/1", "DiT-Tiny/2", "DiT-Tiny/4", "DiT-Tiny/4"]
+        "DiT-Tiny/1",
+        "DiT-Tiny/2",
+        "DiT-Tiny/1",
+        "DiT-Tiny/2",
+        "DiT-Tiny/4",
+        "DiT-Tiny/4",
+    ]
     unset = {k: None for k in ("model", "global_batch_size", "lr", "steps", "ema_decay", "seed", "data", "num_classes")}
     small = argparse.Namespace(**unset)
     assert train.fill_defaults(small, 1797, 4, 1) == "small"  # the digits encoded to 4x4 latents
-    assert (small.model, small.steps, small.global_batch_size, small.lr, small.ema_decay) == ("DiT-Tiny/1", 1500, 128,
-                                                                                            1e-3, 0.995)
+    assert (small.model, small.steps, small.global_batch_size, small.lr, small.ema_decay) == (
+        "DiT-Tiny/1",
+        1500,
+        128,
+        1e-3,
+        0.995,
+    )
     few = argparse.Namespace(**unset)
     train.fill_defaults(few, 50, 8, 4)
     assert few.global_batch_size == 48  # at most the data, a multiple of the 4 processes
@@ -192,7 +203,9 @@ def test_fp16_grad_scaler_skips_overflow_backs_off_and_resumes(tmp_path):
         trainer.step_fn.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         loss, norm, bad, _ = trainer.train_step(x, y).tolist()
         assert bad == 0 and torch.isfinite(torch.tensor([loss, norm])).all()
-        assert not torch.equal(before["final_layer.linear.weight"], trainer.raw.state_dict()["final_layer.linear.weight"])
+        assert not torch.equal(
+            before["final_layer.linear.weight"], trainer.raw.state_dict()["final_layer.linear.weight"]
+        )
         trainer.step, scale = 2, trainer.scaler.get_scale()
         trainer.out.mkdir(parents=True, exist_ok=True)
         path = trainer.save_checkpoint()
@@ -233,8 +246,10 @@ def test_weights_made_nan_by_an_update_stop_the_run_keeping_the_last_good_checkp
 
 
 def test_bf16_grad_clip_and_checkpointing_options(tmp_path):
-    run = train.main(FAST + ["--precision", "bf16", "--grad-clip", "0.5", "--grad-checkpointing", "--steps", "2",
-                             "--out", str(tmp_path)])
+    run = train.main(
+        FAST
+        + ["--precision", "bf16", "--grad-clip", "0.5", "--grad-checkpointing", "--steps", "2", "--out", str(tmp_path)]
+    )
     assert len(run.losses) == 2 and all(v == v for v in run.losses)
     grad_norms = [r["grad_norm"] for r in _util.read_jsonl(tmp_path / "metrics.jsonl") if "grad_norm" in r]
     assert len(grad_norms) == 2 and all(g > 0 for g in grad_norms)
@@ -308,7 +323,8 @@ def test_metrics_log_keeps_one_record_per_step_across_resumes(tmp_path, monkeypa
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.')  # a line cut short by a crash is skipped when read
     assert len(_util.read_jsonl(tmp_path / "metrics.jsonl")) == len(
-        [json.loads(l) for l in open(tmp_path / "metrics.jsonl").read().splitlines()[:-1]])
+        [json.loads(l) for l in open(tmp_path / "metrics.jsonl").read().splitlines()[:-1]]
+    )
 
 
 def test_deterministic_pins_the_attention_backend_records_it_and_resumes_with_it(tmp_path, monkeypatch):
@@ -322,8 +338,14 @@ def test_deterministic_pins_the_attention_backend_records_it_and_resumes_with_it
 
     def spy(self, x, y):
         out = step(self, x, y)
-        seen.append((torch.are_deterministic_algorithms_enabled(), _attention_policy.deterministic(),
-                     ops.last_attention_backend(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        seen.append(
+            (
+                torch.are_deterministic_algorithms_enabled(),
+                _attention_policy.deterministic(),
+                ops.last_attention_backend(),
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            )
+        )
         return out
 
     monkeypatch.setattr(train.Trainer, "train_step", spy)
@@ -337,8 +359,10 @@ def test_deterministic_pins_the_attention_backend_records_it_and_resumes_with_it
     train.main(["--resume", run.out, "--steps", "3"])
     assert seen[-1] == (True, True, "sdpa_math", ":4096:8")
     monkeypatch.setenv("FASTDIT_ATTENTION", "math")
-    with pytest.raises(_util.UsageError, match="FASTDIT_ATTENTION=math: the resumed --deterministic run used "
-                                               "attention backend 'sdpa_math'"):
+    with pytest.raises(
+        _util.UsageError,
+        match="FASTDIT_ATTENTION=math: the resumed --deterministic run used attention backend 'sdpa_math'",
+    ):
         train.main(["--resume", run.out, "--steps", "4"])
 
 
@@ -349,8 +373,9 @@ def test_deterministic_mode_runs_the_fused_triton_ops(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FASTDIT_BACKEND", "triton")
     monkeypatch.delenv("FASTDIT_ATTENTION", raising=False)
-    trainer = train.Trainer(train.parse_args(FAST + ["--deterministic", "--global-batch-size", "2", "--steps", "1",
-                                                     "--out", str(tmp_path)]))
+    trainer = train.Trainer(
+        train.parse_args(FAST + ["--deterministic", "--global-batch-size", "2", "--steps", "1", "--out", str(tmp_path)])
+    )
     try:
         assert trainer.attention_backend == "triton"
         loss, norm, _, _ = trainer.train_step(torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))).tolist()
@@ -363,8 +388,19 @@ def test_deterministic_mode_runs_the_fused_triton_ops(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_deterministic_training_and_resume_are_bitwise_on_cuda(tmp_path):
     """The GPU confirmation of --deterministic: two runs, and a run killed and resumed, give the same bits."""
-    args = FAST + ["--deterministic", "--device", "cuda", "--precision", "bf16", "--model", "DiT-S/2",
-                   "--steps", "4", "--ckpt-every", "2"]
+    args = FAST + [
+        "--deterministic",
+        "--device",
+        "cuda",
+        "--precision",
+        "bf16",
+        "--model",
+        "DiT-S/2",
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "2",
+    ]
     a = train.main(args + ["--out", str(tmp_path / "a")])
     b = train.main(args + ["--out", str(tmp_path / "b")])
     os.remove(tmp_path / "b" / "checkpoints" / "0000004.pt")  # as if killed after step 2's checkpoint

@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo). fastdit train: DDP replicas stay identical, a NaN on one rank skips the
 step on both, a crash + --resume is bit-exact, FSDP continues a DDP checkpoint to the same weights (to rounding).
 fastdit sample-ddp: each rank samples its shard with its own seed, rank 0 writes one .npz."""
+
 import json
 import os
 import subprocess
@@ -11,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 from fastdit import train
 from fastdit.cli import main as cli
-
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 ROOT = WORKER.parent.parent
@@ -26,8 +26,12 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def run2(argv, **env):
     """`torchrun --nproc_per_node 2 ARGV` -> the finished process."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", **env)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        **env,
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -61,8 +65,9 @@ def test_ddp_two_processes_identical_replicas_nan_skip_and_bit_exact_resume(tmp_
     # weights, up to rounding: with per-block FSDP units every block computes its own adaLN modulation,
     # where DDP's model runs one GEMM for all of them (the sums meet in another order).
     ckpt = tmp_path / "split" / "checkpoints" / "0000002.pt"
-    code, (f0, f1), log = torchrun(tmp_path, "fsdp", ["--resume", str(ckpt), "--fsdp", "--out", str(tmp_path / "fsdp")],
-                                   nan_at="3")
+    code, (f0, f1), log = torchrun(
+        tmp_path, "fsdp", ["--resume", str(ckpt), "--fsdp", "--out", str(tmp_path / "fsdp")], nan_at="3"
+    )
     assert code == 0, log
     assert f0["losses"] == f1["losses"] and f0["losses"][0] is None
     assert f0["losses"][1] == pytest.approx(r0["losses"][3], rel=1e-6)

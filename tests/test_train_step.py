@@ -1,11 +1,14 @@
 """fastdit.train.TrainStep: the training step without host synchronisation, equivalent to the step
 before it (DiT's order: read the loss, skip on NaN/Inf, AdamW, EMA); the NaN/Inf guard on the device;
 the read-back once per log interval; checkpointing modes and precisions."""
+
 import copy
 import math
 
 import pytest
 import torch
+from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
+from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 from fastdit import train
 from fastdit._dist import init_distributed
@@ -13,9 +16,6 @@ from fastdit._util import UsageError
 from fastdit.diffusion import create_diffusion
 from fastdit.models import DiT
 from fastdit.reference_model import ReferenceDiT
-
-from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
 
 def tiny():
@@ -95,8 +95,11 @@ def test_train_step_matches_the_step_before_it_including_a_skipped_step():
             assert step.opt.state[p]["step"] == 4  # the skipped step did not count
 
 
-@pytest.mark.parametrize("options", [dict(), dict(grad_clip=0.5), dict(precision="bf16"), dict(precision="fp16")],
-                         ids=["fp32", "clip", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(grad_clip=0.5), dict(precision="bf16"), dict(precision="fp16")],
+    ids=["fp32", "clip", "bf16", "fp16"],
+)
 def test_train_step_never_reads_the_device(options, checks_as_on_a_gpu):
     model = tiny()
     step, _ = make_step(model, create_diffusion(timestep_respacing=""), **options)
@@ -109,8 +112,15 @@ def test_train_step_never_reads_the_device(options, checks_as_on_a_gpu):
 
 def test_sync_trap_sees_host_reads():
     t = torch.tensor([1.0, float("nan")])
-    for read in (lambda: t.tolist(), lambda: float(t[0]), lambda: bool(t[0] > 0), lambda: t[t > 0],
-                 lambda: t.sum().item(), lambda: t.numpy(), lambda: t.cpu()):
+    for read in (
+        lambda: t.tolist(),
+        lambda: float(t[0]),
+        lambda: bool(t[0] > 0),
+        lambda: t[t > 0],
+        lambda: t.sum().item(),
+        lambda: t.numpy(),
+        lambda: t.cpu(),
+    ):
         with SyncTrap() as trap:
             read()
         with pytest.raises(AssertionError, match="device-to-host"):
@@ -137,8 +147,24 @@ def test_trainer_reads_back_once_per_log_interval(tmp_path, monkeypatch, checks_
 
     monkeypatch.setattr(train.Trainer, "_read_back", counted)
     monkeypatch.setattr(train.TrainStep, "__call__", trapped)
-    run = train.main(["--global-batch-size", "8", "--sample-steps", "2", "--sample-every", "0", "--steps", "7",
-                      "--log-every", "3", "--ckpt-every", "5", "--out", str(tmp_path)])
+    run = train.main(
+        [
+            "--global-batch-size",
+            "8",
+            "--sample-steps",
+            "2",
+            "--sample-every",
+            "0",
+            "--steps",
+            "7",
+            "--log-every",
+            "3",
+            "--ckpt-every",
+            "5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert reads == [(3, 3), (5, 2), (6, 1), (7, 1)]  # log at 3 and 6, checkpoint at 5, the end at 7
     assert len(run.losses) == 7 and all(isinstance(v, float) for v in run.losses)
 

@@ -1,4 +1,5 @@
 """fastdit.ops.unpatchify's Triton and native CUDA layout kernels against fastdit.reference (tests/kernel_helpers.py: the backends)."""
+
 import pytest
 import torch
 

@@ -1,24 +1,35 @@
 """The small VAE, VAE names and their errors, latents of the digits, and latent-space training + sampling."""
+
 import argparse
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
-
-from pathlib import Path
+from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 from fastdit import data, latents, train, vae
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 
-from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
-
 
 def vae_args(tmp_path, **kw):
     p = argparse.ArgumentParser()
     vae.add_arguments(p)
-    args = p.parse_args(["--out", str(tmp_path / "vae"), "--steps", "40", "--batch-size", "32", "--base-channels", "16",
-                         "--log-every", "1000"])
+    args = p.parse_args(
+        [
+            "--out",
+            str(tmp_path / "vae"),
+            "--steps",
+            "40",
+            "--batch-size",
+            "32",
+            "--base-channels",
+            "16",
+            "--log-every",
+            "1000",
+        ]
+    )
     return argparse.Namespace(**{**vars(args), **kw})
 
 
@@ -68,7 +79,9 @@ def test_vae_path_errors(tmp_path, monkeypatch):
         vae.load_vae(tmp_path / "other.pt")
     if importlib.util.find_spec("diffusers") is not None:
         offline_hub(monkeypatch, tmp_path / "empty-cache")
-        with pytest.raises(UsageError, match="--vae stabilityai/sd-vae-ft-ema: cannot get it from the Hugging Face hub"):
+        with pytest.raises(
+            UsageError, match="--vae stabilityai/sd-vae-ft-ema: cannot get it from the Hugging Face hub"
+        ):
             vae.load_vae("ema")  # DiT's shorthand, neither online nor cached here
 
 
@@ -83,7 +96,10 @@ def test_diffusers_vae_without_diffusers_is_a_clear_error(tmp_path):
 def test_latents_round_trip_train_and_sample(tmp_path, trained_vae):
     """fastdit latents of the digits (with mirrored copies) -> LatentsDataset -> train --latents -> sample decodes."""
     out = tmp_path / "latents"
-    assert cli(["latents", "--vae", trained_vae["path"], "--flips", "both", "--chunk-size", "1000", "--out", str(out)]) == 0
+    assert (
+        cli(["latents", "--vae", trained_vae["path"], "--flips", "both", "--chunk-size", "1000", "--out", str(out)])
+        == 0
+    )
     ds = latents.LatentsDataset(out)
     meta = ds.meta
     assert meta["flips"] and meta["latent"] == "mean" and meta["image_size"] == 16 and meta["count"] == 1797
@@ -98,13 +114,43 @@ def test_latents_round_trip_train_and_sample(tmp_path, trained_vae):
     assert torch.allclose(ds[(1500, True)][0], codec.encode(x[1:].flip(-1), sample=False)[0], atol=1e-6)
     assert ds[(1500, False)][1] == int(data.DigitsDataset(16).labels[1500])
 
-    run = train.main(["--latents", str(out), "--model", "DiT-Tiny/1", "--steps", "2", "--global-batch-size", "8",
-                      "--sample-steps", "2", "--out", str(tmp_path / "run")])
+    run = train.main(
+        [
+            "--latents",
+            str(out),
+            "--model",
+            "DiT-Tiny/1",
+            "--steps",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--sample-steps",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     stored = torch.load(run.checkpoint, weights_only=True)
     assert stored["vae"] == meta["vae"] and stored["model_config"]["in_channels"] == 4
     png = tmp_path / "s.png"
-    assert cli(["sample", "--ckpt", run.checkpoint, "--steps", "2", "--per-class", "1", "--classes", "3,4",
-                "--out", str(png)]) == 0
+    assert (
+        cli(
+            [
+                "sample",
+                "--ckpt",
+                run.checkpoint,
+                "--steps",
+                "2",
+                "--per-class",
+                "1",
+                "--classes",
+                "3,4",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     assert Image.open(png).size[0] >= 2 * 16  # decoded 16x16 images, not 4x4 latents
@@ -120,10 +166,22 @@ def test_image_folder_training_pixel_and_latent_space(tmp_path, trained_vae, cap
     for cls in ("a", "b"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
     (tmp_path / "imgs" / "b" / "9.png").write_bytes(b"broken")  # skipped, with a warning: the run goes on
-    common = ["--data", str(tmp_path / "imgs"), "--model", "DiT-Tiny/2", "--global-batch-size", "9", "--steps", "2",
-              "--sample-steps", "2"]  # every step reads every image
+    common = [
+        "--data",
+        str(tmp_path / "imgs"),
+        "--model",
+        "DiT-Tiny/2",
+        "--global-batch-size",
+        "9",
+        "--steps",
+        "2",
+        "--sample-steps",
+        "2",
+    ]  # every step reads every image
     pixel = train.main(common + ["--image-size", "8", "--num-workers", "1", "--out", str(tmp_path / "pixel")])
     assert f"skipped an unreadable image (1 so far): {tmp_path / 'imgs' / 'b' / '9.png'}" in capfd.readouterr().err
     stored = torch.load(pixel.checkpoint, weights_only=True)

@@ -8,6 +8,7 @@ of BENCHMARKING.md) and PNG plots, built from what a run recorded in its folder'
   index.py     the committed reports, their index, README's section, adopting a run's folder
   __main__.py  the command line (python -m benchmarks.report)
 """
+
 import json
 import os
 from pathlib import Path

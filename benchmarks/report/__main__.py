@@ -1,11 +1,12 @@
 """python -m benchmarks.report: rebuild a run's report, file a GPU run's folder, print README's section.
 
-    python -m benchmarks.report DIR             rebuild DIR's report.md, results.json and plots
-    python -m benchmarks.report --adopt DIR     copy a GPU run's folder to benchmarks/reports/<gpu-slug>/
-                                                and regenerate the reports index
-    python -m benchmarks.report --index         regenerate benchmarks/reports/README.md
-    python -m benchmarks.report --readme        print README.md's benchmark numbers (newest GPU report)
+python -m benchmarks.report DIR             rebuild DIR's report.md, results.json and plots
+python -m benchmarks.report --adopt DIR     copy a GPU run's folder to benchmarks/reports/<gpu-slug>/
+                                            and regenerate the reports index
+python -m benchmarks.report --index         regenerate benchmarks/reports/README.md
+python -m benchmarks.report --readme        print README.md's benchmark numbers (newest GPU report)
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -14,9 +15,13 @@ from benchmarks import report
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("dir", nargs="?", type=Path, help="a run's report folder (with results.json) to rebuild")
-    parser.add_argument("--adopt", type=Path, metavar="DIR", help="file a GPU run's report folder under benchmarks/reports/<gpu-slug>/")
+    parser.add_argument(
+        "--adopt", type=Path, metavar="DIR", help="file a GPU run's report folder under benchmarks/reports/<gpu-slug>/"
+    )
     parser.add_argument("--index", action="store_true", help="rewrite benchmarks/reports/README.md")
     parser.add_argument("--readme", action="store_true", help="print README.md's benchmark numbers")
     args = parser.parse_args(argv)

@@ -3,12 +3,23 @@
 Each number comes from the case benchmarks/cases.py names (the kernels' closest measured shape
 when that one is missing, said so in the sources).
 """
+
 import math
 
 from benchmarks import cases
 from benchmarks.report.load import (
-    E2E_LABELS, KERNELS, attention_groups, best_e2e, best_fastdit, e2e_rows, kernel_groups, measured, ratio,
-    suite_absent, why_missing, FASTDIT_KERNEL_IMPLS,
+    E2E_LABELS,
+    FASTDIT_KERNEL_IMPLS,
+    KERNELS,
+    attention_groups,
+    best_e2e,
+    best_fastdit,
+    e2e_rows,
+    kernel_groups,
+    measured,
+    ratio,
+    suite_absent,
+    why_missing,
 )  # fmt: skip
 
 TARGETS = (  # (headline path, target, higher is better, what)
@@ -63,7 +74,11 @@ def _kernel(run, kernel, missing, sources):
             missing[f"kernels.{kernel}.{keys[0]}"] = no_rate_reason(run, "copy_bandwidth_gbs", "pct_copy_bw")
         if out[keys[1]] is None:
             missing[f"kernels.{kernel}.{keys[1]}"] = why_missing(comp, "torch.compile(reference)")
-        exact = (g.get("D"), g.get("tokens"), g.get("dtype")) == (cases.KERNEL["D"], HEADLINE_TOKENS, cases.KERNEL["dtype"])
+        exact = (g.get("D"), g.get("tokens"), g.get("dtype")) == (
+            cases.KERNEL["D"],
+            HEADLINE_TOKENS,
+            cases.KERNEL["dtype"],
+        )
         sources[f"kernels.{kernel}.{mode}"] = (
             f"{g['case']} ({g['dtype']}, D={g['D']}, {g['tokens']} tokens), fastdit = {fd['impl']}"
             + ("" if exact else f"; the headline shape (D={cases.KERNEL['D']}, {HEADLINE_TOKENS} tokens, "
@@ -105,12 +120,18 @@ def _attention(run, missing, sources):
             work = (like["B"] or 0) * (like["H"] or 0)
             return min(cands, key=lambda g: abs((g["B"] or 0) * (g["H"] or 0) - work), default=None)
         # forward, bf16, the XL/2 head count, then the largest batch
-        return min(cands, key=lambda g: (g["mode"] != "fwd", g["dtype"] != "bfloat16", g["H"] != 16, -(g["B"] or 0)), default=None)
+        return min(
+            cands,
+            key=lambda g: (g["mode"] != "fwd", g["dtype"] != "bfloat16", g["H"] != 16, -(g["B"] or 0)),
+            default=None,
+        )
 
     g72 = pick(cases.ATTENTION_HEAD_DIM)
     if g72 is None:
         for key in out:
-            missing[f"attention.{key}"] = absent or f"no T={T}, head dim {cases.ATTENTION_HEAD_DIM} rows with a measured fastdit time"
+            missing[f"attention.{key}"] = (
+                absent or f"no T={T}, head dim {cases.ATTENTION_HEAD_DIM} rows with a measured fastdit time"
+            )
         return out
     fd = best_fastdit(g72["impls"])
     others = [r for k, r in g72["impls"].items() if k not in FASTDIT_KERNEL_IMPLS and measured(r)]
@@ -159,7 +180,9 @@ def _train(run, missing, sources):
         speedup_vs_compile=ratio(fd["img_per_s"], comp["img_per_s"]) if measured(comp) else None,
         peak_mem_ratio_vs_eager=ratio(fd.get("peak_mem_gib"), eager.get("peak_mem_gib")) if measured(eager) else None,
     )
-    sources["train"] = f"fastdit = {E2E_LABELS[fd['impl']]} (the faster of fastdit and torch.compile(fastdit))" + (f", {fd['config']}" if fd.get("config") else "")
+    sources["train"] = f"fastdit = {E2E_LABELS[fd['impl']]} (the faster of fastdit and torch.compile(fastdit))" + (
+        f", {fd['config']}" if fd.get("config") else ""
+    )
     reasons = {
         "mfu": no_rate_reason(run, "bf16_matmul_tflops", "mfu"),
         "speedup_vs_eager": why_missing(eager, "reference eager"),
@@ -189,7 +212,9 @@ def _sample(run, missing, sources):
         missing["sample.speedup_vs_compile"] = why_missing(comp, "torch.compile(reference)")
     steps = cases.SAMPLER_STEPS
     extrapolated = f", {fd['timed_steps']} steps timed and extrapolated to {steps}" if fd.get("extrapolated") else ""
-    sources["sample"] = f"fastdit = {E2E_LABELS[fd['impl']]}, {fd.get('batch')} images (+ as many unconditional){extrapolated}"
+    sources["sample"] = (
+        f"fastdit = {E2E_LABELS[fd['impl']]}, {fd.get('batch')} images (+ as many unconditional){extrapolated}"
+    )
     return out
 
 

@@ -1,5 +1,6 @@
 """The committed reports: benchmarks/reports/<gpu-slug>/, their index, README's benchmark section,
 and adopting a device check's folder as the report of its GPU."""
+
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +20,9 @@ def gpu_reports(reports_dir=REPORTS_DIR):
         res = read_json(path)
         if res and res.get("mode") != "smoke" and res.get("headline", {}).get("gpu"):
             out.append((path.parent.name, res))
-    return sorted(out, key=lambda sr: (sr[1]["environment"].get("time_utc") or sr[1]["headline"].get("date") or ""), reverse=True)
+    return sorted(
+        out, key=lambda sr: sr[1]["environment"].get("time_utc") or sr[1]["headline"].get("date") or "", reverse=True
+    )
 
 
 def readme_section(reports_dir=REPORTS_DIR, link_base="benchmarks/reports"):
@@ -36,9 +39,19 @@ def readme_section(reports_dir=REPORTS_DIR, link_base="benchmarks/reports"):
         table(
             ["", "fastdit", "× torch.compile(reference)", "× reference eager"],
             [
-                (f"{t['model']} {t['resolution']}² training, batch {fmt(t['batch_per_gpu'])}", f"{fmt(t['img_per_s'])} img/s, {fmt(t['mfu'])} % MFU", t["speedup_vs_compile"], t["speedup_vs_eager"]),
+                (
+                    f"{t['model']} {t['resolution']}² training, batch {fmt(t['batch_per_gpu'])}",
+                    f"{fmt(t['img_per_s'])} img/s, {fmt(t['mfu'])} % MFU",
+                    t["speedup_vs_compile"],
+                    t["speedup_vs_eager"],
+                ),
                 ("peak training memory (fastdit / eager)", fmt(t["peak_mem_ratio_vs_eager"]), "", ""),
-                (f"{s['model']} {s['steps']}-step DDPM sampling, CFG 4", f"{fmt(s['img_per_s'])} img/s", s["speedup_vs_compile"], ""),
+                (
+                    f"{s['model']} {s['steps']}-step DDPM sampling, CFG 4",
+                    f"{fmt(s['img_per_s'])} img/s",
+                    s["speedup_vs_compile"],
+                    "",
+                ),
                 ("attention, 256 tokens, head dim 72", f"{fmt(a['T256_hd72_tflops'])} TFLOP/s", "", ""),
             ],
         ),  # fmt: skip
@@ -68,7 +81,22 @@ def render_index(reports_dir=REPORTS_DIR):
         h = res["headline"]
         rows.append((f"[{slug}]({slug}/report.md)", h["gpu"], h["date"], str(h.get("commit"))[:12], res.get("mode"),
                      h["train"]["img_per_s"], h["train"]["speedup_vs_compile"], h["sample"]["img_per_s"], h["sample"]["speedup_vs_compile"]))  # fmt: skip
-    md.append(table(["report", "GPU", "date", "commit", "mode", "XL/2 train img/s", "× compile", "XL/2 sample img/s", "× compile"], rows))
+    md.append(
+        table(
+            [
+                "report",
+                "GPU",
+                "date",
+                "commit",
+                "mode",
+                "XL/2 train img/s",
+                "× compile",
+                "XL/2 sample img/s",
+                "× compile",
+            ],
+            rows,
+        )
+    )
     return "\n".join(md) + "\n"
 
 

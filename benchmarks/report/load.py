@@ -6,13 +6,19 @@ what the report derived from it (headline, missing, headline_sources). Rows are
 benchmarks/harness.py's; their implementation names are the suites' own: eager | compile |
 triton | cuda (fastdit's kernels) | a third-party name, and end to end workloads.IMPLS.
 """
+
 import json
 from pathlib import Path
 
 RESULTS = "results.json"
 FASTDIT_KERNEL_IMPLS = ("triton", "cuda")
 KERNELS = ("modulate_layer_norm", "gated_residual_modulate_layer_norm", "gated_residual", "patchify", "unpatchify")
-E2E_LABELS = {"eager": "reference eager", "compile": "torch.compile(reference)", "fastdit": "fastdit", "fastdit+compile": "torch.compile(fastdit)"}
+E2E_LABELS = {
+    "eager": "reference eager",
+    "compile": "torch.compile(reference)",
+    "fastdit": "fastdit",
+    "fastdit+compile": "torch.compile(fastdit)",
+}
 FASTDIT_E2E = ("fastdit", "fastdit+compile")
 RECORDED = ("environment", "ceilings", "run", "suites", "rows", "tests", "compile")  # what the runner writes
 
@@ -78,7 +84,9 @@ def why_missing(row, what):
 def model_label(row):
     """The model a row measured: its name, or, for smoke mode's stand-ins, that it is a stand-in."""
     name = f"{row.get('model')} {row.get('resolution')}²"
-    return f"{name} stand-in ({row.get('config', '').removeprefix('smoke stand-in: ')})" if row.get("stand_in") else name
+    return (
+        f"{name} stand-in ({row.get('config', '').removeprefix('smoke stand-in: ')})" if row.get("stand_in") else name
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +149,7 @@ def skipped_work(run):
         if not measured(r) and str(r.get("status", "")).startswith("skipped"):
             what = " ".join(str(r[k]) for k in ("suite", "case", "sampler", "mode", "impl") if r.get(k) is not None)
             out.setdefault(r["status"], []).append(what)
-    for name, s in run["suites"].items():
+    for s in run["suites"].values():
         for case in s.get("not_reached", []):
             out.setdefault(f"not reached: {s.get('status', 'its step stopped')}", []).append(case)
     for t in run["tests"].get("results", []):

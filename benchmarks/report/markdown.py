@@ -1,11 +1,23 @@
 """report.md: the headline, the targets, what was not measured or not run and why, the GPU tests,
 the Triton compile times, the environment, every suite's table and the per-op profile."""
+
 import math
 
 from benchmarks.report.headline import target_rows
 from benchmarks.report.load import (
-    E2E_LABELS, FASTDIT_KERNEL_IMPLS, KERNELS, attention_groups, best_fastdit, impls_of, kernel_groups, measured,
-    model_label, ratio, rows_of, skipped_work, suite_absent,
+    E2E_LABELS,
+    FASTDIT_KERNEL_IMPLS,
+    KERNELS,
+    attention_groups,
+    best_fastdit,
+    impls_of,
+    kernel_groups,
+    measured,
+    model_label,
+    ratio,
+    rows_of,
+    skipped_work,
+    suite_absent,
 )  # fmt: skip
 
 SKIPPED_SHOWN = 12  # items listed per reason (the rest counted)
@@ -64,9 +76,18 @@ def render(run, results, plots):
         md += [f"## Kernel: {suite}\n", suite_absent(run, suite) or _kernel_section(run, suite), ""]
     md += ["## Attention\n", suite_absent(run, "attention") or _attention_section(run), ""]
     for suite in [s for s in run["suites"] if s not in (*KERNELS, "attention", "end_to_end", "profile")]:
-        md += [f"## Suite: {suite}\n", table(["case", "impl", "ms"], [(r.get("case"), r.get("impl"), _ms_cell(r)) for r in rows_of(run, suite)]), ""]
+        md += [
+            f"## Suite: {suite}\n",
+            table(["case", "impl", "ms"], [(r.get("case"), r.get("impl"), _ms_cell(r)) for r in rows_of(run, suite)]),
+            "",
+        ]
     md += ["## End to end\n", suite_absent(run, "end_to_end") or _e2e_sections(run), ""]
-    md += ["## Where the time goes\n", "Per-op breakdown of one training step (torch.profiler; self time per op).\n", _profile_section(run), ""]
+    md += [
+        "## Where the time goes\n",
+        "Per-op breakdown of one training step (torch.profiler; self time per op).\n",
+        _profile_section(run),
+        "",
+    ]
     md += ["## Steps\n", table(["step", "status", "seconds", "result"], _step_rows(run)), ""]
     md += ["## Plots\n"] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     return "\n".join(md)
@@ -90,8 +111,15 @@ def _headline_rows(h):
         ("  head dim 72 / head dim 64 TFLOP/s", a["hd72_over_hd64_per_flop"]),
     ]
     for k, v in h["kernels"].items():
-        rows.append((f"{k}: fwd / bwd % of copy bandwidth", f"{fmt(v['fwd_pct_copy_bw'])} / {fmt(v['bwd_pct_copy_bw'])}"))
-        rows.append((f"{k}: fwd / bwd × torch.compile", f"{fmt(v['fwd_speedup_vs_compile'])} / {fmt(v['bwd_speedup_vs_compile'])}"))
+        rows.append(
+            (f"{k}: fwd / bwd % of copy bandwidth", f"{fmt(v['fwd_pct_copy_bw'])} / {fmt(v['bwd_pct_copy_bw'])}")
+        )
+        rows.append(
+            (
+                f"{k}: fwd / bwd × torch.compile",
+                f"{fmt(v['fwd_speedup_vs_compile'])} / {fmt(v['bwd_speedup_vs_compile'])}",
+            )
+        )
     return rows
 
 
@@ -150,7 +178,9 @@ def _compile_section(info):
             "the later steps load them from Triton's cache.\n\n")  # fmt: skip
     text += table(["kernel", "variants", "compile s (sum)", "slowest s"], rows)
     if info.get("errors"):
-        text += "\n\nFailed to compile:\n\n" + table(["kernel", "error"], [(e["kernel"], e["error"][:300]) for e in info["errors"]])
+        text += "\n\nFailed to compile:\n\n" + table(
+            ["kernel", "error"], [(e["kernel"], e["error"][:300]) for e in info["errors"]]
+        )
     return text
 
 
@@ -178,7 +208,9 @@ def _ms_cell(row):
 def _kernel_section(run, suite):
     groups = kernel_groups(run, suite)
     kinds = impls_of(groups)
-    header = ["case", "mode", "dtype"] + [f"{k} ms" for k in kinds] + ["fastdit GB/s", "% copy BW", "× eager", "× compile"]
+    header = (
+        ["case", "mode", "dtype"] + [f"{k} ms" for k in kinds] + ["fastdit GB/s", "% copy BW", "× eager", "× compile"]
+    )
     rows = []
     for g in groups:
         fd = best_fastdit(g["impls"])
@@ -193,13 +225,27 @@ def _kernel_section(run, suite):
 def _attention_section(run):
     groups = attention_groups(run)
     kinds = impls_of(groups)
-    header = ["case", "B", "H", "T", "Dh", "mode", "dtype"] + [f"{k} ms" for k in kinds] + ["fastdit TFLOP/s", "% matmul", "× best other"]
+    header = (
+        ["case", "B", "H", "T", "Dh", "mode", "dtype"]
+        + [f"{k} ms" for k in kinds]
+        + ["fastdit TFLOP/s", "% matmul", "× best other"]
+    )
     rows = []
     for g in groups:
         fd = best_fastdit(g["impls"])
-        others = [r["tflops"] for k, r in g["impls"].items() if k not in FASTDIT_KERNEL_IMPLS and measured(r) and r.get("tflops")]
-        cells = [g[k] for k in ("case", "B", "H", "T", "Dh", "mode", "dtype")] + [_ms_cell(g["impls"].get(k)) for k in kinds]
-        cells += [fd and fd.get("tflops"), fd and fd.get("pct_matmul"), ratio(fd.get("tflops"), max(others)) if fd and others else None]
+        others = [
+            r["tflops"]
+            for k, r in g["impls"].items()
+            if k not in FASTDIT_KERNEL_IMPLS and measured(r) and r.get("tflops")
+        ]
+        cells = [g[k] for k in ("case", "B", "H", "T", "Dh", "mode", "dtype")] + [
+            _ms_cell(g["impls"].get(k)) for k in kinds
+        ]
+        cells += [
+            fd and fd.get("tflops"),
+            fd and fd.get("pct_matmul"),
+            ratio(fd.get("tflops"), max(others)) if fd and others else None,
+        ]
         rows.append(cells)
     return table(header, rows)
 

@@ -1,15 +1,25 @@
 """The report's PNG plots: always the same three files (a panel without data says why).
 
-  kernels.png     fastdit's speed-up over eager and torch.compile per kernel, shape and mode
-  roofline.png    % of the measured ceiling per kernel (copy bandwidth) and attention (bf16 matmul)
-  end_to_end.png  images/s per model and implementation, training and sampling
+kernels.png     fastdit's speed-up over eager and torch.compile per kernel, shape and mode
+roofline.png    % of the measured ceiling per kernel (copy bandwidth) and attention (bf16 matmul)
+end_to_end.png  images/s per model and implementation, training and sampling
 """
+
 import textwrap
 from pathlib import Path
 
 from benchmarks import cases
 from benchmarks.report.load import (
-    E2E_LABELS, KERNELS, attention_groups, best_fastdit, impls_of, kernel_groups, measured, model_label, ratio, rows_of,
+    E2E_LABELS,
+    KERNELS,
+    attention_groups,
+    best_fastdit,
+    impls_of,
+    kernel_groups,
+    measured,
+    model_label,
+    ratio,
+    rows_of,
     suite_absent,
 )  # fmt: skip
 
@@ -53,7 +63,9 @@ def render(run, plot_dir):
         _bars(ax, [f"{_shape_label(g)} {g['mode']}" for g in groups], series, suite, "% of copy bandwidth",
               suite_absent(run, suite) or "no % of copy bandwidth (ceilings not measured)")  # fmt: skip
     groups = attention_groups(run)
-    series = {k: [g["impls"][k].get("pct_matmul") if k in g["impls"] else None for g in groups] for k in impls_of(groups)}
+    series = {
+        k: [g["impls"][k].get("pct_matmul") if k in g["impls"] else None for g in groups] for k in impls_of(groups)
+    }
     _bars(axes.flat[5], [f"T{g['T']} hd{g['Dh']} {g['mode']}" for g in groups], series, "attention", "% of bf16 matmul rate",
           suite_absent(run, "attention") or "no % of matmul rate (ceilings not measured)")  # fmt: skip
     save(fig, NAMES[1], "% of the measured roofline per kernel and implementation")
@@ -89,7 +101,15 @@ def _bars(ax, labels, series, title, ylabel, empty_reason, baseline=None):
     series = {k: v for k, v in series.items() if any(x is not None for x in v)}
     ax.set_title(title, fontsize=9)
     if not labels or not series:
-        ax.text(0.5, 0.5, "no data:\n" + textwrap.fill(empty_reason, 45), ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no data:\n" + textwrap.fill(empty_reason, 45),
+            ha="center",
+            va="center",
+            fontsize=8,
+            transform=ax.transAxes,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         return

@@ -1,11 +1,12 @@
 """Gaussian diffusion with DiT's semantics (IDDPM): drop-in for facebookresearch/DiT's `diffusion` package.
 
-    from fastdit.diffusion import create_diffusion
-    diffusion = create_diffusion(timestep_respacing="")        # training: 1000 steps
-    loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
-    sampler = create_diffusion("250")                           # sampling: 250 respaced steps
-    samples = sampler.p_sample_loop(model, z.shape, z, clip_denoised=False, model_kwargs=..., device=...)
+from fastdit.diffusion import create_diffusion
+diffusion = create_diffusion(timestep_respacing="")        # training: 1000 steps
+loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+sampler = create_diffusion("250")                           # sampling: 250 respaced steps
+samples = sampler.p_sample_loop(model, z.shape, z, clip_denoised=False, model_kwargs=..., device=...)
 """
+
 from .._validate import check_positive_int
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps

@@ -2,6 +2,7 @@
 
 The arithmetic order follows DiT's diffusion_utils so that losses match it bit for bit.
 """
+
 import math
 
 import torch

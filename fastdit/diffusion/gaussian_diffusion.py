@@ -9,6 +9,7 @@ order, so that from one torch seed the samples and losses equal the official one
 Notation: T steps, t in [0, T); alpha_bar_t = prod_{s<=t} (1 - beta_s);
 q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
 """
+
 import enum
 import math
 
@@ -283,7 +284,9 @@ class GaussianDiffusion:
         elif self.model_mean_type == ModelMeanType.EPSILON:
             pred_xstart = self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
         else:
-            raise NotImplementedError(f"p_mean_variance supports START_X and EPSILON models, not {self.model_mean_type}")
+            raise NotImplementedError(
+                f"p_mean_variance supports START_X and EPSILON models, not {self.model_mean_type}"
+            )
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
@@ -328,14 +331,37 @@ class GaussianDiffusion:
         sample = out["mean"] + self._nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                      model_kwargs=None, device=None, progress=False):
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
         """Samples of `shape` (N, C, ...) by ancestral (DDPM) sampling; see p_sample_loop_progressive."""
-        return _last_sample(self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress))
+        return _last_sample(
+            self.p_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
+            )
+        )
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  cond_fn=None, model_kwargs=None, device=None, progress=False):
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
         """Yield p_sample's dict at every step, from t = T-1 down to 0.
 
         noise: the starting x_{T-1} (drawn with torch.randn(*shape, device=device) when None).
@@ -343,8 +369,17 @@ class GaussianDiffusion:
         progress: show a tqdm progress bar.
         """
         yield from self._sample_loop_progressive(
-            self.p_sample, model, shape, noise, device, progress,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs)
+            self.p_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+        )
 
     def _ddim_prediction(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs):
         """p_mean_variance, conditioned on the score by cond_fn, and the eps its x_0 prediction implies."""
@@ -356,8 +391,7 @@ class GaussianDiffusion:
         # Re-derive eps from x_0 so that x_0- and eps-predicting models take the same path.
         return out, self._predict_eps_from_xstart(x, t, out["pred_xstart"])
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-                    eta=0.0):
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0):
         """One DDIM step (Song et al. 2020, eq. 12) to the previous timestep; eta = 0 is deterministic,
         eta = 1 matches DDPM's variance. Returns {"sample", "pred_xstart"}."""
         out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
@@ -369,8 +403,9 @@ class GaussianDiffusion:
         sample = mean_pred + self._nonzero_mask(t, x) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                            model_kwargs=None, eta=0.0):
+    def ddim_reverse_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
+    ):
         """One step of the deterministic DDIM ODE forward in time: x_t -> x_{t+1}."""
         if eta != 0.0:
             raise ValueError(f"eta must be 0.0 for the reverse (deterministic) DDIM ODE, got {eta!r}")
@@ -379,18 +414,53 @@ class GaussianDiffusion:
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0):
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
         """Samples of `shape` by DDIM; arguments as p_sample_loop, plus eta."""
-        return _last_sample(self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta))
+        return _last_sample(
+            self.ddim_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta
+            )
+        )
 
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0):
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
         """Yield ddim_sample's dict at every step; arguments as p_sample_loop_progressive, plus eta."""
         yield from self._sample_loop_progressive(
-            self.ddim_sample, model, shape, noise, device, progress, clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
+            self.ddim_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+        )
 
     def _sample_loop_progressive(self, step, model, shape, noise, device, progress, **step_kwargs):
         """Run `step` (p_sample or ddim_sample) from t = T-1 down to 0, yielding each step's dict."""
@@ -533,6 +603,6 @@ def _default_device(model, noise):
 def _last_sample(steps):
     """The final "sample" of a progressive sampling loop."""
     final = None
-    for final in steps:
-        pass
+    for step in steps:
+        final = step
     return final["sample"]

@@ -3,6 +3,7 @@
 The spaced process has its own betas, chosen so that its alpha_bar at each kept step equals the base
 process's; the model keeps seeing the base process's timesteps.
 """
+
 import numpy as np
 import torch
 

@@ -4,6 +4,7 @@ A sampler draws a batch of timesteps from a distribution over the diffusion step
 importance weights 1 / (T p(t)) that keep the loss an unbiased estimate of the uniform-t objective.
 Draws use numpy's global random state, as DiT's do.
 """
+
 from abc import ABC, abstractmethod
 
 import numpy as np

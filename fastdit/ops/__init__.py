@@ -13,6 +13,7 @@ kernels compiled as `<op>_fwd_kernel` / `<op>_bwd_kernel`, `fastdit.reference.<o
 `tests/test_<op>.py` its tests and `benchmarks/bench_<op>.py` its benchmark suite. The op modules
 import Triton, so they load on first use of the op, not on `import fastdit`.
 """
+
 import importlib
 import os
 

@@ -5,6 +5,7 @@ precedence); this module runs them and resolves `auto`. Every backend returns th
 contiguous (B, Tq, H, Dh), so the model's reshape to (B, T, D) is free. Optional packages
 (triton, flash_attn, xformers) are imported on first use of their backend, never on import.
 """
+
 import dataclasses
 import importlib.util
 import statistics
@@ -96,11 +97,19 @@ class Backend:
 
 
 BACKENDS = {
-    "triton": Backend(_triton, ("triton",), "pip install triton", max_head_dim=256, deterministic=True,
-                      run_packed=_triton_packed),
-    "flash_attn": Backend(_flash_attn, ("flash_attn", "flash_attn_interface"), "pip install flash-attn",
-                          cuda_only=True, cuda_half_only=True, max_head_dim=256, deterministic=True,
-                          run_packed=_flash_attn_packed),
+    "triton": Backend(
+        _triton, ("triton",), "pip install triton", max_head_dim=256, deterministic=True, run_packed=_triton_packed
+    ),
+    "flash_attn": Backend(
+        _flash_attn,
+        ("flash_attn", "flash_attn_interface"),
+        "pip install flash-attn",
+        cuda_only=True,
+        cuda_half_only=True,
+        max_head_dim=256,
+        deterministic=True,
+        run_packed=_flash_attn_packed,
+    ),
     "xformers": Backend(_xformers, ("xformers",), "pip install xformers", cuda_only=True),
     "sdpa": Backend(_sdpa(None)),
     "sdpa_flash": Backend(_sdpa("FLASH_ATTENTION"), cuda_half_only=True),
@@ -203,7 +212,9 @@ def _auto(q, k, v):
         return "math"
     det = policy.deterministic()
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    usable = [n for n in BACKENDS if unavailable(n, q) is None and (BACKENDS[n].deterministic or not (det and training))]
+    usable = [
+        n for n in BACKENDS if unavailable(n, q) is None and (BACKENDS[n].deterministic or not (det and training))
+    ]
     return pick_auto(
         (q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device, training, det),
         usable,

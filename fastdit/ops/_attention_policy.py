@@ -21,6 +21,7 @@ else $FASTDIT_ATTENTION, else FASTDIT_BACKEND / use_backend mapped (reference ->
 triton -> triton, auto and cuda -> auto). So `with use_backend("reference"),
 use_attention_backend("triton"):` runs every other op on the reference and attention on Triton.
 """
+
 import contextlib
 import os
 import threading

@@ -19,6 +19,7 @@ Under the Triton interpreter tl.dot on bfloat16 multiplies raw bits, so tiles ar
 float32 before each dot when interpreting; the rounding of p and dS to the input dtype, which the
 GPU kernels do, is kept.
 """
+
 import dataclasses
 import math
 
@@ -490,7 +491,9 @@ def _forward_fake(q):
 
 
 @torch.library.custom_op("fastdit::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse2) of q, k, v (B, T, H, Dh)."""
     return forward(q, k, v)
 

@@ -1,4 +1,5 @@
 """Input validation shared by the ops: every error names the argument and what was expected."""
+
 import torch
 
 from .._validate import check_positive_int
@@ -66,7 +67,9 @@ def check_image(x, patch_size, name="x"):
     check_positive_int("patch_size", patch_size)
     H, W = x.shape[-2:]
     if H % patch_size or W % patch_size or H == 0 or W == 0:
-        raise ValueError(f"{name}'s height and width must be positive multiples of patch_size={patch_size}, got {(H, W)}")
+        raise ValueError(
+            f"{name}'s height and width must be positive multiples of patch_size={patch_size}, got {(H, W)}"
+        )
 
 
 def check_tokens(x, patch_size, channels, grid_size=None, name="x"):
@@ -92,7 +95,9 @@ def check_tokens(x, patch_size, channels, grid_size=None, name="x"):
     ):
         raise ValueError(f"grid_size must be a pair of positive ints (h, w), got {grid_size!r}")
     if grid_size[0] * grid_size[1] != T:
-        raise ValueError(f"grid_size {tuple(grid_size)} holds {grid_size[0] * grid_size[1]} tokens, but {name} has T={T}")
+        raise ValueError(
+            f"grid_size {tuple(grid_size)} holds {grid_size[0] * grid_size[1]} tokens, but {name} has T={T}"
+        )
     return tuple(grid_size)
 
 

@@ -15,6 +15,7 @@ configuration for a given SM count and compute capability, so the ops run their 
 CPU (or CUDA) tensors and each launch is recorded, not run. Needs TRITON_INTERPRET=0 (or unset
 with a CUDA build of torch): interpreted kernels compile to nothing.
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -62,7 +63,11 @@ class Launch:
 
     def options(self):
         """The launch options Triton takes beside the kernel's arguments."""
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
+        return {
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+            **({"maxnreg": self.maxnreg} if self.maxnreg else {}),
+        }
 
     def function(self):
         return getattr(importlib.import_module(self.module), self.kernel)
@@ -158,7 +163,11 @@ def row_ops(B, T, D, x_dtype, v_dtype, device="cpu"):
 
     x, y = (torch.empty(B, T, D, dtype=dt, device=device, requires_grad=True) for dt in (x_dtype, v_dtype))
     gate, shift, scale = torch.empty(B, 6 * D, dtype=v_dtype, device=device, requires_grad=True).chunk(6, dim=1)[:3]
-    for out in (modulate_layer_norm(x, shift, scale), gated_residual(x, y, gate), gated_residual_modulate_layer_norm(x, y, gate, shift, scale)):
+    for out in (
+        modulate_layer_norm(x, shift, scale),
+        gated_residual(x, y, gate),
+        gated_residual_modulate_layer_norm(x, y, gate, shift, scale),
+    ):
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
 
@@ -187,7 +196,9 @@ def attention_ops(B, T, H, Dh, dtype, device="cpu"):
 # CI's gate: the row kernels' four tile shapes (D 1152, 1024 and 768, 384, 216), three dtypes and
 # autocast's mix; both layout directions at the smallest and largest patch; attention in every
 # dtype. fp16's row kernels compile like bf16's and the widths left out share a tile with a kept one.
-GATE = dict(widths=(1152, 768, 384, 216), row_dtypes=("bfloat16", "float32", "autocast"), layouts=(LAYOUTS[0], LAYOUTS[3]))
+GATE = dict(
+    widths=(1152, 768, 384, 216), row_dtypes=("bfloat16", "float32", "autocast"), layouts=(LAYOUTS[0], LAYOUTS[3])
+)
 
 
 def dit_family(B=16, T=256, widths=ROW_WIDTHS, row_dtypes=tuple(ROW_DTYPES), layouts=LAYOUTS):
@@ -200,10 +211,17 @@ def dit_family(B=16, T=256, widths=ROW_WIDTHS, row_dtypes=tuple(ROW_DTYPES), lay
             out.append((f"rows D={D} {name}", lambda D=D, xd=xd, vd=vd: row_ops(B, T, D, xd, vd)))
     for dtype in DTYPES:
         for C, size, p in layouts:
-            out.append((f"layout C={C} {size}x{size} p={p} {_TYPES[dtype]}", lambda C=C, size=size, p=p, dtype=dtype: layout_ops(B, C, size, p, dtype)))
+            out.append(
+                (
+                    f"layout C={C} {size}x{size} p={p} {_TYPES[dtype]}",
+                    lambda C=C, size=size, p=p, dtype=dtype: layout_ops(B, C, size, p, dtype),
+                )
+            )
     for Dh in HEAD_DIMS:
         for dtype in DTYPES:
-            out.append((f"attention Dh={Dh} {_TYPES[dtype]}", lambda Dh=Dh, dtype=dtype: attention_ops(2, T, 16, Dh, dtype)))
+            out.append(
+                (f"attention Dh={Dh} {_TYPES[dtype]}", lambda Dh=Dh, dtype=dtype: attention_ops(2, T, 16, Dh, dtype))
+            )
     return out
 
 
@@ -260,7 +278,9 @@ def compile_launch(launch, arch):
         cubin = os.path.join(workdir, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([cuobjdump_path(), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [cuobjdump_path(), "-res-usage", cubin], capture_output=True, text=True, check=True
+        ).stdout
     regs, stack, local = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL"))
     shared = compiled.metadata.shared
     ptx = compiled.asm["ptx"]
@@ -283,7 +303,9 @@ def programs_per_sm(registers, num_warps, shared_bytes, arch):
     per_warp = math.ceil(max(registers, 1) * 32 / REGISTER_GRANULE) * REGISTER_GRANULE
     by_registers = REGISTERS_PER_SM // per_warp // num_warps
     by_warps = MAX_WARPS_PER_SM // num_warps
-    by_shared = SHARED_PER_SM[arch] // (shared_bytes + 1024) if shared_bytes else MAX_PROGRAMS_PER_SM  # 1 KB reserved per program
+    by_shared = (
+        SHARED_PER_SM[arch] // (shared_bytes + 1024) if shared_bytes else MAX_PROGRAMS_PER_SM
+    )  # 1 KB reserved per program
     return min(by_registers, by_warps, by_shared, MAX_PROGRAMS_PER_SM)
 
 
@@ -298,7 +320,9 @@ def assumed_programs_per_sm(launch, arch):
     if which is None:
         return 1  # the layout kernel and attention's delta pre-pass: no occupancy assumed
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[launch.args[0][1]]
-    return _attention_triton.gpu_configs(launch.flags["HEAD_DIM"], dtype, (arch // 10, arch % 10))[which].programs_per_sm
+    return _attention_triton.gpu_configs(launch.flags["HEAD_DIM"], dtype, (arch // 10, arch % 10))[
+        which
+    ].programs_per_sm
 
 
 def report(launch, arch):
@@ -316,7 +340,9 @@ def _report_job(job):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastdit.ops._codegen", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="80,90", help="compute capabilities to compile for, e.g. 80,90 (default)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: one per core)")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: one per core)"
+    )
     parser.add_argument("--gate", action="store_true", help="only CI's gate: a tile shape of each kind (GATE)")
     args = parser.parse_args(argv)
     jobs = []

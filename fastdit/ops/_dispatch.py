@@ -1,11 +1,12 @@
 """Which implementation an op runs: FASTDIT_BACKEND, use_backend(), and the tensors' device.
 
-  auto       Triton kernels on CUDA tensors, the pure-PyTorch reference on CPU tensors (default)
-  reference  fastdit.reference everywhere
-  triton     the Triton kernels everywhere; on CPU tensors through Triton's interpreter
-  cuda       fastdit's native CUDA kernels (kernels/, fastdit/ops/_native.py) on CUDA tensors; an error
-             naming what is missing where they cannot run (no library built, a CPU tensor)
+auto       Triton kernels on CUDA tensors, the pure-PyTorch reference on CPU tensors (default)
+reference  fastdit.reference everywhere
+triton     the Triton kernels everywhere; on CPU tensors through Triton's interpreter
+cuda       fastdit's native CUDA kernels (kernels/, fastdit/ops/_native.py) on CUDA tensors; an error
+           naming what is missing where they cannot run (no library built, a CPU tensor)
 """
+
 import contextlib
 import os
 import threading

@@ -4,6 +4,7 @@ Kernels (impl): the row kernels of _rows.py (Triton) or _native.py (CUDA) with t
 Backward: dx is the incoming gradient itself (no kernel, no copy); one pass writes dy and
 d-gate's partial sums.
 """
+
 import torch
 from torch import Tensor
 

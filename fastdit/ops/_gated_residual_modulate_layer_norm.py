@@ -6,6 +6,7 @@ y (and b's gate, shift, scale rows) once and writes r and the modulated output; 
 saves r (an output the caller keeps anyway), y, gate, scale and the per-row fp32 mean and rstd,
 and writes dx, dy and the partial sums of d-gate, d-shift and d-scale in one pass.
 """
+
 import torch
 from torch import Tensor
 
@@ -20,7 +21,9 @@ from ._triton_utils import implementation
 def _fwd(
     x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels(impl, _rows).forward(x, y=y, gate=gate, shift=shift, scale=scale, eps=eps)  # r, out (B, T, D); mean, rstd (B, T)
+    return kernels(impl, _rows).forward(
+        x, y=y, gate=gate, shift=shift, scale=scale, eps=eps
+    )  # r, out (B, T, D); mean, rstd (B, T)
 
 
 @_fwd.register_fake

@@ -12,6 +12,7 @@ Each specialisation compiles under its op's name (`patchify_fwd_kernel`, ...).
 A program moves a tile of BLOCK_T tokens x BLOCK_F features of one image; images may have any
 strides (no copy), tokens a unit feature stride.
 """
+
 from . import _triton_utils as tu
 from ._triton_utils import offset64, row_major, tl, triton
 

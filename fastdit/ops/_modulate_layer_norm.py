@@ -4,6 +4,7 @@ Kernels (impl): the row kernels of _rows.py (Triton) or _native.py (CUDA) with t
 pass over the rows each way; the backward saves x and the per-row fp32 mean and rstd (never the
 normalised output).
 """
+
 import torch
 from torch import Tensor
 

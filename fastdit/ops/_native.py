@@ -10,6 +10,7 @@ The launchers take the arguments and return what the Triton launchers return (_r
 _rows.backward, _layout.to_tokens, _layout.to_image), into buffers made the same way, so an op
 runs either behind the same custom op.
 """
+
 import contextlib
 import ctypes
 import functools
@@ -39,7 +40,12 @@ class NativeUnavailable(RuntimeError):
 class RowsTensor(ctypes.Structure):
     """fastdit_rows_tensor: a (B, T, D) or (B, D) tensor with a unit stride along D."""
 
-    _fields_ = [("data", ctypes.c_void_p), ("stride_b", ctypes.c_int64), ("stride_t", ctypes.c_int64), ("dtype", ctypes.c_int32)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("stride_b", ctypes.c_int64),
+        ("stride_t", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+    ]
 
 
 _T = ctypes.POINTER(RowsTensor)
@@ -48,9 +54,20 @@ _SIGNATURES = {  # name -> (restype, argtypes)
     "fastdit_abi_version": (ctypes.c_int, []),
     "fastdit_error_string": (ctypes.c_char_p, [ctypes.c_int]),
     "fastdit_rows_forward": (ctypes.c_int, [_T] * 7 + [_VOIDP, _VOIDP, _I64, _I64, _I64, ctypes.c_float, _VOIDP]),
-    "fastdit_rows_backward_chunks": (ctypes.c_int, [_I64, _I64, _I64, ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_I64)]),
-    "fastdit_rows_backward": (ctypes.c_int, [_T] * 3 + [_VOIDP, _VOIDP] + [_T] * 5 + [_VOIDP, _I64, _VOIDP, _I64, _I64, _I64, _VOIDP]),
-    "fastdit_layout": (ctypes.c_int, [_VOIDP, ctypes.POINTER(_I64), _VOIDP, ctypes.POINTER(_I64)] + [_I64] * 5 + [ctypes.c_int32, ctypes.c_int, ctypes.c_int, _VOIDP]),
+    "fastdit_rows_backward_chunks": (
+        ctypes.c_int,
+        [_I64, _I64, _I64, ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_I64)],
+    ),
+    "fastdit_rows_backward": (
+        ctypes.c_int,
+        [_T] * 3 + [_VOIDP, _VOIDP] + [_T] * 5 + [_VOIDP, _I64, _VOIDP, _I64, _I64, _I64, _VOIDP],
+    ),
+    "fastdit_layout": (
+        ctypes.c_int,
+        [_VOIDP, ctypes.POINTER(_I64), _VOIDP, ctypes.POINTER(_I64)]
+        + [_I64] * 5
+        + [ctypes.c_int32, ctypes.c_int, ctypes.c_int, _VOIDP],
+    ),
 }
 
 
@@ -63,7 +80,9 @@ def load(path):
     """The library at `path` with its C signatures declared; NativeUnavailable saying why not."""
     where = f"{ENV_LIB}={path}" if os.environ.get(ENV_LIB) else str(path)
     if not Path(path).is_file():
-        raise NativeUnavailable(f"fastdit's native CUDA kernels are not built: {where} does not exist; build them with {HOW_TO_BUILD}")
+        raise NativeUnavailable(
+            f"fastdit's native CUDA kernels are not built: {where} does not exist; build them with {HOW_TO_BUILD}"
+        )
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -71,7 +90,9 @@ def load(path):
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(lib, name, None)
         if fn is None:
-            raise NativeUnavailable(f"{where} is not fastdit's native kernel library (no {name}); rebuild it with {HOW_TO_BUILD}")
+            raise NativeUnavailable(
+                f"{where} is not fastdit's native kernel library (no {name}); rebuild it with {HOW_TO_BUILD}"
+            )
         fn.restype, fn.argtypes = restype, argtypes
     if lib.fastdit_abi_version() != ABI_VERSION:
         raise NativeUnavailable(
@@ -80,7 +101,7 @@ def load(path):
     return lib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library():
     """The loaded library (once per process; failures are not cached)."""
     return load(library_path())
@@ -97,7 +118,9 @@ def check_device(name, device):
 
 def check_width(D):
     if D > MAX_D:
-        raise ValueError(f"x's last dimension D={D} exceeds the native CUDA row kernels' maximum of {MAX_D}; use the triton backend")
+        raise ValueError(
+            f"x's last dimension D={D} exceeds the native CUDA row kernels' maximum of {MAX_D}; use the triton backend"
+        )
 
 
 def check_features(F):
@@ -134,7 +157,9 @@ def _launch_context(*tensors):
     device = present[0].device
     if device.type != "cuda" or any(t.device != device for t in present):
         where = sorted({str(t.device) for t in present})
-        raise ValueError(f"fastdit's native CUDA kernels need every tensor on one CUDA device, got tensors on {', '.join(where)}")
+        raise ValueError(
+            f"fastdit's native CUDA kernels need every tensor on one CUDA device, got tensors on {', '.join(where)}"
+        )
     return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
 
 
@@ -170,7 +195,9 @@ def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, g
     B, T, D = like.shape
     dx, dy = _rows._grad_buffers(like, x_dtype, grad_out is not None, y)
     grad_out, r, grad_r, y = _same_dtype(grad_out, r, grad_r, y)  # the kernels load these in one dtype
-    grad_out, r, scale, grad_r, y, gate = (None if t is None else row_major(t) for t in (grad_out, r, scale, grad_r, y, gate))
+    grad_out, r, scale, grad_r, y, gate = (
+        None if t is None else row_major(t) for t in (grad_out, r, scale, grad_r, y, gate)
+    )
     mean, rstd = (None if t is None else t.float().contiguous() for t in (mean, rstd))
     loaded = grad_out if grad_out is not None else grad_r
     n_sums = 2 * (grad_out is not None) + (y is not None)

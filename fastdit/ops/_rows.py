@@ -17,6 +17,7 @@ variance is taken of the centred row scaled by a power of two (_rstd): nothing o
 the row's sum does not (D * max|x| < 3.4e38), where squaring first overflows from a standard
 deviation of 5.4e17 at D = 1152.
 """
+
 import math
 from collections import namedtuple
 
@@ -214,7 +215,9 @@ def rows_bwd_kernel(
             dout = _load_tile(DOUT, b, sdo_b, t, sdo_t, cols, mask, ALIGN)
             mean = tl.load(MEAN + row, mask=row_ok, other=0.0)
             rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)  # 0 on masked rows: their d stays 0
-            xhat = tl.where(mask, (_load_tile(R, b, sr_b, t, sr_t, cols, mask, ALIGN) - mean[:, None]) * rstd[:, None], 0.0)
+            xhat = tl.where(
+                mask, (_load_tile(R, b, sr_b, t, sr_t, cols, mask, ALIGN) - mean[:, None]) * rstd[:, None], 0.0
+            )
             acc_shift += tl.sum(dout, axis=0)
             acc_scale += tl.sum(dout * xhat, axis=0)
             g = dout * scale1[None, :]
@@ -298,12 +301,21 @@ def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, g
     like = grad_out if grad_out is not None else grad_r
     B, T, D = like.shape
     dx, dy = _grad_buffers(like, x_dtype, grad_out is not None, y)
-    grad_out, r, scale, grad_r, y, gate = (None if t is None else row_major(t) for t in (grad_out, r, scale, grad_r, y, gate))
+    grad_out, r, scale, grad_r, y, gate = (
+        None if t is None else row_major(t) for t in (grad_out, r, scale, grad_r, y, gate)
+    )
     programs = PROGRAMS_PER_SM["bwd", OP_OF_FLAGS[y is not None, grad_out is not None]]
     blk = blocking(B, T, D, like.device, programs)
     n_sums = 2 * (grad_out is not None) + (y is not None)
     partial = tu.empty((n_sums, B, blk.chunks, D), torch.float32, like.device)
-    strides = (*_strides(grad_out, 2), *_strides(grad_r, 2), *_strides(r, 2), *_strides(y, 2), *_strides(gate, 1), *_strides(scale, 1))
+    strides = (
+        *_strides(grad_out, 2),
+        *_strides(grad_r, 2),
+        *_strides(r, 2),
+        *_strides(y, 2),
+        *_strides(gate, 1),
+        *_strides(scale, 1),
+    )
     rows_bwd_kernel[(B, blk.chunks)](
         grad_out, grad_r, r, y, gate, scale, mean, rstd, dx, dy, partial,
         B, T, D, blk.rows, *strides,

@@ -6,6 +6,7 @@ build fastdit.ops sets it on import, and a process without a GPU sets it here, s
 backend runs on CPU tensors; set TRITON_INTERPRET=1 yourself, before importing triton, to
 interpret on a machine that has a GPU.
 """
+
 import functools
 import os
 
@@ -56,13 +57,13 @@ def gpu_launch(device):
     return device.type in ("cuda", "meta")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device):
     """Streaming multiprocessors of a CUDA device, asked once per device (at first launch, not import)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def capability(device):
     """(major, minor) compute capability of a CUDA device, asked once per device."""
     return torch.cuda.get_device_capability(device)

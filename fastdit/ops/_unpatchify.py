@@ -3,6 +3,7 @@
 Kernels (impl): the layout kernel of _layout.py (Triton) or _native.py (CUDA), features in (i, j, c)
 order; the backward is the same permutation in the other direction.
 """
+
 import torch
 from torch import Tensor
 

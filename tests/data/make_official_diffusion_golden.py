@@ -14,6 +14,7 @@ The cases below are also what tests/test_diffusion.py runs against fastdit: each
 from the same inputs, model and random seed. Sampling cases pass noise=None and device=None so the
 order of torch.randn draws (initial noise, then one draw per step) is part of what is compared.
 """
+
 import argparse
 import importlib
 import math
@@ -172,10 +173,7 @@ CASES = {
 
 def run_cases(create_diffusion, names=None):
     """{case: {key: tensor}} for the named cases (all by default), on CPU."""
-    return {
-        name: {k: v.detach().cpu() for k, v in CASES[name](create_diffusion).items()}
-        for name in (names or CASES)
-    }
+    return {name: {k: v.detach().cpu() for k, v in CASES[name](create_diffusion).items()} for name in (names or CASES)}
 
 
 def main():

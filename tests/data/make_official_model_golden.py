@@ -24,6 +24,7 @@ with `make_model(**CONFIGS[name])` from a seed and returns named tensors:
   train_forward    training-mode forward from a fixed seed: class dropout draws included
   grad.<name>      d loss / d parameter of that training forward, for every trained parameter
 """
+
 import argparse
 import importlib
 import importlib.abc
@@ -158,11 +159,17 @@ def import_official(root):
     from importlib.metadata import version
 
     layers = importlib.import_module("timm.layers")
-    meta = {"torch": str(torch.__version__), "timm": version("timm"), "timm_shimmed": shimmed,
-            "timm_fused_attn": bool(layers.use_fused_attn()), "module": module.__file__}
+    meta = {
+        "torch": str(torch.__version__),
+        "timm": version("timm"),
+        "timm_shimmed": shimmed,
+        "timm_fused_attn": bool(layers.use_fused_attn()),
+        "module": module.__file__,
+    }
     try:
-        meta["git_head"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                          text=True, check=True).stdout.strip()
+        meta["git_head"] = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
     return module, meta
