@@ -232,7 +232,11 @@ class _Loop:
         """Warm up (lazy initialisation, Triton autotuning, attention's backend choice) on a side stream,
         with the RNG state restored so the warm-up's noise draws leave the random stream as it was;
         then capture one step. Replays draw their noise from the generator's current state, as eager
-        steps would, so graphs change no sample."""
+        steps would, so graphs change no sample.
+
+        The capture restricts only this thread's CUDA calls (thread_local, as torch.compile's graphs do):
+        FID in training samples while the data loader's pin-memory thread may call cudaHostAlloc, which
+        under the default (global) mode fails the capture and that thread's next batch."""
         device = self.x.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -241,7 +245,7 @@ class _Loop:
                 self.step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.step()
         return graph
 

@@ -429,3 +429,29 @@ def test_end_to_end_job_records_oom_and_fails_on_errors(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="kernel exploded"):
         bench_end_to_end.run_job("train", "DiT-XL/2", 256, 4, 2, "fastdit")
     assert harness.RESULTS[-1]["status"] == "error: RuntimeError: kernel exploded"
+
+
+def test_end_to_end_training_rows_per_configuration(monkeypatch):
+    """The headline model trains in every configuration as its own row: images/s, MFU, peak memory (None
+    on the CPU) and the step's breakdown by op category; the checkpointing modes named; FP8 without
+    torchao (or without a float8 GPU) says why instead of a time."""
+    from benchmarks import bench_end_to_end
+
+    monkeypatch.setattr(harness, "RESULTS", [])
+    case = workloads.cases()[0]
+    for impl in ("fastdit", "fastdit ckpt=selective", "fastdit ckpt=full"):
+        with workloads.cpu_threads_for_smoke():
+            row = bench_end_to_end.run_job("train", *case, impl)
+        assert row["img_per_s"] > 0 and {"mfu", "peak_mem_gib"} <= row.keys(), row
+        assert row.get("checkpointing", "none") == bench_end_to_end.train_config(impl)[1]
+        shares = row["breakdown"]
+        assert set(shares) <= {name for name, _ in profile_step.CATEGORIES} and shares["GEMM"] > 0, shares
+        assert sum(shares.values()) == pytest.approx(100)
+    fp8 = bench_end_to_end.run_job("train", *case, "torch.compile(fastdit) fp8")
+    assert fp8["ms"] is None and fp8["precision"] == "fp8"
+    try:
+        import torchao  # noqa: F401
+
+        assert "compute capability" in fp8["status"] or torch.cuda.is_available()
+    except ImportError:
+        assert fp8["status"] == "not installed: torchao (pip install torchao)"

@@ -154,9 +154,11 @@ def test_cuda_graphs_on_cpu_is_a_clear_error(ckpt, capsys):
 # The Sampler: one denoising step on static buffers, built once, reused per batch, CUDA graphs
 
 
-def sampler_model(device="cpu"):
+def sampler_model(device="cpu", **kwargs):
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, num_classes=10)
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, **{"num_classes": 10, **kwargs}
+    )
     with torch.no_grad():
         for p in model.parameters():  # adaLN-Zero's zeros would make every step trivial
             p.add_(torch.randn_like(p) * 0.05)
@@ -164,33 +166,49 @@ def sampler_model(device="cpu"):
 
 
 def dit_loop(model, sampler_name, steps, z, y, cfg_scale):
-    """DiT's sample.py by hand: [z, z] with the null class, p_sample_loop / ddim_sample_loop of forward_with_cfg."""
-    diffusion = sample.sampling_diffusion(sampler_name, steps)
+    """DiT's sample.py by hand: [z, z] with the null class, p_sample_loop / ddim_sample_loop of forward_with_cfg
+    (cfg_scale None: of forward, on z alone; y None: an unconditional model)."""
+    diffusion = sample.sampling_diffusion(sampler_name, steps, learn_sigma=model.learn_sigma)
     loop = diffusion.ddim_sample_loop if sampler_name == "ddim" else diffusion.p_sample_loop
-    y = torch.cat([y, torch.full_like(y, 10)])
-    out = loop(
-        model.forward_with_cfg,
-        (2 * len(z), *z.shape[1:]),
-        torch.cat([z, z]),
-        clip_denoised=False,
-        model_kwargs=dict(y=y, cfg_scale=cfg_scale),
-        device=z.device,
-    )
-    return out[: len(z)]
+    if cfg_scale is None:
+        fn, kwargs = model.forward, dict(y=y)
+    else:
+        z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, 10)])
+        fn, kwargs = model.forward_with_cfg, dict(y=y, cfg_scale=cfg_scale)
+    out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=z.device)
+    return out[: len(z) // 2] if cfg_scale is not None else out
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
 def test_sampler_reused_per_batch_equals_dits_loop(name):
-    """Two batches through one Sampler (one set of static buffers): each equals DiT's loop from the same seed."""
+    """Two batches through one Sampler (one set of static buffers), then a smaller last batch (buffers of
+    its own shape): each equals DiT's loop from the same seed."""
     model = sampler_model()
     run = sample.Sampler(model, cfg_scale=3.0, sampler=name, steps=3, clip_denoised=False)
-    for seed in (1, 2):
-        z, y = torch.randn(3, 4, 8, 8), torch.randint(0, 10, (3,))
+    for seed, n in ((1, 3), (2, 3), (3, 1)):
+        z, y = torch.randn(n, 4, 8, 8), torch.randint(0, 10, (n,))
         torch.manual_seed(seed)
         ours = run(y, z=z)
         torch.manual_seed(seed)
         assert torch.equal(ours, dit_loop(model, name, 3, z, y, 3.0))
-    assert len(run.loops) == 1
+    assert sorted(key[0][0] for key in run.loops) == [2, 6]  # one loop per batch shape (CFG doubles it)
+
+
+@pytest.mark.parametrize(
+    "name, model_kwargs",
+    [("ddpm", dict(learn_sigma=False)), ("ddim", dict(num_classes=0))],
+    ids=["fixed-sigma", "unconditional"],
+)
+def test_unguided_sampler_equals_dits_loop(name, model_kwargs):
+    """Without CFG: a model with fixed variances (learn_sigma=False), and an unconditional one (num_classes=0)."""
+    model = sampler_model(**model_kwargs)
+    run = sample.Sampler(model, cfg_scale=1.0, sampler=name, steps=3, clip_denoised=False)
+    z = torch.randn(3, 4, 8, 8)
+    y = torch.randint(0, 10, (3,)) if model.num_classes else None
+    torch.manual_seed(5)
+    ours = run(y if y is not None else len(z), z=z)
+    torch.manual_seed(5)
+    assert torch.equal(ours, dit_loop(model, name, 3, z, y, None))
 
 
 def test_denoising_loop_never_reads_the_device(checks_as_on_a_gpu):

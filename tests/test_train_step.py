@@ -43,14 +43,14 @@ class NaNLossAt:
         return out
 
 
-def dit_step(model, ema, opt, diffusion, x, y, decay):
+def dit_step(model, ema, opt, diffusion, x, y, decay, clip=0.0):
     """The step before (and DiT's train.py): read the loss back, skip a NaN/Inf one; clip-norm; AdamW; EMA."""
     t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
     loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
     if not math.isfinite(loss.item()):
         return None
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip or math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -64,28 +64,30 @@ def make_step(model, diffusion, **kwargs):
     return train.TrainStep(model, model, ema, diffusion, init_distributed("cpu"), lr=1e-3, ema_decay=0.9, **kwargs), ema
 
 
-def test_train_step_matches_the_step_before_it_including_a_skipped_step():
+@pytest.mark.parametrize("clip", [0.0, 0.05], ids=["unclipped", "clipped"])
+def test_train_step_matches_the_step_before_it_including_a_skipped_step(clip):
     """Five steps, the third with a NaN loss: fastdit's model and step give the losses, grad norms, skipped
     step, weights and EMA of the official model (ReferenceDiT) under the host-synchronising step (fp32:
-    the fused ops, the fused AdamW and the lerp EMA round differently in the last bits)."""
+    the fused ops, the fused AdamW and the lerp EMA round differently in the last bits); with gradients
+    clipped too (0.05 is below every step's norm here)."""
     new = tiny()
     old = ReferenceDiT(input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=2, num_heads=3, num_classes=10)
     old.load_state_dict(new.state_dict())
     old_ema = copy.deepcopy(old).requires_grad_(False)
     old_opt = torch.optim.AdamW(old.parameters(), lr=1e-3, weight_decay=0.0)
     old_diffusion = NaNLossAt(create_diffusion(timestep_respacing=""), {3})
-    step, new_ema = make_step(new, NaNLossAt(create_diffusion(timestep_respacing=""), {3}))
+    step, new_ema = make_step(new, NaNLossAt(create_diffusion(timestep_respacing=""), {3}), grad_clip=clip)
     for i in range(5):
         x, y = data(i)
         torch.manual_seed(i)
-        expected = dit_step(old, old_ema, old_opt, old_diffusion, x, y, 0.9)
+        expected = dit_step(old, old_ema, old_opt, old_diffusion, x, y, 0.9, clip)
         torch.manual_seed(i)
         loss, norm, bad, broken = step(x, y).tolist()
         assert not broken
         if expected is None:
             assert bad == 1.0 and loss != loss
         else:
-            assert bad == 0.0
+            assert bad == 0.0 and norm > clip
             torch.testing.assert_close(torch.tensor([loss, norm]), torch.tensor(expected), rtol=1e-5, atol=1e-7)
     for a, b in ((old, new), (old_ema, new_ema)):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
@@ -96,18 +98,27 @@ def test_train_step_matches_the_step_before_it_including_a_skipped_step():
 
 
 @pytest.mark.parametrize(
-    "options",
-    [dict(), dict(grad_clip=0.5), dict(precision="bf16"), dict(precision="fp16")],
-    ids=["fp32", "clip", "bf16", "fp16"],
+    "options, checkpointing, nan",
+    [
+        (dict(), "none", False),
+        (dict(grad_clip=0.5), "none", False),
+        (dict(precision="bf16"), "selective", False),
+        (dict(precision="fp16"), "none", True),
+        (dict(), "full", True),
+    ],
+    ids=["fp32", "clip", "bf16-selective", "fp16-nan", "fp32-full-nan"],
 )
-def test_train_step_never_reads_the_device(options, checks_as_on_a_gpu):
-    model = tiny()
-    step, _ = make_step(model, create_diffusion(timestep_respacing=""), **options)
+def test_train_step_never_reads_the_device(options, checkpointing, nan, checks_as_on_a_gpu):
+    """Every path of the step (clipping, autocast, GradScaler, both checkpointing modes, a NaN loss
+    skipped on the device) issues no host read."""
+    model = tiny().set_gradient_checkpointing(checkpointing)
+    step, _ = make_step(model, NaNLossAt(create_diffusion(timestep_respacing=""), {2} if nan else ()), **options)
     step(*data(0))  # the first step creates the optimizer state and the scaler's tensors
     x, y = data(1)
     with SyncTrap() as trap:
-        step(x, y)
+        stats = step(x, y)
     trap.check()
+    assert stats[2].item() == float(nan)  # the NaN step was flagged bad (and skipped)
 
 
 def test_sync_trap_sees_host_reads():
