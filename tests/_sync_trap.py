@@ -1,11 +1,14 @@
-"""A trap for device-to-host synchronisation that works on the CPU.
+"""A trap for host synchronisation that works on the CPU.
 
 On a GPU every read of a tensor's values by the host (`.item()`, `float(t)`, `if t:`, `.tolist()`,
 `.cpu()`, `.numpy()`) and every op whose output size depends on values (`nonzero`, boolean-mask
 indexing, `unique`, ...) waits for the device. On the CPU nothing waits, so such a read would go
 unnoticed: inside `SyncTrap()` every one of them is recorded, wherever it comes from (Python code
 through the torch-function layer, C++ through the dispatcher), with the line that caused it.
-(`.to(device)` is not flagged: on the CPU a move to the CPU cannot be told from one that stays put.)
+Host data made into a tensor (`torch.tensor([...])`, `torch.as_tensor(array)`, `torch.from_numpy`) is
+recorded too: on a GPU it is a copy from pageable memory, which torch follows with a stream
+synchronisation. (`.to(device)` is not flagged: on the CPU a move to the CPU cannot be told from one
+that stays put.)
 """
 
 import traceback
@@ -29,6 +32,8 @@ SYNCING_OPS = {
 }
 # Tensor methods that read values into Python (on the CPU some never reach the dispatcher).
 READING_METHODS = {"tolist", "item", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__complex__"}
+# Factories that copy host data (lists, numbers, arrays) into a new tensor.
+FROM_HOST = {"tensor", "as_tensor", "asarray", "from_numpy"}
 
 
 def _where():
@@ -45,6 +50,8 @@ class _Functions(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in READING_METHODS:
             self.events.append((f"Tensor.{name}", _where()))
+        elif name in FROM_HOST and args and not isinstance(args[0], torch.Tensor):
+            self.events.append((f"torch.{name} of host data", _where()))
         return func(*args, **(kwargs or {}))
 
 
@@ -89,7 +96,7 @@ class SyncTrap:
     def check(self):
         if self.events:
             raise AssertionError(
-                f"{len(self.events)} device-to-host read(s):\n" + "\n".join(f"{w}\n{loc}" for w, loc in self.events)
+                f"{len(self.events)} host synchronisation(s):\n" + "\n".join(f"{w}\n{loc}" for w, loc in self.events)
             )
 
 

@@ -131,13 +131,16 @@ def test_sync_trap_sees_host_reads():
         lambda: t.sum().item(),
         lambda: t.numpy(),
         lambda: t.cpu(),
+        lambda: torch.tensor(0.5).to(t),
+        lambda: torch.as_tensor([1, 2]),
     ):
         with SyncTrap() as trap:
             read()
-        with pytest.raises(AssertionError, match="device-to-host"):
+        with pytest.raises(AssertionError, match="host synchronisation"):
             trap.check()
     with SyncTrap() as trap:
         torch.where(torch.isfinite(t), t, 0.0).sum()
+        torch.as_tensor(t)  # already a tensor: no copy from the host
     trap.check()
 
 
