@@ -5,10 +5,10 @@ On a GPU every read of a tensor's values by the host (`.item()`, `float(t)`, `if
 indexing, `unique`, ...) waits for the device. On the CPU nothing waits, so such a read would go
 unnoticed: inside `SyncTrap()` every one of them is recorded, wherever it comes from (Python code
 through the torch-function layer, C++ through the dispatcher), with the line that caused it.
-Host data made into a tensor (`torch.tensor([...])`, `torch.as_tensor(array)`, `torch.from_numpy`) is
-recorded too: on a GPU it is a copy from pageable memory, which torch follows with a stream
-synchronisation. (`.to(device)` is not flagged: on the CPU a move to the CPU cannot be told from one
-that stays put.)
+Host data made into a tensor (`torch.tensor([...])`, `torch.as_tensor(array)`) is recorded too: on a GPU
+it is a copy from pageable memory, which torch follows with a stream synchronisation. (`.to(device)` is
+not flagged: on the CPU a move to the CPU cannot be told from one that stays put; nor is
+`torch.from_numpy`, which the torch-function layer does not see.)
 """
 
 import traceback
@@ -33,7 +33,7 @@ SYNCING_OPS = {
 # Tensor methods that read values into Python (on the CPU some never reach the dispatcher).
 READING_METHODS = {"tolist", "item", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__complex__"}
 # Factories that copy host data (lists, numbers, arrays) into a new tensor.
-FROM_HOST = {"tensor", "as_tensor", "asarray", "from_numpy"}
+FROM_HOST = {"tensor", "as_tensor", "asarray"}
 
 
 def _where():
