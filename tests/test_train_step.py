@@ -145,7 +145,8 @@ def test_sync_trap_sees_host_reads():
 
 
 def test_trainer_reads_back_once_per_log_interval(tmp_path, monkeypatch, checks_as_on_a_gpu):
-    """No step syncs; the stats come back at the log interval (and before checkpoints and at the end)."""
+    """No step syncs (gradients clipped); the stats come back at the log interval (and before checkpoints and
+    at the end)."""
     reads = []
     read_back, step_call = train.Trainer._read_back, train.TrainStep.__call__
 
@@ -175,6 +176,8 @@ def test_trainer_reads_back_once_per_log_interval(tmp_path, monkeypatch, checks_
             "3",
             "--ckpt-every",
             "5",
+            "--grad-clip",
+            "0.5",
             "--out",
             str(tmp_path),
         ]
