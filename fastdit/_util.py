@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import CheckpointError, read_checkpoint
+
 
 class UsageError(ValueError):
     """Bad input from the user (a path, an option, a combination): the CLI prints it on one line, exit code 2."""
@@ -87,8 +89,6 @@ def atomic_save(obj, path):
 
 def load_plain(path, what):
     """A file fastdit wrote (tensors and plain containers only), read safely, with one-line errors."""
-    from .checkpoint import CheckpointError, read_checkpoint
-
     if not os.path.isfile(path):
         raise UsageError(f"{what} {str(path)!r} does not exist or is not a file")
     try:

@@ -12,30 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import datasets
 from ._util import UsageError
+from .datasets import TensorImages
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """Images held in memory: (N, C, S, S) floats and (N,) labels."""
-
-    def __init__(self, images, labels, num_classes, name):
-        self.images, self.labels, self.num_classes, self.name = images, labels, num_classes, name
-        self.channels, self.image_size = images.shape[1], images.shape[-1]
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, item):
-        i, flip = item
-        return (self.images[i].flip(-1) if flip else self.images[i]), self.labels[i]
-
-    def load(self, i):
-        return self.images[i], int(self.labels[i])
-
-    def all_images(self):
-        return self.images
 
 
 class DigitsDataset(TensorImages):
@@ -227,8 +208,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 def build_dataset(data, image_size, channels=None, flip=None):
     """data None -> the digits; 'mnist:DIR' / 'cifar10:DIR' -> fastdit.datasets; else an image folder.
     channels/flip None -> the dataset's default."""
-    from . import datasets
-
     if data is None:
         if channels not in (None, 1):
             raise UsageError("the digits have 1 channel; --channels 3 needs --data FOLDER")

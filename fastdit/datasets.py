@@ -1,4 +1,5 @@
 """MNIST and CIFAR-10 from the files their sites distribute: the small datasets people learn DiT on.
+(TensorImages, images held in memory, is theirs and the digits' base class.)
 
     --data mnist:DIR     DIR holds train-images-idx3-ubyte and train-labels-idx1-ubyte, raw or gzipped
                          (.gz); Fashion-MNIST's files have the same names and format
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ._util import UsageError
-from .data import TensorImages
 
 # Training defaults per dataset (over the digits job's): small models that train on a CPU or one GPU.
 PRESETS = {
@@ -31,6 +31,27 @@ PRESETS = {
         model="DiT-S/2", image_size=32, lr=3e-4, steps=50_000, ema_decay=0.999, ckpt_every=10_000, sample_every=10_000
     ),  # pixels: 256 tokens; SmallVAE latents (4, 8, 8): 16 tokens
 }
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Images held in memory: (N, C, S, S) floats and (N,) labels."""
+
+    def __init__(self, images, labels, num_classes, name):
+        self.images, self.labels, self.num_classes, self.name = images, labels, num_classes, name
+        self.channels, self.image_size = images.shape[1], images.shape[-1]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        i, flip = item
+        return (self.images[i].flip(-1) if flip else self.images[i]), self.labels[i]
+
+    def load(self, i):
+        return self.images[i], int(self.labels[i])
+
+    def all_images(self):
+        return self.images
 
 
 def parse(data):

@@ -705,7 +705,6 @@ class Trainer:
         (FASTDIT_ATTENTION), else what `auto` picks for this model's attention in training. Pinned
         for the whole run, as `auto` measures speed and may pick differently from run to run."""
         from . import ops
-        from .ops._attention import BACKENDS
 
         recorded = self.ckpt.get("attention_backend") if self.ckpt is not None else None
         heads, batch = self.raw.num_heads, self.args.global_batch_size // self.dist.world_size
@@ -725,8 +724,8 @@ class Trainer:
                 f"FASTDIT_ATTENTION={explicit}: the resumed --deterministic run used attention backend "
                 f"{recorded!r}; unset FASTDIT_ATTENTION (or resume with --no-deterministic)"
             )
-        if not BACKENDS[name].deterministic:
-            usable = ", ".join(n for n, b in BACKENDS.items() if b.deterministic)
+        if name not in ops.DETERMINISTIC_ATTENTION_BACKENDS:
+            usable = ", ".join(ops.DETERMINISTIC_ATTENTION_BACKENDS)
             raise UsageError(
                 f"--deterministic: attention backend {name!r} has no deterministic backward; choose one "
                 f"of {usable} (FASTDIT_ATTENTION)"

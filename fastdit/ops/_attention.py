@@ -92,14 +92,11 @@ class Backend:
     cuda_only: bool = False
     cuda_half_only: bool = False  # on CUDA, float16 / bfloat16 inputs only
     max_head_dim: Optional[int] = None
-    deterministic: bool = False  # its backward can be made deterministic (auto keeps only these then)
     run_packed: Optional[Callable] = None  # (qkv (B, T, 3, H, Dh), deterministic) -> o, one packed gradient
 
 
 BACKENDS = {
-    "triton": Backend(
-        _triton, ("triton",), "pip install triton", max_head_dim=256, deterministic=True, run_packed=_triton_packed
-    ),
+    "triton": Backend(_triton, ("triton",), "pip install triton", max_head_dim=256, run_packed=_triton_packed),
     "flash_attn": Backend(
         _flash_attn,
         ("flash_attn", "flash_attn_interface"),
@@ -107,7 +104,6 @@ BACKENDS = {
         cuda_only=True,
         cuda_half_only=True,
         max_head_dim=256,
-        deterministic=True,
         run_packed=_flash_attn_packed,
     ),
     "xformers": Backend(_xformers, ("xformers",), "pip install xformers", cuda_only=True),
@@ -115,8 +111,8 @@ BACKENDS = {
     "sdpa_flash": Backend(_sdpa("FLASH_ATTENTION"), cuda_half_only=True),
     "sdpa_efficient": Backend(_sdpa("EFFICIENT_ATTENTION"), cuda_only=True),
     "sdpa_cudnn": Backend(_sdpa("CUDNN_ATTENTION"), cuda_only=True, cuda_half_only=True),
-    "sdpa_math": Backend(_sdpa("MATH"), deterministic=True),
-    "math": Backend(_math, deterministic=True),
+    "sdpa_math": Backend(_sdpa("MATH")),
+    "math": Backend(_math),
 }
 assert set(BACKENDS) == set(policy.ATTENTION_BACKENDS) - {"auto"}
 
@@ -213,7 +209,9 @@ def _auto(q, k, v):
     det = policy.deterministic()
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     usable = [
-        n for n in BACKENDS if unavailable(n, q) is None and (BACKENDS[n].deterministic or not (det and training))
+        n
+        for n in BACKENDS
+        if unavailable(n, q) is None and (n in policy.DETERMINISTIC_ATTENTION_BACKENDS or not (det and training))
     ]
     return pick_auto(
         (q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device, training, det),

@@ -34,6 +34,8 @@ ATTENTION_BACKENDS = (
     "auto", "triton", "flash_attn", "xformers",
     "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "math",
 )  # fmt: skip
+# Those whose backward can be made deterministic (use_deterministic(True): auto keeps only these in training).
+DETERMINISTIC_ATTENTION_BACKENDS = ("triton", "flash_attn", "sdpa_math", "math")
 ENV_VAR = "FASTDIT_ATTENTION"
 _FROM_GLOBAL_BACKEND = {"auto": "auto", "reference": "math", "triton": "triton", "cuda": "auto"}
 
