@@ -285,6 +285,7 @@ def compile_launch(launch, arch):
     shared = compiled.metadata.shared
     ptx = compiled.asm["ptx"]
     return dict(
+        kernel=compiled.metadata.name,  # the name a profiler trace shows
         registers=regs, stack_bytes=stack, local_bytes=local, shared_bytes=shared,
         programs_per_sm=programs_per_sm(regs, launch.num_warps, shared, arch),
         tensor_core_ops=ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
@@ -327,7 +328,7 @@ def assumed_programs_per_sm(launch, arch):
 
 def report(launch, arch):
     """One JSON-able row: the launch and its compiled resources for sm_`arch`."""
-    return dict(arch=arch, kernel=launch.family(), workload=launch.label, num_warps=launch.num_warps, num_stages=launch.num_stages,
+    return dict(arch=arch, workload=launch.label, num_warps=launch.num_warps, num_stages=launch.num_stages,
                 constexprs={k: v for k, v in launch.constexprs if k.isupper()}, **compile_launch(launch, arch),
                 assumed_programs_per_sm=assumed_programs_per_sm(launch, arch))  # fmt: skip
 
