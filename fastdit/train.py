@@ -1010,12 +1010,12 @@ class Trainer:
                 checkpoint = self._outside_clock(bar, self.save_checkpoint)
             else:
                 checkpoint = self.last_checkpoint
-            grid = self.sample_grid(self.out / "samples.png")
-            curve = self.out / "loss.png"
-            if d.is_main:
-                plot_loss_curve(_util.read_jsonl(self.metrics_path), curve, title=f"{a.model} on {self.dataset.name}")
         finally:
-            bar.close()
+            bar.close()  # before the final grid and curve: the bar's last rate is the training's
+        grid = self.sample_grid(self.out / "samples.png")
+        curve = self.out / "loss.png"
+        if d.is_main:
+            plot_loss_curve(_util.read_jsonl(self.metrics_path), curve, title=f"{a.model} on {self.dataset.name}")
         seconds = time.time() - t_start
         finite = [v for v in losses if v is not None][-100:]
         final = sum(finite) / len(finite) if finite else float("nan")
@@ -1033,7 +1033,7 @@ class Trainer:
         loader = make_loader(self.dataset, self.batches, a.num_workers, self.device.type == "cuda", a.seed)
         losses, window, pending = [], [], []  # pending: the steps' device stats not read back yet
         log = open(self.metrics_path, "a") if self.dist.is_main else None
-        self._window_start = time.time()
+        self._window_start, self._window_step = time.time(), self.step
         try:
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -1120,14 +1120,13 @@ class Trainer:
 
     def _log(self, log, bar, window):
         now = time.time()
-        steps = len(window)
-        rate = steps / max(now - self._window_start, 1e-9)
-        self._window_start = now
+        rate = (self.step - self._window_step) / max(now - self._window_start, 1e-9)  # skipped steps ran too
+        self._window_start, self._window_step = now, self.step
         mem = _util.memory_bytes(self.device) / 2**30
         rec = dict(
             event="log",
             step=self.step,
-            loss=sum(window) / steps if steps else None,
+            loss=sum(window) / len(window) if window else None,
             steps_per_s=rate,
             images_per_s=rate * self.args.global_batch_size,
             memory_gb=mem,
@@ -1135,7 +1134,7 @@ class Trainer:
         )
         if self.dist.is_main:
             self._record(log, rec)
-            loss = f"{rec['loss']:.4f}" if steps else "n/a"
+            loss = f"{rec['loss']:.4f}" if window else "n/a"
             bar.write(
                 f"step {self.step:7d}  loss {loss}  {rec['images_per_s']:.0f} img/s  "
                 f"{'cuda max allocated' if self.device.type == 'cuda' else 'peak RSS'} {mem:.2f} GiB"

@@ -428,6 +428,56 @@ def test_progress_bar_shows_the_logged_loss(tmp_path, monkeypatch):
     assert [f"loss={v:.4f}" for v in logged] == [mean for _, mean in shown]
 
 
+def test_every_pause_runs_off_the_clock(tmp_path, monkeypatch):
+    """Sample grids, checkpoints and the loss curve run inside _outside_clock or after the progress bar
+    closed, never on the clock of the logged throughput and the bar's rate and ETA; a skipped step counts
+    as a step in the throughput."""
+    import tqdm
+
+    state = {"paused": False, "closed": False, "pauses": []}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            assert state["paused"] or state["closed"], f"{name} ran on the training clock"
+            state["pauses"].append(name)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    outside, close = train.Trainer._outside_clock, tqdm.tqdm.close
+
+    def paused(self, bar, fn, *args):
+        state["paused"] = True
+        try:
+            return outside(self, bar, fn, *args)
+        finally:
+            state["paused"] = False
+
+    def closed(bar):
+        state["closed"] = state["closed"] or not bar.disable
+        return close(bar)
+
+    monkeypatch.setattr(train.Trainer, "_outside_clock", paused)
+    monkeypatch.setattr(tqdm.tqdm, "close", closed)
+    for name in ("sample_grid", "save_checkpoint"):
+        monkeypatch.setattr(train.Trainer, name, spy(name, getattr(train.Trainer, name)))
+    monkeypatch.setattr(train, "plot_loss_curve", spy("plot_loss_curve", train.plot_loss_curve))
+    train.main(FAST + ["--steps", "4", "--sample-every", "2", "--ckpt-every", "2", "--out", str(tmp_path)])
+    assert state["pauses"] == ["save_checkpoint", "sample_grid", "save_checkpoint", "sample_grid", "plot_loss_curve"]
+
+
+def test_throughput_counts_skipped_steps(monkeypatch):
+    """4 steps in 2 s, two of them skipped (NaN/Inf): 2 steps/s; the loss is the mean of the two finite ones."""
+    monkeypatch.setattr(train.time, "time", lambda: 102.0)
+    records, lines = [], []
+    host = SimpleNamespace(step=10, _window_step=6, _window_start=100.0, args=SimpleNamespace(global_batch_size=16),
+                           device=torch.device("cpu"), skipped=2, dist=SimpleNamespace(is_main=True),
+                           _record=lambda log, rec: records.append(rec))  # fmt: skip
+    train.Trainer._log(host, None, SimpleNamespace(write=lines.append), [1.0, 3.0])
+    assert (records[0]["steps_per_s"], records[0]["images_per_s"], records[0]["loss"]) == (2.0, 32.0, 2.0)
+    assert (host._window_start, host._window_step) == (102.0, 10) and "loss 2.0000  32 img/s" in lines[0]
+
+
 def test_pauses_are_outside_the_throughput_and_eta_clock(monkeypatch):
     """A sample grid (or checkpoint) of 30 s moves the log window's and the progress bar's start by 30 s."""
     from tqdm import tqdm
