@@ -1,7 +1,8 @@
 """Every command in README.md works verbatim.
 
 The test reads README.md's ```bash blocks and runs their lines in order, in one fresh folder (so
-later lines find what earlier ones wrote), then its ```python blocks there. A line is split at
+later lines find what earlier ones wrote), then its ```python blocks there. A ```console block's
+`$ fastdit ...` lines run as they are, and what the block shows under each must be what it prints. A line is split at
 `&&`, a `# comment` dropped, leading NAME=value settings set in the environment (a line of settings
 alone runs nothing); each command must exit 0. How they run:
 
@@ -174,3 +175,23 @@ def test_every_command_line_is_run_or_skipped_with_a_reason():
             if not any(key in command for key in SKIPPED):
                 assert argv[0] in ("fastdit", "torchrun"), f"README runs {command!r}: add it to the test or SKIPPED"
                 assert toy(argv)  # a subcommand the toy table knows
+
+
+def console_commands():
+    """README's ```console blocks: [(the command after `$ `, the output lines shown under it)]."""
+    return [
+        (chunk.splitlines()[0], chunk.splitlines()[1:])
+        for block in blocks("console")
+        for chunk in re.split(r"^\$ ", block, flags=re.M)[1:]
+    ]
+
+
+def test_console_blocks_show_what_the_command_prints(capsys):
+    assert console_commands(), "README's console blocks were not found"
+    for command, shown in console_commands():
+        env, argv = settings_and_argv(command)
+        assert argv[0] == "fastdit" and not env, f"README's console runs {command!r}: teach this test how"
+        assert cli.main(argv[1:]) == 0, command
+        assert capsys.readouterr().out.splitlines()[: len(shown)] == shown, (
+            f"README shows another output of {command!r}"
+        )
