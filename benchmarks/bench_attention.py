@@ -41,17 +41,16 @@ from unittest import mock
 import pytest
 import torch
 
-from benchmarks import cases as headline
-from benchmarks import harness
+from benchmarks import cases, harness
 from fastdit import ops, reference
 
 SUITE = "attention"
 attention_module = importlib.import_module("fastdit.ops._attention")
 
-HEADLINE_SHAPES = [(T, headline.ATTENTION_HEAD_DIM) for T in headline.ATTENTION_T]
+HEADLINE_SHAPES = [(T, cases.ATTENTION_HEAD_DIM) for T in cases.ATTENTION_T]
 SHAPES = harness.shapes(
     full=HEADLINE_SHAPES + [(T, Dh) for T in (256, 1024, 4096) for Dh in (64, 72) if (T, Dh) not in HEADLINE_SHAPES],
-    quick=HEADLINE_SHAPES + [(headline.ATTENTION_HEADLINE_T, headline.ATTENTION_BASELINE_HEAD_DIM)],
+    quick=HEADLINE_SHAPES + [(cases.ATTENTION_HEADLINE_T, cases.ATTENTION_BASELINE_HEAD_DIM)],
     smoke=[(32, 72)],
 )
 H, TOKENS = (2, 64) if harness.SMOKE else (16, 128 * 1024)

@@ -38,16 +38,15 @@ Rows (harness.memory_bound_row / harness.not_run), one per (case, mode, impl):
 import pytest
 import torch
 
-from benchmarks import cases as headline
-from benchmarks import harness
+from benchmarks import cases, harness
 from fastdit import ops
 from fastdit.ops import _native
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPE = getattr(torch, headline.KERNEL["dtype"])
+DTYPE = getattr(torch, cases.KERNEL["dtype"])
 # Row ops: DiT widths x 8K..64K tokens of 256-token images (DiT /2 at 256²), and the 512² case;
 # the headline shape first.
-ROW_HEADLINE = tuple(headline.KERNEL[k] for k in "BTD")
+ROW_HEADLINE = tuple(cases.KERNEL[k] for k in "BTD")
 ROW_SHAPES = (
     [ROW_HEADLINE]
     + [(B, 256, D) for D in (384, 768, 1024, 1152) for B in (32, 64, 128, 256) if (B, 256, D) != ROW_HEADLINE]
@@ -57,7 +56,7 @@ ROW_SHAPES_QUICK = [ROW_HEADLINE, (32, 256, 1152), (256, 256, 384), (64, 1024, 1
 SMOKE_ROW_SHAPE = (2, 16, 72)
 # Layout ops: DiT latents of 256² (32x32) and 512² (64x64) images, batches 32..256, patch 2, 4, 8;
 # the headline shape first.
-LAYOUT_HEADLINE = tuple(headline.LAYOUT[k] for k in ("B", "H", "W", "p"))
+LAYOUT_HEADLINE = tuple(cases.LAYOUT[k] for k in ("B", "H", "W", "p"))
 LAYOUT_SHAPES = (
     [LAYOUT_HEADLINE] + [(B, 32, 32, 2) for B in (32, 64, 128)] + [(64, 64, 64, 2), (256, 32, 32, 4), (256, 32, 32, 8)]
 )

@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from benchmarks import cases as headline
-from benchmarks import harness
+from benchmarks import cases, harness
 from fastdit.complexity import forward_macs
 from fastdit.diffusion import create_diffusion
 from fastdit.models import CONFIGS, DiT
@@ -38,12 +37,12 @@ NUM_CLASSES = 1000
 IN_CHANNELS = 4  # SD-VAE latents: 8x downsampled, 4 channels
 CFG_SCALE = 4.0
 EMA_DECAY = 0.9999
-SAMPLERS = {headline.SAMPLER: headline.SAMPLER_STEPS, "ddim": 50}  # sampler -> steps of the published setups
+SAMPLERS = {cases.SAMPLER: cases.SAMPLER_STEPS, "ddim": 50}  # sampler -> steps of the published setups
 
 # (model, image resolution, training batch per GPU, sampling batch: conditional images, each with
 # an unconditional twin, so the model sees twice this batch). One batch for every implementation.
 # The headline case first; the device check's quick mode runs it alone.
-HEADLINE_CASE = (headline.MODEL, headline.RESOLUTION, headline.TRAIN_BATCH, headline.SAMPLE_BATCH)
+HEADLINE_CASE = (cases.MODEL, cases.RESOLUTION, cases.TRAIN_BATCH, cases.SAMPLE_BATCH)
 CASES_FULL = [HEADLINE_CASE, ("DiT-B/2", 256, 64, 64), ("DiT-XL/2", 512, 16, 16)]
 CASES_QUICK = [HEADLINE_CASE]
 # Smoke mode keeps the names (so every report path runs) on a tiny stand-in of each model; its
