@@ -20,13 +20,20 @@ from pathlib import Path
 
 import torch
 
-from . import _util, train
+from . import _util, datasets, train
 from ._util import UsageError
 from .models import BLOCKS
 
 
 def add_arguments(p):
     train.add_arguments(p)
+    for action in p._actions:  # train's options, as ablate takes them
+        if action.dest in ("resume", "block"):
+            action.help = argparse.SUPPRESS  # refused below: ablate starts one run per design of --blocks
+        elif action.dest == "out":
+            action.help = (
+                "output folder: a run folder per design, ablation.md, ablation.png; default runs/ablate-<data>-<time>"
+            )
     p.add_argument(
         "--blocks",
         default=",".join(BLOCKS),
@@ -44,13 +51,21 @@ def parse_blocks(text):
     return designs
 
 
+def data_name(args):
+    """What the output folder's name says of the data: digits, mnist, cifar10, or the folder's own name."""
+    data = args.data or args.latents
+    if data is None:
+        return "digits"
+    parsed = datasets.parse(data)
+    return parsed[0] if parsed else Path(data).expanduser().resolve().name
+
+
 def ablate(args):
     """Train every design of args.blocks with the same options; returns the table's rows (dicts)."""
     designs = parse_blocks(args.blocks)
     if args.resume or args.block:
         raise UsageError("--resume and --block do not apply to ablate: it starts one run per design of --blocks")
-    name = args.data.partition(":")[0] if args.data else "digits"
-    out = Path(args.out or f"runs/ablate-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out or f"runs/ablate-{data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = []
     for design in designs:
         run_args = argparse.Namespace(**{**vars(args), "block": design, "out": str(out / design)})

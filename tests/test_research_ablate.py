@@ -1,9 +1,12 @@
 """The block designs through the CLI: `fastdit ablate` trains each with one budget (a table and a loss plot),
 checkpoints record the design and sample back."""
 
+from argparse import Namespace
+
 import torch
 from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 
+from fastdit.ablate import data_name
 from fastdit.cli import main as cli
 from fastdit.models import BLOCKS
 
@@ -71,3 +74,14 @@ def test_resume_refuses_another_design(tmp_path, capsys):
     assert cli(["train", "--steps", "1", *FAST, "--out", str(out)]) == 0
     assert cli(["train", "--resume", str(out), "--block", "in-context", "--steps", "2"]) == 2
     assert "--block in-context contradicts the resumed run's adaLN-Zero" in capsys.readouterr().err
+
+
+def test_ablate_help_and_folder_name_are_its_own(capsys):
+    """--help shows neither --resume nor --block (ablate refuses them) and gives ablate's default folder, named
+    after the data as `fastdit train` names its runs."""
+    assert cli(["ablate", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--resume" not in text and "--block " not in text and "runs/ablate-<data>-<time>" in text
+    for data, latents, name in [(None, None, "digits"), ("mnist:data/mnist", None, "mnist"),
+                                ("path/to/images/", None, "images"), (None, "runs/latents", "latents")]:  # fmt: skip
+        assert data_name(Namespace(data=data, latents=latents)) == name
