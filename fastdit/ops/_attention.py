@@ -114,7 +114,7 @@ BACKENDS = {
     "sdpa_math": Backend(_sdpa("MATH")),
     "math": Backend(_math),
 }
-assert set(BACKENDS) == set(policy.ATTENTION_BACKENDS) - {"auto"}
+assert set(BACKENDS) == set(policy.ATTENTION_BACKENDS) - {"auto"} >= set(policy.DETERMINISTIC_ATTENTION_BACKENDS)
 
 # Located, not imported: import fastdit stays light, and the set is a constant torch.compile can read.
 INSTALLED = frozenset(
