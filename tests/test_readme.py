@@ -2,7 +2,8 @@
 
 The test reads README.md's ```bash blocks and runs their lines in order, in one fresh folder (so
 later lines find what earlier ones wrote), then its ```python blocks there. A ```console block's
-`$ fastdit ...` lines run as they are, and what the block shows under each must be what it prints. A line is split at
+`$ fastdit ...` lines run as they are, and what the block shows under each must be what it prints;
+its ```text block of settings must name every backend there is, and only those. A line is split at
 `&&`, a `# comment` dropped, leading NAME=value settings set in the environment (a line of settings
 alone runs nothing); each command must exit 0. How they run:
 
@@ -195,3 +196,14 @@ def test_console_blocks_show_what_the_command_prints(capsys):
         assert capsys.readouterr().out.splitlines()[: len(shown)] == shown, (
             f"README shows another output of {command!r}"
         )
+
+
+def test_the_backend_settings_block_names_every_backend_and_only_those():
+    """README's ```text block of settings: every FASTDIT_BACKEND value, and the attention backends it lists."""
+    from fastdit import ops
+
+    (block,) = blocks("text")
+    settings = [settings_and_argv(line)[0] for line in block.splitlines()]
+    assert [s["FASTDIT_BACKEND"] for s in settings if "FASTDIT_BACKEND" in s] == list(ops.BACKENDS)
+    listed = re.search(r"attention alone: ([\w|]+)", block).group(1).split("|")
+    assert listed == list(ops.ATTENTION_BACKENDS) and settings[-1]["FASTDIT_ATTENTION"] in listed
