@@ -44,15 +44,18 @@ from fastdit.ops import _native
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPE = getattr(torch, cases.KERNEL["dtype"])
-# Row ops: DiT widths x 8K..64K tokens of 256-token images (DiT /2 at 256²), and the 512² case;
-# the headline shape first.
+# Row ops: DiT widths x 8K..64K tokens of 256-token images (DiT /2 at 256²), the 512² case, and an
+# odd multiple of 72 (1080 = 72 x 15: not a multiple of 16 elements, padded by the Triton kernels
+# to 2048 lanes, exact in the native ones); the headline shape first.
 ROW_HEADLINE = tuple(cases.KERNEL[k] for k in "BTD")
+ODD_72 = (256, 256, 1080)
 ROW_SHAPES = (
     [ROW_HEADLINE]
     + [(B, 256, D) for D in (384, 768, 1024, 1152) for B in (32, 64, 128, 256) if (B, 256, D) != ROW_HEADLINE]
-    + [(64, 1024, 1152)]
+    + [(64, 1024, 1152), ODD_72]
 )
-ROW_SHAPES_QUICK = [ROW_HEADLINE, (32, 256, 1152), (256, 256, 384), (64, 1024, 1152)]
+# quick: after the headline, where the native kernels should win clearly (D 384, odd multiples of 72)
+ROW_SHAPES_QUICK = [ROW_HEADLINE, (256, 256, 384), ODD_72, (32, 256, 1152), (64, 1024, 1152)]
 SMOKE_ROW_SHAPE = (2, 16, 72)
 # Layout ops: DiT latents of 256² (32x32) and 512² (64x64) images, batches 32..256, patch 2, 4, 8;
 # the headline shape first.

@@ -3,6 +3,9 @@ rewritten after every step (a run killed at any point keeps what finished).
 
 Steps, in order (the device check runs all of them; a plain run the environment and the suites):
   environment  GPU, driver, versions, commit and the two ceilings (benchmarks/environment.py)
+  native       the native CUDA kernels built from this checkout's kernels/ (kernels/build.py) unless
+               fastdit/_native's library is newer than every source: once, before the tests and
+               suites that run them (a GPU machine gets the working tree without the ignored build)
   compile      every Triton kernel variant the later steps launch, compiled up front by a pool of
                processes into Triton's on-disk cache (benchmarks/precompile.py); GPU only
   tests        the `gpu`-marked tests, compiled on the GPU: pytest -m gpu tests
@@ -20,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -27,20 +31,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from benchmarks import report
 from benchmarks.report.markdown import fmt
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
+NATIVE_BUILD = REPO / "kernels" / "build.py"
+NATIVE = SimpleNamespace(**runpy.run_path(str(NATIVE_BUILD)))  # plain Python, outside the package
 DEVICE_CHECK_BUDGET_S = 540
 REPORT_RESERVE_S = 15  # of the budget, kept for the final report and plots
 GRACE_S = 10  # past its deadline before a step is stopped (its cases stop themselves at the deadline)
 ENVIRONMENT_TIMEOUT_S = 120
 FULL_TEST_TIMEOUT_S = 3600  # per benchmark case in a run without a budget (compiling XL/2 at 512² is slow)
 # Shares of the budget (the environment takes what it needs first). The end-to-end suite compiles
-# DiT-XL/2 twice: it gets the most.
-SHARES = {"compile": 0.08, "tests": 0.22, "kernels": 0.13, "attention": 0.13, "end_to_end": 0.44}
+# DiT-XL/2 twice: it gets the most. The native build's share is a cap (it takes seconds, or none
+# when up to date): killed half-way it would leave the cuda tests and rows unmeasured.
+SHARES = {"native": 0.12, "compile": 0.08, "tests": 0.22, "kernels": 0.13, "attention": 0.13, "end_to_end": 0.44}
 OTHER_SUITE_SHARE = 0.05
 TEST_WORKERS = 8  # pytest-xdist processes for the GPU tests, where installed: their compiles overlap
 OUTPUTS = ("report.md", report.RESULTS, "run.log", report.PLOTS_DIR)  # everything a run writes in its folder
@@ -51,7 +59,7 @@ BENCH_ENV = ("FASTDIT_BENCH_SMOKE", "FASTDIT_BENCH_QUICK", "FASTDIT_BENCH_DEADLI
 @dataclasses.dataclass
 class Step:
     name: str
-    kind: str  # environment | compile | tests | suites
+    kind: str  # environment | native | compile | tests | suites
     suites: tuple = ()  # the suites a `suites` step runs
 
     @property
@@ -71,6 +79,7 @@ def plan(suites, device_check, gpu):
     """The steps of a run over `suites` (in discover()'s order)."""
     steps = [Step("environment", "environment")]
     if device_check:
+        steps += [Step("native", "native")]
         steps += [Step("compile", "compile")] if gpu else []
         steps += [Step("tests", "tests")]
     kernels = tuple(s for s in suites if s in report.KERNELS)
@@ -170,6 +179,27 @@ def run_environment(run, step):
     return run.record_step(step, "ok", seconds, summary)
 
 
+def run_native(run, step, deadline):
+    """The native kernels of this checkout, built once here (the tests' xdist workers and the
+    suites then load fastdit/_native's library), unless up to date or FASTDIT_NATIVE_LIB names one."""
+    lib = NATIVE.PACKAGE_DIR / NATIVE.LIB_NAME
+    if os.environ.get("FASTDIT_NATIVE_LIB"):
+        return run.record_step(step, "ok", 0.0, f"FASTDIT_NATIVE_LIB={os.environ['FASTDIT_NATIVE_LIB']} (not rebuilt)")
+    if NATIVE.up_to_date(lib):
+        return run.record_step(step, "ok", 0.0, f"{lib.relative_to(REPO)} is newer than every kernel source")
+    unbuilt = "the cuda backend's tests and benchmark rows say not built"
+    try:
+        tools, why = NATIVE.decide()
+    except NATIVE.BuildError as exc:
+        tools, why = None, str(exc)
+    if tools is None:
+        return run.record_step(step, f"skipped: {why}", 0.0, unbuilt)
+    cmd = [sys.executable, str(NATIVE_BUILD)]
+    rc, seconds, _ = run.run_child(step.name, cmd, run.child_env(), _kill_at(run, deadline))
+    summary = f"built {lib.relative_to(REPO)} with CMake" if rc == 0 else f"{unbuilt} (see run.log)"
+    return run.record_step(step, status_of(rc), seconds, summary)
+
+
 def run_compile(run, step, deadline):
     path = run.scratch / "compile.json"
     cmd = [sys.executable, "-m", "benchmarks.precompile", "--json", str(path), "--workers", str(os.cpu_count() or 1)]
@@ -263,7 +293,8 @@ def _installed(module):
     return importlib.util.find_spec(module) is not None
 
 
-STEPS = {"environment": run_environment, "compile": run_compile, "tests": run_tests, "suites": run_suites}
+STEPS = {"environment": run_environment, "native": run_native, "compile": run_compile, "tests": run_tests,
+         "suites": run_suites}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,13 @@ PACKAGE_DIR = ROOT / "fastdit" / "_native"  # where fastdit looks for the librar
 ENV = "FASTDIT_BUILD_NATIVE"
 
 
+def up_to_date(lib):
+    """Whether the library at `lib` exists and is newer than every kernel source and CMakeLists.txt."""
+    sources = [*(ROOT / "kernels").glob("*.cu"), *(ROOT / "kernels").glob("*.cuh"), *(ROOT / "kernels").glob("*.h")]
+    lib = Path(lib)
+    return lib.is_file() and lib.stat().st_mtime >= max(p.stat().st_mtime for p in [*sources, ROOT / "CMakeLists.txt"])
+
+
 class BuildError(RuntimeError):
     """The kernels were asked for and could not be built."""
 

@@ -5,6 +5,7 @@ same CMake recipe), and, without a GPU, the same kernel sources compiled as C++ 
 import atexit
 import contextlib
 import functools
+import os
 import runpy
 import shutil
 import subprocess
@@ -30,19 +31,16 @@ def _session_dir(prefix):
     return path
 
 
-def _newest_source():
-    sources = [*KERNELS.glob("*.cu"), *KERNELS.glob("*.cuh"), *KERNELS.glob("*.h"), ROOT / "CMakeLists.txt"]
-    return max(p.stat().st_mtime for p in sources)
-
-
 @functools.cache
 def built_library():
-    """The library built from the current sources: fastdit/_native's when it is newer than every
-    kernel source (pip install built it), else a fresh CMake build in a temporary folder (once per
-    session); None, with the reason, where nvcc or cmake is missing."""
-    packaged = _native.PACKAGED_LIB
-    if packaged.is_file() and packaged.stat().st_mtime >= _newest_source():
-        return packaged, None
+    """The library built from the current sources: $FASTDIT_NATIVE_LIB's where set (taken as is),
+    fastdit/_native's when it is newer than every kernel source (pip install or the device check
+    built it), else a fresh CMake build in a temporary folder (once per session and process); None,
+    with the reason, where nvcc or cmake is missing."""
+    if os.environ.get(_native.ENV_LIB):
+        return _native.library_path(), None
+    if build.up_to_date(_native.PACKAGED_LIB):
+        return _native.PACKAGED_LIB, None
     tools, why = build.decide()
     if tools is None:
         return None, why

@@ -93,7 +93,10 @@ def test_device_check_smoke_writes_a_complete_report(tmp_path):
     results, md = assert_complete_report(out)
     assert results["mode"] == "smoke" and "SMOKE RUN" in md
     steps = {s["name"]: s for s in results["run"]["steps"]}
-    assert list(steps) == ["environment", "tests", "kernels", "attention", "end_to_end"]
+    assert list(steps) == ["environment", "native", "tests", "kernels", "attention", "end_to_end"]
+    # the native kernels: built, or up to date, or skipped saying why (no nvcc here)
+    native = steps.pop("native")
+    assert native["status"] == "ok" or native["status"].startswith("skipped: ") and native["summary"], native
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert set(results["suites"]) == set(runner.discover())
     assert results["tests"]["results"] and all(t["outcome"] == "skipped" for t in results["tests"]["results"])
@@ -156,6 +159,25 @@ def test_deadline_shares_flow_to_later_steps():
     assert last == pytest.approx(run.end, abs=1)  # the last step gets all that is left
 
 
+def test_native_step_builds_once_only_when_stale_and_says_why_not(tmp_path, monkeypatch):
+    run, step = runner.Run(tmp_path, "device check", True, 100, "test"), runner.Step("native", "native")
+    built = []
+    monkeypatch.setattr(
+        run, "run_child", lambda name, cmd, env, kill_at: built.append((cmd, kill_at)) or (0, 3.0, None)
+    )
+    monkeypatch.delenv("FASTDIT_NATIVE_LIB", raising=False)
+    monkeypatch.setattr(runner.NATIVE, "up_to_date", lambda lib: True)
+    assert runner.run_native(run, step, time.time() + 10)["status"] == "ok" and not built
+    monkeypatch.setattr(runner.NATIVE, "up_to_date", lambda lib: False)  # stale or missing: built, under the deadline
+    monkeypatch.setattr(runner.NATIVE, "decide", lambda: (("nvcc", "cmake"), None))
+    assert runner.run_native(run, step, time.time() + 10)["status"] == "ok"
+    assert built and built[0][0][-1] == str(runner.NATIVE_BUILD) and built[0][1] <= time.time() + 10 + runner.GRACE_S
+    monkeypatch.setattr(runner.NATIVE, "decide", lambda: (None, "nvcc not found (PATH, CUDA_HOME)"))
+    info = runner.run_native(run, step, time.time() + 10)  # no nvcc: listed as skipped, with the reason
+    assert info["status"] == "skipped: nvcc not found (PATH, CUDA_HOME)" and len(built) == 1
+    assert report.load.skipped_work(report.load_run(tmp_path))[info["status"]] == ["step native"]
+
+
 def test_test_step_plugin_logs_outcomes_and_skips_past_the_deadline(tmp_path):
     (tmp_path / "test_x.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    assert 1 == 2\n")
     log = tmp_path / "log.jsonl"
@@ -214,7 +236,7 @@ def row(suite, case, impl, ms, **extra):
     return {"suite": suite, "smoke": False, "case": case, "impl": impl, "ms": ms, "spread_ms": 0.01, **extra}
 
 
-def synthetic_run(out, gpu="NVIDIA H100 80GB HBM3", date="2031-01-02"):
+def synthetic_run(out, gpu="NVIDIA H100 80GB HBM3", date="2031-01-02", commit="abc123"):
     """A GPU run's results.json: every kernel, attention, end-to-end and profile row the report reads."""
     rows = []
     for k in report.KERNELS:
@@ -274,7 +296,7 @@ def synthetic_run(out, gpu="NVIDIA H100 80GB HBM3", date="2031-01-02"):
         status="stopped at its deadline", complete=False, not_reached=["test_end_to_end[sample-DiT-B/2-256-eager]"]
     )
     recorded = {
-        "environment": {"gpu": gpu, "date": date, "time_utc": date + "T00:00:00+00:00", "commit": "abc123", "torch": "2.x"},
+        "environment": {"gpu": gpu, "date": date, "time_utc": date + "T00:00:00+00:00", "commit": commit, "torch": "2.x"},
         "ceilings": {"copy_bandwidth_gbs": 3000.0, "bf16_matmul_tflops": 700.0},
         "run": {"mode": "device check", "quick": True, "command": "python -m benchmarks --device-check", "budget_s": 540,
                 "steps": [{"name": "tests", "status": "failures", "seconds": 90.0, "summary": "1 failed, 1 passed"}]},
@@ -369,6 +391,18 @@ def test_adopt_files_a_gpu_run_under_its_slug_and_refuses_smoke_runs(tmp_path):
         report.adopt(smoke, reports)
     with pytest.raises(ValueError, match="no readable results.json"):
         report.adopt(tmp_path / "nothing", reports)
+
+
+def test_adopt_fills_in_the_commit_a_gpu_machine_could_not_read(tmp_path):
+    # the device tool copies the working tree without .git: the run records no commit
+    synthetic_run(tmp_path / "out", gpu="NVIDIA H200", commit=None)
+    dest = report.adopt(tmp_path / "out", tmp_path / "reports")
+    results = json.loads((dest / "results.json").read_text())
+    here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert here and results["headline"]["commit"].startswith(here)
+    assert results["environment"]["commit_source"] == report.index.COMMIT_AT_ADOPTION
+    assert report.index.COMMIT_AT_ADOPTION in (dest / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["environment"]["commit"] is None  # source kept
 
 
 def test_committed_reports_index_is_current():

@@ -27,7 +27,16 @@ TARGETS = (  # (headline path, target, higher is better, what)
     (("train", "speedup_vs_compile"), 1.15, True, "DiT-XL/2 256² training vs torch.compile(reference) (×)"),
     (("sample", "speedup_vs_compile"), 1.2, True, "DiT-XL/2 250-step DDPM sampling vs torch.compile(reference) (×)"),
     (("train", "peak_mem_ratio_vs_eager"), 0.6, False, "peak training memory / reference eager (×)"),
-)
+    (("attention", "hd72_over_hd64_per_flop"), 0.9, True, "attention head dim 72 / head dim 64 TFLOP/s (×)"),
+    (("attention", "T256_hd72_vs_best_other"), 1.0, True, "attention T=256 head dim 72 vs the best other backend (×)"),
+) + tuple(  # BENCHMARKING.md's fused-kernel targets, per kernel
+    (("kernels", k, key), target, True, f"{k} {what}")
+    for k in KERNELS
+    for key, target, what in (("fwd_pct_copy_bw", 90.0, "forward, % of copy bandwidth"),
+                              ("bwd_pct_copy_bw", 80.0, "backward, % of copy bandwidth"),
+                              ("fwd_speedup_vs_compile", 1.25, "forward vs torch.compile(reference) (×)"),
+                              ("bwd_speedup_vs_compile", 1.25, "backward vs torch.compile(reference) (×)"))
+)  # fmt: skip
 KERNEL_KEYS = ("fwd_pct_copy_bw", "bwd_pct_copy_bw", "fwd_speedup_vs_compile", "bwd_speedup_vs_compile")
 TRAIN_KEYS = ("batch_per_gpu", "img_per_s", "mfu", "speedup_vs_eager", "speedup_vs_compile", "peak_mem_ratio_vs_eager")
 HEADLINE_TOKENS = cases.KERNEL["B"] * cases.KERNEL["T"]

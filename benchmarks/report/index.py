@@ -9,6 +9,7 @@ from benchmarks.report.load import RESULTS, read_json
 from benchmarks.report.markdown import fmt, table
 
 REPORTS_DIR = Path(__file__).resolve().parents[1] / "reports"
+COMMIT_AT_ADOPTION = "filled in by --adopt: the checkout that filed the run (the GPU machine had no git metadata)"
 RUN_IT = ("On a machine with an NVIDIA GPU: `python -m benchmarks --device-check` (tests, every suite's headline "
           "cases and the report inside a 540 s budget), then `python -m benchmarks.report --adopt DIR` to file it here.")  # fmt: skip
 
@@ -116,7 +117,9 @@ def gpu_slug(name):
 
 def adopt(run_dir, reports_dir=REPORTS_DIR):
     """Copy a GPU run's report folder to reports_dir/<gpu-slug>/ (replacing that GPU's previous
-    report) and regenerate the index; the new folder. Refuses smoke runs and folders without results."""
+    report) and regenerate the index; the new folder. Refuses smoke runs and folders without results.
+    A run that could not read its commit (a GPU machine gets the working tree without .git) gets
+    this checkout's, marked as filled in here."""
     run_dir = Path(run_dir)
     res = read_json(run_dir / RESULTS)
     if res is None:
@@ -131,5 +134,12 @@ def adopt(run_dir, reports_dir=REPORTS_DIR):
             target = dest / src.relative_to(run_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(src.read_bytes())
+    if not res.get("environment", {}).get("commit"):
+        from benchmarks import report
+        from benchmarks.environment import git_commit  # imports torch: only here
+
+        res["environment"].update(commit=git_commit(), commit_source=COMMIT_AT_ADOPTION)
+        report.write_json(dest / RESULTS, res)
+        report.build(dest, with_plots=False)
     (Path(reports_dir) / "README.md").write_text(render_index(reports_dir))
     return dest

@@ -185,7 +185,7 @@ def _compile_section(info):
 
 
 def _env_rows(env, ceil):
-    keys = ("gpu", "driver", "cuda", "cudnn", "torch", "triton", "python", "commit", "date", "gpu_memory_gib", "sm_count",
+    keys = ("gpu", "driver", "cuda", "cudnn", "torch", "triton", "python", "commit", "commit_source", "date", "gpu_memory_gib", "sm_count",
             "compute_capability", "max_sm_clock_mhz", "max_memory_clock_mhz", "power_limit_w", "cpu")  # fmt: skip
     rows = [(k, env.get(k)) for k in keys if k in env]
     rows += [(f"package {p}", v or "not installed") for p, v in env.get("packages", {}).items()]
@@ -206,18 +206,26 @@ def _ms_cell(row):
 
 
 def _kernel_section(run, suite):
+    """Every implementation's time; each of fastdit's (Triton, native CUDA) with its GB/s and % of
+    copy bandwidth; the faster one against eager and compile, and CUDA against Triton."""
     groups = kernel_groups(run, suite)
     kinds = impls_of(groups)
-    header = (
-        ["case", "mode", "dtype"] + [f"{k} ms" for k in kinds] + ["fastdit GB/s", "% copy BW", "× eager", "× compile"]
-    )
+    ours = [k for k in FASTDIT_KERNEL_IMPLS if k in kinds]
+    header = ["case", "mode", "dtype"] + [f"{k} ms" for k in kinds]
+    header += [h for k in ours for h in (f"{k} GB/s", f"{k} % copy BW")] + ["fastdit × eager", "fastdit × compile"]
+    header += ["cuda × triton"] if len(ours) == 2 else []
     rows = []
     for g in groups:
         fd = best_fastdit(g["impls"])
         eager, comp = g["impls"].get("eager"), g["impls"].get("compile")
         cells = [g["case"], g["mode"], g["dtype"]] + [_ms_cell(g["impls"].get(k)) for k in kinds]
-        cells += [fd and fd.get("gbs"), fd and fd.get("pct_copy_bw")]
+        for k in ours:
+            r = g["impls"].get(k) if measured(g["impls"].get(k)) else {}
+            cells += [r.get("gbs"), r.get("pct_copy_bw")]
         cells += [ratio(r["ms"], fd["ms"]) if fd and measured(r) else None for r in (eager, comp)]
+        if len(ours) == 2:
+            triton, cuda = (g["impls"].get(k) for k in ours)
+            cells.append(ratio(triton["ms"], cuda["ms"]) if measured(triton) and measured(cuda) else None)
         rows.append(cells)
     return table(header, rows)
 
