@@ -246,6 +246,8 @@ def synthetic_run(out, gpu="NVIDIA H100 80GB HBM3", date="2031-01-02", commit="a
                 shape = dict(mode=mode, dtype="bfloat16", D=D, tokens=tokens)
                 rows += [row(k, case, "eager", 4 * scale, **shape), row(k, case, "compile", 2 * scale, **shape)]
                 rows.append(row(k, case, "triton", scale, pct_copy_bw=80.0 / scale, gbs=2400.0 / scale, **shape))
+                if D == 768:  # the native kernels, twice as fast as Triton here
+                    rows.append(row(k, case, "cuda", scale / 2, pct_copy_bw=160.0 / scale, gbs=4800.0 / scale, **shape))
     for Dh, H, tflops in ((72, 16, 300.0), (64, 16, 400.0), (64, 12, 1.0)):
         shape = dict(T=256, Dh=Dh, H=H, B=64, mode="fwd", dtype="bfloat16")
         case = f"B64 H{H} T256 Dh{Dh}"
@@ -341,6 +343,14 @@ def test_report_of_a_gpu_run_computes_the_headline(tmp_path):
     assert "| DiT-XL/2 256² training MFU (%) | ≥ 55.0 | 45.0 | short by 10.0" in md  # a missed target: by how much
     assert "Where the time goes" in md and "GEMM 70.0 %" in md  # ... and where the time goes
     assert "xformers ms" in md and "not installed" in md  # a missing alternative is listed, not dropped
+    # Triton and the native kernels side by side, each with its bandwidth; and per kernel, its targets
+    header = "| case | mode | dtype | eager ms | compile ms | triton ms | cuda ms | triton GB/s | triton % copy BW | cuda GB/s | cuda % copy BW | fastdit × eager | fastdit × compile | cuda × triton |"
+    assert header in md
+    assert (
+        "| D768 T8192 | fwd | bfloat16 | 4.00 ± 0.010 | 2.00 ± 0.010 | 1.00 ± 0.010 | 0.500 ± 0.010 | 2400 | 80.0 | 4800 | 160 | 8.00 | 4.00 | 2.00 |"
+        in md
+    )
+    assert "| modulate_layer_norm backward, % of copy bandwidth | ≥ 80.0 | 40.0 | short by 40.0" in md
     skipped = md.split("## Skipped, and why")[1].split("##")[0]  # what did not fit, with the reason
     assert harness.OUT_OF_TIME in skipped and "train DiT-B/2 256 fastdit+compile" in skipped
     assert "not reached: stopped at its deadline (1): `test_end_to_end[sample-DiT-B/2-256-eager]`" in skipped
