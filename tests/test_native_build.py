@@ -135,6 +135,18 @@ def test_build_switch(setting, outcome, tmp_path):
         assert build.decide(env) == (None, message)
 
 
+def test_import_fastdit_loads_no_library(library):
+    # the ops run (the reference on CPU tensors) with a built library beside them: it stays unloaded
+    code = """import sys, torch, fastdit
+from fastdit import ops
+x, v = torch.randn(2, 3, 8), torch.randn(2, 8)
+ops.modulate_layer_norm(x, v, v)
+print("fastdit.ops._native" in sys.modules, "libfastdit_kernels" in open("/proc/self/maps").read())"""
+    env = {**os.environ, _native.ENV_LIB: str(library)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.stdout.split() == ["False", "False"], done.stderr[-2000:]
+
+
 def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.delenv(_native.ENV_LIB, raising=False)
     monkeypatch.setattr(_native, "PACKAGED_LIB", tmp_path / _native.LIB_NAME)
