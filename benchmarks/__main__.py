@@ -24,6 +24,8 @@ from pathlib import Path
 
 from benchmarks import report, runner
 
+GPU_QUERY_S = 120  # a driver that hangs would otherwise hang the run before its budget starts
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
@@ -83,7 +85,10 @@ def cuda_gpu():
     import subprocess
 
     code = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=GPU_QUERY_S)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"asking torch for the CUDA GPU took over {GPU_QUERY_S} s: the driver does not answer (nvidia-smi?)")
     return done.stdout.strip() or None
 
 

@@ -150,6 +150,12 @@ def test_bad_arguments_give_one_clear_line(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_gpu_query_that_hangs_ends_the_run_with_one_line(monkeypatch):
+    monkeypatch.setattr(cli, "GPU_QUERY_S", 0.01)  # far less than importing torch takes
+    with pytest.raises(SystemExit, match="the driver does not answer"):
+        cli.cuda_gpu()
+
+
 def test_deadline_shares_flow_to_later_steps():
     run = SimpleNamespace(end=time.time() + 100)
     steps = runner.plan(runner.discover(), device_check=True, gpu=True)[1:]
