@@ -138,7 +138,7 @@ def adopt(run_dir, reports_dir=REPORTS_DIR):
         from benchmarks import report
         from benchmarks.environment import git_commit  # imports torch: only here
 
-        res["environment"].update(commit=git_commit(), commit_source=COMMIT_AT_ADOPTION)
+        res.setdefault("environment", {}).update(commit=git_commit(), commit_source=COMMIT_AT_ADOPTION)
         report.write_json(dest / RESULTS, res)
         report.build(dest, with_plots=False)
     (Path(reports_dir) / "README.md").write_text(render_index(reports_dir))
