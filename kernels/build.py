@@ -24,9 +24,9 @@ ENV = "FASTDIT_BUILD_NATIVE"
 
 def up_to_date(lib):
     """Whether the library at `lib` exists and is newer than every kernel source and CMakeLists.txt."""
-    sources = [*(ROOT / "kernels").glob("*.cu"), *(ROOT / "kernels").glob("*.cuh"), *(ROOT / "kernels").glob("*.h")]
-    lib = Path(lib)
-    return lib.is_file() and lib.stat().st_mtime >= max(p.stat().st_mtime for p in [*sources, ROOT / "CMakeLists.txt"])
+    sources = [p for pattern in ("*.cu", "*.cuh", "*.h") for p in (ROOT / "kernels").glob(pattern)]
+    newest = max(p.stat().st_mtime for p in [*sources, ROOT / "CMakeLists.txt"])
+    return Path(lib).is_file() and Path(lib).stat().st_mtime >= newest
 
 
 class BuildError(RuntimeError):
