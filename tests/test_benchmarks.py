@@ -92,6 +92,8 @@ def test_device_check_smoke_writes_a_complete_report(tmp_path):
     stdout, _ = run_command("--device-check", "--out", str(out))
     results, md = assert_complete_report(out)
     assert results["mode"] == "smoke" and "SMOKE RUN" in md
+    targets = md.split("## Targets")[1].split("##")[0]
+    assert "not judged: smoke run" in targets and "short by" not in targets and "missed" not in targets
     steps = {s["name"]: s for s in results["run"]["steps"]}
     assert list(steps) == ["environment", "native", "tests", "kernels", "attention", "end_to_end"]
     # the native kernels: built, or up to date, or skipped saying why (no nvcc here)
