@@ -16,6 +16,16 @@ dtypes; each output is rounded once, to torch's promotion of the inputs that mak
 variance is taken of the centred row scaled by a power of two (_rstd): nothing overflows while
 the row's sum does not (D * max|x| < 3.4e38), where squaring first overflows from a standard
 deviation of 5.4e17 at D = 1152.
+
+Why rows are padded to a power of two (D = 1152 runs as 2048 masked lanes), not split exactly:
+tl.arange needs a power of two, and masked lanes issue no memory transactions, so the DRAM traffic
+these memory-bound kernels live on stays exact; what padding costs is registers and issue slots
+on 44 % dead lanes, i.e. fewer programs resident per SM (PROGRAMS_PER_SM, checked ahead of time)
+and so fewer bytes in flight. An exact width would split each row into power-of-two pieces
+(1152 = 1024 + 128), doubling every load, statistic and store in both kernels; the native CUDA
+kernels (kernels/rows.cu) already run exact widths (144 lanes x 8 bf16), and the benchmark's
+`cuda x triton` column at D = 1152 measures what the padding costs before anyone pays that
+complexity.
 """
 
 import math
