@@ -46,9 +46,7 @@ def inception_class():
     if module not in sys.modules:
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
-            raise UsageError(
-                "FID needs torch-fidelity's Inception-V3: pip install --no-deps torch-fidelity==0.4.0"
-            )
+            raise UsageError("FID needs torch-fidelity's Inception-V3: pip install --no-deps torch-fidelity==0.4.0")
         shell = "torch_fidelity" not in sys.modules
         if shell:  # an empty package object: its submodules import, its __init__ (and torchvision) does not run
             package = types.ModuleType("torch_fidelity")
@@ -233,7 +231,9 @@ def _open_npz(path, what):
     except (OSError, ValueError, EOFError) as e:
         raise UsageError(f"{what} {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     if not isinstance(f, np.lib.npyio.NpzFile):  # np.load reads a .npy file as one bare array
-        raise UsageError(f"{what} {path}: a .npy array, not a .npz archive (ADM's format: np.savez(path, arr_0=images))")
+        raise UsageError(
+            f"{what} {path}: a .npy array, not a .npz archive (ADM's format: np.savez(path, arr_0=images))"
+        )
     return f
 
 
@@ -358,7 +358,9 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
     for metric in ("fid", "sfid"):
         if metric in metrics:
             key = FEATURE_OF[metric]
-            out[metric] = fid_from_features(mine[key], *(ref_stats[key] if key in ref_stats else statistics(theirs[key])))
+            out[metric] = fid_from_features(
+                mine[key], *(ref_stats[key] if key in ref_stats else statistics(theirs[key]))
+            )
     if "is" in metrics:
         out["is"] = inception_score(mine["logits"])
     if pr:
