@@ -279,6 +279,7 @@ def test_sampling_decodes_with_the_vae_of_the_latents_only(recipe, encoded, sd_v
         (["sample", "--ckpt", ckpt, "--vae", other, "--out", str(png)], "VAE mismatch"),
         (["train", "--latents", str(other_latents), "--resume", ckpt], "the run's data was encoded with"),
         (["train", "--latents", str(encoded / "manifest.json")], "is a file, not a folder"),
+        (["latents", "--vae", sd_vae, "--out", str(tmp_path / "digits")], "the digits have 1 channel, not the 3"),
     ]:
         assert cli(argv) == 2, argv
         assert message in capsys.readouterr().err
