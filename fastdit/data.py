@@ -210,7 +210,10 @@ def build_dataset(data, image_size, channels=None, flip=None):
     channels/flip None -> the dataset's default."""
     if data is None:
         if channels not in (None, 1):
-            raise UsageError("the digits have 1 channel; --channels 3 needs --data FOLDER")
+            raise UsageError(
+                f"the digits have 1 channel, not the {channels} asked for (by --channels, or a --vae of RGB "
+                f"images): give --data FOLDER"
+            )
         return DigitsDataset(image_size)
     if datasets.parse(data):
         return datasets.build(data, image_size, channels, flip)

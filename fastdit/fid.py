@@ -28,6 +28,7 @@ from ._dist import pick_device
 from ._util import UsageError, load_plain, to_uint8
 
 INCEPTION_ENV = "FASTDIT_INCEPTION_WEIGHTS"
+POOL_DIM = 2048  # pool_3's features
 SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]
 IS_SPLIT = 5000  # ADM's split size for the Inception Score
 PR_NEIGHBOURS = 3  # ADM's k for the precision / recall manifolds
@@ -45,10 +46,7 @@ def inception_class():
     if module not in sys.modules:
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
-            raise UsageError(
-                "FID needs torch-fidelity's Inception-V3: pip install --no-deps torch-fidelity==0.4.0 "
-                "(or pip install 'fastdit[fid]')"
-            )
+            raise UsageError("FID needs torch-fidelity's Inception-V3: pip install --no-deps torch-fidelity==0.4.0")
         shell = "torch_fidelity" not in sys.modules
         if shell:  # an empty package object: its submodules import, its __init__ (and torchvision) does not run
             package = types.ModuleType("torch_fidelity")
@@ -229,9 +227,14 @@ def check_images(arr, source):
 
 def _open_npz(path, what):
     try:
-        return np.load(path, allow_pickle=False)
+        f = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise UsageError(f"{what} {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):  # np.load reads a .npy file as one bare array
+        raise UsageError(
+            f"{what} {path}: a .npy array, not a .npz archive (ADM's format: np.savez(path, arr_0=images))"
+        )
+    return f
 
 
 def load_npz_images(path, what="samples"):
@@ -263,6 +266,9 @@ def load_folder_images(path, image_size):
     return np.stack(images)
 
 
+STATS_SUFFIX = {"pool": "", "spatial": "_s"}  # ADM's reference batches: mu, sigma (pool_3); mu_s, sigma_s (spatial)
+
+
 class Reference:
     """A reference for FID: an ADM reference batch .npz (its mu/sigma[, mu_s/sigma_s] statistics, and arr_0 images
     when present), an image .npz (arr_0), or a folder of images (center-cropped to image_size)."""
@@ -284,7 +290,7 @@ class Reference:
 
     def _read_npz(self, p):
         with _open_npz(p, "reference") as f:
-            for key, dim in (("", "pool"), ("_s", "spatial")):
+            for dim, key in STATS_SUFFIX.items():
                 if f"mu{key}" in f.files or f"sigma{key}" in f.files:
                     mu, sigma = (np.asarray(f[n], np.float64) for n in (f"mu{key}", f"sigma{key}"))
                     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
@@ -299,6 +305,17 @@ class Reference:
                 self.images = check_images(f["arr_0"], f"reference {p} arr_0")
         if self.images is None and "pool" not in self.stats:
             raise UsageError(f"reference {p}: neither arr_0 images nor mu/sigma statistics in it")
+
+    def stored_stats(self, feature, dim):
+        """The stored (mu, sigma) of `feature` (pool | spatial), checked against the features' dimension `dim`."""
+        mu, sigma = self.stats[feature]
+        if len(mu) != dim:
+            k = STATS_SUFFIX[feature]
+            raise UsageError(
+                f"reference {self.path}: mu{k}/sigma{k} are {len(mu)}-dimensional, but the Inception {feature} "
+                f"features are {dim}-dimensional (ADM's reference batches: 2048 for mu, 2023 for mu_s)"
+            )
+        return mu, sigma
 
 
 #################################################################################
@@ -317,16 +334,21 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
             f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}"
         )
     pr = [m for m in metrics if m in ("precision", "recall")]
+    # the metrics that need the reference's images: precision/recall, and FID/sFID without stored statistics
+    need_images = pr + [m for m in ("fid", "sfid") if m in metrics and FEATURE_OF[m] not in reference.stats]
+    if need_images and reference.images is None:
+        possible = [m for m in ("fid", "sfid") if FEATURE_OF[m] in reference.stats]
+        raise UsageError(
+            f"reference {reference.path} holds statistics but no arr_0 images, which {', '.join(need_images)} "
+            f"need: give --metrics {','.join(possible)}, or a reference with images"
+        )
+    stored = [FEATURE_OF[m] for m in ("fid", "sfid") if m in metrics and FEATURE_OF[m] in reference.stats]
+    probe = features(samples[:2], net, 2, device, stored) if stored else {}  # a wrong D fails before the long pass
+    ref_stats = {k: reference.stored_stats(k, probe[k].shape[1]) for k in stored}
     mine = features(
         samples, net, batch_size, device, sorted({FEATURE_OF[m] for m in metrics}), progress, desc="inception (samples)"
     )
-    ref_keys = {FEATURE_OF[m] for m in metrics if m in ("fid", "sfid") and FEATURE_OF[m] not in reference.stats}
-    ref_keys |= {"pool"} if pr else set()
-    if ref_keys and reference.images is None:
-        raise UsageError(
-            f"reference {reference.path}: {', '.join(m for m in metrics if FEATURE_OF[m] in ref_keys)} "
-            f"need(s) its arr_0 images or statistics, and it has neither for that"
-        )
+    ref_keys = {FEATURE_OF[m] for m in need_images}
     theirs = (
         features(reference.images, net, batch_size, device, sorted(ref_keys), progress, desc="inception (reference)")
         if ref_keys
@@ -336,8 +358,9 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
     for metric in ("fid", "sfid"):
         if metric in metrics:
             key = FEATURE_OF[metric]
-            ref_stats = reference.stats[key] if key in reference.stats else statistics(theirs[key])
-            out[metric] = fid_from_features(mine[key], *ref_stats)
+            out[metric] = fid_from_features(
+                mine[key], *(ref_stats[key] if key in ref_stats else statistics(theirs[key]))
+            )
     if "is" in metrics:
         out["is"] = inception_score(mine["logits"])
     if pr:
@@ -428,7 +451,7 @@ class FidMonitor:
         self.net = Inception(weights).to(device)
         reference = Reference(ref, image_size)
         if "pool" in reference.stats:
-            self.ref_stats = reference.stats["pool"]
+            self.ref_stats = reference.stored_stats("pool", POOL_DIM)
         else:
             mine = reference.images[dist.rank :: dist.world_size]  # each rank a share of the reference
             feats = [self._pool(mine[lo : lo + batch_size]) for lo in range(0, len(mine), batch_size)]

@@ -8,9 +8,9 @@
 
 Chunk c holds source items [c * chunk_size, (c + 1) * chunk_size); under torchrun rank r encodes
 the chunks c = r mod world_size. A chunk file is written atomically, so after a crash the same
-command skips the chunks already written and finishes the rest; rank 0 then marks the manifest
-complete. Training reads only complete folders. Unreadable images are skipped with a warning
-naming each, and listed in the manifest.
+command removes the half-written temporaries, skips the chunks already written and finishes the
+rest; rank 0 then marks the manifest complete. Training reads only complete folders. Unreadable
+images are skipped with a warning naming each, and listed in the manifest.
 """
 
 import bisect
@@ -22,7 +22,7 @@ import torch
 
 from . import _args, datasets
 from ._dist import init_distributed
-from ._util import PRECISION_DTYPES, UsageError, atomic_write
+from ._util import PRECISION_DTYPES, UsageError, atomic_write, remove_stale_temporaries
 from .data import UnreadableImage, build_dataset, warn_unreadable
 from .vae import load_vae
 
@@ -171,6 +171,8 @@ def _start(out, settings):
                 f"--out {out} holds latents made with other settings ({', '.join(differ)} differ): "
                 f"give another --out, or delete it to start over"
             )
+        for stale in remove_stale_temporaries(out):  # a process killed while writing a chunk left its temporary
+            print(f"removed {stale}, a file a killed run left half-written")
         return
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a folder with other files in it: give a new or empty folder")

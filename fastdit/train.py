@@ -37,7 +37,7 @@ from .fid import add_train_arguments as add_fid_arguments
 from .fid import fid_monitor
 from .latents import LatentsDataset
 from .models import BLOCKS
-from .vae import load_vae, load_vae_record
+from .vae import load_vae, load_vae_record, same_vae, vae_label
 
 CHECKPOINT_FORMAT = "fastdit-train"
 # --precision -> autocast dtype; fp8: the blocks' linear layers in float8 (torchao), the rest in bf16 autocast.
@@ -742,6 +742,11 @@ class Trainer:
             raise UsageError(
                 f"resuming {self.ckpt_path}: this data makes a model with {', '.join(differ)}; resume "
                 f"with the run's data ({plain(self.ckpt.get('data'))})"
+            )
+        if not same_vae(self.ckpt.get("vae"), self.vae_record):  # same shapes, another latent space
+            raise UsageError(
+                f"resuming {self.ckpt_path}: the run's data was encoded with {vae_label(self.ckpt.get('vae'))}, this "
+                f"data with {vae_label(self.vae_record)}; resume with data of the run's VAE"
             )
 
     def _build_model(self):

@@ -251,13 +251,25 @@ def load_vae_record(record, device="cpu", name=None, precision="fp32"):
     return codec
 
 
+def same_vae(a, b):
+    """Whether two VAE records (None: pixel space, no VAE) make the same latents: same weights and scale factor."""
+    key = [None if r is None else (r["fingerprint"], float(r["scale_factor"])) for r in (a, b)]
+    return key[0] == key[1]
+
+
+def vae_label(record):
+    """A VAE record in words, for errors."""
+    if record is None:
+        return "no VAE (pixel space)"
+    return f"{record['name']} (weights {record['fingerprint']}, scale factor {record['scale_factor']})"
+
+
 def check_same_vae(record, codec):
     """UsageError unless `codec` is the VAE of `record` (same weights fingerprint and scale factor)."""
-    if record["fingerprint"] != codec.fingerprint or float(record["scale_factor"]) != codec.scale_factor:
+    if not same_vae(record, codec.describe()):
         raise UsageError(
-            f"VAE mismatch: the latents were encoded with {record['name']} (weights {record['fingerprint']}, scale "
-            f"factor {record['scale_factor']}), but --vae {codec.name} has weights {codec.fingerprint}, scale factor "
-            f"{codec.scale_factor}: decode with the VAE the latents were encoded with"
+            f"VAE mismatch: the latents were encoded with {vae_label(record)}, but --vae is "
+            f"{vae_label(codec.describe())}: decode with the VAE the latents were encoded with"
         )
 
 

@@ -34,6 +34,21 @@ def gaussian_pair(d, seed):
     return rng.standard_normal(d), a @ a.T / d + 0.1 * np.eye(d), rng.standard_normal(d), b @ b.T / d + 0.1 * np.eye(d)
 
 
+def adm_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """ADM's evaluator (guided-diffusion evaluations/evaluator.py): scipy's sqrtm of sigma1 sigma2, retried with
+    eps on the diagonals when not finite; an imaginary diagonal above 1e-3 is an error, else the real part."""
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        assert np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        covmean = covmean.real
+    return np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
 def test_frechet_distance_matches_the_closed_form_and_scipy():
     rng = np.random.default_rng(0)
     d = 7
@@ -44,11 +59,15 @@ def test_frechet_distance_matches_the_closed_form_and_scipy():
     closed = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     got = fid.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
     assert got == pytest.approx(closed, rel=1e-10)
-    from scipy import linalg
-
     mu1, s1, mu2, s2 = gaussian_pair(d, 1)
-    adm = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)  # ADM's evaluator
-    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(adm, rel=1e-9)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(adm_frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
+    # Singular covariances (fewer float32 features than dimensions, as a small FID in the loop has): still ADM's number.
+    f1 = (rng.standard_normal((20, 48)) @ rng.standard_normal((48, 48))).astype(np.float32)
+    f2 = rng.standard_normal((30, 48)).astype(np.float32) + 0.5
+    (m1, c1), (m2, c2) = fid.statistics(f1), fid.statistics(f2)
+    adm = adm_frechet_distance(m1, c1, m2, c2)
+    assert fid.frechet_distance(m1, c1, m2, c2) == pytest.approx(adm, rel=1e-6)
+    assert fid.fid_from_features(f1, m2, c2) == pytest.approx(adm, rel=1e-6)
     assert fid.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
     with pytest.raises(UsageError, match="statistics of different shapes"):
         fid.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
@@ -123,12 +142,29 @@ def test_image_and_reference_files_give_clear_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(UsageError, match="not a readable .npz file"):
         fid.load_npz_images(tmp_path / "junk.npz")
+    np.save(tmp_path / "bare.npy", imgs)
+    for read in (fid.load_npz_images, fid.Reference):
+        with pytest.raises(UsageError, match=r"bare.npy: a .npy array, not a .npz archive"):
+            read(tmp_path / "bare.npy")
     with pytest.raises(UsageError, match="does not exist"):
         fid.Reference(tmp_path / "missing.npz")
     with pytest.raises(UsageError, match=r"mu \(5,\) and sigma \(4, 4\) are not"):
         fid.Reference(write_npz(tmp_path / "r.npz", mu=np.zeros(5), sigma=np.eye(4)))
     with pytest.raises(UsageError, match="neither arr_0 images nor mu/sigma"):
         fid.Reference(write_npz(tmp_path / "r.npz", other=np.zeros(3)))
+    # Statistics without images, or of another dimension than the features: the file and the way out, before the
+    # long feature pass. (A stand-in network: only the features' dimensions matter here.)
+    net = lambda x: dict(pool=torch.zeros(len(x), 2048), spatial=torch.zeros(len(x), 2023))  # noqa: E731
+    stats_only = fid.Reference(write_npz(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048)))
+    with pytest.raises(UsageError, match=r"stats.npz holds statistics but no arr_0 images, which precision, recall"):
+        fid.evaluate(imgs, stats_only, net, metrics=("fid", "precision", "recall"))
+    assert fid.evaluate(imgs, stats_only, net, metrics=("fid",))["fid"] == pytest.approx(2048)
+    for arrays, message in [
+        (dict(arr_0=imgs, mu=np.zeros(64), sigma=np.eye(64)), r"small.npz: mu/sigma are 64-dimensional, but the Incep"),
+        (dict(arr_0=imgs, mu_s=np.zeros(63), sigma_s=np.eye(63)), r"small.npz: mu_s/sigma_s are 63-dimensional"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            fid.evaluate(imgs, fid.Reference(write_npz(tmp_path / "small.npz", **arrays)), net, ("fid", "sfid"))
 
 
 def test_the_adm_reference_batch_reader(tmp_path):

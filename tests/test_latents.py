@@ -127,7 +127,10 @@ def test_latents_resume_after_a_crash_and_shard_over_ranks(encoded, sd_vae, rgb_
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-*")}
     assert len(before) == 2
     monkeypatch.setattr(latents, "_write_chunk", write)
+    stale = out / ".chunk-000002.safetensors.k1ll3d00.tmp"  # what a SIGKILL during a chunk's write leaves
+    stale.write_bytes(b"half a chunk")
     assert cli(latents_argv(sd_vae, rgb_folder, out)) == 0  # the same command finishes the missing chunk
+    assert not stale.exists()
     assert all(out.joinpath(name).stat().st_mtime_ns == t for name, t in before.items())  # not encoded again
     assert_same_latents(out, encoded)
     assert json.loads((out / "manifest.json").read_text()) == json.loads((encoded / "manifest.json").read_text())
@@ -257,13 +260,15 @@ def test_readme_imagenet_recipe_at_toy_size(recipe):
 
 
 @needs_inception
-def test_sampling_decodes_with_the_vae_of_the_latents_only(recipe, encoded, sd_vae, tmp_path, capsys):
+def test_sampling_decodes_with_the_vae_of_the_latents_only(recipe, encoded, sd_vae, rgb_folder, tmp_path, capsys):
     ckpt = str(recipe / "runs" / "in256-xl2" / "checkpoints" / "0000002.pt")
     png = tmp_path / "grid.png"
     assert cli(["sample", "--ckpt", ckpt, "--steps", "2", "--per-class", "1", "--vae", sd_vae, "--out", str(png)]) == 0
     assert Image.open(png).mode == "RGB"  # a local copy of the same VAE decodes
     # Errors: a latent shape the model does not take, and another VAE than the latents were encoded with.
     other = save_tiny_sd_vae(tmp_path / "other-vae", seed=1)
+    other_latents = tmp_path / "other-latents"  # the same shapes as `encoded`, in another latent space
+    assert cli(latents_argv(other, rgb_folder, other_latents)) == 0
     capsys.readouterr()
     for argv, message in [
         (["train", "--latents", str(encoded), "--image-size", "32"], "--image-size 32: "),
@@ -272,7 +277,9 @@ def test_sampling_decodes_with_the_vae_of_the_latents_only(recipe, encoded, sd_v
             "VAE mismatch: the latents were encoded",
         ),
         (["sample", "--ckpt", ckpt, "--vae", other, "--out", str(png)], "VAE mismatch"),
+        (["train", "--latents", str(other_latents), "--resume", ckpt], "the run's data was encoded with"),
         (["train", "--latents", str(encoded / "manifest.json")], "is a file, not a folder"),
+        (["latents", "--vae", sd_vae, "--out", str(tmp_path / "digits")], "the digits have 1 channel, not the 3"),
     ]:
         assert cli(argv) == 2, argv
         assert message in capsys.readouterr().err
