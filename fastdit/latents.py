@@ -24,7 +24,7 @@ from . import _args, datasets
 from ._dist import init_distributed
 from ._util import PRECISION_DTYPES, UsageError, atomic_write, remove_stale_temporaries
 from .data import UnreadableImage, build_dataset, warn_unreadable
-from .vae import load_vae
+from .vae import SmallVAECodec, load_vae
 
 FORMAT = "fastdit-latents"
 VERSION = 1
@@ -55,8 +55,8 @@ def add_arguments(parser):
     parser.add_argument(
         "--latent",
         choices=["mean", "sample"],
-        default="mean",
-        help="store the posterior mean, or one sample per image; default mean",
+        help="store the posterior mean, or one sample per image; default: sample for a diffusers VAE "
+        "(what DiT's train.py feeds the model), mean for fastdit's small VAE",
     )
     parser.add_argument(
         "--flips",
@@ -141,7 +141,7 @@ def plan(dataset, codec, args, flips):
         image_size=dataset.image_size,
         image_channels=dataset.channels,
         flips=flips == "both",
-        latent=args.latent,
+        latent=args.latent or ("mean" if isinstance(codec, SmallVAECodec) else "sample"),
         seed=args.seed,
         precision=args.precision,
         dtype=args.dtype,

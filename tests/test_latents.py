@@ -85,7 +85,7 @@ def test_hub_names_load_from_the_local_cache_with_their_revision(sd_vae, tmp_pat
         vae.load_vae("fake/other")
 
 
-def test_latents_folder_manifest_and_values(encoded, sd_vae, rgb_folder):
+def test_latents_folder_manifest_and_values(encoded, sd_vae, rgb_folder, tmp_path):
     ds = latents.LatentsDataset(encoded)
     m = ds.meta
     codec = vae.load_vae(sd_vae)
@@ -101,6 +101,16 @@ def test_latents_folder_manifest_and_values(encoded, sd_vae, rgb_folder):
     assert len(ds) == 7 and ds.flip and (ds.channels, ds.image_size, ds.num_classes) == (4, 8, 2)
     files = sorted(rgb_folder.rglob("*.png"))
     x = torch.stack([read_image(f, 16, 3) for f in files])  # the ADM center crop, [-1, 1]
+    # By default one posterior sample per image, as DiT's train.py draws: standard normal noise about the mean.
+    with torch.no_grad():
+        mean, std = (t.float() for t in codec._posterior(x))
+    z = torch.stack([ds[(i, False)][0] for i in range(len(ds))])
+    noise = (z / m["scale_factor"] - mean) / std
+    assert m["latent"] == "sample" and 0.8 < noise.std() < 1.2 and noise.mean().abs() < 0.1
+    # --latent mean stores the posterior mean, of the image and of its mirror image
+    out = tmp_path / "mean"
+    assert cli(latents_argv(sd_vae, rgb_folder, out, "--latent", "mean")) == 0
+    ds = latents.LatentsDataset(out)
     want = codec.encode(x, sample=False)
     flipped = codec.encode(x.flip(-1), sample=False)
     for i in (0, 4, 6):
