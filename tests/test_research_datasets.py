@@ -44,6 +44,9 @@ def _corrupt(root, images, labels, case):
     if case == "truncated":
         write(img, idx_bytes(images)[:-5])
         return img, "truncated: dimensions (20, 28, 28) need 15680 bytes of values, the file holds 15675"
+    if case == "huge":  # a header announcing 2**64 bytes: refused without allocating them, nor overflowing
+        write(img, b"\0\0\x08\x03" + (2**32 - 1).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big") + images.tobytes())
+        return img, f"truncated: dimensions (4294967295, 4294967295, 4) need {4 * (2**32 - 1) ** 2} bytes"
     if case == "trailing":
         write(img, idx_bytes(images) + b"\0")
         return img, "longer than its header says"
@@ -67,7 +70,7 @@ def _corrupt(root, images, labels, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["magic", "truncated", "trailing", "header", "count", "dims", "label_range", "gzip", "missing"]
+    "case", ["magic", "truncated", "huge", "trailing", "header", "count", "dims", "label_range", "gzip", "missing"]
 )
 def test_malformed_idx_files_are_named(mnist, case):
     root, images, labels = mnist
