@@ -103,7 +103,7 @@ class _Exploit:
         return os.system, ("touch pwned",)
 
 
-@pytest.mark.parametrize("case", ["exploit", "not_a_pickle", "bad_data", "bad_labels", "meta"])
+@pytest.mark.parametrize("case", ["exploit", "not_a_pickle", "truncated", "bad_data", "bad_labels", "count", "meta"])
 def test_cifar10_refuses_unsafe_and_malformed_pickles(cifar, case, monkeypatch, tmp_path):
     parent, images, labels = cifar
     root = parent / "cifar-10-batches-py"
@@ -115,6 +115,12 @@ def test_cifar10_refuses_unsafe_and_malformed_pickles(cifar, case, monkeypatch, 
     elif case == "not_a_pickle":
         write(culprit, b"\x89PNG not a pickle")
         message = "not a CIFAR python batch"
+    elif case == "truncated":
+        write(culprit, cifar_batch(images[:4], labels[:4])[:-20])
+        message = "not a CIFAR python batch, or a corrupt or unsafe one"
+    elif case == "count":
+        write(culprit, cifar_batch(images[:4], labels[:3]))
+        message = "4 images but 3 labels"
     elif case == "bad_data":
         write(culprit, cifar_batch(images[:4].astype(np.float32).astype(np.uint8)[:, :2], labels[:4]))
         message = "'data' must be a uint8 array (N, 3072), got uint8 (4, 2048)"
