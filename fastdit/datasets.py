@@ -14,6 +14,7 @@ global is refused), then the result is checked to be uint8 images and integer la
 
 import gzip
 import io
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -131,8 +132,9 @@ def read_idx(path):
     """The array stored in an IDX file (LeCun's MNIST format), raw or gzipped.
 
     Layout: two zero bytes, a type code, the number of dimensions n, n big-endian uint32 sizes,
-    then the values row-major. Only as many bytes as the header announces are read (a gzip bomb
-    cannot fill memory), and a file holding fewer or more is refused.
+    then the values row-major. At most one byte more than the header announces is read (a gzip bomb
+    cannot fill memory), in chunks (a header announcing terabytes allocates nothing), and a file
+    holding fewer or more is refused.
     """
     path = Path(path)
     with open(path, "rb") as raw:
@@ -151,8 +153,8 @@ def read_idx(path):
                 raise UsageError(f"{path}: truncated IDX header ({ndim} dimensions announced)")
             dims = struct.unpack(f">{ndim}I", header)
             dtype = np.dtype(IDX_TYPES[magic[2]])
-            size = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-            body = f.read(size + 1)
+            size = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
+            body = _read_at_most(f, size + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise UsageError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
     if len(body) != size:
@@ -162,6 +164,15 @@ def read_idx(path):
             f"{len(body) if len(body) <= size else 'more'}"
         )
     return np.frombuffer(body, dtype=dtype).reshape(dims).copy()  # writable, as torch.from_numpy wants
+
+
+def _read_at_most(f, n, chunk=1 << 24):
+    """Up to n bytes of f, read chunk by chunk: memory grows with what the file holds, not with n."""
+    parts = []
+    while n > 0 and (part := f.read(min(n, chunk))):
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
 
 
 def _find(root, stem, what):

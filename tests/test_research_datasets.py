@@ -44,6 +44,9 @@ def _corrupt(root, images, labels, case):
     if case == "truncated":
         write(img, idx_bytes(images)[:-5])
         return img, "truncated: dimensions (20, 28, 28) need 15680 bytes of values, the file holds 15675"
+    if case == "huge":  # a header announcing 2**64 bytes: refused without allocating them, nor overflowing
+        write(img, b"\0\0\x08\x03" + (2**32 - 1).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big") + images.tobytes())
+        return img, f"truncated: dimensions (4294967295, 4294967295, 4) need {4 * (2**32 - 1) ** 2} bytes"
     if case == "trailing":
         write(img, idx_bytes(images) + b"\0")
         return img, "longer than its header says"
@@ -67,7 +70,7 @@ def _corrupt(root, images, labels, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["magic", "truncated", "trailing", "header", "count", "dims", "label_range", "gzip", "missing"]
+    "case", ["magic", "truncated", "huge", "trailing", "header", "count", "dims", "label_range", "gzip", "missing"]
 )
 def test_malformed_idx_files_are_named(mnist, case):
     root, images, labels = mnist
@@ -100,7 +103,7 @@ class _Exploit:
         return os.system, ("touch pwned",)
 
 
-@pytest.mark.parametrize("case", ["exploit", "not_a_pickle", "bad_data", "bad_labels", "meta"])
+@pytest.mark.parametrize("case", ["exploit", "not_a_pickle", "truncated", "bad_data", "bad_labels", "count", "meta"])
 def test_cifar10_refuses_unsafe_and_malformed_pickles(cifar, case, monkeypatch, tmp_path):
     parent, images, labels = cifar
     root = parent / "cifar-10-batches-py"
@@ -112,6 +115,12 @@ def test_cifar10_refuses_unsafe_and_malformed_pickles(cifar, case, monkeypatch, 
     elif case == "not_a_pickle":
         write(culprit, b"\x89PNG not a pickle")
         message = "not a CIFAR python batch"
+    elif case == "truncated":
+        write(culprit, cifar_batch(images[:4], labels[:4])[:-20])
+        message = "not a CIFAR python batch, or a corrupt or unsafe one"
+    elif case == "count":
+        write(culprit, cifar_batch(images[:4], labels[:3]))
+        message = "4 images but 3 labels"
     elif case == "bad_data":
         write(culprit, cifar_batch(images[:4].astype(np.float32).astype(np.uint8)[:, :2], labels[:4]))
         message = "'data' must be a uint8 array (N, 3072), got uint8 (4, 2048)"
