@@ -504,10 +504,10 @@ def sample(args):
             labels = [c for c in args.classes for _ in range(per)]
         else:
             labels, per = grid_labels(num_classes, model.x_embedder.img_size[0], args.per_class)
-        cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
+        guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
+        cfg_scale = (4.0 if guided else 1.0) if args.cfg_scale is None else args.cfg_scale
         out = args.out or default_out(args, cfg_scale, ".png")
         t0 = time.time()
-        guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
         images = generate(
             model,
             labels,

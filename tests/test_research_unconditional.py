@@ -37,7 +37,7 @@ def test_unconditional_model_is_the_conditional_one_without_its_label_embedding(
         uncond.forward_with_cfg(x, t, None, 4.0)
 
 
-def test_train_and_sample_without_labels(tmp_path, capsys):
+def test_train_and_sample_without_labels(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert cli(["train", "--num-classes", "0", "--steps", "2", *FAST, "--out", str(out)]) == 0
     assert "unconditional" in capsys.readouterr().out
@@ -48,6 +48,9 @@ def test_train_and_sample_without_labels(tmp_path, capsys):
         cli(["sample", "--ckpt", str(ckpt), "--steps", "2", "--per-class", "2", "--out", str(tmp_path / "s.png")]) == 0
     )
     assert "sampled 20 images" in capsys.readouterr().out  # 10 rows of 2
+    monkeypatch.chdir(tmp_path)
+    assert cli(["sample", "--ckpt", str(ckpt), "--steps", "2", "--per-class", "1"]) == 0  # default name: unguided
+    assert capsys.readouterr().out.rstrip().endswith("-ddpm2-cfg1-seed0.png")
     npz = tmp_path / "s.npz"
     assert cli(["sample-ddp", "--ckpt", str(ckpt), "--steps", "2", "--num-samples", "3", "--out", str(npz)]) == 0
     assert np.load(npz)["arr_0"].shape == (3, 8, 8, 1)
