@@ -371,7 +371,7 @@ def add_common_arguments(p):
     p.add_argument(
         "--cfg-scale",
         type=_args.number(),
-        help="classifier-free guidance (1: none); default 4.0 (sample-ddp: 1.5, as DiT)",
+        help="classifier-free guidance (1: none); default 4.0 (sample-ddp: 1.5, as DiT), 1 for a model without a null class",
     )
     p.add_argument(
         "--cfg-channels",
