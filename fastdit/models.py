@@ -464,8 +464,8 @@ class DiT(nn.Module):
         for name, v in (("x", x), ("t", t), ("y", y)):
             if v is not None:
                 _check_is_tensor(name, v)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or not len(x):
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W) with N >= 1, got shape {tuple(x.shape)}")
         p = self.patch_size
         H, W = x.shape[-2:]
         if H % p or W % p:
@@ -588,6 +588,8 @@ class DiT(nn.Module):
             raise ValueError(f"cfg_channels must be 'paper' or 'all', got {cfg_channels!r}")
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model; this one has num_classes=0")
+        if not isinstance(cfg_scale, (numbers.Real, torch.Tensor)) or isinstance(cfg_scale, bool):
+            raise TypeError(f"cfg_scale must be a number (or a tensor), got {type(cfg_scale).__name__}")
         if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {cfg_scale!r}")
         _check_is_tensor("x", x)

@@ -279,6 +279,7 @@ T2, Y2 = torch.tensor([1, 500]), torch.tensor([3, 7])
         (X2.numpy(), T2, Y2, TypeError, "x must be a torch.Tensor"),
         (X2.double(), T2, Y2, TypeError, "x is torch.float64 but the model's weights are torch.float32"),
         (X2.long(), T2, Y2, TypeError, "x is torch.int64"),
+        (X2[:0], T2[:0], Y2[:0], ValueError, r"x must be \(N, 4, H, W\) with N >= 1, got shape \(0, 4, 8, 8\)"),
         (X2, T2[:1], Y2, ValueError, r"t must be \(2,\)"),
         (X2, T2[:, None], Y2, ValueError, r"t must be \(2,\)"),
         (X2, T2, Y2[:1], ValueError, r"y must be \(2,\)"),  # would broadcast over the batch
@@ -315,11 +316,15 @@ def test_forward_accepts_what_the_official_model_does():
 
 
 @pytest.mark.parametrize(
-    "x, scale, match",
-    [(torch.randn(3, 4, 8, 8), 4.0, "even batch"), (torch.randn(2, 4, 8, 8), float("nan"), "cfg_scale must be finite")],
+    "x, scale, error, match",
+    [
+        (torch.randn(3, 4, 8, 8), 4.0, ValueError, "even batch"),
+        (torch.randn(2, 4, 8, 8), float("nan"), ValueError, "cfg_scale must be finite"),
+        (torch.randn(2, 4, 8, 8), "4", TypeError, "cfg_scale must be a number"),
+    ],
 )
-def test_bad_forward_with_cfg_inputs(x, scale, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_forward_with_cfg_inputs(x, scale, error, match):
+    with pytest.raises(error, match=match):
         small().forward_with_cfg(x, torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.long), scale)
 
 
