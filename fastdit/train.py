@@ -358,6 +358,8 @@ def fill_defaults(a, num_items, input_size, world):
 def check_args(a, world, input_size):
     """What single flags cannot say (their values were checked when parsed): how they fit together."""
     check_model_name(a.model)
+    if a.fsdp and world == 1:  # fully_shard needs torchrun's process group, which one process does not join
+        raise UsageError("--fsdp shards over torchrun's processes: launch with torchrun --nproc_per_node=N, N >= 2")
     if a.global_batch_size % world:
         raise UsageError(
             f"--global-batch-size {a.global_batch_size} must be a multiple of the world size {world} "

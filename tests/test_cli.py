@@ -102,6 +102,8 @@ INVALID = [
     ("train --frobnicate", "unrecognized arguments: --frobnicate"),
     ("train --out {F}/plain.txt", "argument --out: '{F}/plain.txt' is a folder to write into, but"),
     ("train --out {F}/plain.txt/run", "argument --out"),
+    ("train --out=", "argument --out: expected a folder, got an empty name"),
+    ("train --fsdp --steps 1", "--fsdp shards over torchrun's processes: launch with torchrun"),
     # train: flags that must fit together, the data and the run folder
     (
         "train --model DiT-Tiny/2 --image-size 9",
@@ -134,6 +136,7 @@ INVALID = [
     ("train --resume {F}/run --seed 3", "--seed 3 contradicts"),
     ("train --resume {F}/run --diffusion-steps 500", "--diffusion-steps 500 contradicts"),
     ("train --resume {F}/run --class-dropout-prob 0.2", "--class-dropout-prob 0.2 contradicts"),
+    ("train --resume {F}/run --num-classes 5", "--num-classes 5 contradicts the resumed run's 10"),
     ("train --resume {F}/run --data {F}/rgb --steps 3", "this data makes a model with in_channels 3 (checkpoint: 1)"),
     (
         "train --deterministic --steps 1",
@@ -171,6 +174,7 @@ INVALID = [
     ("sample --ckpt {F}/run --per-class 0", "argument --per-class"),
     ("sample --ckpt {F}/run --out grid.jpeg2", "argument --out: 'grid.jpeg2': the grid is written as .png or .jpg"),
     ("sample --ckpt {F}/run --out grid", "argument --out"),
+    ("sample --ckpt {F}/run --out=", "argument --out: expected a file name, got an empty one"),
     ("sample --ckpt {F}/run --out {F}/plain.txt/grid.png", "is a folder to write into, but '{F}/plain.txt' is a file"),
     ("sample --ckpt {F}/run --image-size 0", "argument --image-size"),
     ("sample --ckpt {F}/run --num-classes 0", "argument --num-classes"),
