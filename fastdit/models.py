@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from . import ops
+from . import _validate, ops
 from ._validate import check_positive_int
 
 # The DiT paper's block designs (its §3.2 and Figure 5): DiT(block=...). adaLN-Zero is DiT's own
@@ -483,7 +483,7 @@ class DiT(nn.Module):
         if y is None:
             return H // p, W // p
         _check_per_sample("y", y, x, "class labels as int64 or int32", y.dtype in (torch.int64, torch.int32))
-        if len(y) and _can_read_values(y):
+        if len(y) and _validate.can_read_values(y):
             self._check_labels(y)
         return H // p, W // p
 
@@ -622,13 +622,6 @@ def _check_per_sample(name, v, x, kind, dtype_ok):
         raise TypeError(f"{name} must hold {kind}, got {v.dtype}")
     if v.device != x.device:
         raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
-
-
-def _can_read_values(t):
-    """Whether a check may read t's values: only on the CPU (on a GPU it is a device-to-host sync
-    per forward, and not capturable in a CUDA graph) and not while torch.compile traces (a
-    data-dependent branch breaks fullgraph)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 #################################################################################
