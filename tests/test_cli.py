@@ -179,6 +179,10 @@ INVALID = [
     ("sample --ckpt {F}/run --image-size 0", "argument --image-size"),
     ("sample --ckpt {F}/run --num-classes 0", "argument --num-classes"),
     ("sample --ckpt {F}/run --model DiT-XXL/2", "argument --model"),
+    # a fastdit checkpoint records its model: these flags (for official checkpoints) must agree with it
+    ("sample --ckpt {F}/run --image-size 16", "--image-size 16 contradicts {F}/run/checkpoints/0000002.pt, a "),
+    ("sample --ckpt {F}/run --model DiT-S/2", "--model DiT-S/2 contradicts {F}/run/checkpoints/0000002.pt, a "),
+    ("sample-ddp --ckpt {F}/run --num-classes 5", "--num-classes 5 contradicts"),
     ("sample --ckpt {F}/run --weights best", "argument --weights"),
     # sample-ddp
     ("sample-ddp --ckpt {F}/run --num-samples 0", "argument --num-samples"),
