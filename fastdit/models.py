@@ -38,6 +38,12 @@ ADAPTIVE = ("adaLN-Zero", "adaLN")
 #################################################################################
 
 
+def modulate(x, shift, scale):
+    """adaLN's modulation, x (N, T, D) * (1 + scale) + shift with shift, scale (N, D): the official helper
+    (the model runs it fused with its LayerNorm: ops.modulate_layer_norm)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
 def _is_positive_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -636,18 +642,24 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False, extra_tokens=
     as in MAE and DiT.
     """
     gh, gw = _pair(grid_size, "grid_size")
-    grid_w, grid_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))  # (h, w) each
+    grid = np.stack(np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32)))  # (2, h, w)
+    emb = get_2d_sincos_pos_embed_from_grid(embed_dim, grid)  # (h*w, D)
+    if cls_token and extra_tokens > 0:
+        emb = np.concatenate([np.zeros([extra_tokens, embed_dim]), emb], axis=0)
+    return emb
+
+
+def get_2d_sincos_pos_embed_from_grid(embed_dim, grid):
+    """grid (2, ...): the column and the row coordinate of M positions -> (M, embed_dim), the first half
+    of the channels encoding grid[0], the second grid[1]."""
     if embed_dim % 4:
         raise ValueError(
             f"hidden_size must be a multiple of 4 for the 2-D sin-cos position embedding (sin and cos of each "
             f"axis take a quarter), got {embed_dim}"
         )
-    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_w)  # (h*w, D/2)
-    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_h)  # (h*w, D/2)
-    emb = np.concatenate([emb_w, emb_h], axis=1)  # (h*w, D)
-    if cls_token and extra_tokens > 0:
-        emb = np.concatenate([np.zeros([extra_tokens, embed_dim]), emb], axis=0)
-    return emb
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (M, D/2)
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # (M, D/2)
+    return np.concatenate([emb_w, emb_h], axis=1)  # (M, D)
 
 
 def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):

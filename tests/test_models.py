@@ -4,11 +4,12 @@ against the official model's own numbers (tests/model_golden.py) and the indepen
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import fastdit
-from fastdit import DiT, DiT_models, ops
+from fastdit import DiT, DiT_models, models, ops
 from fastdit.models import get_2d_sincos_pos_embed
 from fastdit.reference_model import ReferenceDiT, reference_DiT_models, timestep_embedding
 from tests import model_golden
@@ -226,6 +227,18 @@ def test_sincos_pos_embed_layout():
     expect = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])
     torch.testing.assert_close(torch.from_numpy(emb[4]), expect)
     torch.testing.assert_close(torch.from_numpy(emb[2, 4:]), torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_official_module_level_names_exist():
+    """What `from models import ...` finds in the official models.py, fastdit.models has too."""
+    official = ["DiT", "DiTBlock", "FinalLayer", "LabelEmbedder", "TimestepEmbedder", "modulate", "DiT_models"]
+    official += ["get_2d_sincos_pos_embed", "get_2d_sincos_pos_embed_from_grid", "get_1d_sincos_pos_embed_from_grid"]
+    official += [f"DiT_{size}_{p}" for size in ("XL", "L", "B", "S") for p in (2, 4, 8)]
+    assert [name for name in official if not hasattr(models, name)] == []
+    x, shift, scale = torch.randn(3, 5, 8), torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(models.modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
+    grid = np.stack(np.meshgrid(np.arange(3.0), np.arange(2.0)))  # (2, h, w): columns, then rows
+    np.testing.assert_array_equal(models.get_2d_sincos_pos_embed_from_grid(8, grid), get_2d_sincos_pos_embed(8, (2, 3)))
 
 
 def test_label_dropout_uses_null_class():
