@@ -242,6 +242,9 @@ INVALID = [
     ("fid /no/samples.npz /no/ref.npz", "samples '/no/samples.npz' is not a file"),
     ("fid", "the following arguments are required: samples, ref"),
     ("fid a.npz b.npz --batch-size 0", "argument --batch-size"),
+    ("fid a.npz b.npz --metrics fid,xyz", "argument --metrics: unknown metric(s) xyz; choose from fid, sfid"),
+    ("fid a.npz b.npz --metrics=", "argument --metrics: unknown metric(s) (none given)"),
+    ("fid {F}/junk.pt {F}/junk.pt", "samples {F}/junk.pt: not an .npz file"),  # not 'contains pickled data'
     ("fid a.npz b.npz --out scores.txt", "argument --out: 'scores.txt': the numbers is written as .json"),
     # the command itself
     ("frobnicate", "invalid choice: 'frobnicate' (choose from 'train', 'sample'"),
