@@ -341,6 +341,8 @@ def train_vae(args):
     dataset = build_dataset(args.data, args.image_size, channels=args.channels, flip=False)
     images = dataset.all_images()  # (N, C, S, S) in [-1, 1]
     out = Path(args.out or f"runs/vae-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "vae.pt").exists():  # latents encoded and runs trained with that VAE need it unchanged
+        raise UsageError(f"--out {out} holds another VAE ({out / 'vae.pt'}): give a new --out")
     torch.manual_seed(args.seed)
     vae = SmallVAE(images.shape[1], args.latent_channels, args.base_channels, args.downsample).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr)

@@ -214,6 +214,7 @@ INVALID = [
     ("vae --log-every 0", "argument --log-every"),
     ("vae --seed -3", "argument --seed"),
     ("vae --out {F}/plain.txt", "argument --out"),
+    ("vae --out {F}/vae", "--out {F}/vae holds another VAE ({F}/vae/vae.pt): give a new --out"),
     ("vae --data /no/such/folder", "data path '/no/such/folder' does not exist"),
     # latents
     ("latents --out x.pt", "the following arguments are required: --vae"),
