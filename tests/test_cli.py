@@ -47,6 +47,8 @@ def files(tmp_path_factory):
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "rgb" / cls / f"{i}.png")
     (root / "empty").mkdir()
+    (root / "broken" / "a").mkdir(parents=True)
+    (root / "broken" / "a" / "0.png").write_bytes(b"not a png")
     (root / "junk.pt").write_bytes(os.urandom(256))
     (root / "plain.txt").write_text("not a folder")
     torch.save(
@@ -119,6 +121,7 @@ INVALID = [
     ("train --data /no/such/folder", "data path '/no/such/folder' does not exist"),
     ("train --data {F}/plain.txt", "is not a folder"),
     ("train --data {F}/empty", "holds no class sub-folders"),
+    ("train --data {F}/broken", "none of the 1 images under '{F}/broken' is readable (the first: {F}/broken/a/0.png: "),
     ("train --latents /no/latents", "latents folder '/no/latents' does not exist"),
     ("train --latents {F}/run/checkpoints/0000002.pt", "is a file, not a folder"),
     ("train --latents {F}/empty", "has no manifest.json"),
@@ -216,6 +219,7 @@ INVALID = [
     ("vae --out {F}/plain.txt", "argument --out"),
     ("vae --out {F}/vae", "--out {F}/vae holds another VAE ({F}/vae/vae.pt): give a new --out"),
     ("vae --data /no/such/folder", "data path '/no/such/folder' does not exist"),
+    ("vae --data {F}/broken", "none of the 1 images under '{F}/broken' is readable"),
     # latents
     ("latents --out x.pt", "the following arguments are required: --vae"),
     ("latents --vae {F}/vae/vae.pt", "the following arguments are required: --out"),
@@ -239,6 +243,7 @@ INVALID = [
     ("latents --vae {F}/vae/vae.pt --out x.pt --seed -1", "argument --seed"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --flips sideways", "argument --flips: invalid choice"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --data /no/such", "data path '/no/such' does not exist"),
+    ("latents --vae {F}/vae/vae.pt --out x --data {F}/broken", "none of the 1 images under '{F}/broken' is readable"),
     # fid
     ("fid /no/samples.npz /no/ref.npz", "samples '/no/samples.npz' is not a file"),
     ("fid", "the following arguments are required: samples, ref"),
