@@ -229,6 +229,8 @@ def load_vae(name, device="cpu", precision="fp32", revision=None):
     """A VAE by name -> codec: a fastdit VAE checkpoint file (`fastdit vae`), a local diffusers AutoencoderKL
     folder, a Hugging Face hub model id (owner/name, at `revision`), or DiT's shorthands ema | mse."""
     p = Path(name)
+    if revision is not None and p.exists():
+        raise UsageError(f"--vae-revision {revision} names a hub revision, but --vae {name} is a local file or folder")
     if p.is_dir():
         return DiffusersVAE(p, device, precision)
     if p.is_file():

@@ -232,6 +232,7 @@ INVALID = [
     ),
     ("latents --vae {F}/vae/vae.pt --out {F}/run", "--out {F}/run is a folder with other files in it"),
     ("latents --vae {F}/vae/vae.pt --out x --chunk-size 0", "argument --chunk-size"),
+    ("latents --vae {F}/vae/vae.pt --vae-revision main --out x", "--vae-revision main names a hub revision, but"),
     ("latents --vae {F}/vae/vae.pt --out x --num-workers -1", "argument --num-workers"),
     ("latents --vae {F}/vae/vae.pt --out x --dtype float8", "argument --dtype: invalid choice"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --image-size 0", "argument --image-size"),
