@@ -70,6 +70,8 @@ def int_list(low, high=None):
 
 def output_folder(text):
     """A folder to create or write into: refused when it is an existing file (or under one)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty name")
     path = Path(text)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
@@ -81,6 +83,8 @@ def output_file(suffixes, what):
     """A file to write; suffixes (lower case, with the dot): the ones its writer honours, None: any."""
 
     def parse(text):
+        if not text.strip():
+            raise argparse.ArgumentTypeError("expected a file name, got an empty one")
         path = Path(text)
         if suffixes is not None and path.suffix.lower() not in suffixes:
             raise argparse.ArgumentTypeError(

@@ -60,7 +60,8 @@ def read_checkpoint(path, map_location="cpu", trusted=False):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=not trusted)
     except Exception as e:  # a corrupt file fails anywhere in the unpickler, with any error type
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+        # torch words it "Unsupported global: GLOBAL m.f", or "unsupported GLOBAL m.f whose module m is blocked"
+        if isinstance(e, pickle.UnpicklingError) and "unsupported global" in str(e).lower():
             raise CheckpointError(
                 f"{path} contains pickled objects beyond tensors and plain containers, which are not loaded "
                 f"from untrusted files (from Python, read_checkpoint or load_checkpoint with trusted=True loads "
@@ -76,7 +77,7 @@ def _first_line(error):
     """The gist of torch.load's error: the line naming what the weights-only unpickler does not
     support (a global, an opcode), else the first line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "Unsupported " in line), lines[0] if lines else "")
+    return next((line for line in lines if "unsupported " in line.lower()), lines[0] if lines else "")
 
 
 def extract_state_dict(obj, key=None, source="checkpoint"):
@@ -100,9 +101,11 @@ def extract_state_dict(obj, key=None, source="checkpoint"):
                 f"{source} is neither a state_dict (name -> tensor) nor a training checkpoint with one of "
                 f"the keys {WEIGHT_KEYS}; its keys are {sorted(map(str, obj))[:20]}"
             )
-        sd = obj[found[0]]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{source}: the weights under {key!r} are not a name -> tensor mapping")
+        key = found[0]
+        sd = obj[key]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        where = f"the weights under {key!r}" if key is not None else "its weights"
+        raise CheckpointError(f"{source}: {where} are not a mapping of names (str) to tensors")
     # load_state_dict would cast integer or bool tensors into the float parameters without a word.
     not_float = [f"{k} ({v.dtype})" for k, v in sd.items() if not v.is_floating_point()]
     if not_float:

@@ -178,8 +178,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return (x.flip(-1) if flip else x), label
         raise UsageError(f"no image under {str(self.root)!r} is readable")
 
+    def check_readable(self):
+        """Before a run starts: a UsageError unless some image is readable (on healthy data, one read)."""
+        first = None
+        for i in range(len(self)):
+            try:
+                self.load(i)
+                return
+            except UnreadableImage as e:
+                first = first or e
+        raise UsageError(f"none of the {len(self)} images under {str(self.root)!r} is readable (the first: {first})")
+
     def readable(self):
         """[(index, image, label)] of every readable image; each unreadable one is skipped with a warning."""
+        self.check_readable()  # none readable: one error line, not a warning per file before it
         out = []
         for i in range(len(self)):
             try:
@@ -187,8 +199,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except UnreadableImage as e:
                 self.unreadable.add(i)
                 warn_unreadable(e, len(self.unreadable))
-        if not out:
-            raise UsageError(f"no image under {str(self.root)!r} is readable")
         return out
 
     def all_images(self):
@@ -217,7 +227,9 @@ def build_dataset(data, image_size, channels=None, flip=None):
         return DigitsDataset(image_size)
     if datasets.parse(data):
         return datasets.build(data, image_size, channels, flip)
-    return ImageFolderDataset(data, image_size, channels=channels or 3, flip=True if flip is None else flip)
+    folder = ImageFolderDataset(data, image_size, channels=channels or 3, flip=True if flip is None else flip)
+    folder.check_readable()  # now, not when a run has started and written its folder
+    return folder
 
 
 class ShardedBatches:

@@ -12,12 +12,14 @@ torchvision for feature extractors and datasets fastdit does not use (and torchv
 do not match the installed torch). So torch-fidelity installs with `pip install --no-deps`.
 """
 
+import argparse
 import importlib
 import importlib.util
 import math
 import os
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -226,9 +228,12 @@ def check_images(arr, source):
 
 
 def _open_npz(path, what):
+    with open(path, "rb") as f:  # np.load also unpickles, and reports any other bytes as a pickle
+        if not f.read(6).startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+            raise UsageError(f"{what} {path}: not an .npz file (a zip of .npy arrays, as np.savez writes)")
     try:
         f = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UsageError(f"{what} {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     if not isinstance(f, np.lib.npyio.NpzFile):  # np.load reads a .npy file as one bare array
         raise UsageError(
@@ -369,6 +374,16 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
     return out
 
 
+def _metric_list(text):
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in FEATURE_OF]
+    if unknown or not metrics:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}"
+        )
+    return metrics
+
+
 def add_arguments(p):
     p.add_argument("samples", help="sample .npz (arr_0: uint8 (N, H, W, 3), as `fastdit sample-ddp` writes)")
     p.add_argument(
@@ -378,7 +393,10 @@ def add_arguments(p):
         "the samples' size)",
     )
     p.add_argument(
-        "--metrics", default=",".join(METRICS), help=f"comma-separated, from {', '.join(METRICS)} (default: all)"
+        "--metrics",
+        type=_metric_list,
+        default=",".join(METRICS),
+        help=f"comma-separated, from {', '.join(METRICS)} (default: all)",
     )
     p.add_argument("--batch-size", type=_args.positive, default=200, help="images per Inception forward; default 200")
     p.add_argument(
@@ -410,12 +428,11 @@ def run(args):
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not Path(args.samples).is_file():
         raise UsageError(f"samples {args.samples!r} is not a file (give the .npz `fastdit sample-ddp` wrote)")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = pick_device(args.device, 0)
     samples = load_npz_images(args.samples)
     reference = Reference(args.ref, image_size=samples.shape[1])
     net = Inception(args.inception_weights).to(device)
-    results = evaluate(samples, reference, net, metrics, args.batch_size, device, progress=True)
+    results = evaluate(samples, reference, net, args.metrics, args.batch_size, device, progress=True)
     for name, value in results.items():
         print(f"{name:>9}: {value:.4f}")
     if args.out:

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from . import ops
+from . import _validate, ops
 from ._validate import check_positive_int
 
 # The DiT paper's block designs (its §3.2 and Figure 5): DiT(block=...). adaLN-Zero is DiT's own
@@ -36,6 +36,12 @@ ADAPTIVE = ("adaLN-Zero", "adaLN")
 #################################################################################
 #               Embedding layers for patches, timesteps and class labels        #
 #################################################################################
+
+
+def modulate(x, shift, scale):
+    """adaLN's modulation, x (N, T, D) * (1 + scale) + shift with shift, scale (N, D): the official helper
+    (the model runs it fused with its LayerNorm: ops.modulate_layer_norm)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def _is_positive_int(v):
@@ -464,8 +470,8 @@ class DiT(nn.Module):
         for name, v in (("x", x), ("t", t), ("y", y)):
             if v is not None:
                 _check_is_tensor(name, v)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or not len(x):
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W) with N >= 1, got shape {tuple(x.shape)}")
         p = self.patch_size
         H, W = x.shape[-2:]
         if H % p or W % p:
@@ -483,7 +489,7 @@ class DiT(nn.Module):
         if y is None:
             return H // p, W // p
         _check_per_sample("y", y, x, "class labels as int64 or int32", y.dtype in (torch.int64, torch.int32))
-        if len(y) and _can_read_values(y):
+        if len(y) and _validate.can_read_values(y):
             self._check_labels(y)
         return H // p, W // p
 
@@ -588,6 +594,8 @@ class DiT(nn.Module):
             raise ValueError(f"cfg_channels must be 'paper' or 'all', got {cfg_channels!r}")
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model; this one has num_classes=0")
+        if not isinstance(cfg_scale, (numbers.Real, torch.Tensor)) or isinstance(cfg_scale, bool):
+            raise TypeError(f"cfg_scale must be a number (or a tensor), got {type(cfg_scale).__name__}")
         if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {cfg_scale!r}")
         _check_is_tensor("x", x)
@@ -622,13 +630,6 @@ def _check_per_sample(name, v, x, kind, dtype_ok):
         raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
 
 
-def _can_read_values(t):
-    """Whether a check may read t's values: only on the CPU (on a GPU it is a device-to-host sync
-    per forward, and not capturable in a CUDA graph) and not while torch.compile traces (a
-    data-dependent branch breaks fullgraph)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 #################################################################################
 #                   Sine/cosine positional embedding                            #
 #################################################################################
@@ -641,18 +642,24 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False, extra_tokens=
     as in MAE and DiT.
     """
     gh, gw = _pair(grid_size, "grid_size")
-    grid_w, grid_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))  # (h, w) each
+    grid = np.stack(np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32)))  # (2, h, w)
+    emb = get_2d_sincos_pos_embed_from_grid(embed_dim, grid)  # (h*w, D)
+    if cls_token and extra_tokens > 0:
+        emb = np.concatenate([np.zeros([extra_tokens, embed_dim]), emb], axis=0)
+    return emb
+
+
+def get_2d_sincos_pos_embed_from_grid(embed_dim, grid):
+    """grid (2, ...): the column and the row coordinate of M positions -> (M, embed_dim), the first half
+    of the channels encoding grid[0], the second grid[1]."""
     if embed_dim % 4:
         raise ValueError(
             f"hidden_size must be a multiple of 4 for the 2-D sin-cos position embedding (sin and cos of each "
             f"axis take a quarter), got {embed_dim}"
         )
-    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_w)  # (h*w, D/2)
-    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_h)  # (h*w, D/2)
-    emb = np.concatenate([emb_w, emb_h], axis=1)  # (h*w, D)
-    if cls_token and extra_tokens > 0:
-        emb = np.concatenate([np.zeros([extra_tokens, embed_dim]), emb], axis=0)
-    return emb
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (M, D/2)
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # (M, D/2)
+    return np.concatenate([emb_w, emb_h], axis=1)  # (M, D)
 
 
 def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):

@@ -294,7 +294,7 @@ class Loaded:
     diffusion_steps: int  # of the training diffusion (DiT: 1000)
 
 
-def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=None, weights="ema", device="cpu"):
+def load_sampler_model(ckpt, model=None, image_size=None, num_classes=None, vae=None, weights="ema", device="cpu"):
     """A Loaded model (eval mode), its VAE and classes, from a fastdit checkpoint (or run folder), or an
     official one with --model/--image-size.
 
@@ -304,7 +304,9 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
         ckpt = find_checkpoint(ckpt, "--ckpt")
     obj = load_plain(ckpt, "--ckpt")
     ours = isinstance(obj, dict) and "model_config" in obj
-    if not ours:
+    if ours:
+        _check_agrees_with_checkpoint(obj, ckpt, model=model, image_size=image_size, num_classes=num_classes)
+    else:
         if model is None or image_size is None:
             raise UsageError(
                 f"{ckpt} holds no model config (an official DiT checkpoint?): give --model and --image-size"
@@ -320,7 +322,7 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
             )
     try:
         net = model_from_checkpoint(
-            obj, str(ckpt), model, weights, input_size=image_size and image_size // 8, num_classes=num_classes
+            obj, str(ckpt), model, weights, input_size=image_size and image_size // 8, num_classes=num_classes or 1000
         )
     except CheckpointError as e:
         raise UsageError(f"--ckpt: {e}") from e
@@ -343,6 +345,21 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=1000, vae=
     )
 
 
+def _check_agrees_with_checkpoint(obj, ckpt, **given):
+    """A fastdit checkpoint records its model: --model, --image-size or --num-classes given as well must agree."""
+    recorded = dict(
+        model=obj.get("model_name"),
+        image_size=obj.get("args", {}).get("image_size"),
+        num_classes=obj["model_config"].get("num_classes"),
+    )
+    for key, value in given.items():
+        if value is not None and recorded[key] is not None and value != recorded[key]:
+            raise UsageError(
+                f"--{key.replace('_', '-')} {value} contradicts {ckpt}, a fastdit checkpoint of {recorded[key]}: "
+                f"leave the flag out (it is for official checkpoints)"
+            )
+
+
 def add_common_arguments(p):
     p.add_argument(
         "--ckpt",
@@ -358,7 +375,7 @@ def add_common_arguments(p):
     p.add_argument(
         "--image-size", type=_args.positive, help="for official checkpoints: 256 or 512; default: the checkpoint's"
     )
-    p.add_argument("--num-classes", type=_args.positive, default=1000, help="for official checkpoints; default 1000")
+    p.add_argument("--num-classes", type=_args.positive, help="for official checkpoints; default 1000")
     p.add_argument(
         "--vae",
         help="VAE for latent models: ema | mse | a hub id | a local diffusers AutoencoderKL folder | "

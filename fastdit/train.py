@@ -308,16 +308,19 @@ def flag(key):
     return "--" + key.replace("_", "-")
 
 
-def merge_args(args, saved=None):
-    """The options given, else the resumed run's; a given one that contradicts the run is refused."""
+def merge_args(args, saved=None, model_config=None):
+    """The options given, else the resumed run's; a given one that contradicts the run is refused.
+    model_config: the run's model, for the values its options left to the data (num_classes None)."""
     a = argparse.Namespace(**vars(args))
     if saved is None:
         return a
     for key in KEPT_ON_RESUME:
-        given = getattr(a, key)
-        if given is not None and given != saved.get(key):
+        given, kept = getattr(a, key), saved.get(key)
+        if kept is None and model_config:
+            kept = model_config.get(key)
+        if given is not None and given != kept:
             raise UsageError(
-                f"{flag(key)} {given} contradicts the resumed run's {saved.get(key)}: a resumed run "
+                f"{flag(key)} {given} contradicts the resumed run's {kept}: a resumed run "
                 f"keeps it (start a new run, with another --out, to change it)"
             )
     regrouped = {k for group in GROUPS if any(getattr(a, k) is not None for k in group) for k in group}
@@ -355,6 +358,8 @@ def fill_defaults(a, num_items, input_size, world):
 def check_args(a, world, input_size):
     """What single flags cannot say (their values were checked when parsed): how they fit together."""
     check_model_name(a.model)
+    if a.fsdp and world == 1:  # fully_shard needs torchrun's process group, which one process does not join
+        raise UsageError("--fsdp shards over torchrun's processes: launch with torchrun --nproc_per_node=N, N >= 2")
     if a.global_batch_size % world:
         raise UsageError(
             f"--global-batch-size {a.global_batch_size} must be a multiple of the world size {world} "
@@ -590,7 +595,7 @@ class Trainer:
                     f"weights, start a new run)"
                 )
             saved = self.ckpt["args"]
-        a = self.args = merge_args(args, saved)
+        a = self.args = merge_args(args, saved, self.ckpt["model_config"] if self.ckpt else None)
         if a.vae and not (a.data or a.latents):
             raise UsageError("--vae needs --data (images encoded on the fly) or --latents (the VAE that decodes them)")
         if a.out is not None:

@@ -229,6 +229,8 @@ def load_vae(name, device="cpu", precision="fp32", revision=None):
     """A VAE by name -> codec: a fastdit VAE checkpoint file (`fastdit vae`), a local diffusers AutoencoderKL
     folder, a Hugging Face hub model id (owner/name, at `revision`), or DiT's shorthands ema | mse."""
     p = Path(name)
+    if revision is not None and p.exists():
+        raise UsageError(f"--vae-revision {revision} names a hub revision, but --vae {name} is a local file or folder")
     if p.is_dir():
         return DiffusersVAE(p, device, precision)
     if p.is_file():
@@ -341,6 +343,8 @@ def train_vae(args):
     dataset = build_dataset(args.data, args.image_size, channels=args.channels, flip=False)
     images = dataset.all_images()  # (N, C, S, S) in [-1, 1]
     out = Path(args.out or f"runs/vae-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "vae.pt").exists():  # latents encoded and runs trained with that VAE need it unchanged
+        raise UsageError(f"--out {out} holds another VAE ({out / 'vae.pt'}): give a new --out")
     torch.manual_seed(args.seed)
     vae = SmallVAE(images.shape[1], args.latent_channels, args.base_channels, args.downsample).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr)

@@ -102,8 +102,9 @@ class SyncTrap:
 
 @pytest.fixture
 def checks_as_on_a_gpu(monkeypatch):
-    """DiT.forward reads label values to check them only on CPU tensors, where that costs no sync (on a
-    GPU it does not read them): here, where everything is on the CPU, let it decide as on a GPU."""
-    from fastdit import models
+    """DiT.forward and training_losses read label and timestep values to check them only on CPU tensors,
+    where that costs no sync (on a GPU they do not read them): here, where everything is on the CPU,
+    let them decide as on a GPU."""
+    from fastdit import _validate
 
-    monkeypatch.setattr(models, "_can_read_values", lambda t: False)
+    monkeypatch.setattr(_validate, "can_read_values", lambda t: False)

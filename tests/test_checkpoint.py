@@ -2,6 +2,7 @@
 
 import argparse
 import collections
+import os
 import pickle
 import random
 
@@ -72,12 +73,26 @@ class Payload:  # an object a malicious pickle could carry
         return (print, ("executed",))
 
 
-def test_arbitrary_pickles_are_refused(tmp_path, weights, capsys):
+class BlockedPayload:  # a global from a module torch's unpickler blocks outright (its error is worded otherwise)
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+@pytest.mark.parametrize("payload", [Payload, BlockedPayload])
+def test_arbitrary_pickles_are_refused(tmp_path, weights, capsys, payload):
     path = tmp_path / "evil.pt"
-    torch.save({"ema": weights, "extra": Payload()}, path)
-    with pytest.raises(CheckpointError, match="trusted=True"):
+    torch.save({"ema": weights, "extra": payload()}, path)
+    with pytest.raises(CheckpointError, match="contains pickled objects .* trusted=True"):
         load_checkpoint(str(path), small())
     assert "executed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [{0: 1.0}, {"ema": {"a": {"b": 1}}}], ids=["int_keys", "nested"])
+def test_weights_that_are_no_name_to_tensor_mapping(tmp_path, bad):
+    path = tmp_path / "w.pt"
+    torch.save({k: torch.full((1,), v) if isinstance(v, float) else v for k, v in bad.items()}, path)
+    with pytest.raises(CheckpointError, match=r"(its weights|the weights under 'ema') are not a mapping of names"):
+        load_checkpoint(str(path), small())
 
 
 NOT_CHECKPOINTS = {

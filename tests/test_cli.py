@@ -47,6 +47,8 @@ def files(tmp_path_factory):
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "rgb" / cls / f"{i}.png")
     (root / "empty").mkdir()
+    (root / "broken" / "a").mkdir(parents=True)
+    (root / "broken" / "a" / "0.png").write_bytes(b"not a png")
     (root / "junk.pt").write_bytes(os.urandom(256))
     (root / "plain.txt").write_text("not a folder")
     torch.save(
@@ -102,6 +104,8 @@ INVALID = [
     ("train --frobnicate", "unrecognized arguments: --frobnicate"),
     ("train --out {F}/plain.txt", "argument --out: '{F}/plain.txt' is a folder to write into, but"),
     ("train --out {F}/plain.txt/run", "argument --out"),
+    ("train --out=", "argument --out: expected a folder, got an empty name"),
+    ("train --fsdp --steps 1", "--fsdp shards over torchrun's processes: launch with torchrun"),
     # train: flags that must fit together, the data and the run folder
     (
         "train --model DiT-Tiny/2 --image-size 9",
@@ -117,6 +121,7 @@ INVALID = [
     ("train --data /no/such/folder", "data path '/no/such/folder' does not exist"),
     ("train --data {F}/plain.txt", "is not a folder"),
     ("train --data {F}/empty", "holds no class sub-folders"),
+    ("train --data {F}/broken", "none of the 1 images under '{F}/broken' is readable (the first: {F}/broken/a/0.png: "),
     ("train --latents /no/latents", "latents folder '/no/latents' does not exist"),
     ("train --latents {F}/run/checkpoints/0000002.pt", "is a file, not a folder"),
     ("train --latents {F}/empty", "has no manifest.json"),
@@ -134,6 +139,7 @@ INVALID = [
     ("train --resume {F}/run --seed 3", "--seed 3 contradicts"),
     ("train --resume {F}/run --diffusion-steps 500", "--diffusion-steps 500 contradicts"),
     ("train --resume {F}/run --class-dropout-prob 0.2", "--class-dropout-prob 0.2 contradicts"),
+    ("train --resume {F}/run --num-classes 5", "--num-classes 5 contradicts the resumed run's 10"),
     ("train --resume {F}/run --data {F}/rgb --steps 3", "this data makes a model with in_channels 3 (checkpoint: 1)"),
     (
         "train --deterministic --steps 1",
@@ -171,10 +177,15 @@ INVALID = [
     ("sample --ckpt {F}/run --per-class 0", "argument --per-class"),
     ("sample --ckpt {F}/run --out grid.jpeg2", "argument --out: 'grid.jpeg2': the grid is written as .png or .jpg"),
     ("sample --ckpt {F}/run --out grid", "argument --out"),
+    ("sample --ckpt {F}/run --out=", "argument --out: expected a file name, got an empty one"),
     ("sample --ckpt {F}/run --out {F}/plain.txt/grid.png", "is a folder to write into, but '{F}/plain.txt' is a file"),
     ("sample --ckpt {F}/run --image-size 0", "argument --image-size"),
     ("sample --ckpt {F}/run --num-classes 0", "argument --num-classes"),
     ("sample --ckpt {F}/run --model DiT-XXL/2", "argument --model"),
+    # a fastdit checkpoint records its model: these flags (for official checkpoints) must agree with it
+    ("sample --ckpt {F}/run --image-size 16", "--image-size 16 contradicts {F}/run/checkpoints/0000002.pt, a "),
+    ("sample --ckpt {F}/run --model DiT-S/2", "--model DiT-S/2 contradicts {F}/run/checkpoints/0000002.pt, a "),
+    ("sample-ddp --ckpt {F}/run --num-classes 5", "--num-classes 5 contradicts"),
     ("sample --ckpt {F}/run --weights best", "argument --weights"),
     # sample-ddp
     ("sample-ddp --ckpt {F}/run --num-samples 0", "argument --num-samples"),
@@ -206,7 +217,9 @@ INVALID = [
     ("vae --log-every 0", "argument --log-every"),
     ("vae --seed -3", "argument --seed"),
     ("vae --out {F}/plain.txt", "argument --out"),
+    ("vae --out {F}/vae", "--out {F}/vae holds another VAE ({F}/vae/vae.pt): give a new --out"),
     ("vae --data /no/such/folder", "data path '/no/such/folder' does not exist"),
+    ("vae --data {F}/broken", "none of the 1 images under '{F}/broken' is readable"),
     # latents
     ("latents --out x.pt", "the following arguments are required: --vae"),
     ("latents --vae {F}/vae/vae.pt", "the following arguments are required: --out"),
@@ -219,6 +232,7 @@ INVALID = [
     ),
     ("latents --vae {F}/vae/vae.pt --out {F}/run", "--out {F}/run is a folder with other files in it"),
     ("latents --vae {F}/vae/vae.pt --out x --chunk-size 0", "argument --chunk-size"),
+    ("latents --vae {F}/vae/vae.pt --vae-revision main --out x", "--vae-revision main names a hub revision, but"),
     ("latents --vae {F}/vae/vae.pt --out x --num-workers -1", "argument --num-workers"),
     ("latents --vae {F}/vae/vae.pt --out x --dtype float8", "argument --dtype: invalid choice"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --image-size 0", "argument --image-size"),
@@ -230,10 +244,14 @@ INVALID = [
     ("latents --vae {F}/vae/vae.pt --out x.pt --seed -1", "argument --seed"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --flips sideways", "argument --flips: invalid choice"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --data /no/such", "data path '/no/such' does not exist"),
+    ("latents --vae {F}/vae/vae.pt --out x --data {F}/broken", "none of the 1 images under '{F}/broken' is readable"),
     # fid
     ("fid /no/samples.npz /no/ref.npz", "samples '/no/samples.npz' is not a file"),
     ("fid", "the following arguments are required: samples, ref"),
     ("fid a.npz b.npz --batch-size 0", "argument --batch-size"),
+    ("fid a.npz b.npz --metrics fid,xyz", "argument --metrics: unknown metric(s) xyz; choose from fid, sfid"),
+    ("fid a.npz b.npz --metrics=", "argument --metrics: unknown metric(s) (none given)"),
+    ("fid {F}/junk.pt {F}/junk.pt", "samples {F}/junk.pt: not an .npz file"),  # not 'contains pickled data'
     ("fid a.npz b.npz --out scores.txt", "argument --out: 'scores.txt': the numbers is written as .json"),
     # the command itself
     ("frobnicate", "invalid choice: 'frobnicate' (choose from 'train', 'sample'"),

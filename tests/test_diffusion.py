@@ -263,6 +263,15 @@ def test_model_output_shape_errors():
         diffusion.training_losses(wrong, x, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="t must have shape"):
         diffusion.p_mean_variance(wrong, x, torch.tensor([1]))
+    for t, error, match in [
+        ([1, 2], ValueError, r"t must have shape \(B,\) = \(2,\), got \(\)"),  # a list, not a tensor
+        (torch.tensor([1]), ValueError, r"t must have shape \(B,\) = \(2,\), got \(1,\)"),  # would broadcast
+        (torch.tensor([0.5, 2.0]), TypeError, "t must hold integer timesteps, got torch.float32"),
+        (torch.tensor([-1, 2]), ValueError, r"t must be in \[0, 10\), got values in \[-1, 2\]"),  # would wrap
+        (torch.tensor([3, 10]), ValueError, r"t must be in \[0, 10\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            diffusion.training_losses(wrong, x, t)
     with pytest.raises(TypeError, match="shape"):
         diffusion.p_sample_loop(wrong, "2,3,4,4", device="cpu")
 

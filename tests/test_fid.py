@@ -139,9 +139,10 @@ def test_image_and_reference_files_give_clear_errors(tmp_path):
         with pytest.raises(UsageError, match=message):
             fid.load_npz_images(write_npz(tmp_path / "x.npz", **arrays))
     assert fid.load_npz_images(write_npz(tmp_path / "g.npz", arr_0=imgs[..., :1])).shape == (4, 8, 8, 3)  # gray -> RGB
-    (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(UsageError, match="not a readable .npz file"):
-        fid.load_npz_images(tmp_path / "junk.npz")
+    for junk, message in [(b"junk", "not an .npz file"), (b"PK\x03\x04junk", "not a readable .npz file")]:
+        (tmp_path / "junk.npz").write_bytes(junk)
+        with pytest.raises(UsageError, match=message):
+            fid.load_npz_images(tmp_path / "junk.npz")
     np.save(tmp_path / "bare.npy", imgs)
     for read in (fid.load_npz_images, fid.Reference):
         with pytest.raises(UsageError, match=r"bare.npy: a .npy array, not a .npz archive"):

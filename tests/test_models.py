@@ -4,11 +4,12 @@ against the official model's own numbers (tests/model_golden.py) and the indepen
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import fastdit
-from fastdit import DiT, DiT_models, ops
+from fastdit import DiT, DiT_models, models, ops
 from fastdit.models import get_2d_sincos_pos_embed
 from fastdit.reference_model import ReferenceDiT, reference_DiT_models, timestep_embedding
 from tests import model_golden
@@ -228,6 +229,18 @@ def test_sincos_pos_embed_layout():
     torch.testing.assert_close(torch.from_numpy(emb[2, 4:]), torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
 
 
+def test_official_module_level_names_exist():
+    """What `from models import ...` finds in the official models.py, fastdit.models has too."""
+    official = ["DiT", "DiTBlock", "FinalLayer", "LabelEmbedder", "TimestepEmbedder", "modulate", "DiT_models"]
+    official += ["get_2d_sincos_pos_embed", "get_2d_sincos_pos_embed_from_grid", "get_1d_sincos_pos_embed_from_grid"]
+    official += [f"DiT_{size}_{p}" for size in ("XL", "L", "B", "S") for p in (2, 4, 8)]
+    assert [name for name in official if not hasattr(models, name)] == []
+    x, shift, scale = torch.randn(3, 5, 8), torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(models.modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
+    grid = np.stack(np.meshgrid(np.arange(3.0), np.arange(2.0)))  # (2, h, w): columns, then rows
+    np.testing.assert_array_equal(models.get_2d_sincos_pos_embed_from_grid(8, grid), get_2d_sincos_pos_embed(8, (2, 3)))
+
+
 def test_label_dropout_uses_null_class():
     model = small(class_dropout_prob=1.0)
     emb = model.y_embedder(torch.tensor([1, 2]), train=True)
@@ -279,6 +292,7 @@ T2, Y2 = torch.tensor([1, 500]), torch.tensor([3, 7])
         (X2.numpy(), T2, Y2, TypeError, "x must be a torch.Tensor"),
         (X2.double(), T2, Y2, TypeError, "x is torch.float64 but the model's weights are torch.float32"),
         (X2.long(), T2, Y2, TypeError, "x is torch.int64"),
+        (X2[:0], T2[:0], Y2[:0], ValueError, r"x must be \(N, 4, H, W\) with N >= 1, got shape \(0, 4, 8, 8\)"),
         (X2, T2[:1], Y2, ValueError, r"t must be \(2,\)"),
         (X2, T2[:, None], Y2, ValueError, r"t must be \(2,\)"),
         (X2, T2, Y2[:1], ValueError, r"y must be \(2,\)"),  # would broadcast over the batch
@@ -315,11 +329,15 @@ def test_forward_accepts_what_the_official_model_does():
 
 
 @pytest.mark.parametrize(
-    "x, scale, match",
-    [(torch.randn(3, 4, 8, 8), 4.0, "even batch"), (torch.randn(2, 4, 8, 8), float("nan"), "cfg_scale must be finite")],
+    "x, scale, error, match",
+    [
+        (torch.randn(3, 4, 8, 8), 4.0, ValueError, "even batch"),
+        (torch.randn(2, 4, 8, 8), float("nan"), ValueError, "cfg_scale must be finite"),
+        (torch.randn(2, 4, 8, 8), "4", TypeError, "cfg_scale must be a number"),
+    ],
 )
-def test_bad_forward_with_cfg_inputs(x, scale, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_forward_with_cfg_inputs(x, scale, error, match):
+    with pytest.raises(error, match=match):
         small().forward_with_cfg(x, torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.long), scale)
 
 

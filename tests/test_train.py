@@ -90,8 +90,11 @@ def test_resume_options_and_errors(tmp_path):
         train.main(["--resume", str(tmp_path)])
     with pytest.raises(_util.UsageError, match="--global-batch-size 32 contradicts the resumed run's 16"):
         train.main(["--resume", run.out, "--global-batch-size", "32", "--steps", "3"])
-    # Options given again win over the stored ones; the rest come from the checkpoint.
-    more = train.main(["--resume", run.checkpoint, "--steps", "3", "--log-every", "1"])
+    with pytest.raises(_util.UsageError, match="--num-classes 5 contradicts the resumed run's 10"):
+        train.main(["--resume", run.out, "--num-classes", "5", "--steps", "3"])  # the run's 10: the data's
+    # Options given again win over the stored ones (restating a kept one is no contradiction); the
+    # rest come from the checkpoint.
+    more = train.main(["--resume", run.checkpoint, "--steps", "3", "--log-every", "1", "--num-classes", "10"])
     assert len(more.losses) == 1 and more.out == run.out
     stored = torch.load(more.checkpoint, weights_only=True)["args"]
     assert stored["steps"] == 3 and stored["log_every"] == 1 and stored["global_batch_size"] == 16

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from .. import _validate
 from .diffusion_utils import discretized_gaussian_log_likelihood, normal_kl
 
 _LN2 = math.log(2.0)  # nats -> bits
@@ -239,8 +240,7 @@ class GaussianDiffusion:
         """
         if model_kwargs is None:
             model_kwargs = {}
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        self._check_timesteps(t, x)
         model_output = self._wrap_model(model)(x, t, **model_kwargs)
         extra = None
         if isinstance(model_output, tuple):
@@ -248,6 +248,16 @@ class GaussianDiffusion:
         out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
         out["extra"] = extra
         return out
+
+    def _check_timesteps(self, t, x):
+        """t: (B,) integer steps in [0, num_timesteps), one per sample of x (its values checked where
+        reading them is free: _validate.can_read_values)."""
+        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(getattr(t, 'shape', ()))}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must hold integer timesteps, got {t.dtype}")
+        if len(t) and _validate.can_read_values(t) and not 0 <= int(t.min()) <= int(t.max()) < self.num_timesteps:
+            raise ValueError(f"t must be in [0, {self.num_timesteps}), got values in [{int(t.min())}, {int(t.max())}]")
 
     def _split_learned_variance(self, model_output, x):
         """(mean part, variance part) of a learned-variance output with 2C channels."""
@@ -511,6 +521,7 @@ class GaussianDiffusion:
         """
         if model_kwargs is None:
             model_kwargs = {}
+        self._check_timesteps(t, x_start)
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)

@@ -5,8 +5,8 @@
 /path/to/DiT is a directory holding the official `diffusion/` package (facebookresearch/DiT:
 diffusion/__init__.py, gaussian_diffusion.py, respace.py, diffusion_utils.py; they need only numpy
 and torch). It is imported from there and never committed here. The committed fixture was made
-from the files of facebookresearch/DiT at commit OFFICIAL_COMMIT (below; code lines copied verbatim
-from a stored copy of that commit, docstrings left out), on CPU, with the torch version recorded in
+from facebookresearch/DiT at commit OFFICIAL_COMMIT (below; its diffusion/ is unchanged since the
+initial commit), on CPU, with the torch version recorded in
 the fixture's metadata. On that machine fastdit reproduced every number bit for bit.
 
 The cases below are also what tests/test_diffusion.py runs against fastdit: each case takes a
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-OFFICIAL_COMMIT = "50142678f6f560a615b01be362c4dad7e954d74a"
+OFFICIAL_COMMIT = "ed81ce2229091fd4ecc9a223645f95cf379d582b"
 C, H, W, NUM_CLASSES = 3, 8, 8, 4
 
 
@@ -148,6 +148,9 @@ CASES = {
     "train_kl_fixed_large": _training_case(dict(_ALL, use_kl=True, learn_sigma=False)),
     "train_cosine": _training_case(dict(_ALL, noise_schedule="squaredcos_cap_v2")),
     "train_spaced": _training_case(dict(timestep_respacing="10")),
+    # the loss rescalings by num_timesteps: the spaced count, not 1000 (where they would be no-ops)
+    "train_rescaled_mse_spaced": _training_case(dict(timestep_respacing="25", rescale_learned_sigmas=True)),
+    "train_kl_ddim_spaced": _training_case(dict(timestep_respacing="ddim25", use_kl=True, diffusion_steps=500)),
     "train_float64": _training_case(_ALL, dtype=torch.float64),
     # sampling from torch.manual_seed with noise=None: DDPM, DDIM, respacing, guidance hooks
     "ddpm_50": _sampling_case(dict(_ALL, diffusion_steps=50)),
