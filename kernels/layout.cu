@@ -9,6 +9,10 @@
 // elements, through shared memory, so both global sides are read and written in their own order:
 // the image side along image rows, the token side along each token's features (16-byte accesses
 // where alignment allows, else element by element; images may have any strides).
+//
+// Each op's direction compiles under its name (as the Triton kernels do, fastdit/ops/_layout.py),
+// so a profiler trace says which op ran: patchify = to tokens, features (c, i, j), its backward to
+// the image; unpatchify = to the image, features (i, j, c), its backward to tokens.
 #include <algorithm>
 
 #include "common.cuh"
@@ -27,7 +31,7 @@ struct LayoutParams {
   int64_t st_b, st_t;
   int C, p, w, F;
   int NH, TW, tiles_h, tiles_w;  // tile extent in grid rows and columns; tiles per image
-  bool channels_last, to_image, vec_image, vec_tokens;
+  bool vec_image, vec_tokens;
 };
 
 // The tile's geometry for this block.
@@ -70,7 +74,7 @@ __device__ __forceinline__ void image_side(E* tile, E* img, const LayoutParams& 
 
 // Between the tokens and the tile: each access covers WIDTH consecutive features of one token,
 // whose (c, i, j) are stepped along instead of divided out per word.
-template <bool TO_IMAGE, int WIDTH, typename E>
+template <bool TO_IMAGE, bool CHANNELS_LAST, int WIDTH, typename E>
 __device__ __forceinline__ void token_side(E* tile, E* tok, const LayoutParams& q, const Tile& t) {
   using Access = typename std::conditional<WIDTH == 1, E, uint4>::type;
   const int per_token = q.F / WIDTH, n = t.nh * t.ntw * per_token, p = q.p;
@@ -79,7 +83,7 @@ __device__ __forceinline__ void token_side(E* tile, E* tok, const LayoutParams& 
     const int hh = token / t.ntw, tw = token % t.ntw;
     auto* g = reinterpret_cast<Access*>(tok + (int64_t(hh) * q.w + tw) * q.st_t + f);
     int c, i, j;
-    if (q.channels_last) {
+    if (CHANNELS_LAST) {
       c = f % q.C; j = f / q.C % p; i = f / (q.C * p);
     } else {
       c = f / (p * p); i = f / p % p; j = f % p;
@@ -94,7 +98,7 @@ __device__ __forceinline__ void token_side(E* tile, E* tok, const LayoutParams& 
         s = word[e];
       else
         word[e] = s;
-      if (q.channels_last) {
+      if (CHANNELS_LAST) {
         if (++c == q.C) { c = 0; if (++j == p) { j = 0; ++i; } }
       } else {
         if (++j == p) { j = 0; if (++i == p) { i = 0; ++c; } }
@@ -104,31 +108,60 @@ __device__ __forceinline__ void token_side(E* tile, E* tok, const LayoutParams& 
   }
 }
 
-template <bool TO_IMAGE, typename E>
+template <bool TO_IMAGE, bool CHANNELS_LAST, typename E>
 __device__ __forceinline__ void move(E* tile, E* img, E* tok, const LayoutParams& q, const Tile& t) {
   constexpr int kVec = 16 / sizeof(E);
   if (TO_IMAGE) {
-    if (q.vec_tokens) token_side<true, kVec>(tile, tok, q, t); else token_side<true, 1>(tile, tok, q, t);
+    if (q.vec_tokens)
+      token_side<true, CHANNELS_LAST, kVec>(tile, tok, q, t);
+    else
+      token_side<true, CHANNELS_LAST, 1>(tile, tok, q, t);
     __syncthreads();
     if (q.vec_image) image_side<true, kVec>(tile, img, q, t); else image_side<true, 1>(tile, img, q, t);
   } else {
     if (q.vec_image) image_side<false, kVec>(tile, img, q, t); else image_side<false, 1>(tile, img, q, t);
     __syncthreads();
-    if (q.vec_tokens) token_side<false, kVec>(tile, tok, q, t); else token_side<false, 1>(tile, tok, q, t);
+    if (q.vec_tokens)
+      token_side<false, CHANNELS_LAST, kVec>(tile, tok, q, t);
+    else
+      token_side<false, CHANNELS_LAST, 1>(tile, tok, q, t);
   }
 }
 
-template <typename E>
-__global__ void __launch_bounds__(kThreads) layout_kernel(const LayoutParams q, int h) {
+template <bool TO_IMAGE, bool CHANNELS_LAST, typename E>
+__device__ __forceinline__ void layout(const LayoutParams& q, int h) {
   FASTDIT_DYNAMIC_SHARED(smem);
   const Tile t = tile_of_block(q, h);
   E* img = static_cast<E*>(q.image) + t.b * q.si_b + int64_t(t.th0) * q.p * q.si_h + int64_t(t.tw0) * q.p * q.si_w;
   E* tok = static_cast<E*>(q.tokens) + t.b * q.st_b + (int64_t(t.th0) * q.w + t.tw0) * q.st_t;
-  E* tile = reinterpret_cast<E*>(smem);
-  if (q.to_image)
-    move<true>(tile, img, tok, q, t);
-  else
-    move<false>(tile, img, tok, q, t);
+  move<TO_IMAGE, CHANNELS_LAST>(reinterpret_cast<E*>(smem), img, tok, q, t);
+}
+
+// The kernels, by op (E: the 2- or 4-byte word every dtype is moved as).
+template <typename E>
+__global__ void __launch_bounds__(kThreads) patchify_fwd_kernel(const LayoutParams q, int h) {
+  layout<false, false, E>(q, h);
+}
+template <typename E>
+__global__ void __launch_bounds__(kThreads) patchify_bwd_kernel(const LayoutParams q, int h) {
+  layout<true, false, E>(q, h);
+}
+template <typename E>
+__global__ void __launch_bounds__(kThreads) unpatchify_fwd_kernel(const LayoutParams q, int h) {
+  layout<true, true, E>(q, h);
+}
+template <typename E>
+__global__ void __launch_bounds__(kThreads) unpatchify_bwd_kernel(const LayoutParams q, int h) {
+  layout<false, true, E>(q, h);
+}
+
+using LayoutKernel = void (*)(LayoutParams, int);
+
+// The kernel of the op whose direction and feature order these are, for E.
+template <typename E>
+LayoutKernel op_kernel(bool to_image, bool channels_last) {
+  if (channels_last) return to_image ? unpatchify_fwd_kernel<E> : unpatchify_bwd_kernel<E>;
+  return to_image ? patchify_bwd_kernel<E> : patchify_fwd_kernel<E>;
 }
 
 bool aligned16(const void* p, std::initializer_list<int64_t> strides, int esize) {
@@ -176,10 +209,11 @@ extern "C" int fastdit_layout(void* image, const int64_t* si, void* tokens, cons
 
   const LayoutParams q{image, si[0], si[1], si[2], si[3], tokens, st[0], st[1],
                        int(C), int(p), int(w), int(F), int(NH), int(TW), int(tiles_h), int(tiles_w),
-                       channels_last != 0, to_image != 0, vec_image, vec_tokens};
+                       vec_image, vec_tokens};
   const size_t smem = tile_words * esize;
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, round_up(ceil_div(tile_words, words), kWarp)));
-  const auto kernel = esize == 4 ? layout_kernel<uint32_t> : layout_kernel<uint16_t>;
+  const LayoutKernel kernel = esize == 4 ? op_kernel<uint32_t>(to_image, channels_last)
+                                         : op_kernel<uint16_t>(to_image, channels_last);
   if (smem > 48 * 1024) {  // one token of more than 48 KB (F up to 16384 fp32 words): ask for it
     const auto attribute = cudaFuncAttributeMaxDynamicSharedMemorySize;
     if (cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attribute, int(smem)) != cudaSuccess)

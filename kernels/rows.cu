@@ -15,7 +15,11 @@
 // thread owning columns tid, tid + threads, ... (coalesced element by element).
 //
 // The backward writes each block's partial sums once to a (n_sums, B, chunks, D) fp32 buffer;
-// sum_chunks then adds the chunks of each column in a fixed order: deterministic, no atomics.
+// a second kernel then adds the chunks of each column in a fixed order: deterministic, no atomics.
+//
+// Each op's kernels carry its name (modulate_layer_norm_fwd_kernel, ..., as the Triton kernels
+// compile), so a profiler trace says which op ran: thin __global__ wrappers over the shared
+// __device__ bodies, which the op's flags (RES: residual, NORM: LayerNorm) specialise.
 #include <algorithm>
 
 #include "common.cuh"
@@ -186,7 +190,7 @@ struct FwdParams {
 };
 
 template <bool RES, bool NORM, typename TA, bool VEC>
-__global__ void __launch_bounds__(kMaxThreads, 1) rows_forward(const FwdParams p) {
+__device__ __forceinline__ void rows_fwd(const FwdParams& p) {
   constexpr int R = rows_per_iteration(VEC);
   const Cols<VEC> c{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), p.D};
   const int64_t b = static_cast<int>(blockIdx.x) / p.chunks;
@@ -255,7 +259,7 @@ struct BwdParams {
 };
 
 template <bool RES, bool NORM, typename TA, bool VEC>
-__global__ void __launch_bounds__(kMaxThreads, 1) rows_backward(const BwdParams p) {
+__device__ __forceinline__ void rows_bwd(const BwdParams& p) {
   constexpr int R = rows_per_iteration(VEC);
   const Cols<VEC> c{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), p.D};
   const int64_t b = static_cast<int>(blockIdx.x) / p.chunks, chunk = static_cast<int>(blockIdx.x) % p.chunks;
@@ -347,7 +351,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rows_backward(const BwdParams 
 
 // sums[k, d] = partial[k, 0, d] + partial[k, 1, d] + ... in chunk order, for rows k < n_rows:
 // blocks along x cover the D columns, along y the rows.
-__global__ void sum_chunks(const float* partial, float* sums, int64_t n_rows, int chunks, int D) {
+__device__ __forceinline__ void sum_chunks(const float* partial, float* sums, int64_t n_rows, int chunks, int D) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x;
   if (d >= D) return;
   for (int64_t k = blockIdx.y; k < n_rows; k += gridDim.y) {
@@ -358,17 +362,67 @@ __global__ void sum_chunks(const float* partial, float* sums, int64_t n_rows, in
   }
 }
 
+// ---- kernels, by op --------------------------------------------------------------------------
+
+template <typename TA, bool VEC>
+__global__ void __launch_bounds__(kMaxThreads, 1) modulate_layer_norm_fwd_kernel(const FwdParams p) {
+  rows_fwd<false, true, TA, VEC>(p);
+}
+template <typename TA, bool VEC>
+__global__ void __launch_bounds__(kMaxThreads, 1) modulate_layer_norm_bwd_kernel(const BwdParams p) {
+  rows_bwd<false, true, TA, VEC>(p);
+}
+template <typename TA, bool VEC>
+__global__ void __launch_bounds__(kMaxThreads, 1) gated_residual_fwd_kernel(const FwdParams p) {
+  rows_fwd<true, false, TA, VEC>(p);
+}
+template <typename TA, bool VEC>
+__global__ void __launch_bounds__(kMaxThreads, 1) gated_residual_bwd_kernel(const BwdParams p) {
+  rows_bwd<true, false, TA, VEC>(p);
+}
+template <typename TA, bool VEC>
+__global__ void __launch_bounds__(kMaxThreads, 1) gated_residual_modulate_layer_norm_fwd_kernel(const FwdParams p) {
+  rows_fwd<true, true, TA, VEC>(p);
+}
+template <typename TA, bool VEC>
+__global__ void __launch_bounds__(kMaxThreads, 1) gated_residual_modulate_layer_norm_bwd_kernel(const BwdParams p) {
+  rows_bwd<true, true, TA, VEC>(p);
+}
+
+// The backward's second stage, under each op's name.
+__global__ void modulate_layer_norm_bwd_reduce_kernel(const float* partial, float* sums, int64_t n_rows, int chunks,
+                                                      int D) {
+  sum_chunks(partial, sums, n_rows, chunks, D);
+}
+__global__ void gated_residual_bwd_reduce_kernel(const float* partial, float* sums, int64_t n_rows, int chunks, int D) {
+  sum_chunks(partial, sums, n_rows, chunks, D);
+}
+__global__ void gated_residual_modulate_layer_norm_bwd_reduce_kernel(const float* partial, float* sums,
+                                                                     int64_t n_rows, int chunks, int D) {
+  sum_chunks(partial, sums, n_rows, chunks, D);
+}
+
 // ---- host ----------------------------------------------------------------------------------
 
-// Kernel families, so one selector serves both directions.
+// Kernel families, so one selector serves both directions: the kernel of the op that the flags name.
 struct Forward {
   template <bool RES, bool NORM, typename TA, bool VEC>
-  static constexpr void (*kernel)(FwdParams) = rows_forward<RES, NORM, TA, VEC>;
+  static constexpr void (*kernel)(FwdParams) =
+      !RES ? modulate_layer_norm_fwd_kernel<TA, VEC>
+           : !NORM ? gated_residual_fwd_kernel<TA, VEC> : gated_residual_modulate_layer_norm_fwd_kernel<TA, VEC>;
 };
 struct Backward {
   template <bool RES, bool NORM, typename TA, bool VEC>
-  static constexpr void (*kernel)(BwdParams) = rows_backward<RES, NORM, TA, VEC>;
+  static constexpr void (*kernel)(BwdParams) =
+      !RES ? modulate_layer_norm_bwd_kernel<TA, VEC>
+           : !NORM ? gated_residual_bwd_kernel<TA, VEC> : gated_residual_modulate_layer_norm_bwd_kernel<TA, VEC>;
 };
+
+using ReduceKernel = void (*)(const float*, float*, int64_t, int, int);
+ReduceKernel reduce_kernel(bool res, bool norm) {
+  if (!res) return modulate_layer_norm_bwd_reduce_kernel;
+  return norm ? gated_residual_modulate_layer_norm_bwd_reduce_kernel : gated_residual_bwd_reduce_kernel;
+}
 
 template <typename K, bool RES, bool NORM, typename TA>
 auto by_alignment(bool vec) {
@@ -496,6 +550,7 @@ extern "C" int fastdit_rows_backward(const fastdit_rows_tensor* grad_out, const 
   const int64_t n_rows = ((norm ? 2 : 0) + (res ? 1 : 0)) * B;
   constexpr int kThreads = 128;
   const dim3 grid(static_cast<unsigned>(ceil_div(D, kThreads)), static_cast<unsigned>(std::min<int64_t>(n_rows, 65535)));
-  launch(sum_chunks, grid, kThreads, 0, stream, partial, sums, n_rows, static_cast<int>(chunks), static_cast<int>(D));
+  launch(reduce_kernel(res, norm), grid, kThreads, 0, stream, partial, sums, n_rows, static_cast<int>(chunks),
+         static_cast<int>(D));
   return launch_status();
 }

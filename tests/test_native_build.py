@@ -2,6 +2,7 @@
 code (no spills, no local memory, on sm_80 and on sm_90), the build switches, and the loader's and
 the cuda backend's errors. The kernels' results: the `cuda` cases of the op tests."""
 
+import collections
 import os
 import re
 import shutil
@@ -13,12 +14,35 @@ import pytest
 import torch
 
 from fastdit import ops
-from fastdit.ops import _dispatch, _native
+from fastdit.ops import _dispatch, _layout, _native, _rows
 from tests.native_helpers import ROOT, build, built_library, emulated_library, require, use_emulated_native
 
-# Kernels the library must hold for each architecture (C++ names, demangled enough to match).
-KERNEL_COUNTS = {"rows_forward": 18, "rows_backward": 18, "sum_chunks": 1, "layout_kernel": 2}
+# The ops with native kernels; every kernel carries its op's name (as the Triton kernels do).
+ROW_OPS = tuple(_rows.OP_OF_FLAGS.values())
+NATIVE_OPS = (*ROW_OPS, "patchify", "unpatchify")
+KERNEL_NAME = re.compile(rf"({'|'.join(NATIVE_OPS)})_(fwd|bwd)_(\w+_)?kernel")
+# Kernels the library must hold for each architecture, by name: the Triton kernels' names, and the
+# row backwards' second stage (the deterministic sum of the partial sums).
+KERNEL_COUNTS = {
+    **{f"{op}_{way}_kernel": 6 for op in ROW_OPS for way in ("fwd", "bwd")},  # 3 dtypes x aligned or not
+    **{f"{op}_bwd_reduce_kernel": 1 for op in ROW_OPS},
+    **{name: 2 for name in _layout.KERNEL_NAMES.values()},  # 2- and 4-byte words
+}
 ARCHS = ("sm_80", "sm_90")
+
+
+def kernel_name(symbol):
+    """A kernel's unqualified C++ name from its mangled symbol, e.g.
+    _ZN7fastdit41_GLOBAL__N__9f66f7de_9_layout_cu_355d937619patchify_fwd_kernelIjEEvNS0_12LayoutParamsEi
+    -> patchify_fwd_kernel
+    (the last of the <length><identifier> names after _ZN); an unmangled symbol as it is."""
+    if not symbol.startswith("_ZN"):
+        return symbol
+    pos, name = 3, symbol
+    while m := re.match(r"\d+", symbol[pos:]):
+        pos += m.end()
+        name, pos = symbol[pos : pos + int(m.group())], pos + int(m.group())
+    return name
 
 
 def cuobjdump():
@@ -68,12 +92,16 @@ def test_built_code_has_no_spills_and_no_local_memory(library):
     assert "sm_90" in ptx, f"no compute_90 PTX in {library} (newer GPUs compile it at load)"
     for arch in ARCHS:
         kernels = usage.get(arch, {})
-        counts = {family: sum(family in k for k in kernels) for family in KERNEL_COUNTS}
-        assert counts == KERNEL_COUNTS, f"{arch}: kernels by family {counts}, expected {KERNEL_COUNTS}"
-        for name, u in kernels.items():
+        names = {symbol: kernel_name(symbol) for symbol in kernels}
+        unnamed = sorted(name for name in names.values() if not KERNEL_NAME.fullmatch(name))
+        assert not unnamed, f"{arch}: kernels not named <op>_fwd/bwd_...kernel for an op of {NATIVE_OPS}: {unnamed}"
+        counts = collections.Counter(names.values())
+        assert counts == KERNEL_COUNTS, f"{arch}: kernels by name {dict(counts)}, expected {KERNEL_COUNTS}"
+        for symbol, u in kernels.items():
+            name = names[symbol]
             assert u["STACK"] == 0 and u["LOCAL"] == 0, f"{arch} {name} spills or uses local memory: {u}"
             # the row kernels' launch bounds: 512 threads a block, one block at least: 128 registers
-            assert u["REG"] <= (128 if "rows_" in name else 255), f"{arch} {name}: {u['REG']} registers"
+            assert u["REG"] <= (128 if name.startswith(ROW_OPS) else 255), f"{arch} {name}: {u['REG']} registers"
 
 
 def test_library_loads_with_its_abi(library):
