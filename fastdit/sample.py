@@ -32,7 +32,7 @@ from ._util import (
     to_uint8,
 )
 from .checkpoint import CheckpointError
-from .vae import load_vae, load_vae_record
+from .vae import VAE_FORMAT, load_vae, load_vae_record
 
 DIT_SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py's ImageNet classes
 
@@ -304,6 +304,10 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=None, vae=
         ckpt = find_checkpoint(ckpt, "--ckpt")
     obj = load_plain(ckpt, "--ckpt")
     ours = isinstance(obj, dict) and "model_config" in obj
+    if isinstance(obj, dict) and obj.get("format") == VAE_FORMAT:
+        raise UsageError(
+            f"--ckpt {ckpt} is a VAE (from fastdit vae), not a DiT: give it as --vae, a DiT checkpoint as --ckpt"
+        )
     if ours:
         _check_agrees_with_checkpoint(obj, ckpt, model=model, image_size=image_size, num_classes=num_classes)
     else:

@@ -152,6 +152,8 @@ INVALID = [
     ("sample --ckpt {F}/empty", "--ckpt {F}/empty: no checkpoints"),
     ("sample --ckpt {F}/junk.pt", "--ckpt: {F}/junk.pt: not a PyTorch checkpoint"),
     ("sample --ckpt {F}/official.pt", "holds no model config"),
+    ("sample --ckpt {F}/vae/vae.pt", "--ckpt {F}/vae/vae.pt is a VAE (from fastdit vae), not a DiT"),
+    ("sample-ddp --ckpt {F}/vae/vae.pt", "--ckpt {F}/vae/vae.pt is a VAE (from fastdit vae), not a DiT"),
     ("sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 32", "give --vae"),
     (
         "sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 32 --vae x",
