@@ -22,9 +22,12 @@ TRITON_36 = REPO / ".ci" / "triton-3.6"
 ATTENTION_DOTS = ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
 
 
-def compile_gate(pythonpath):
-    """The gate's JSON rows, compiled in a child process whose Triton comes first on `pythonpath`."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+def compile_gate(pythonpath, cache_dir):
+    """The gate's JSON rows, compiled in a child process whose Triton comes first on `pythonpath`.
+
+    Into an empty cache: Triton's cache key leaves out the name a kernel compiles under, so a warm
+    cache would hand back a kernel compiled under an earlier name."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(cache_dir),
                PYTHONPATH=os.pathsep.join(filter(None, [pythonpath, str(REPO), os.environ.get("PYTHONPATH")])))  # fmt: skip
     check = "import triton, os; print(triton.__version__, os.path.exists(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')))"
     version, has_cuobjdump = subprocess.run(
@@ -48,10 +51,11 @@ def compile_gate(pythonpath):
 
 
 @pytest.fixture(scope="module", params=["installed", "3.6"])
-def gate(request):
+def gate(request, tmp_path_factory):
     if request.param == "3.6" and not (TRITON_36 / "triton").is_dir():
         pytest.skip(f"Triton 3.6 is not at {TRITON_36}: pip install --target {TRITON_36} triton==3.6.0 --no-deps")
-    return compile_gate(str(TRITON_36) if request.param == "3.6" else None)
+    cache = tmp_path_factory.mktemp(f"triton-cache-{request.param}")
+    return compile_gate(str(TRITON_36) if request.param == "3.6" else None, cache)
 
 
 def where(version, r):
