@@ -96,3 +96,14 @@ def output_file(suffixes, what):
         return text
 
     return parse
+
+
+def add_device(parser, per_rank=True, default="auto"):
+    """--device, the same in every command; per_rank: under torchrun each process takes its LOCAL_RANK's GPU."""
+    gpu = "cuda:LOCAL_RANK" if per_rank else "cuda"
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=default,
+        help=f"where to run; default auto: {gpu} if present, else cpu",
+    )

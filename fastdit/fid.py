@@ -404,12 +404,7 @@ def add_arguments(p):
         help=f"local Inception-V3 weights file (default: ${INCEPTION_ENV}, else "
         f"torch-fidelity's download, cached in the torch hub folder)",
     )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where to run; default auto: cuda if present, else cpu",
-    )
+    _args.add_device(p, per_rank=False)
     p.add_argument(
         "--out",
         type=_args.output_file((".json",), "the numbers"),

@@ -81,12 +81,7 @@ def add_arguments(parser):
     )
     parser.add_argument("--num-workers", type=_args.non_negative, default=0, help="image decoding processes; default 0")
     parser.add_argument("--seed", type=_args.seed, default=0, help="seed of --latent sample; default 0")
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu",
-    )
+    _args.add_device(parser)
     parser.add_argument(
         "--out",
         required=True,

@@ -430,12 +430,7 @@ def add_common_arguments(p):
         help="capture the whole denoising step (model, guidance, update) once per batch shape in a CUDA "
         "graph and replay it for every step; default on with CUDA",
     )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu",
-    )
+    _args.add_device(p)
 
 
 def add_arguments(p):

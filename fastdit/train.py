@@ -275,11 +275,7 @@ def add_arguments(p):
         action=argparse.BooleanOptionalAction,
         help="random horizontal flips; default on for image folders, off for the digits",
     )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        help="where to run; default auto: cuda:LOCAL_RANK if present, else cpu",
-    )
+    _args.add_device(p, default=None)
     p.add_argument(
         "--out",
         type=_args.output_folder,

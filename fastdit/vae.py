@@ -316,12 +316,7 @@ def add_arguments(parser):
         "--lr", type=_args.number(0, low_open=True), default=2e-3, help="Adam learning rate; default 0.002"
     )
     parser.add_argument("--seed", type=_args.seed, default=0, help="seed of the weights and batches; default 0")
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where to run; default auto: cuda if present, else cpu",
-    )
+    _args.add_device(parser, per_rank=False)
     parser.add_argument("--out", type=_args.output_folder, help="output folder; default runs/vae-<data>-<time>")
     parser.add_argument(
         "--log-every", type=_args.positive, default=100, help="show the losses every N steps; default 100"
