@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from fastdit.cli import main as cli
+
 # A tiny, fast run of the digits job: small batches, 2-step sample grids, no intermediate grids.
 FAST = ["--global-batch-size", "16", "--sample-steps", "2", "--sample-every", "0", "--log-every", "1000"]
 
@@ -16,3 +18,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def sample_one_per_class(ckpt, png):
+    """`fastdit sample` of a checkpoint in 2 steps, one image per class, into png: the exit code."""
+    return cli(["sample", "--ckpt", str(ckpt), "--steps", "2", "--per-class", "1", "--out", str(png)])

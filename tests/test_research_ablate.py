@@ -4,7 +4,7 @@ checkpoints record the design and sample back."""
 from argparse import Namespace
 
 import torch
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import FAST, one_thread, sample_one_per_class  # noqa: F401 (an autouse fixture)
 
 from fastdit.ablate import data_name
 from fastdit.cli import main as cli
@@ -22,22 +22,7 @@ def test_ablate_trains_every_design_and_writes_a_table_and_a_plot(tmp_path, caps
         raw = torch.load(ckpt, weights_only=True)
         assert raw["model_config"]["block"] == design and raw["args"]["block"] == design
         assert (out / design / "samples.png").is_file()
-    assert (
-        cli(
-            [
-                "sample",
-                "--ckpt",
-                str(out / "in-context" / "checkpoints" / "0000002.pt"),
-                "--steps",
-                "2",
-                "--per-class",
-                "1",
-                "--out",
-                str(tmp_path / "s.png"),
-            ]
-        )
-        == 0
-    )
+    assert sample_one_per_class(out / "in-context" / "checkpoints" / "0000002.pt", tmp_path / "s.png") == 0
 
 
 def test_ablate_and_block_errors(capsys):

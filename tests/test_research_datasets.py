@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from _dataset_files import CIFAR_NAMES, cifar_batch, idx_bytes, write, write_cifar10, write_mnist
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import FAST, one_thread, sample_one_per_class  # noqa: F401 (an autouse fixture)
 
 from fastdit import data
 from fastdit._util import UsageError
@@ -155,22 +155,7 @@ def test_mnist_train_and_sample_cli(mnist, tmp_path):
     from PIL import Image
 
     assert Image.open(out / "samples.png").height == (10 * (28 + 2) + 2) * 3  # 10 rows of digits, 2-pixel gaps, x3
-    assert (
-        cli(
-            [
-                "sample",
-                "--ckpt",
-                str(out / "checkpoints" / "0000002.pt"),
-                "--steps",
-                "2",
-                "--per-class",
-                "1",
-                "--out",
-                str(tmp_path / "s.png"),
-            ]
-        )
-        == 0
-    )
+    assert sample_one_per_class(out / "checkpoints" / "0000002.pt", tmp_path / "s.png") == 0
 
 
 def test_cifar10_small_vae_latent_recipe(cifar, tmp_path):
@@ -204,20 +189,5 @@ def test_cifar10_small_vae_latent_recipe(cifar, tmp_path):
     assert stored.meta["data"]["kind"] == "cifar10" and stored.classes == CIFAR_NAMES
     out = tmp_path / "run"
     assert cli(["train", "--latents", str(lat), "--model", "DiT-Tiny/2", "--steps", "2", *FAST, "--out", str(out)]) == 0
-    assert (
-        cli(
-            [
-                "sample",
-                "--ckpt",
-                str(out / "checkpoints" / "0000002.pt"),
-                "--steps",
-                "2",
-                "--per-class",
-                "1",
-                "--out",
-                str(tmp_path / "s.png"),
-            ]
-        )
-        == 0
-    )
+    assert sample_one_per_class(out / "checkpoints" / "0000002.pt", tmp_path / "s.png") == 0
     assert (tmp_path / "s.png").is_file()
