@@ -9,6 +9,15 @@ import torch.distributed as dist
 from ._util import UsageError
 
 
+def is_dtensor(t):
+    """Whether t is a DTensor (a parameter, gradient or state FSDP shards over the ranks)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 @dataclass
 class Dist:
     rank: int

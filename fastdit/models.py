@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import _validate, ops
+from ._dist import is_dtensor
 from ._validate import check_positive_int
 
 # The DiT paper's block designs (its §3.2 and Figure 5): DiT(block=...). adaLN-Zero is DiT's own
@@ -312,14 +313,6 @@ def _keep_gemm_and_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _is_dtensor(t):
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _norm_after(x, pending, shift, scale, eps):
     """(x', modulate_layer_norm(x', shift, scale)) with x' = x plus the pending gated residual (y, gate), if any."""
     if pending is None:
@@ -574,7 +567,7 @@ class DiT(nn.Module):
         if self.block not in ADAPTIVE:  # cross-attention, in-context: no adaptive norms, nothing to compute
             return [None] * (len(self.blocks) + 1)
         layers = [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
-        if _is_dtensor(layers[0].weight):
+        if is_dtensor(layers[0].weight):
             return [None] * len(layers)
         dtype = _gemm_dtype(layers[0].weight)
         weight = torch.cat([layer.weight.to(dtype) for layer in layers])  # (depth * 6D + 2D, D)

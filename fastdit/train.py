@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import _args, _util, datasets
-from ._dist import env_world_size, init_distributed
+from ._dist import env_world_size, init_distributed, is_dtensor
 from ._registry import MODELS, build_model, check_model_name, model_name
 from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
@@ -437,7 +437,10 @@ def update_ema(ema_params, params, decay, skip=None):
 
     skip: a bool tensor on the device; where true the EMA stays as it is (a skipped optimizer step),
     decided on the device (the weight is 0), never read back by the host.
+    Under FSDP each rank updates its own shards (the lerp is elementwise; torch 2.11's DTensor has no
+    rule for a foreach lerp with tensor weights).
     """
+    ema_params, params = ([t.to_local() if is_dtensor(t) else t for t in ts] for ts in (ema_params, params))
     if skip is None:
         torch._foreach_lerp_(ema_params, params, 1 - decay)
         return

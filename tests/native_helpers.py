@@ -51,14 +51,15 @@ def built_library():
 @functools.cache
 def emulated_library():
     """kernels/*.cu compiled with g++ against tests/native_emulation (once per session); None, with
-    the reason, where g++ or the CUDA headers are missing."""
+    the reason, where g++ or the CUDA headers are missing. -Bsymbolic binds the emulation's CUDA runtime
+    functions to its own definitions, not to the libcudart a CUDA build of torch has loaded globally."""
     cxx, include = shutil.which("g++"), build.cuda_include_dir()
     if cxx is None or include is None:
         return None, "g++ or the CUDA toolkit's headers not found"
     emulation = Path(__file__).resolve().parent / "native_emulation"
     out = _session_dir("fastdit-emulated-") / "libfastdit_kernels_emulated.so"
     subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wl,--no-undefined", "-include", str(emulation / "emulation.h"),
+        [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wl,--no-undefined", "-Wl,-Bsymbolic", "-include", str(emulation / "emulation.h"),
          "-I", str(KERNELS), "-I", str(include), "-x", "c++", *(str(KERNELS / f) for f in ("api.cu", "rows.cu", "layout.cu")),
          "-x", "none", str(emulation / "emulation.cpp"), "-o", str(out), "-lpthread"],
         check=True, capture_output=True, text=True,

@@ -85,7 +85,7 @@ def test_one_adaln_gemm_per_forward_same_outputs_and_gradients_as_per_layer():
     fused_out, fused_grads = run(model, x, t, y)
     per_layer = pytest.MonkeyPatch.context()
     with per_layer as mp:
-        mp.setattr(models, "_is_dtensor", lambda w: True)
+        mp.setattr(models, "is_dtensor", lambda w: True)
         with OpLog() as log, torch.no_grad():
             model(x, t, y)
         assert log.count(lambda op: op in GEMMS) == 4 + 5 * depth + 1
