@@ -61,6 +61,14 @@ def remove_stale_temporaries(folder):
     return [str(f) for f in stale]
 
 
+def absolute_if_local(path):
+    """A path that exists here, made absolute (a run stored with it resumes from any working directory);
+    anything else (a hub id, a missing path, "", None) unchanged."""
+    if not path or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 def find_checkpoint(path, flag):
     """A checkpoint file, or a run folder's latest checkpoints/NNNNNNN.pt; `flag` names the option in errors."""
     p = Path(path)

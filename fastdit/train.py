@@ -31,7 +31,7 @@ import torch
 from . import _args, _util, datasets
 from ._dist import env_world_size, init_distributed, is_dtensor
 from ._registry import MODELS, build_model, check_model_name, model_name
-from ._util import PRECISION_DTYPES, UsageError, amp_forward, atomic_save, load_plain, plain
+from ._util import PRECISION_DTYPES, UsageError, absolute_if_local, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
 from .fid import add_train_arguments as add_fid_arguments
 from .fid import fid_monitor
@@ -328,6 +328,14 @@ def merge_args(args, saved=None, model_config=None):
     return a
 
 
+def absolute_paths(a):
+    """The local paths among the options made absolute: stored in the checkpoints, they resume from anywhere."""
+    named = a.data is not None and datasets.parse(a.data)
+    a.data = f"{named[0]}:{absolute_if_local(named[1])}" if named else absolute_if_local(a.data)
+    a.latents, a.vae, a.fid_ref = (absolute_if_local(v) for v in (a.latents, a.vae, a.fid_ref))
+    return a
+
+
 def small_model(input_size):
     """DiT-Tiny with the largest patch size (4, 2, 1) dividing the input that leaves at least 16 tokens."""
     return next(f"DiT-Tiny/{p}" for p in (4, 2, 1) if input_size % p == 0 and input_size // p >= 4 or p == 1)
@@ -594,7 +602,7 @@ class Trainer:
                     f"weights, start a new run)"
                 )
             saved = self.ckpt["args"]
-        a = self.args = merge_args(args, saved, self.ckpt["model_config"] if self.ckpt else None)
+        a = self.args = absolute_paths(merge_args(args, saved, self.ckpt["model_config"] if self.ckpt else None))
         if a.vae and not (a.data or a.latents):
             raise UsageError("--vae needs --data (images encoded on the fly) or --latents (the VAE that decodes them)")
         if a.out is not None:

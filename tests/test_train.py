@@ -497,3 +497,23 @@ def test_pauses_are_outside_the_throughput_and_eta_clock(monkeypatch):
 
     assert train.Trainer._outside_clock(host, bar, grid) == "grid.png"
     assert host._window_start == 120.0 and bar.start_t == start + 30.0 and bar.last_print_t == last + 30.0
+
+
+def test_a_run_on_relative_paths_resumes_from_another_working_directory(tmp_path, monkeypatch):
+    """--data given relative is stored absolute (the checkpoint's args), so --resume alone works from elsewhere."""
+    from PIL import Image
+
+    work = tmp_path / "work"
+    for cls in ("a", "b"):
+        (work / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), 60 * i + (cls == "b") * 100).save(work / "imgs" / cls / f"{i}.png")
+    monkeypatch.chdir(work)
+    run = train.main(
+        FAST + ["--data", "imgs", "--image-size", "8", "--global-batch-size", "4", "--steps", "1", "--out", "run"]
+    )
+    assert torch.load(run.checkpoint, weights_only=True)["args"]["data"] == str((work / "imgs").resolve())
+    monkeypatch.chdir(tmp_path)  # where "imgs" does not exist
+    more = train.main(["--resume", "work/run", "--steps", "2"])
+    assert len(more.losses) == 1
+    assert torch.load(more.checkpoint, weights_only=True)["data"]["size"] == 4
