@@ -15,6 +15,7 @@ images are skipped with a warning naming each, and listed in the manifest.
 
 import bisect
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -149,6 +150,9 @@ def plan(dataset, codec, args, flips):
     )
 
 
+FINISHED_KEYS = ("complete", "count", "chunks", "skipped", "class_counts")  # what finish() adds to the settings
+
+
 def _start(out, settings):
     """Create DIR with an incomplete manifest, or check that DIR holds a run of the same settings."""
     path = out / MANIFEST
@@ -156,11 +160,7 @@ def _start(out, settings):
         raise UsageError(f"--out {out} is a file; give a folder for the latents")
     if path.is_file():
         old = json.loads(path.read_text())
-        differ = sorted(
-            k
-            for k in set(settings) | set(old)
-            if k not in ("complete", "count", "chunks", "skipped") and old.get(k) != settings.get(k)
-        )
+        differ = sorted(k for k in set(settings) | set(old) if k not in FINISHED_KEYS and old.get(k) != settings.get(k))
         if differ:
             raise UsageError(
                 f"--out {out} holds latents made with other settings ({', '.join(differ)} differ): "
@@ -245,19 +245,33 @@ def finish(out, settings):
     from safetensors import safe_open
 
     n, size = settings["source_items"], settings["chunk_size"]
-    chunks, skipped = [], []
+    chunks, skipped, class_counts = [], [], torch.zeros(settings["num_classes"], dtype=torch.int64)
     for c in range(-(-n // size)):
         path = chunk_path(out, c)
         if not path.is_file():
             raise UsageError(f"{path} is missing: a process did not finish its chunks; rerun the same command")
         with safe_open(str(path), "pt") as f:
-            chunks.append(dict(file=path.name, count=f.get_slice("labels").get_shape()[0]))
+            labels = f.get_tensor("labels")
+            chunks.append(dict(file=path.name, count=len(labels)))
+            class_counts += torch.bincount(labels.long(), minlength=len(class_counts))
             skipped += json.loads(f.metadata()["unreadable"])
     if sum(ch["count"] for ch in chunks) == 0:
         raise UsageError(f"no image of {settings['data'].get('path', 'the data')} was readable")
-    manifest = dict(settings, complete=True, count=sum(ch["count"] for ch in chunks), chunks=chunks, skipped=skipped)
+    manifest = dict(
+        settings,
+        complete=True,
+        count=sum(ch["count"] for ch in chunks),
+        chunks=chunks,
+        skipped=skipped,
+        class_counts=class_counts.tolist(),
+    )
     write_manifest(out, manifest)
     return manifest
+
+
+def empty_classes(manifest):
+    """The classes of a latents manifest that hold no latents (every image of theirs unreadable)."""
+    return [c for c, n in zip(manifest["classes"], manifest.get("class_counts", ())) if n == 0]
 
 
 def make_latents(args):
@@ -300,6 +314,12 @@ def make_latents(args):
                 f"latents {tuple(manifest['latent_shape'])} in {time.time() - t0:.1f}s -> {out} (scale factor "
                 f"{codec.scale_factor:.5f}; {len(manifest['skipped'])} unreadable images skipped)"
             )
+            if empty_classes(manifest):
+                print(
+                    f"fastdit: warning: no image of class {', '.join(map(repr, empty_classes(manifest)))} was "
+                    f"readable: a class-conditional model trained on these latents never sees it",
+                    file=sys.stderr,
+                )
         return str(out)
     finally:
         dist.close()

@@ -35,7 +35,7 @@ from ._util import PRECISION_DTYPES, UsageError, absolute_if_local, amp_forward,
 from .data import ShardedBatches, build_dataset, make_loader
 from .fid import add_train_arguments as add_fid_arguments
 from .fid import fid_monitor
-from .latents import LatentsDataset
+from .latents import LatentsDataset, empty_classes
 from .models import BLOCKS
 from .vae import load_vae, load_vae_record, same_vae, vae_label
 
@@ -668,6 +668,13 @@ class Trainer:
             if a.flip and not self.dataset.flip:
                 raise UsageError(
                     f"--flip: {a.latents} holds no flipped latents (encode with `fastdit latents --flips both`)"
+                )
+            empty = empty_classes(self.dataset.meta)
+            if empty and a.num_classes != 0:
+                raise UsageError(
+                    f"--latents {a.latents}: class {', '.join(map(repr, empty))} holds no latents (none of its images "
+                    f"was readable), so a class-conditional model would never learn it: fix or remove its image "
+                    f"folder and encode again into a new --out, or train unconditionally with --num-classes 0"
                 )
             self.decoder = load_vae_record(self.vae_record, self.device, name=a.vae)  # fails now, not at the first grid
         else:

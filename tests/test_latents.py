@@ -173,7 +173,22 @@ def test_latents_skip_unreadable_images_and_list_them(sd_vae, rgb_folder, tmp_pa
     assert m["count"] == 7 and m["source_items"] == 8 and len(m["skipped"]) == 1 and "1x.png" in m["skipped"][0]
     assert "skipped an unreadable image (1 so far)" in capfd.readouterr().err
     labels = [latents.LatentsDataset(out)[(i, False)][1] for i in range(7)]
-    assert labels == [0, 0, 0, 0, 1, 1, 1]
+    assert labels == [0, 0, 0, 0, 1, 1, 1] and m["class_counts"] == [4, 3]
+
+
+def test_a_class_with_no_readable_image_is_named_and_not_trained_on(sd_vae, rgb_folder, tmp_path, capfd):
+    """Every image of class c unreadable: `fastdit latents` says so; class-conditional training refuses the latents."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(rgb_folder, folder)
+    (folder / "c").mkdir()
+    (folder / "c" / "0.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "lat"
+    assert cli(latents_argv(sd_vae, folder, out)) == 0
+    assert json.loads((out / "manifest.json").read_text())["class_counts"] == [4, 3, 0]
+    assert "no image of class 'c' was readable" in capfd.readouterr().err
+    assert cli(["train", "--latents", str(out), "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capfd.readouterr().err
+    assert "class 'c' holds no latents" in err and "--num-classes 0" in err and not (tmp_path / "run").exists()
 
 
 ROOT = Path(__file__).resolve().parent.parent
