@@ -7,7 +7,8 @@ attention and unpatchify go through `fastdit.ops`, and each block's closing gate
 fused with the LayerNorm+modulate that opens the next block (or the final layer).
 
 Between the fused ops only GEMMs and attention remain, each feeding the next op directly:
-  - adaLN: one GEMM computes every block's and the final layer's modulation (DiT._modulations);
+  - adaLN: one GEMM computes every block's and the final layer's modulation (DiT._modulations;
+    per block under DDP and FSDP);
   - attention: the qkv GEMM adds its bias in the GEMM (addmm), and its output viewed
     (B, T, 3, H, Dh) is what attention reads, no head-split copy; proj's output goes straight into
     the fused gated residual + LayerNorm+modulate;
@@ -384,6 +385,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.gradient_checkpointing = False
+        self.adaln_one_gemm = True  # DiT._modulations
 
         self.x_embedder = self.patch_embed_cls(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -562,12 +564,15 @@ class DiT(nn.Module):
         the casts and the copy into one kernel. The concatenated weight is what the GEMM's backward
         keeps, as the per-layer GEMMs keep their autocast casts: no more memory under autocast. With
         FSDP-sharded parameters (DTensors) a block's weights are whole only inside its own forward:
-        every layer then computes its own modulation (None here), as the official model does.
+        every layer then computes its own modulation (None here), as the official model does. So it does
+        with adaln_one_gemm False, which `fastdit train` sets under DDP: the one GEMM's weight gradient
+        (a third of DiT-XL's parameters) would be ready only when the backward ends, its all-reduce
+        overlapping nothing; per layer, each block's is all-reduced while the blocks below run theirs.
         """
         if self.block not in ADAPTIVE:  # cross-attention, in-context: no adaptive norms, nothing to compute
             return [None] * (len(self.blocks) + 1)
         layers = [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
-        if is_dtensor(layers[0].weight):
+        if not self.adaln_one_gemm or is_dtensor(layers[0].weight):
             return [None] * len(layers)
         dtype = _gemm_dtype(layers[0].weight)
         weight = torch.cat([layer.weight.to(dtype) for layer in layers])  # (depth * 6D + 2D, D)

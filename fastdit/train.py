@@ -793,6 +793,7 @@ class Trainer:
         elif self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            self.raw.adaln_one_gemm = False  # each block's adaLN gradient all-reduced as soon as it is ready
             self.model = DDP(self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
             self.model = self.raw

@@ -56,7 +56,14 @@ def main():
         model_sd, ema_sd, _ = self._state_dicts()
         with open(f"{out}.rank{self.dist.rank}.json", "w") as f:
             json.dump(
-                dict(losses=result.losses, model=digest(model_sd), ema=digest(ema_sd), world=self.dist.world_size), f
+                dict(
+                    losses=result.losses,
+                    model=digest(model_sd),
+                    ema=digest(ema_sd),
+                    world=self.dist.world_size,
+                    adaln_one_gemm=self.raw.adaln_one_gemm,
+                ),
+                f,
             )
         if self.dist.is_main:
             torch.save(dict(model=model_sd, ema=ema_sd), f"{out}.weights.pt")

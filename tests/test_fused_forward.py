@@ -75,7 +75,7 @@ def assert_same(a, b, rtol=1e-5, atol=1e-6):
 
 def test_one_adaln_gemm_per_forward_same_outputs_and_gradients_as_per_layer():
     """Every block's and the final layer's modulation come from one GEMM; outputs and gradients equal
-    those of the per-layer modulation (the path FSDP-sharded weights take, as the official model)."""
+    those of the per-layer modulation (the official model's; adaln_one_gemm False, as under DDP)."""
     model, (x, t, y) = small(), batch()
     depth = len(model.blocks)
     with OpLog() as log, torch.no_grad():
@@ -83,13 +83,11 @@ def test_one_adaln_gemm_per_forward_same_outputs_and_gradients_as_per_layer():
     # patch embedding, 2 timestep-MLP layers, 4 per block (qkv, proj, fc1, fc2), final linear, adaLN: 1 in all
     assert log.count(lambda op: op in GEMMS) == 4 + 4 * depth + 1
     fused_out, fused_grads = run(model, x, t, y)
-    per_layer = pytest.MonkeyPatch.context()
-    with per_layer as mp:
-        mp.setattr(models, "is_dtensor", lambda w: True)
-        with OpLog() as log, torch.no_grad():
-            model(x, t, y)
-        assert log.count(lambda op: op in GEMMS) == 4 + 5 * depth + 1
-        out, ref_grads = run(model, x, t, y)
+    model.adaln_one_gemm = False
+    with OpLog() as log, torch.no_grad():
+        model(x, t, y)
+    assert log.count(lambda op: op in GEMMS) == 4 + 5 * depth + 1
+    out, ref_grads = run(model, x, t, y)
     torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-6)
     assert any("adaLN" in k for k in fused_grads)
     assert_same(fused_grads, ref_grads)

@@ -51,6 +51,7 @@ def test_ddp_two_processes_identical_replicas_nan_skip_and_bit_exact_resume(tmp_
     code, (r0, r1), log = torchrun(tmp_path, "whole", ARGS + ["--out", str(tmp_path / "whole")], nan_at="3")
     assert code == 0, log
     assert r0["world"] == 2 and r0["losses"] == r1["losses"] and r0["losses"][2] is None
+    assert not r0["adaln_one_gemm"]  # DDP all-reduces each block's adaLN gradient as the backward goes
     assert r0["model"] == r1["model"] and r0["ema"] == r1["ema"]  # replicas identical
 
     code, reports, log = torchrun(tmp_path, "split", ARGS + ["--out", str(tmp_path / "split")], crash_at=2, nan_at="3")
