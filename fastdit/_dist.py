@@ -18,6 +18,11 @@ def is_dtensor(t):
     return isinstance(t, DTensor)
 
 
+def local_shards(tensors):
+    """The tensors, each DTensor (FSDP's) replaced by this rank's shard of it: for elementwise updates and checks."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+
+
 @dataclass
 class Dist:
     rank: int

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import _args, _util, datasets
-from ._dist import env_world_size, init_distributed, is_dtensor
+from ._dist import env_world_size, init_distributed, local_shards
 from ._registry import MODELS, build_model, check_model_name, model_name
 from ._util import PRECISION_DTYPES, UsageError, absolute_if_local, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
@@ -448,7 +448,7 @@ def update_ema(ema_params, params, decay, skip=None):
     Under FSDP each rank updates its own shards (the lerp is elementwise; torch 2.11's DTensor has no
     rule for a foreach lerp with tensor weights).
     """
-    ema_params, params = ([t.to_local() if is_dtensor(t) else t for t in ts] for ts in (ema_params, params))
+    ema_params, params = local_shards(ema_params), local_shards(params)
     if skip is None:
         torch._foreach_lerp_(ema_params, params, 1 - decay)
         return
@@ -545,7 +545,7 @@ class TrainStep:
         summed (NaN and Inf propagate), one all-reduce for FSDP's shards. One read of the weights per step
         (2.7 GB for DiT-XL/2 in fp32, ~0.6 ms on an H200, predicted): the price of never averaging broken
         weights into the EMA."""
-        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.params]
+        local = [t.detach() for t in local_shards(self.params)]
         local = [t for t in local if t.numel()]  # an FSDP shard may be empty (the max of nothing is undefined)
         if not local:
             return self.dist.all_reduce_sum(torch.zeros((), device=self.device)) > 0
