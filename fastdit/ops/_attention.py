@@ -9,7 +9,7 @@ contiguous (B, Tq, H, Dh), so the model's reshape to (B, T, D) is free. Optional
 import dataclasses
 import importlib.util
 import statistics
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +91,8 @@ class Backend:
     install: str = ""
     cuda_only: bool = False
     cuda_half_only: bool = False  # on CUDA, float16 / bfloat16 inputs only
-    max_head_dim: Optional[int] = None
-    run_packed: Optional[Callable] = None  # (qkv (B, T, 3, H, Dh), deterministic) -> o, one packed gradient
+    max_head_dim: int | None = None
+    run_packed: Callable | None = None  # (qkv (B, T, 3, H, Dh), deterministic) -> o, one packed gradient
 
 
 BACKENDS = {
