@@ -1,5 +1,6 @@
 """torchrun process groups: one process per device; a plain `python` run is a world of one."""
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -9,13 +10,19 @@ import torch.distributed as dist
 from ._util import UsageError
 
 
-def is_dtensor(t):
-    """Whether t is a DTensor (a parameter, gradient or state FSDP shards over the ranks)."""
+@functools.cache
+def _dtensor_type():
+    """torch's DTensor, imported once, on first use (an empty tuple where torch has no torch.distributed)."""
     if not dist.is_available():
-        return False
+        return ()
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def is_dtensor(t):
+    """Whether t is a DTensor (a parameter, gradient or state FSDP shards over the ranks)."""
+    return isinstance(t, _dtensor_type())
 
 
 def local_shards(tensors):

@@ -314,9 +314,10 @@ def make_latents(args):
                 f"latents {tuple(manifest['latent_shape'])} in {time.time() - t0:.1f}s -> {out} (scale factor "
                 f"{codec.scale_factor:.5f}; {len(manifest['skipped'])} unreadable images skipped)"
             )
-            if empty_classes(manifest):
+            empty = empty_classes(manifest)
+            if empty:
                 print(
-                    f"fastdit: warning: no image of class {', '.join(map(repr, empty_classes(manifest)))} was "
+                    f"fastdit: warning: no image of class {', '.join(map(repr, empty))} was "
                     f"readable: a class-conditional model trained on these latents never sees it",
                     file=sys.stderr,
                 )
