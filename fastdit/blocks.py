@@ -105,7 +105,9 @@ class TransformerBlock(nn.Module):
                 x, y, _ones(x), *_affine(self.norm_cross, B), self.norm_cross.eps
             )
             y = self.cross_attn(h, c)  # (B, T, D)
-        x, h = ops.gated_residual_modulate_layer_norm(x, y, _ones(x), *_affine(self.norm2, B), self.norm2.eps)
+        x, h = ops.gated_residual_modulate_layer_norm(  # x: the cross-attention residual, kept by its op
+            x, y, _ones(x), *_affine(self.norm2, B), self.norm2.eps, keep_x=self.cross_attn is not None
+        )
         return _close(x, _mlp(self.mlp, h), defer_residual)
 
 

@@ -315,10 +315,14 @@ def _keep_gemm_and_attention(ctx, op, *args, **kwargs):
 
 
 def _norm_after(x, pending, shift, scale, eps):
-    """(x', modulate_layer_norm(x', shift, scale)) with x' = x plus the pending gated residual (y, gate), if any."""
+    """(x', modulate_layer_norm(x', shift, scale)) with x' = x plus the pending gated residual (y, gate), if any.
+
+    x is the previous block's mid-block residual, which that block's fused op keeps for its backward:
+    keep_x shares it, and this op recomputes its own residual x' there, so each block keeps one
+    fp32 residual stream, not two (4 bytes per channel per token; the backward reads no more)."""
     if pending is None:
         return x, ops.modulate_layer_norm(x, shift, scale, eps)
-    return ops.gated_residual_modulate_layer_norm(x, *pending, shift, scale, eps)
+    return ops.gated_residual_modulate_layer_norm(x, *pending, shift, scale, eps, keep_x=True)
 
 
 class FinalLayer(nn.Module):
@@ -444,7 +448,7 @@ class DiT(nn.Module):
         (about a third more FLOPs). "selective": keep the outputs of the GEMMs and attention and
         recompute only the cheap memory-bound ops between them (LayerNorm+modulate, the gated
         residuals, GELU, casts). False or "none": keep everything. Per token and block, under bf16
-        autocast, that keeps 40, 24 or 6 bytes per channel (none, selective, full; the official
+        autocast, that keeps 36, 24 or 6 bytes per channel (none, selective, full; the official
         model keeps 48), as tests/test_fused_forward.py measures.
         """
         if enabled not in CHECKPOINTING:

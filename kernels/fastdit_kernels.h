@@ -19,7 +19,7 @@ extern "C" {
 #define FASTDIT_API __attribute__((visibility("default")))
 
 /* Bumped whenever a signature or struct below changes: the loader refuses a stale library. */
-#define FASTDIT_ABI_VERSION 1
+#define FASTDIT_ABI_VERSION 2
 
 enum { FASTDIT_F32 = 0, FASTDIT_F16 = 1, FASTDIT_BF16 = 2 };
 
@@ -65,6 +65,8 @@ FASTDIT_API int fastdit_rows_backward_chunks(
 /* Backward of the three row ops; a NULL tensor is absent.
  *   norm (grad_out, r, scale, mean, rstd, dx):  r is what the forward normalised (x or r)
  *   residual (grad_r, y, gate, dy)
+ * recompute_r (both parts): `r` holds the residual's x and the kernel recomputes r = x + gate * y,
+ * rounded to r's dtype as the forward rounded it.
  * sums (n_sums, B, D) fp32 receives [d-shift, d-scale] with a norm, then [d-gate] with a
  * residual: per-chunk partial sums in `partial`, reduced over the chunks in a fixed order.
  * grad_out, r, grad_r and y share one dtype; scale, gate, dx and dy may each have their own. */
@@ -72,7 +74,7 @@ FASTDIT_API int fastdit_rows_backward(
     const fastdit_rows_tensor* grad_out, const fastdit_rows_tensor* r, const fastdit_rows_tensor* scale,
     const float* mean, const float* rstd, const fastdit_rows_tensor* grad_r, const fastdit_rows_tensor* y,
     const fastdit_rows_tensor* gate, const fastdit_rows_tensor* dx, const fastdit_rows_tensor* dy,
-    float* partial, int64_t chunks, float* sums, int64_t B, int64_t T, int64_t D, void* stream);
+    float* partial, int64_t chunks, float* sums, int64_t B, int64_t T, int64_t D, int recompute_r, void* stream);
 
 /* Images (B, C, H, W) <-> patch tokens (B, T = (H/p)(W/p), F = C*p*p), either direction.
  * Features (i, j, c) if channels_last else (c, i, j). image_strides: 4 strides in elements (any);

@@ -247,6 +247,8 @@ __device__ __forceinline__ void rows_fwd(const FwdParams& p) {
 //   g = dout * (1 + scale);  dr = rstd * (g - mean(g) - xhat * mean(g * xhat))   (means over D)
 // plus grad_r with a residual; then dx = dr, dy = dr * gate. Per batch element (sums over its
 // tokens): d-shift = sum dout, d-scale = sum dout * xhat, d-gate = sum dr * y.
+// recompute_r (the fused op): `r` holds x and r = x + gate * y is recomputed as the forward
+// computed and rounded it; y, which d-gate reads anyway, is then loaded early.
 struct BwdParams {
   fastdit_rows_tensor grad_out, r, scale, grad_r, y, gate, dx, dy;
   const float* mean;
@@ -256,6 +258,7 @@ struct BwdParams {
   int chunks;
   int D;
   float inv_D;
+  bool recompute_r;
 };
 
 template <bool RES, bool NORM, typename TA, bool VEC>
@@ -285,8 +288,8 @@ __device__ __forceinline__ void rows_bwd(const BwdParams& p) {
       }
     };
     // The aligned kernels issue every load of the iteration before the reduction waits on any;
-    // the scalar ones load the residual's inputs after it, not to spill.
-    constexpr bool kEarly = VEC;
+    // the scalar ones load the residual's inputs after it, not to spill, unless r needs y.
+    const bool recompute = RES && NORM && p.recompute_r, early = VEC || recompute;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       mean[i] = rstd[i] = 0.f;  // rstd 0 on rows past the chunk: their d stays 0
@@ -298,7 +301,12 @@ __device__ __forceinline__ void rows_bwd(const BwdParams& p) {
         mean[i] = p.mean[b * p.T + t0 + i];
         rstd[i] = p.rstd[b * p.T + t0 + i];
       }
-      if (RES && kEarly) load_residual(i);
+      if (RES && early) load_residual(i);
+      if (recompute) {  // as rows_fwd computes r
+#pragma unroll
+        for (int e = 0; e < kCols; ++e) xhat[i][e] += gate[e] * y[i][e];
+        round_row(p.r.dtype, xhat[i]);
+      }
     }
     if (NORM) {
       float s[2 * R];
@@ -326,7 +334,7 @@ __device__ __forceinline__ void rows_bwd(const BwdParams& p) {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       if (t0 + i >= t_end) continue;
-      if (RES && !kEarly) load_residual(i);
+      if (RES && !early) load_residual(i);
       if (RES) {
         Row dy;
 #pragma unroll
@@ -523,11 +531,11 @@ extern "C" int fastdit_rows_backward(const fastdit_rows_tensor* grad_out, const 
                                      const fastdit_rows_tensor* grad_r, const fastdit_rows_tensor* y,
                                      const fastdit_rows_tensor* gate, const fastdit_rows_tensor* dx,
                                      const fastdit_rows_tensor* dy, float* partial, int64_t chunks, float* sums,
-                                     int64_t B, int64_t T, int64_t D, void* stream) {
+                                     int64_t B, int64_t T, int64_t D, int recompute_r, void* stream) {
   const bool res = present(y), norm = present(grad_out);
   if (const int err = check_sizes(B, T, D)) return err;
   if (!(res || norm) || !partial || !sums || (norm && !(present(r) && present(scale) && mean && rstd && present(dx))) ||
-      (res && !(present(grad_r) && present(gate) && present(dy))))
+      (res && !(present(grad_r) && present(gate) && present(dy))) || (recompute_r && !(res && norm)))
     return FASTDIT_ERR_ARGS;
   if (!dtypes_valid({grad_out, r, scale, grad_r, y, gate, dx, dy})) return FASTDIT_ERR_DTYPE;
   const fastdit_rows_tensor* loaded = norm ? grad_out : grad_r;  // the kernel's load dtype
@@ -544,7 +552,7 @@ extern "C" int fastdit_rows_backward(const fastdit_rows_tensor* grad_out, const 
   const int64_t rows = ck.rows;
   const BwdParams params{or_empty(grad_out), or_empty(r), or_empty(scale), or_empty(grad_r), or_empty(y), or_empty(gate),
                          or_empty(dx), or_empty(dy), mean, rstd, partial, B, T, rows, static_cast<int>(chunks),
-                         static_cast<int>(D), 1.f / D};
+                         static_cast<int>(D), 1.f / D, recompute_r != 0};
   launch(kernel, unsigned(B * chunks), threads_for(D), 0, stream, params);
   if (const int err = launch_status()) return err;
   const int64_t n_rows = ((norm ? 2 : 0) + (res ? 1 : 0)) * B;

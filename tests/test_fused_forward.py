@@ -181,16 +181,16 @@ def retained_bytes(fn):
 
 def test_checkpointing_modes_keep_the_expected_activation_bytes():
     """Activation memory kept for the backward under bf16 autocast with the Triton ops (the GPU's path,
-    interpreted), per sample and block, to the byte. Per token, in bytes per channel: none 40 (fp32
-    residuals 4+4, bf16 GEMM inputs 2+2+2 and outputs qkv 6, proj 2, fc1 8, GELU 8, attention 2),
-    selective 24 (the block's fp32 input 4 and the GEMM and attention outputs 6+2+2+8+2), full 6 (the
-    block's inputs); plus fp32 per-row values (LayerNorm mean and rstd, recomputed by selective and
+    interpreted), per sample and block, to the byte. Per token, in bytes per channel: none 36 (one fp32
+    residual 4, the block's other one recomputed (models._norm_after); bf16 GEMM inputs 2+2+2 and
+    outputs qkv 6, proj 2, fc1 8, GELU 8, attention 2), selective 24 (the block's fp32 input 4 and the
+    GEMM and attention outputs 6+2+2+8+2), full 6 (the block's inputs); plus fp32 per-row values (LayerNorm mean and rstd, recomputed by selective and
     full; attention's log-sum-exp per head, recomputed by full) and, per sample, the block's bf16 adaLN
     modulation (6D). Measured by storage on the CPU as the second difference over batch 1-2 and depth
     1-2: weights, their casts and the embeddings cancel out. (The official model, ReferenceDiT run the
     same way at DiT-XL's width, keeps 48 bytes per channel per token.)"""
     D, H, T = 72, 4, 16
-    per_token = {False: 40 * D + 2 * 8 + 4 * H, "selective": 24 * D + 4 * H, "full": 6 * D}
+    per_token = {False: 36 * D + 2 * 8 + 4 * H, "selective": 24 * D + 4 * H, "full": 6 * D}
     for mode, bytes_per_token in per_token.items():
         kept = {}
         for n in (1, 2):

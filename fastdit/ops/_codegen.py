@@ -158,7 +158,8 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def row_ops(B, T, D, x_dtype, v_dtype, device="cpu"):
-    """Forward and backward of the three row ops, with DiT's adaLN `.chunk` views as vectors."""
+    """Forward and backward of the three row ops, with DiT's adaLN `.chunk` views as vectors (the
+    fused op both ways: keeping r, and keeping x and recomputing r, as DiT's blocks alternate)."""
     from . import gated_residual, gated_residual_modulate_layer_norm, modulate_layer_norm
 
     x, y = (torch.empty(B, T, D, dtype=dt, device=device, requires_grad=True) for dt in (x_dtype, v_dtype))
@@ -167,6 +168,7 @@ def row_ops(B, T, D, x_dtype, v_dtype, device="cpu"):
         modulate_layer_norm(x, shift, scale),
         gated_residual(x, y, gate),
         gated_residual_modulate_layer_norm(x, y, gate, shift, scale),
+        gated_residual_modulate_layer_norm(x, y, gate, shift, scale, keep_x=True),
     ):
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])

@@ -27,7 +27,7 @@ ENV_LIB = "FASTDIT_NATIVE_LIB"
 LIB_NAME = "libfastdit_kernels.so"
 PACKAGED_LIB = Path(__file__).resolve().parent.parent / "_native" / LIB_NAME
 HOW_TO_BUILD = "pip install -e . with nvcc and cmake on PATH (FASTDIT_BUILD_NATIVE=1 makes a missing one an error), or python kernels/build.py"
-ABI_VERSION = 1  # kernels/fastdit_kernels.h FASTDIT_ABI_VERSION
+ABI_VERSION = 2  # kernels/fastdit_kernels.h FASTDIT_ABI_VERSION
 MAX_D = 4096  # FASTDIT_ROWS_MAX_D: a thread holds 8 columns, a block at most 512 threads
 MAX_F = 16384  # FASTDIT_LAYOUT_MAX_F
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -60,7 +60,7 @@ _SIGNATURES = {  # name -> (restype, argtypes)
     ),
     "fastdit_rows_backward": (
         ctypes.c_int,
-        [_T] * 3 + [_VOIDP, _VOIDP] + [_T] * 5 + [_VOIDP, _I64, _VOIDP, _I64, _I64, _I64, _VOIDP],
+        [_T] * 3 + [_VOIDP, _VOIDP] + [_T] * 5 + [_VOIDP, _I64, _VOIDP, _I64, _I64, _I64, ctypes.c_int, _VOIDP],
     ),
     "fastdit_layout": (
         ctypes.c_int,
@@ -189,7 +189,9 @@ def forward(x, y=None, gate=None, shift=None, scale=None, eps=0.0):
     return outputs
 
 
-def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, grad_r=None, y=None, gate=None):
+def backward(
+    x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, grad_r=None, y=None, gate=None, recompute_r=False
+):
     """_rows.backward on the native kernels: the same arguments, the same (dx, dy, sums)."""
     like = grad_out if grad_out is not None else grad_r
     B, T, D = like.shape
@@ -213,7 +215,7 @@ def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, g
             "fastdit_rows_backward",
             *(_rows_tensor(t) for t in (grad_out, r, scale)), _ptr(mean), _ptr(rstd),
             *(_rows_tensor(t) for t in (grad_r, y, gate, dx, dy)),
-            partial.data_ptr(), chunks.value, sums.data_ptr(), B, T, D, _stream(),
+            partial.data_ptr(), chunks.value, sums.data_ptr(), B, T, D, recompute_r, _stream(),
         )  # fmt: skip
     return dx, dy, sums
 

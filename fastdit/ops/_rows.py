@@ -139,6 +139,14 @@ def _rstd(xc, eps, D):
 
 
 @triton.jit
+def _residual(x, gate, y, dtype: tl.constexpr):
+    """r = x + gate * y rounded to r's dtype, for the tiles x, y [BLOCK_T, BLOCK_D] and the row gate
+    [BLOCK_D]: the forward's r, and the backward's when it recomputes r from the x it kept (one
+    expression, so both compile to the same fused multiply-add and the same rounding)."""
+    return (x + gate[None, :] * y).to(dtype)
+
+
+@triton.jit
 def _store(P, offsets, value, mask):
     tl.store(P + offsets, value.to(P.dtype.element_ty), mask=mask)
 
@@ -171,7 +179,7 @@ def rows_fwd_kernel(
         dense = row[:, None] * D + cols[None, :]
         x = _load_tile(X, b, sx_b, t, sx_t, cols, mask, ALIGN)
         if HAS_RESIDUAL:
-            r = (x + gate[None, :] * _load_tile(Y, b, sy_b, t, sy_t, cols, mask, ALIGN)).to(R.dtype.element_ty)
+            r = _residual(x, gate, _load_tile(Y, b, sy_b, t, sy_t, cols, mask, ALIGN), R.dtype.element_ty)
             tl.store(R + dense, r, mask=mask)
             x = r.to(tl.float32)  # normalise r as stored: what the backward reloads
         if HAS_NORM:
@@ -191,14 +199,17 @@ def rows_fwd_kernel(
 # The fused op adds the gradient arriving at r itself: dr_total = dr + grad_r. Through
 # r = x + gate * y:  dx = dr_total,  dy = dr_total * gate,  d-gate = sum_t dr_total * y.
 # gated_residual alone has no norm: dr_total = grad_r, and dx = grad_r needs no kernel.
+# RECOMPUTE_R (the fused op): R holds the x the caller keeps anyway, not r, and r = x + gate * y is
+# recomputed as the forward computed it. That costs no traffic: x replaces r in the reads, and y,
+# read for d-gate anyway, is read once, earlier.
 @triton.jit(repr=_kernel_name("bwd"))
 def rows_bwd_kernel(
     DOUT, DR, R, Y, GATE, SCALE, MEAN, RSTD,  # grads of out and r (B, T, D); saved r (or x), y, gate, scale, mean, rstd
     DX, DY, PART,  # dx, dy (B, T, D) contiguous; partial sums (n_sums, B, chunks, D) fp32
     B, T, D, rows,
     sdo_b, sdo_t, sdr_b, sdr_t, sr_b, sr_t, sy_b, sy_t, s_gate, s_scale,
-    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ALIGN: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, RECOMPUTE_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -225,9 +236,11 @@ def rows_bwd_kernel(
             dout = _load_tile(DOUT, b, sdo_b, t, sdo_t, cols, mask, ALIGN)
             mean = tl.load(MEAN + row, mask=row_ok, other=0.0)
             rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)  # 0 on masked rows: their d stays 0
-            xhat = tl.where(
-                mask, (_load_tile(R, b, sr_b, t, sr_t, cols, mask, ALIGN) - mean[:, None]) * rstd[:, None], 0.0
-            )
+            r = _load_tile(R, b, sr_b, t, sr_t, cols, mask, ALIGN)
+            if RECOMPUTE_R:
+                y = _load_tile(Y, b, sy_b, t, sy_t, cols, mask, ALIGN)
+                r = _residual(r, gate, y, R.dtype.element_ty).to(tl.float32)
+            xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
             acc_shift += tl.sum(dout, axis=0)
             acc_scale += tl.sum(dout * xhat, axis=0)
             g = dout * scale1[None, :]
@@ -237,7 +250,9 @@ def rows_bwd_kernel(
         if HAS_RESIDUAL:
             d += _load_tile(DR, b, sdr_b, t, sdr_t, cols, mask, ALIGN)
             _store(DY, dense, d * gate[None, :], mask)
-            acc_gate += tl.sum(d * _load_tile(Y, b, sy_b, t, sy_t, cols, mask, ALIGN), axis=0)
+            if not RECOMPUTE_R:
+                y = _load_tile(Y, b, sy_b, t, sy_t, cols, mask, ALIGN)
+            acc_gate += tl.sum(d * y, axis=0)
         if HAS_NORM:
             _store(DX, dense, d, mask)
     part = offset64(b, tl.num_programs(1), chunk, 1) * D + cols  # [BLOCK_D]: (b, chunk) of a slice
@@ -292,6 +307,14 @@ def _grad_buffers(like, x_dtype, has_norm, y):
     return dx, dy
 
 
+def can_recompute_r(x, y, gate, shift, scale):
+    """Whether the fused op's backward can recompute r from x (recompute_r): when r, out and so every
+    tensor the backward loads have x's dtype, x rounds to r as the forward rounded it (the native
+    kernels load those tensors in one dtype). So under autocast (fp32 x, 16-bit y and modulation)
+    and in a model of one dtype."""
+    return _promote(x.dtype, y, gate, shift, scale) == x.dtype
+
+
 def backward_fake(x_dtype, grad_out=None, grad_r=None, y=None, **_):
     """What backward returns, as empty tensors of the right shapes: the ops' fake implementations."""
     like = grad_out if grad_out is not None else grad_r
@@ -300,11 +323,15 @@ def backward_fake(x_dtype, grad_out=None, grad_r=None, y=None, **_):
     return (*_grad_buffers(like, x_dtype, grad_out is not None, y), like.new_empty((n_sums, B, D), dtype=torch.float32))
 
 
-def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, grad_r=None, y=None, gate=None):
+def backward(
+    x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, grad_r=None, y=None, gate=None, recompute_r=False
+):
     """Launch the backward -> (dx, dy, sums).
 
     The norm's inputs: grad_out (gradient of out), r (what was normalised: x or r), scale, mean,
     rstd. The residual's: grad_r (gradient arriving at r), y, gate. An op passes the ones it has.
+    recompute_r (both parts present): `r` holds the residual's x, of r's dtype, and the kernel
+    recomputes r = x + gate * y (see can_recompute_r).
     dx (x_dtype) comes with a norm, dy (y's dtype) with a residual; sums (n_sums, B, D) fp32 holds
     [d-shift, d-scale] with a norm, then [d-gate] with a residual.
     """
@@ -329,8 +356,9 @@ def backward(x_dtype, grad_out=None, r=None, scale=None, mean=None, rstd=None, g
     rows_bwd_kernel[(B, blk.chunks)](
         grad_out, grad_r, r, y, gate, scale, mean, rstd, dx, dy, partial,
         B, T, D, blk.rows, *strides,
-        HAS_RESIDUAL=y is not None, HAS_NORM=grad_out is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
-        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=tu.register_cap(programs, blk.num_warps),
+        HAS_RESIDUAL=y is not None, HAS_NORM=grad_out is not None, RECOMPUTE_R=recompute_r, BLOCK_T=blk.block_t,
+        BLOCK_D=blk.block_d, ALIGN=alignment(D, *strides), num_warps=blk.num_warps,
+        maxnreg=tu.register_cap(programs, blk.num_warps),
     )  # fmt: skip
     return dx, dy, partial.sum(dim=2)  # second stage: a fixed-order reduction over the chunks
 
