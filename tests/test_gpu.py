@@ -1,6 +1,7 @@
 """On a CUDA GPU, compiled (never interpreted): what the CPU suite's interpreter cannot show.
 
-Every fused kernel against fastdit.reference at DiT's shapes in three dtypes, forward and backward;
+Every fused kernel against fastdit.reference at DiT's shapes in three dtypes, forward and backward,
+and the fused op's keep_x path against its plain one, bit for bit;
 attention with tensor-core bf16/fp16 dots at head dims 72 and 64, both dQ variants, the atomic one
 repeated to expose races; DiT-XL/2 in bf16 autocast, forward and every gradient, against the
 reference model; torch.compile(fullgraph=True) with inductor (tests/test_model_triton.py); CUDA-graph
@@ -10,6 +11,8 @@ Marked `gpu`: skipped without CUDA; the device check runs them (python -m benchm
 Sized to run in seconds each on an H100/H200, compiles included.
 """
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -17,8 +20,9 @@ from fastdit import DiT, DiT_models, ops, reference, sample, train
 from fastdit.ops import _triton_utils
 from fastdit.reference_model import reference_DiT_models
 from tests.helpers import DTYPES, assert_close, reference_pair
-from tests.kernel_helpers import KERNEL_FIXTURES, check_exact, check_op, kernel_backend, poisoned, row_inputs  # noqa: F401 (fixtures)
+from tests.kernel_helpers import KERNEL_FIXTURES, check_exact, check_op, kernel_backend, poisoned, row_inputs, run_op  # noqa: F401 (fixtures)
 from tests.test_attention import check_against_reference, qkv_views
+from tests.test_gated_residual_modulate_layer_norm import KEEP_X_DTYPES, keep_x_inputs
 from tests.test_model_triton import float64_twin, loss_and_grads, names
 
 pytestmark = pytest.mark.gpu
@@ -63,6 +67,19 @@ def test_row_kernels_at_dit_shapes(op, shape, dtype):
     fn, ref, input_names = ROW_OPS[op]
     inputs = row_inputs(input_names, *shape, dtype, "cuda")  # (B, D) inputs: adaLN .chunk views
     check_op(fn, ref, inputs, names=input_names)
+
+
+@KERNEL_FIXTURES
+@pytest.mark.parametrize("dtypes", KEEP_X_DTYPES[2:4], ids=["bfloat16", "autocast"])
+@pytest.mark.parametrize("shape", DIT_ROW_SHAPES, ids=str)
+def test_keep_x_recomputes_r_bit_for_bit(shape, dtypes):
+    # compiled, each backend's forward and backward must round r = x + gate * y alike (one FMA)
+    inputs = keep_x_inputs(*shape, dtypes, "cuda")
+    grad_out = [torch.randn(shape, dtype=dtypes[0], device="cuda") for _ in range(2)]
+    kept = run_op(partial(ops.gated_residual_modulate_layer_norm, keep_x=True), inputs, grad_out)
+    plain = run_op(ops.gated_residual_modulate_layer_norm, inputs, grad_out)
+    for a, b in zip([*kept[0], *kept[1]], [*plain[0], *plain[1]]):
+        assert torch.equal(a, b)
 
 
 @KERNEL_FIXTURES
