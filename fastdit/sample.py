@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _args
+from . import _args, pretrained
 from ._dist import init_distributed
 from ._registry import model_from_checkpoint, model_name
 from ._util import (
@@ -365,26 +365,31 @@ def _check_agrees_with_checkpoint(obj, ckpt, **given):
 
 
 def add_common_arguments(p):
+    names = " or ".join(pretrained.PRETRAINED)
     p.add_argument(
         "--ckpt",
-        required=True,
-        help="fastdit checkpoint or run folder (its latest checkpoint), or an "
-        "official DiT checkpoint with --model and --image-size; required",
+        help="fastdit checkpoint or run folder (its latest checkpoint), or an official DiT checkpoint "
+        f"with --model and --image-size, or {names} (DiT's pretrained models: read from "
+        f"{pretrained.FOLDER}/, downloaded there first if absent); default: the pretrained DiT-XL/2 "
+        "of --image-size, as DiT's scripts",
     )
     p.add_argument(
         "--model",
         type=model_name,
-        help="for official checkpoints: the DiT config name, e.g. DiT-XL/2; default: the checkpoint's",
+        help="for official checkpoints: the DiT config name, e.g. DiT-XL/2; default: the checkpoint's "
+        "(without --ckpt: DiT-XL/2)",
     )
     p.add_argument(
-        "--image-size", type=_args.positive, help="for official checkpoints: 256 or 512; default: the checkpoint's"
+        "--image-size",
+        type=_args.positive,
+        help="for official checkpoints: 256 or 512; default: the checkpoint's (without --ckpt: 256)",
     )
     p.add_argument("--num-classes", type=_args.positive, help="for official checkpoints; default 1000")
     p.add_argument(
         "--vae",
         help="VAE for latent models: ema | mse | a hub id | a local diffusers AutoencoderKL folder | "
         "a fastdit VAE checkpoint; default: the one recorded in the checkpoint (another must "
-        "have the same weights)",
+        "have the same weights); for DiT's pretrained models mse (sample-ddp: ema), as DiT's scripts",
     )
     p.add_argument(
         "--weights", choices=["ema", "model"], default="ema", help="which weights of a fastdit checkpoint; default ema"
@@ -407,12 +412,14 @@ def add_common_arguments(p):
     )
     p.add_argument(
         "--steps",
+        "--num-sampling-steps",  # DiT's name
         type=_args.integer(2),
         default=250,
         help="sampling steps, at least 2, at most the model's diffusion steps; default 250",
     )
     p.add_argument(
         "--seed",
+        "--global-seed",  # sample_ddp.py's name
         type=_args.seed,
         default=0,
         help="seed of the initial noise; default 0 (sample-ddp: rank r uses seed * world_size + r, as DiT)",
@@ -457,7 +464,13 @@ def add_arguments(p):
 
 def add_ddp_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--num-samples", type=_args.positive, default=50_000, help="total samples; default 50000 (FID-50K)")
+    p.add_argument(
+        "--num-samples",
+        "--num-fid-samples",  # DiT's name
+        type=_args.positive,
+        default=50_000,
+        help="total samples; default 50000 (FID-50K)",
+    )
     p.add_argument(
         "--per-proc-batch-size", type=_args.positive, default=32, help="images per process and batch; default 32"
     )
@@ -483,8 +496,34 @@ def default_out(args, cfg_scale, suffix):
     return str(Path("runs") / "samples" / f"{name}-{args.sampler}{args.steps}-cfg{cfg_scale:g}-seed{args.seed}{suffix}")
 
 
-def _prepare(args, dist, seed):
+def use_pretrained(args, dist, default_vae):
+    """Where --ckpt is absent or names one of DiT's pretrained checkpoints (fastdit.pretrained): set
+    args.ckpt to its local file (each node's local rank 0 downloads it, the others wait) and fill in
+    --model, --image-size and --vae (default_vae: the default of the DiT script this command mirrors)."""
+    if args.ckpt is None:
+        name = pretrained.name_for(args.model or "DiT-XL/2", args.image_size or 256)
+    elif Path(args.ckpt).name in pretrained.PRETRAINED and (
+        Path(args.ckpt).is_file() or Path(args.ckpt).name == args.ckpt
+    ):
+        name = Path(args.ckpt).name
+    else:
+        return
+    model, image_size = pretrained.PRETRAINED[name]
+    for flag, given, wanted in (("--model", args.model, model), ("--image-size", args.image_size, image_size)):
+        if given not in (None, wanted):
+            raise UsageError(f"{flag} {given} contradicts {name}, DiT's pretrained {model} at {image_size}")
+    args.model, args.image_size, args.vae = model, image_size, args.vae or default_vae
+    if args.ckpt is not None and Path(args.ckpt).is_file():
+        return
+    if dist.local_rank == 0:  # each node's first process downloads, the others wait
+        pretrained.fetch(name)
+    dist.barrier()
+    args.ckpt = str(pretrained.fetch(name, download=False))
+
+
+def _prepare(args, dist, seed, default_vae):
     """The Loaded model and the CFG channels; the sampler's settings checked before any sampling."""
+    use_pretrained(args, dist, default_vae)
     torch.manual_seed(seed)  # before the model is built, as DiT's scripts
     loaded = load_sampler_model(
         args.ckpt, args.model, args.image_size, args.num_classes, args.vae, args.weights, dist.device
@@ -506,7 +545,7 @@ def sample(args):
     large images)."""
     dist = init_distributed(args.device)
     try:
-        loaded, cfg_channels = _prepare(args, dist, args.seed)
+        loaded, cfg_channels = _prepare(args, dist, args.seed, default_vae="mse")  # DiT sample.py's VAE
         model, names = loaded.model, loaded.classes
         num_classes = model.num_classes
         if args.classes and num_classes == 0:
@@ -554,7 +593,7 @@ def sample_ddp(args):
     dist = init_distributed(args.device)
     try:
         # DiT sample_ddp.py's per-rank seed, set before the model is built
-        loaded, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank)
+        loaded, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank, default_vae="ema")
         model = loaded.model
         if args.cfg_scale is not None:
             cfg_scale = args.cfg_scale

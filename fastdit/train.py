@@ -127,6 +127,7 @@ def add_arguments(p):
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--data",
+        "--data-path",  # DiT's name
         help="image folder: one sub-folder per class (center crop, random flips); "
         "mnist:DIR (IDX files) or cifar10:DIR (cifar-10-batches-py); default: the "
         "embedded digits (the main job)",
@@ -257,7 +258,12 @@ def add_arguments(p):
         help="channels CFG guides: paper = the first 3 (DiT's), all; default paper with >= 3 channels, else all",
     )
     p.add_argument("--log-every", type=_args.positive, help="log every N steps; default 100")
-    p.add_argument("--seed", type=_args.seed, help="global seed; rank r uses seed * world_size + r as DiT; default 0")
+    p.add_argument(
+        "--seed",
+        "--global-seed",  # DiT's name
+        type=_args.seed,
+        help="global seed; rank r uses seed * world_size + r as DiT; default 0",
+    )
     p.add_argument("--num-workers", type=_args.non_negative, help="data loader worker processes; default 0")
     p.add_argument(
         "--diffusion-steps",

@@ -7,11 +7,13 @@ import pytest
 import torch
 from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
 from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+from _vae_helpers import sd_vae  # noqa: F401 (a fixture)
 from PIL import Image
 
 import fastdit
-from fastdit import DiT, sample, train
+from fastdit import DiT, pretrained, sample, train
 from fastdit._util import UsageError
+from fastdit.cli import build_parser
 from fastdit.cli import main as cli
 
 
@@ -288,3 +290,75 @@ def test_cuda_graph_replay_equals_eager_steps(name):
             results.append(run(y, z=z))
         torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
     assert len(graphs.loops) == 1 and all(loop.graph is not None for loop in graphs.loops.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT's pretrained checkpoints (fastdit.pretrained): found, or downloaded once, as DiT's scripts do
+
+
+@pytest.fixture
+def fake_pretrained(tmp_path, monkeypatch):
+    """A working directory whose pretrained models are a tiny 'DiT-Tiny-2-32x32.pt', and a stand-in for
+    the download (offline): it writes that official-format state dict and records each URL it fetches."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pretrained, "PRETRAINED", {"DiT-Tiny-2-32x32.pt": ("DiT-Tiny/2", 32)})
+    urls = []
+
+    def download(url, dst, progress=True):
+        urls.append(url)
+        torch.save(fastdit.DiT_models["DiT-Tiny/2"](input_size=4).state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    return urls
+
+
+def test_sample_without_ckpt_downloads_the_pretrained_model_once(fake_pretrained, sd_vae, tmp_path):
+    args = ["--model", "DiT-Tiny/2", "--image-size", "32", "--vae", sd_vae, "--steps", "2"]
+    grid = ["--classes", "1,2", "--per-class", "1"]
+    assert cli(["sample", *args, *grid, "--out", str(tmp_path / "a.png")]) == 0
+    assert fake_pretrained == ["https://dl.fbaipublicfiles.com/DiT/models/DiT-Tiny-2-32x32.pt"]
+    assert (tmp_path / "pretrained_models" / "DiT-Tiny-2-32x32.pt").is_file()
+    # again, and by its name (with the model and size it implies): the file already there, no download
+    assert cli(["sample", *args, *grid, "--out", str(tmp_path / "b.png")]) == 0
+    assert cli(["sample-ddp", "--ckpt", "DiT-Tiny-2-32x32.pt", "--vae", sd_vae, "--steps", "2",
+                "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--out", str(tmp_path / "c.npz")]) == 0  # fmt: skip
+    assert len(fake_pretrained) == 1
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    assert np.load(tmp_path / "c.npz")["arr_0"].shape[0] == 2
+
+
+def test_pretrained_defaults_follow_dits_scripts(fake_pretrained, monkeypatch):
+    monkeypatch.setattr(pretrained, "PRETRAINED", {"DiT-XL-2-256x256.pt": ("DiT-XL/2", 256)})
+    one = type("Dist", (), {"local_rank": 0, "barrier": lambda self: None})()
+    args = build_parser().parse_args(["sample"])  # no --ckpt: DiT-XL/2 at 256, sample.py's VAE
+    sample.use_pretrained(args, one, default_vae="mse")
+    assert (args.ckpt, args.model, args.image_size, args.vae) == (
+        str(Path("pretrained_models", "DiT-XL-2-256x256.pt")), "DiT-XL/2", 256, "mse"
+    )  # fmt: skip
+    assert fake_pretrained == ["https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"]
+
+
+def test_pretrained_errors(fake_pretrained, monkeypatch, tmp_path, capsys):
+    assert cli(["sample", "--model", "DiT-S/2"]) == 2  # no pretrained DiT-S/2
+    assert cli(["sample", "--ckpt", "DiT-Tiny-2-32x32.pt", "--image-size", "64"]) == 2
+    assert fake_pretrained == []
+
+    def offline(url, dst, progress=True):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert cli(["sample", "--model", "DiT-Tiny/2", "--image-size", "32"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastdit")]
+    assert "there is none for DiT-S/2 at --image-size 256: give --ckpt" in err[0]
+    assert "--image-size 64 contradicts DiT-Tiny-2-32x32.pt, DiT's pretrained DiT-Tiny/2 at 32" in err[1]
+    assert "could not download https://dl.fbaipublicfiles.com/DiT/models/DiT-Tiny-2-32x32.pt" in err[2]
+    assert "put the file at pretrained_models/DiT-Tiny-2-32x32.pt yourself" in err[2]
+    assert not (tmp_path / "pretrained_models").exists()  # nothing half-written left behind
+
+
+def test_dits_flag_names_are_accepted():
+    parse = build_parser().parse_args
+    args = parse(["sample-ddp", "--num-sampling-steps", "7", "--global-seed", "3", "--num-fid-samples", "9"])
+    assert (args.steps, args.seed, args.num_samples) == (7, 3, 9)
+    args = parse(["train", "--data-path", "imgs", "--global-seed", "5"])
+    assert (args.data, args.seed) == ("imgs", 5)
