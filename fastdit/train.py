@@ -98,7 +98,7 @@ FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
 # DiT's linear betas end at 0.02 * 1000 / T, which must stay below 1 (the last step keeping some signal).
 MIN_DIFFUSION_STEPS = 21
 # Not taken from a resumed checkpoint: they describe this machine, not the run.
-MACHINE_ARGS = ("resume", "out", "device", "num_workers", "compile")
+MACHINE_ARGS = ("resume", "out", "results_dir", "data_path", "device", "num_workers", "compile")
 # A resumed run keeps these: other values would not continue the same run (or fit its weights).
 KEPT_ON_RESUME = (
     "model",
@@ -127,7 +127,6 @@ def add_arguments(p):
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--data",
-        "--data-path",  # DiT's name
         help="image folder: one sub-folder per class (center crop, random flips); "
         "mnist:DIR (IDX files) or cifar10:DIR (cifar-10-batches-py); default: the "
         "embedded digits (the main job)",
@@ -135,11 +134,17 @@ def add_arguments(p):
     src.add_argument(
         "--latents", help="latents folder from `fastdit latents` (latent-space training, streamed); default: none"
     )
+    src.add_argument(
+        "--data-path",
+        metavar="DIR",
+        help="DiT's train.py flag, with DiT's defaults: --data DIR and --vae ema unless --vae is given "
+        "(latent space, --image-size 256); default: none",
+    )
     p.add_argument(
         "--vae",
         help="with --data: encode images on the fly with this VAE (see `fastdit latents --help`) "
         "and train in latent space; with --latents: the VAE that decodes the sample grids; "
-        "default: none with --data (pixel space), the one the latents were encoded with "
+        "default: none with --data (pixel space), ema with --data-path (DiT's), the one the latents were encoded with "
         "(another must have the same weights)",
     )
     p.add_argument(
@@ -282,10 +287,17 @@ def add_arguments(p):
         help="random horizontal flips; default on for image folders, off for the digits",
     )
     _args.add_device(p, default=None)
-    p.add_argument(
+    out = p.add_mutually_exclusive_group()
+    out.add_argument(
         "--out",
         type=_args.output_folder,
         help="run folder; default runs/<data>-<model>-<time>, or the resumed run's folder",
+    )
+    out.add_argument(
+        "--results-dir",
+        type=_args.output_folder,
+        help="DiT's train.py flag: a new run folder DIR/NNN-<model>, NNN the number of entries DIR "
+        "holds (or the next one free), instead of --out; default: none",
     )
     add_fid_arguments(p)
 
@@ -399,6 +411,16 @@ def default_image_size(a):
     if named:
         return datasets.PRESETS[named[0]]["image_size"]
     return 32 if a.vae is None else 256
+
+
+def numbered_run_folder(results_dir, model):
+    """DiT's train.py run folder: results_dir/NNN-<model>, NNN the number of entries results_dir holds,
+    or the next number no entry starts with (DiT's count alone would reuse one after a deletion)."""
+    root = Path(results_dir)
+    index = len(list(root.iterdir())) if root.is_dir() else 0
+    while any(root.glob(f"{index:03d}-*")):
+        index += 1
+    return root / f"{index:03d}-{model.replace('/', '-')}"
 
 
 def check_run_folder(out, resumed_run=None):
@@ -853,6 +875,8 @@ class Trainer:
         a = self.args
         if a.out:
             return Path(a.out)
+        if a.results_dir:
+            return numbered_run_folder(a.results_dir, a.model)
         if self._resumed_run() is not None:
             return self._resumed_run()
         name = "digits" if a.data is None and a.latents is None else self.dataset.name
@@ -1216,6 +1240,8 @@ def plot_loss_curve(records, path, title):
 
 def run(args):
     """Train with parsed arguments (unset options resolved from --resume or the presets)."""
+    if getattr(args, "data_path", None) is not None:  # DiT's flag, with DiT's VAE
+        args.data, args.vae, args.data_path = args.data_path, args.vae or "ema", None
     if args.model is not None:
         check_model_name(args.model)  # before any process group or data: the cheapest error first
     if args.num_classes == 0 and args.cfg_scale not in (None, 1.0):

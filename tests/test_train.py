@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -517,3 +518,28 @@ def test_a_run_on_relative_paths_resumes_from_another_working_directory(tmp_path
     more = train.main(["--resume", "work/run", "--steps", "2"])
     assert len(more.losses) == 1
     assert torch.load(more.checkpoint, weights_only=True)["data"]["size"] == 4
+
+
+def test_dits_train_flags_keep_dits_meaning(tmp_path, monkeypatch):
+    """--data-path is DiT's --data with DiT's VAE (ema) unless --vae is given; --results-dir makes DiT's
+    numbered run folders, the next free number after a deletion; neither is kept by --resume."""
+    seen = []
+
+    def trainer(args):  # what the trainer would be given
+        seen.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "Trainer", trainer)
+    for argv in (["--data-path", "imgs"], ["--data-path", "imgs", "--vae", "mse"]):
+        with pytest.raises(KeyboardInterrupt):
+            train.run(train.parse_args(argv))
+    assert [(a.data, a.vae, a.data_path) for a in seen] == [("imgs", "ema", None), ("imgs", "mse", None)]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    runs = [train.main(FAST + ["--steps", "1", "--results-dir", "results"]) for _ in range(2)]
+    Path(runs[0].out).rename(tmp_path / "elsewhere")  # DiT's count alone (1 entry) would reuse 001-
+    runs.append(train.main(FAST + ["--steps", "1", "--results-dir", "results"]))
+    model = torch.load(runs[1].checkpoint, weights_only=True)["model_name"].replace("/", "-")
+    assert [Path(r.out).name for r in runs] == [f"000-{model}", f"001-{model}", f"002-{model}"]
+    resumed = train.main(["--resume", runs[2].out, "--steps", "2"])  # its own folder, not a new number
+    assert Path(resumed.out).resolve() == Path(runs[2].out).resolve() and len(resumed.losses) == 1
