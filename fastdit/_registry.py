@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from . import pretrained
 from ._util import UsageError, find_checkpoint
 from .checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from .models import DiT, DiT_models
@@ -60,12 +61,21 @@ def load_model(path, model=None, weights="ema", device="cpu", **kwargs):
     A `fastdit train` checkpoint (or its run folder: the latest checkpoint) records its model's config,
     so `fastdit.load_model("runs/digits")` is all it takes; weights="ema" (default) or "model" picks
     the EMA or the trained weights. Checkpoints without a config (official releases, DiT train.py)
-    need the config's name and its arguments: `load_model("DiT-XL-2-256x256.pt", "DiT-XL/2", input_size=32)`.
+    need the config's name and its arguments: `load_model("official.pt", "DiT-XL/2", input_size=32)`,
+    except DiT's pretrained ones (fastdit.pretrained), which their names imply: `load_model(
+    "DiT-XL-2-256x256.pt")` reads pretrained_models/DiT-XL-2-256x256.pt, downloaded first if absent
+    (as DiT's find_model), unless that name is a file here.
     Building the model draws initial weights from torch's RNG first, as DiT's sample.py does.
     Raises FileNotFoundError, or CheckpointError (a ValueError) saying what does not fit.
     """
     if Path(path).is_dir():
         path = find_checkpoint(path, "checkpoint folder")
+    name = pretrained.named(path)
+    if name is not None:
+        path = path if Path(path).is_file() else pretrained.fetch(name)
+        if model is None:
+            model, image_size = pretrained.PRETRAINED[name]
+            kwargs.setdefault("input_size", image_size // 8)
     return model_from_checkpoint(read_checkpoint(path), str(path), model, weights, **kwargs).to(device)
 
 

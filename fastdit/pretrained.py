@@ -34,6 +34,13 @@ def name_for(model, image_size):
     )
 
 
+def named(path):
+    """The pretrained checkpoint that `path` names, or None: one of PRETRAINED, as a bare name or as an
+    existing file of that name."""
+    p = Path(path)
+    return p.name if p.name in PRETRAINED and (p.is_file() or p.name == str(path)) else None
+
+
 def fetch(name, download=True):
     """The local path of pretrained checkpoint `name`: FOLDER/name, downloaded first if absent (with
     download=False, a UsageError instead: a rank that waits for another to download)."""

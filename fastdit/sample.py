@@ -502,11 +502,9 @@ def use_pretrained(args, dist, default_vae):
     --model, --image-size and --vae (default_vae: the default of the DiT script this command mirrors)."""
     if args.ckpt is None:
         name = pretrained.name_for(args.model or "DiT-XL/2", args.image_size or 256)
-    elif Path(args.ckpt).name in pretrained.PRETRAINED and (
-        Path(args.ckpt).is_file() or Path(args.ckpt).name == args.ckpt
-    ):
-        name = Path(args.ckpt).name
     else:
+        name = pretrained.named(args.ckpt)
+    if name is None:
         return
     model, image_size = pretrained.PRETRAINED[name]
     for flag, given, wanted in (("--model", args.model, model), ("--image-size", args.image_size, image_size)):

@@ -322,6 +322,7 @@ def test_sample_without_ckpt_downloads_the_pretrained_model_once(fake_pretrained
     assert cli(["sample", *args, *grid, "--out", str(tmp_path / "b.png")]) == 0
     assert cli(["sample-ddp", "--ckpt", "DiT-Tiny-2-32x32.pt", "--vae", sd_vae, "--steps", "2",
                 "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--out", str(tmp_path / "c.npz")]) == 0  # fmt: skip
+    assert fastdit.load_model("DiT-Tiny-2-32x32.pt").x_embedder.img_size == (4, 4)  # the model its name implies
     assert len(fake_pretrained) == 1
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     assert np.load(tmp_path / "c.npz")["arr_0"].shape[0] == 2
