@@ -98,6 +98,17 @@ def output_file(suffixes, what):
     return parse
 
 
+def add_tf32(parser, default, when):
+    """--tf32/--no-tf32: float32 matmuls and convolutions on TF32 tensor cores on CUDA (DiT's scripts' setting)."""
+    parser.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="on CUDA, run float32 matmuls and convolutions on TF32 tensor cores (faster; products "
+        f"rounded to TF32's 10-bit mantissa), as DiT's scripts do; default {when}",
+    )
+
+
 def add_device(parser, per_rank=True, default="auto"):
     """--device, the same in every command; per_rank: under torchrun each process takes its LOCAL_RANK's GPU."""
     gpu = "cuda:LOCAL_RANK" if per_rank else "cuda"

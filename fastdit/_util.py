@@ -238,6 +238,22 @@ def save_figure(fig, path):
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+@contextlib.contextmanager
+def tf32(enabled, device):
+    """On a CUDA `device`, float32 matmuls and convolutions on TF32 tensor cores inside the block, or
+    not (enabled False), as DiT's scripts set them (both on), the previous settings restored after it.
+    On other devices nothing changes: the CPU's float32 stays float32."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def amp_forward(fn, device_type, dtype):
     """fn run under torch.autocast(dtype) with a float32 result (so losses and sampler math stay fp32); dtype None: fn."""
     if dtype is None:

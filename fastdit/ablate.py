@@ -28,7 +28,7 @@ from .models import BLOCKS
 def add_arguments(p):
     train.add_arguments(p)
     for action in p._actions:  # train's options, as ablate takes them
-        if action.dest in ("resume", "block"):
+        if action.dest in ("resume", "block", "results_dir"):
             action.help = argparse.SUPPRESS  # refused below: ablate starts one run per design of --blocks
         elif action.dest == "out":
             action.help = (
@@ -65,6 +65,9 @@ def ablate(args):
     designs = parse_blocks(args.blocks)
     if args.resume or args.block:
         raise UsageError("--resume and --block do not apply to ablate: it starts one run per design of --blocks")
+    if args.results_dir:
+        raise UsageError("--results-dir does not apply to ablate: its runs go into one folder, --out")
+    train.dits_data_path(args)
     out = Path(args.out or f"runs/ablate-{data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = []
     for design in designs:

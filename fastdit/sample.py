@@ -8,6 +8,7 @@ seed, then the model is built, then z ~ N(0, I) (doubled with the null class und
 """
 
 import argparse
+import functools
 import math
 import shutil
 import time
@@ -29,6 +30,7 @@ from ._util import (
     find_checkpoint,
     load_plain,
     save_grid,
+    tf32,
     to_uint8,
 )
 from .checkpoint import CheckpointError
@@ -437,6 +439,7 @@ def add_common_arguments(p):
         help="capture the whole denoising step (model, guidance, update) once per batch shape in a CUDA "
         "graph and replay it for every step; default on with CUDA",
     )
+    _args.add_tf32(p, default=True, when="on")
     _args.add_device(p)
 
 
@@ -538,94 +541,104 @@ def _prepare(args, dist, seed, default_vae):
     return loaded, cfg_channels
 
 
-def sample(args):
+def _command(work):
+    """A sampling command, command(args): work(args, dist) inside its process group (init_distributed)
+    with TF32 as --tf32 says, both undone after it."""
+
+    @functools.wraps(work)
+    def command(args):
+        dist = init_distributed(args.device)
+        try:
+            with tf32(args.tf32, dist.device):
+                return work(args, dist)
+        finally:
+            dist.close()
+
+    return command
+
+
+@_command
+def sample(args, dist):
     """fastdit sample: one image grid, a row per class, labelled (an unconditional model: 10 rows, or 2 for
     large images)."""
-    dist = init_distributed(args.device)
-    try:
-        loaded, cfg_channels = _prepare(args, dist, args.seed, default_vae="mse")  # DiT sample.py's VAE
-        model, names = loaded.model, loaded.classes
-        num_classes = model.num_classes
-        if args.classes and num_classes == 0:
-            raise UsageError("--classes: the model is unconditional (trained with --num-classes 0)")
-        if args.classes:
-            if any(c >= num_classes for c in args.classes):
-                raise UsageError(
-                    f"--classes must be in [0, {num_classes}) for this model, got {','.join(map(str, args.classes))}"
-                )
-            per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
-            labels = [c for c in args.classes for _ in range(per)]
-        else:
-            labels, per = grid_labels(num_classes, model.x_embedder.img_size[0], args.per_class)
-        guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
-        cfg_scale = (4.0 if guided else 1.0) if args.cfg_scale is None else args.cfg_scale
-        out = args.out or default_out(args, cfg_scale, ".png")
-        t0 = time.time()
-        images = generate(
-            model,
-            labels,
-            cfg_scale=cfg_scale,
-            use_cfg=guided,
-            cfg_channels=cfg_channels,
-            sampler=args.sampler,
-            steps=args.steps,
-            device=dist.device,
-            codec=loaded.codec,
-            precision=args.precision,
-            compile=args.compile,
-            cuda_graphs=args.cuda_graphs,
-            progress=True,
-            diffusion_steps=loaded.diffusion_steps,
-        )
-        if dist.is_main:
-            row_labels = [names[c] if names else c for c in labels] if num_classes else None
-            save_grid(images, out, nrow=per, labels=row_labels)
-            print(f"sampled {len(images)} images in {time.time() - t0:.1f}s -> {out}")
-        return out
-    finally:
-        dist.close()
-
-
-def sample_ddp(args):
-    """fastdit sample-ddp: every rank samples its share with seed * world_size + rank; rank 0 writes the .npz."""
-    dist = init_distributed(args.device)
-    try:
-        # DiT sample_ddp.py's per-rank seed, set before the model is built
-        loaded, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank, default_vae="ema")
-        model = loaded.model
-        if args.cfg_scale is not None:
-            cfg_scale = args.cfg_scale
-        else:  # DiT's sample_ddp.py default; an unconditional model has nothing to guide
-            cfg_scale = 1.5 if model.num_classes else 1.0
-        if cfg_scale > 1 and not has_null_class(model):
+    loaded, cfg_channels = _prepare(args, dist, args.seed, default_vae="mse")  # DiT sample.py's VAE
+    model, names = loaded.model, loaded.classes
+    num_classes = model.num_classes
+    if args.classes and num_classes == 0:
+        raise UsageError("--classes: the model is unconditional (trained with --num-classes 0)")
+    if args.classes:
+        if any(c >= num_classes for c in args.classes):
             raise UsageError(
-                f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (it has no null "
-                f"class): use --cfg-scale 1"
+                f"--classes must be in [0, {num_classes}) for this model, got {','.join(map(str, args.classes))}"
             )
-        out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
-        global_batch = args.per_proc_batch_size * dist.world_size
-        total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
-        num_classes = model.num_classes
-        shards = out.parent / f".{out.name}.shards"
+        per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
+        labels = [c for c in args.classes for _ in range(per)]
+    else:
+        labels, per = grid_labels(num_classes, model.x_embedder.img_size[0], args.per_class)
+    guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
+    cfg_scale = (4.0 if guided else 1.0) if args.cfg_scale is None else args.cfg_scale
+    out = args.out or default_out(args, cfg_scale, ".png")
+    t0 = time.time()
+    images = generate(
+        model,
+        labels,
+        cfg_scale=cfg_scale,
+        use_cfg=guided,
+        cfg_channels=cfg_channels,
+        sampler=args.sampler,
+        steps=args.steps,
+        device=dist.device,
+        codec=loaded.codec,
+        precision=args.precision,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        progress=True,
+        diffusion_steps=loaded.diffusion_steps,
+    )
+    if dist.is_main:
+        row_labels = [names[c] if names else c for c in labels] if num_classes else None
+        save_grid(images, out, nrow=per, labels=row_labels)
+        print(f"sampled {len(images)} images in {time.time() - t0:.1f}s -> {out}")
+    return out
+
+
+@_command
+def sample_ddp(args, dist):
+    """fastdit sample-ddp: every rank samples its share with seed * world_size + rank; rank 0 writes the .npz."""
+    # DiT sample_ddp.py's per-rank seed, set before the model is built
+    loaded, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank, default_vae="ema")
+    model = loaded.model
+    if args.cfg_scale is not None:
+        cfg_scale = args.cfg_scale
+    else:  # DiT's sample_ddp.py default; an unconditional model has nothing to guide
+        cfg_scale = 1.5 if model.num_classes else 1.0
+    if cfg_scale > 1 and not has_null_class(model):
+        raise UsageError(
+            f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (it has no null "
+            f"class): use --cfg-scale 1"
+        )
+    out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
+    global_batch = args.per_proc_batch_size * dist.world_size
+    total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
+    num_classes = model.num_classes
+    shards = out.parent / f".{out.name}.shards"
+    if dist.is_main:
+        shutil.rmtree(shards, ignore_errors=True)
+        shards.mkdir(parents=True)
+    dist.barrier()
+    try:
+        _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, total // global_batch, num_classes, shards)
+        dist.barrier()
+        if dist.is_main:
+            arr = np.concatenate([np.load(shards / f"rank{r:05d}.npy") for r in range(dist.world_size)])
+            arr = arr[: args.num_samples]
+            atomic_write(out, lambda f: np.savez(f, arr_0=arr))
+            print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
+    finally:  # the shards are scratch space, also when a rank fails
         if dist.is_main:
             shutil.rmtree(shards, ignore_errors=True)
-            shards.mkdir(parents=True)
-        dist.barrier()
-        try:
-            _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, total // global_batch, num_classes, shards)
-            dist.barrier()
-            if dist.is_main:
-                arr = np.concatenate([np.load(shards / f"rank{r:05d}.npy") for r in range(dist.world_size)])
-                arr = arr[: args.num_samples]
-                atomic_write(out, lambda f: np.savez(f, arr_0=arr))
-                print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
-        finally:  # the shards are scratch space, also when a rank fails
-            if dist.is_main:
-                shutil.rmtree(shards, ignore_errors=True)
-        dist.barrier()
-        return str(out)
-    finally:
-        dist.close()
+    dist.barrier()
+    return str(out)
 
 
 def _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, batches, num_classes, shards):

@@ -286,6 +286,7 @@ def add_arguments(p):
         action=argparse.BooleanOptionalAction,
         help="random horizontal flips; default on for image folders, off for the digits",
     )
+    _args.add_tf32(p, default=None, when="on for a new run (DiT's train.py sets it), a resumed run's own")
     _args.add_device(p, default=None)
     out = p.add_mutually_exclusive_group()
     out.add_argument(
@@ -631,6 +632,8 @@ class Trainer:
                 )
             saved = self.ckpt["args"]
         a = self.args = absolute_paths(merge_args(args, saved, self.ckpt["model_config"] if self.ckpt else None))
+        if a.tf32 is None:  # runs saved before --tf32 existed ran without it: resumed, they go on so
+            a.tf32 = self.ckpt is None
         if a.vae and not (a.data or a.latents):
             raise UsageError("--vae needs --data (images encoded on the fly) or --latents (the VAE that decodes them)")
         if a.out is not None:
@@ -1238,10 +1241,16 @@ def plot_loss_curve(records, path, title):
     return _util.save_figure(fig, path)
 
 
+def dits_data_path(args):
+    """DiT's --data-path DIR in fastdit's terms: --data DIR, with DiT's VAE (ema) unless --vae is given."""
+    if getattr(args, "data_path", None) is not None:
+        args.data, args.vae, args.data_path = args.data_path, args.vae or "ema", None
+    return args
+
+
 def run(args):
     """Train with parsed arguments (unset options resolved from --resume or the presets)."""
-    if getattr(args, "data_path", None) is not None:  # DiT's flag, with DiT's VAE
-        args.data, args.vae, args.data_path = args.data_path, args.vae or "ema", None
+    dits_data_path(args)
     if args.model is not None:
         check_model_name(args.model)  # before any process group or data: the cheapest error first
     if args.num_classes == 0 and args.cfg_scale not in (None, 1.0):
@@ -1255,7 +1264,8 @@ def run(args):
         )
     trainer = Trainer(args)
     try:
-        return trainer.fit()
+        with _util.tf32(trainer.args.tf32, trainer.device):
+            return trainer.fit()
     finally:
         trainer.close()
 

@@ -30,6 +30,7 @@ def test_ablate_and_block_errors(capsys):
         (["ablate", "--blocks", "adaLN,film"], "--blocks must be a comma-separated list of"),
         (["ablate", "--blocks", "adaLN,adaLN"], "--blocks names a design twice"),
         (["ablate", "--block", "adaLN"], "--resume and --block do not apply to ablate"),
+        (["ablate", "--results-dir", "results"], "--results-dir does not apply to ablate"),
     ):
         assert cli(argv) == 2
         assert message in capsys.readouterr().err

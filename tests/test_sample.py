@@ -1,5 +1,6 @@
 """fastdit sample (PNG grid) and fastdit sample-ddp (ADM .npz) from a tiny checkpoint."""
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -363,3 +364,18 @@ def test_dits_flag_names_are_accepted():
     assert (args.steps, args.seed, args.num_samples) == (7, 3, 9)
     args = parse(["train", "--global-seed", "5"])  # train's --data-path and --results-dir: tests/test_train.py
     assert args.seed == 5
+
+
+def test_sampling_runs_tf32_as_dits_scripts_unless_told(ckpt, tmp_path, monkeypatch):
+    used = []
+
+    @contextlib.contextmanager
+    def tf32(enabled, device):
+        used.append((enabled, str(device)))
+        yield
+
+    monkeypatch.setattr(sample, "tf32", tf32)
+    args = ["--ckpt", ckpt, "--steps", "2"]
+    assert cli(["sample", *args, "--classes", "1", "--per-class", "1", "--out", str(tmp_path / "a.png")]) == 0
+    assert cli(["sample-ddp", *args, "--num-samples", "2", "--no-tf32", "--out", str(tmp_path / "a.npz")]) == 0
+    assert used == [(True, "cpu"), (False, "cpu")]

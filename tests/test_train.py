@@ -2,6 +2,7 @@
 --deterministic, the defaults that follow the data, the progress bar and logs."""
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -543,3 +544,34 @@ def test_dits_train_flags_keep_dits_meaning(tmp_path, monkeypatch):
     assert [Path(r.out).name for r in runs] == [f"000-{model}", f"001-{model}", f"002-{model}"]
     resumed = train.main(["--resume", runs[2].out, "--steps", "2"])  # its own folder, not a new number
     assert Path(resumed.out).resolve() == Path(runs[2].out).resolve() and len(resumed.losses) == 1
+
+
+def test_tf32_as_dits_scripts_on_cuda_only_and_restored():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for enabled in (True, False):
+        with _util.tf32(enabled, "cuda"):  # the flags alone: no GPU needed to set them
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with _util.tf32(True, "cpu"):  # the CPU's float32 stays float32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_tf32_is_on_for_new_runs_and_a_resumed_run_keeps_its_own(tmp_path, monkeypatch):
+    used = []
+
+    @contextlib.contextmanager
+    def tf32(enabled, device):
+        used.append(enabled)
+        yield
+
+    monkeypatch.setattr(_util, "tf32", tf32)
+    run = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "a")])
+    off = train.main(FAST + ["--steps", "1", "--no-tf32", "--out", str(tmp_path / "b")])
+    train.main(["--resume", off.out, "--steps", "2"])
+    stored = [torch.load(r.checkpoint, weights_only=True)["args"]["tf32"] for r in (run, off)]
+    # a run from before --tf32 (no such key): resumed, it goes on without TF32, as it ran
+    old = torch.load(run.checkpoint, weights_only=True)
+    del old["args"]["tf32"]
+    torch.save(old, tmp_path / "a" / "checkpoints" / "0000001.pt")
+    train.main(["--resume", run.out, "--steps", "2"])
+    assert stored == [True, False] and used == [True, False, False, False]
