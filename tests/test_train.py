@@ -575,3 +575,9 @@ def test_tf32_is_on_for_new_runs_and_a_resumed_run_keeps_its_own(tmp_path, monke
     torch.save(old, tmp_path / "a" / "checkpoints" / "0000001.pt")
     train.main(["--resume", run.out, "--steps", "2"])
     assert stored == [True, False] and used == [True, False, False, False]
+
+
+def test_data_loader_workers_default_to_dits_for_image_folders_on_cuda(tmp_path):
+    assert train.default_num_workers(str(tmp_path), torch.device("cuda", 0)) == 4  # DiT's --num-workers
+    for data, device in ((str(tmp_path), "cpu"), (None, "cuda"), (f"mnist:{tmp_path}", "cuda")):
+        assert train.default_num_workers(data, torch.device(device)) == 0
