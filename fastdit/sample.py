@@ -10,7 +10,7 @@ seed, then the model is built, then z ~ N(0, I) (doubled with the null class und
 import argparse
 import functools
 import math
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 
 from . import _args, pretrained
 from ._dist import init_distributed
+from ._parts import Parts
 from ._registry import model_from_checkpoint, model_name
 from ._util import (
     IMAGE_FORMATS,
@@ -485,8 +486,9 @@ def add_ddp_arguments(p):
     p.add_argument(
         "--out",
         type=_args.output_file((".npz",), "the samples file"),
-        help="the .npz to write (arr_0: uint8 (N, H, W, C)); default "
-        "runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<num-samples>.npz",
+        help="the .npz to write (arr_0: uint8 (N, H, W, C), in DiT's order); until it is written, finished "
+        "batches are kept in .<out>.parts/ beside it, and the same command continues from them after a crash; "
+        "default runs/samples/<checkpoint>-<sampler><steps>-cfg<scale>-seed<seed>-n<num-samples>.npz",
     )
 
 
@@ -619,33 +621,7 @@ def sample_ddp(args, dist):
         )
     out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
     global_batch = args.per_proc_batch_size * dist.world_size
-    total = math.ceil(args.num_samples / global_batch) * global_batch  # DiT: rounded up, trimmed at the end
-    num_classes = model.num_classes
-    shards = out.parent / f".{out.name}.shards"
-    if dist.is_main:
-        shutil.rmtree(shards, ignore_errors=True)
-        shards.mkdir(parents=True)
-    dist.barrier()
-    try:
-        _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, total // global_batch, num_classes, shards)
-        dist.barrier()
-        if dist.is_main:
-            arr = np.concatenate([np.load(shards / f"rank{r:05d}.npy") for r in range(dist.world_size)])
-            arr = arr[: args.num_samples]
-            atomic_write(out, lambda f: np.savez(f, arr_0=arr))
-            print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
-    finally:  # the shards are scratch space, also when a rank fails
-        if dist.is_main:
-            shutil.rmtree(shards, ignore_errors=True)
-    dist.barrier()
-    return str(out)
-
-
-def _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, batches, num_classes, shards):
-    """This rank's `batches` batches, as uint8 images, into shards/rank<r>.npy."""
-    from tqdm import tqdm
-
-    model, chunks = loaded.model, []
+    batches = math.ceil(args.num_samples / global_batch)  # DiT: rounded up, trimmed at the end
     # One Sampler for every batch: compiled and captured once (every batch has the same shape).
     run = Sampler(
         model,
@@ -660,12 +636,58 @@ def _sample_shard(args, dist, loaded, cfg_scale, cfg_channels, batches, num_clas
         cuda_graphs=args.cuda_graphs,
         device=dist.device,
     )
-    for _ in tqdm(range(batches), disable=not dist.is_main, desc="sample-ddp"):
-        z = torch.randn(args.per_proc_batch_size, model.in_channels, *model.x_embedder.img_size, device=dist.device)
-        y = torch.randint(0, num_classes, (args.per_proc_batch_size,), device=dist.device) if num_classes else len(z)
+    parts = Parts(out, _sampling_settings(args, dist, cfg_scale, cfg_channels), dist)
+    done = parts.open()
+    if done and dist.is_main:
+        print(f"sample-ddp: continuing from {parts.root}: {min(done, batches)} of {batches} batches already sampled")
+    try:
+        _sample_batches(args, dist, run, loaded.codec, range(done, batches), parts)
+    except BaseException:
+        if dist.is_main and parts.finished():
+            print(
+                f"fastdit: sample-ddp stopped; the batches it finished are kept in {parts.root}: the same command "
+                f"continues from them",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
+    dist.barrier()
+    if dist.is_main:
+        arr = parts.gather(batches, args.num_samples, rgb=args.rgb)
+        atomic_write(out, lambda f: np.savez(f, arr_0=arr))
+        parts.remove()
+        print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
+    dist.barrier()
+    return str(out)
+
+
+def _sampling_settings(args, dist, cfg_scale, cfg_channels):
+    """Everything that decides sample-ddp's batches (what Parts keys a run by); --num-samples only says how many."""
+    ckpt = find_checkpoint(args.ckpt, "--ckpt").resolve()
+    stat = ckpt.stat()
+    settings = {k: getattr(args, k) for k in ("model", "image_size", "num_classes", "vae", "weights", "sampler")}
+    settings.update({k: getattr(args, k) for k in ("steps", "seed", "precision", "compile", "cuda_graphs", "tf32")})
+    return dict(
+        settings,
+        ckpt=[str(ckpt), stat.st_size, stat.st_mtime_ns],
+        cfg_scale=cfg_scale,
+        cfg_channels=cfg_channels,
+        per_proc_batch_size=args.per_proc_batch_size,
+        world_size=dist.world_size,
+        device=dist.device.type,
+    )
+
+
+def _sample_batches(args, dist, run, codec, batches, parts):
+    """This rank's batches (a range of batch numbers) from the Sampler `run`, as uint8 images, each saved
+    into `parts` when done; a range not starting at 0 continues from the random state saved before it."""
+    from tqdm import tqdm
+
+    if batches.start and batches:
+        parts.restore(batches.start)
+    model, n = run.model, args.per_proc_batch_size
+    for k in tqdm(batches, disable=not dist.is_main, desc="sample-ddp", initial=batches.start, total=batches.stop):
+        z = torch.randn(n, model.in_channels, *model.x_embedder.img_size, device=dist.device)
+        y = torch.randint(0, model.num_classes, (n,), device=dist.device) if model.num_classes else n
         with torch.no_grad():
-            chunks.append(to_uint8(to_images(run(y, z=z), loaded.codec)))
-    shard = np.concatenate(chunks)
-    if args.rgb and shard.shape[-1] == 1:
-        shard = np.repeat(shard, 3, axis=-1)
-    np.save(shards / f"rank{dist.rank:05d}.npy", shard)
+            parts.save(k, to_uint8(to_images(run(y, z=z), codec)))

@@ -12,7 +12,7 @@ from _vae_helpers import sd_vae  # noqa: F401 (a fixture)
 from PIL import Image
 
 import fastdit
-from fastdit import DiT, pretrained, sample, train
+from fastdit import DiT, _parts, pretrained, sample, train
 from fastdit._util import UsageError
 from fastdit.cli import build_parser
 from fastdit.cli import main as cli
@@ -81,6 +81,38 @@ def test_sample_ddp_writes_an_adm_npz(ckpt, tmp_path):
     )
     rgb = np.load(out)["arr_0"]
     assert rgb.shape == (2, 8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_sample_ddp_continues_after_a_crash_to_the_same_file(ckpt, tmp_path, monkeypatch, capsys):
+    args = ["sample-ddp", "--ckpt", ckpt, "--per-proc-batch-size", "2", "--steps", "2", "--seed", "3"]
+    assert cli(args + ["--num-samples", "7", "--out", str(tmp_path / "whole.npz")]) == 0
+    whole = np.load(tmp_path / "whole.npz")["arr_0"]
+    out, save, sampled = tmp_path / "split.npz", _parts.Parts.save, []
+
+    def save_then_crash(self, batch, images):
+        save(self, batch, images)
+        sampled.append(batch)
+        if batch == crash_after:
+            raise KeyboardInterrupt  # like a kill after the batch's file is written
+
+    monkeypatch.setattr(_parts.Parts, "save", save_then_crash)
+    crash_after = 1
+    assert cli(args + ["--num-samples", "7", "--out", str(out)]) == 130
+    assert not out.exists() and "the same command continues" in capsys.readouterr().err
+    crash_after = 2  # the settings, not --num-samples, key the batches: 3 of 4 kept, the last one sampled
+    assert cli(args + ["--num-samples", "5", "--out", str(out)]) == 130
+    assert sampled == [0, 1, 2]  # batches 0 and 1 were not sampled again
+    crash_after = None
+    assert cli(args + ["--num-samples", "7", "--out", str(out)]) == 0
+    assert sampled == [0, 1, 2, 3] and "continuing from" in capsys.readouterr().out
+    assert np.array_equal(np.load(out)["arr_0"], whole)  # as if it never stopped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split.npz", "whole.npz"]  # the parts removed
+    # Other settings start afresh: a crashed run of seed 3, then seed 4 to the same file.
+    crash_after = 0
+    assert cli(args + ["--num-samples", "7", "--out", str(out)]) == 130
+    crash_after, sampled[:] = None, []
+    assert cli(args[:-1] + ["4", "--num-samples", "7", "--out", str(out)]) == 0
+    assert sampled == [0, 1, 2, 3] and not np.array_equal(np.load(out)["arr_0"], whole)
 
 
 def test_generate_follows_dit_sample_order(ckpt):
