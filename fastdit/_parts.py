@@ -65,17 +65,21 @@ class Parts:
             states["device_rng"] = torch.cuda.get_rng_state(self.dist.device).numpy()
         atomic_write(self.path(self.dist.rank, batch), lambda f: np.savez(f, images=images, **states))
 
+    def dit_index(self, batch, n, rank=None):
+        """The sample numbers of a rank's batch of n images (default: this rank's), as DiT's sample_ddp.py
+        numbers them: image i of rank r's batch k is k * n * world_size + i * world_size + r."""
+        world, rank = self.dist.world_size, self.dist.rank if rank is None else rank
+        return batch * n * world + np.arange(n) * world + rank
+
     def gather(self, batches, num_samples, rgb=False):
-        """The first num_samples images of every rank's first `batches` batches, in DiT sample_ddp.py's order:
-        image i of rank r's batch k is sample k * n * world_size + i * world_size + r (n: images per batch).
-        rgb: a grayscale sample as 3 identical channels."""
-        world, out = self.dist.world_size, None
-        for rank in range(world):
+        """The first num_samples images of every rank's first `batches` batches, in DiT sample_ddp.py's order
+        (dit_index). rgb: a grayscale sample as 3 identical channels."""
+        out = None
+        for rank in range(self.dist.world_size):
             for k in range(batches):
                 with np.load(self.path(rank, k)) as f:
                     images = f["images"]  # (n, H, W, C)
-                n = len(images)
-                index = k * n * world + np.arange(n) * world + rank
+                index = self.dit_index(k, len(images), rank)
                 keep = index < num_samples
                 if out is None:
                     channels = 3 if rgb else images.shape[-1]

@@ -10,6 +10,7 @@ seed, then the model is built, then z ~ N(0, I) (doubled with the null class und
 import argparse
 import functools
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from ._util import (
     to_uint8,
 )
 from .checkpoint import CheckpointError
-from .vae import VAE_FORMAT, load_vae, load_vae_record
+from .vae import SD_VAES, VAE_FORMAT, load_vae, load_vae_record
 
 DIT_SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py's ImageNet classes
 
@@ -295,6 +296,7 @@ class Loaded:
     codec: object  # the VAE decoding latents, or None (pixel space)
     classes: list  # class names, or None: their numbers
     diffusion_steps: int  # of the training diffusion (DiT: 1000)
+    name: str  # the model's config name, e.g. DiT-XL/2 (None: not recorded)
 
 
 def load_sampler_model(ckpt, model=None, image_size=None, num_classes=None, vae=None, weights="ema", device="cpu"):
@@ -349,6 +351,7 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=None, vae=
         codec,
         obj.get("classes") if ours else None,
         obj["args"].get("diffusion_steps", 1000) if ours else 1000,
+        obj.get("model_name") if ours else model,
     )
 
 
@@ -483,7 +486,15 @@ def add_ddp_arguments(p):
         action="store_true",
         help="store grayscale samples as 3 identical channels (FID tools want RGB); default off",
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--sample-dir",  # DiT sample_ddp.py's
+        type=_args.output_folder,
+        help="DiT sample_ddp.py's layout instead of --out: every image as DIR/<name>/NNNNNN.png and the .npz as "
+        "DIR/<name>.npz, <name> as DiT's: <model>-<checkpoint or pretrained>-size-<image size>-vae-<vae>-"
+        "cfg-<scale>-seed-<seed>; default none (--out)",
+    )
+    where.add_argument(
         "--out",
         type=_args.output_file((".npz",), "the samples file"),
         help="the .npz to write (arr_0: uint8 (N, H, W, C), in DiT's order); until it is written, finished "
@@ -607,6 +618,7 @@ def sample(args, dist):
 @_command
 def sample_ddp(args, dist):
     """fastdit sample-ddp: every rank samples its share with seed * world_size + rank; rank 0 writes the .npz."""
+    given_ckpt = args.ckpt
     # DiT sample_ddp.py's per-rank seed, set before the model is built
     loaded, cfg_channels = _prepare(args, dist, args.seed * dist.world_size + dist.rank, default_vae="ema")
     model = loaded.model
@@ -619,7 +631,15 @@ def sample_ddp(args, dist):
             f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (it has no null "
             f"class): use --cfg-scale 1"
         )
-    out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
+    pngs = None
+    if args.sample_dir:
+        pngs = Path(args.sample_dir) / dits_sample_folder_name(args, given_ckpt, loaded, cfg_scale)
+        out = pngs.with_name(f"{pngs.name}.npz")
+        pngs.mkdir(parents=True, exist_ok=True)
+        if dist.is_main:
+            print(f"saving .png samples at {pngs}")
+    else:
+        out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
     global_batch = args.per_proc_batch_size * dist.world_size
     batches = math.ceil(args.num_samples / global_batch)  # DiT: rounded up, trimmed at the end
     # One Sampler for every batch: compiled and captured once (every batch has the same shape).
@@ -641,7 +661,7 @@ def sample_ddp(args, dist):
     if done and dist.is_main:
         print(f"sample-ddp: continuing from {parts.root}: {min(done, batches)} of {batches} batches already sampled")
     try:
-        _sample_batches(args, dist, run, loaded.codec, range(done, batches), parts)
+        _sample_batches(args, dist, run, loaded.codec, range(done, batches), parts, pngs)
     except BaseException:
         if dist.is_main and parts.finished():
             print(
@@ -661,6 +681,20 @@ def sample_ddp(args, dist):
     return str(out)
 
 
+def dits_sample_folder_name(args, given_ckpt, loaded, cfg_scale):
+    """The name DiT's sample_ddp.py gives its samples (folder and .npz), for these settings."""
+    model = args.model or loaded.name or "DiT"
+    ckpt = os.path.basename(given_ckpt).replace(".pt", "") if given_ckpt else "pretrained"
+    h, w = (s * (loaded.codec.factor if loaded.codec else 1) for s in loaded.model.x_embedder.img_size)
+    size = args.image_size or (h if h == w else f"{h}x{w}")
+    if loaded.codec is None:
+        vae = "none"
+    else:  # DiT's ema | mse, else the VAE's own name (a hub id's model, a file's or folder's name)
+        short = {hub: key for key, hub in SD_VAES.items()}
+        vae = short.get(loaded.codec.name) or Path(loaded.codec.name).name
+    return f"{model.replace('/', '-')}-{ckpt}-size-{size}-vae-{vae}-cfg-{float(cfg_scale)}-seed-{args.seed}"
+
+
 def _sampling_settings(args, dist, cfg_scale, cfg_channels):
     """Everything that decides sample-ddp's batches (what Parts keys a run by); --num-samples only says how many."""
     ckpt = find_checkpoint(args.ckpt, "--ckpt").resolve()
@@ -678,9 +712,11 @@ def _sampling_settings(args, dist, cfg_scale, cfg_channels):
     )
 
 
-def _sample_batches(args, dist, run, codec, batches, parts):
+def _sample_batches(args, dist, run, codec, batches, parts, pngs=None):
     """This rank's batches (a range of batch numbers) from the Sampler `run`, as uint8 images, each saved
-    into `parts` when done; a range not starting at 0 continues from the random state saved before it."""
+    into `parts` when done (and, with `pngs`, as pngs/NNNNNN.png numbered as DiT's); a range not starting
+    at 0 continues from the random state saved before it."""
+    from PIL import Image
     from tqdm import tqdm
 
     if batches.start and batches:
@@ -690,4 +726,8 @@ def _sample_batches(args, dist, run, codec, batches, parts):
         z = torch.randn(n, model.in_channels, *model.x_embedder.img_size, device=dist.device)
         y = torch.randint(0, model.num_classes, (n,), device=dist.device) if model.num_classes else n
         with torch.no_grad():
-            parts.save(k, to_uint8(to_images(run(y, z=z), codec)))
+            images = to_uint8(to_images(run(y, z=z), codec))  # (n, H, W, C)
+        if pngs is not None:  # before the batch counts as done: a finished batch has its files
+            for index, image in zip(parts.dit_index(k, n), images):
+                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(pngs / f"{index:06d}.png")
+        parts.save(k, images)

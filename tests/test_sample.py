@@ -2,6 +2,7 @@
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,6 +114,35 @@ def test_sample_ddp_continues_after_a_crash_to_the_same_file(ckpt, tmp_path, mon
     crash_after, sampled[:] = None, []
     assert cli(args[:-1] + ["4", "--num-samples", "7", "--out", str(out)]) == 0
     assert sampled == [0, 1, 2, 3] and not np.array_equal(np.load(out)["arr_0"], whole)
+
+
+def test_sample_dir_writes_dits_pngs_and_npz(ckpt, tmp_path):
+    args = ["sample-ddp", "--ckpt", ckpt, "--num-samples", "5", "--per-proc-batch-size", "2", "--steps", "2"]
+    assert cli(args + ["--sample-dir", str(tmp_path / "samples")]) == 0
+    name = f"DiT-Tiny-2-{Path(ckpt).stem}-size-8-vae-none-cfg-1.5-seed-0"  # DiT's name; a pixel-space model
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [name, f"{name}.npz"]
+    pngs = sorted((tmp_path / "samples" / name).iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(6)]  # 3 batches of 2, as DiT: all kept
+    arr = np.load(tmp_path / "samples" / f"{name}.npz")["arr_0"]
+    assert np.array_equal(arr[..., 0], np.stack([np.asarray(Image.open(p)) for p in pngs[:5]]))
+    assert cli(args + ["--out", str(tmp_path / "out.npz")]) == 0
+    assert np.array_equal(np.load(tmp_path / "out.npz")["arr_0"], arr)
+
+
+def test_dits_sample_folder_names():
+    """sample_ddp.py's folder_name, e.g. for its defaults (the pretrained DiT-XL/2, the ema VAE, guidance 1.5)."""
+    sd_vae = SimpleNamespace(name="stabilityai/sd-vae-ft-ema", factor=8)
+    loaded = SimpleNamespace(
+        name="DiT-XL/2", codec=sd_vae, model=SimpleNamespace(x_embedder=SimpleNamespace(img_size=(32, 32)))
+    )
+    args = SimpleNamespace(model="DiT-XL/2", image_size=256, seed=0)
+    name = sample.dits_sample_folder_name
+    assert name(args, None, loaded, 1.5) == "DiT-XL-2-pretrained-size-256-vae-ema-cfg-1.5-seed-0"
+    ckpt = "results/000-DiT-XL-2/checkpoints/0400000.pt"
+    assert name(args, ckpt, loaded, 4) == "DiT-XL-2-0400000-size-256-vae-ema-cfg-4.0-seed-0"
+    loaded.codec = SimpleNamespace(name="runs/vae/vae.pt", factor=4)  # a fastdit VAE; non-square latents
+    loaded.model.x_embedder.img_size, args.model, args.image_size = (8, 16), None, None
+    assert name(args, "run", loaded, 1.0) == "DiT-XL-2-run-size-32x64-vae-vae.pt-cfg-1.0-seed-0"
 
 
 def test_generate_follows_dit_sample_order(ckpt):
