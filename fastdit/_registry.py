@@ -17,6 +17,17 @@ def check_model_name(name):
     return name
 
 
+def check_input_fits(name, image_size, input_size):
+    """A model `name` takes inputs of input_size x input_size (--image-size's pixels, or its latents) only
+    where its patch size (every name is DiT-<size>/<patch size>) divides it."""
+    patch = int(check_model_name(name).rsplit("/", 1)[1])
+    if input_size % patch:
+        raise UsageError(
+            f"--image-size {image_size}: the model's input {input_size}x{input_size} must be divisible "
+            f"by {name}'s patch size {patch}"
+        )
+
+
 def model_name(text):
     """argparse type of --model."""
     if text not in MODELS:
@@ -85,6 +96,7 @@ def model_from_checkpoint(obj, source, model=None, weights="ema", **kwargs):
     if config is not None:
         if weights not in ("ema", "model"):
             raise CheckpointError(f"weights must be 'ema' or 'model', got {weights!r}")
+        _check_agrees_with_config(obj, source, model, kwargs)
         net = model_from_config(config)
         sd = extract_state_dict(obj, key=weights, source=source)
     elif model is None:
@@ -98,3 +110,18 @@ def model_from_checkpoint(obj, source, model=None, weights="ema", **kwargs):
         net = MODELS[model](**kwargs)
         sd = extract_state_dict(obj, source=source)
     return load_weights(net, sd, source).eval()
+
+
+def _check_agrees_with_config(obj, source, model, kwargs):
+    """A checkpoint that records its model builds that model: a model name or argument given as well
+    must agree with it (it would otherwise be ignored)."""
+    config = obj["model_config"]
+    recorded = dict(config, model=obj.get("model_name", model), input_size=tuple(config["input_size"]))
+    given = dict(kwargs, model=model) if model is not None else dict(kwargs)
+    if isinstance(given.get("input_size"), int):
+        given["input_size"] = (given["input_size"],) * 2
+    differ = [f"{k}={v!r} (it records {recorded.get(k)!r})" for k, v in given.items() if v != recorded.get(k)]
+    if differ:
+        raise CheckpointError(
+            f"{source} records its model, which contradicts {', '.join(differ)}: leave these arguments out"
+        )

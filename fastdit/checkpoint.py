@@ -133,6 +133,11 @@ def load_checkpoint(path, model=None, key=None, strict=True, map_location="cpu",
     Returns the state_dict, or `model` when one is given. Raises FileNotFoundError for a missing
     file and CheckpointError (a ValueError) for an unreadable one or one that does not fit.
     """
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be the torch.nn.Module to load the weights into, got {type(model).__name__} {model!r} "
+            f"(fastdit.load_model(path, name) builds a model by its name)"
+        )
     sd = extract_state_dict(read_checkpoint(path, map_location, trusted), key=key, source=str(path))
     if model is None:
         return sd

@@ -20,6 +20,7 @@ import os
 import sys
 import types
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -242,12 +243,20 @@ def _open_npz(path, what):
     return f
 
 
+def _array(f, name, what, path):
+    """Array `name` of an open .npz, read without unpickling: a missing, damaged or pickled one is a one-line error."""
+    if name not in f.files:
+        raise UsageError(f"{what} {path}: no {name} in it (its arrays: {', '.join(f.files) or 'none'})")
+    try:
+        return f[name]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UsageError(f"{what} {path}: its array {name} is not readable ({type(e).__name__}: {e})") from e
+
+
 def load_npz_images(path, what="samples"):
     """arr_0 of an ADM-format .npz -> uint8 (N, H, W, 3)."""
     with _open_npz(path, what) as f:
-        if "arr_0" not in f.files:
-            raise UsageError(f"{what} {path}: no arr_0 images in it (its arrays: {', '.join(f.files) or 'none'})")
-        return check_images(f["arr_0"], f"{what} {path} arr_0")
+        return check_images(_array(f, "arr_0", what, path), f"{what} {path} arr_0")
 
 
 def load_folder_images(path, image_size):
@@ -297,7 +306,7 @@ class Reference:
         with _open_npz(p, "reference") as f:
             for dim, key in STATS_SUFFIX.items():
                 if f"mu{key}" in f.files or f"sigma{key}" in f.files:
-                    mu, sigma = (np.asarray(f[n], np.float64) for n in (f"mu{key}", f"sigma{key}"))
+                    mu, sigma = (np.asarray(_array(f, n, "reference", p), np.float64) for n in (f"mu{key}", f"sigma{key}"))
                     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
                         raise UsageError(
                             f"reference {p}: mu{key} {mu.shape} and sigma{key} {sigma.shape} are not "
@@ -307,7 +316,7 @@ class Reference:
                         raise UsageError(f"reference {p}: mu{key}/sigma{key} hold NaN or Inf")
                     self.stats[dim] = (mu, sigma)
             if "arr_0" in f.files:
-                self.images = check_images(f["arr_0"], f"reference {p} arr_0")
+                self.images = check_images(_array(f, "arr_0", "reference", p), f"reference {p} arr_0")
         if self.images is None and "pool" not in self.stats:
             raise UsageError(f"reference {p}: neither arr_0 images nor mu/sigma statistics in it")
 

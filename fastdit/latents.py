@@ -31,6 +31,8 @@ FORMAT = "fastdit-latents"
 VERSION = 1
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What a folder's description (in training checkpoints) keeps of its manifest.
+DESCRIBED = ("vae", "scale_factor", "crop", "image_size", "flips", "latent", "latent_shape", "count", "classes")
 # Recorded for the manifest's readers: the preprocessing every latents folder uses (DiT's train.py).
 CROP = "adm-center-crop"
 
@@ -159,7 +161,7 @@ def _start(out, settings):
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the latents")
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_manifest(path)
         differ = sorted(k for k in set(settings) | set(old) if k not in FINISHED_KEYS and old.get(k) != settings.get(k))
         if differ:
             raise UsageError(
@@ -172,6 +174,17 @@ def _start(out, settings):
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a folder with other files in it: give a new or empty folder")
     write_manifest(out, dict(settings, complete=False))
+
+
+def read_manifest(path):
+    """A manifest.json written by `fastdit latents` (its format and version checked)."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not a fastdit latents manifest ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise UsageError(f"{path} is not a version-{VERSION} manifest written by `fastdit latents`")
+    return meta
 
 
 def write_manifest(out, manifest):
@@ -344,20 +357,17 @@ class LatentsDataset(torch.utils.data.Dataset):
                 else f"has no {MANIFEST}"
             )
             raise UsageError(f"latents folder {str(self.path)!r} {what} (write one with `fastdit latents --out DIR`)")
-        try:
-            meta = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{manifest} is not a fastdit latents manifest ({e})") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise UsageError(f"{manifest} is not a version-{VERSION} manifest written by `fastdit latents`")
+        meta = read_manifest(manifest)
         if not meta.get("complete"):
             raise UsageError(
                 f"latents folder {str(self.path)!r} is incomplete (its `fastdit latents` run was "
                 f"interrupted): rerun the same command to finish it"
             )
+        missing = [k for k in (*DESCRIBED, "num_classes", "chunks") if k not in meta]
+        if missing:
+            raise UsageError(f"{manifest} lacks {', '.join(missing)}: not a complete `fastdit latents` manifest")
         for ch in meta["chunks"]:
-            if not (self.path / ch["file"]).is_file():
-                raise UsageError(f"latents folder {str(self.path)!r}: chunk file {ch['file']} is missing")
+            self._check_chunk(ch, meta)
         self.meta, self.flip = meta, meta["flips"]
         self.num_classes, self.classes = meta["num_classes"], meta["classes"]
         self.channels, self.image_size = meta["latent_shape"][0], meta["latent_shape"][-1]
@@ -366,6 +376,24 @@ class LatentsDataset(torch.utils.data.Dataset):
         self.starts = [sum(counts[:k]) for k in range(len(counts))]
         self.size = sum(counts)
         self._files = {}
+
+    def _check_chunk(self, ch, meta):
+        """A chunk file as the manifest lists it: readable, its tensors of the manifest's shapes (headers only)."""
+        from safetensors import safe_open
+
+        where = f"latents folder {str(self.path)!r}: chunk file {ch['file']}"
+        if not (self.path / ch["file"]).is_file():
+            raise UsageError(f"{where} is missing")
+        n, shape = ch["count"], meta["latent_shape"]
+        wanted = dict(latents=[n, *shape], labels=[n], **({"flipped": [n, *shape]} if meta["flips"] else {}))
+        try:
+            with safe_open(str(self.path / ch["file"]), "pt") as f:
+                found = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types
+            raise UsageError(f"{where} is not a readable .safetensors file ({e})") from e
+        differ = [f"{k} {found.get(k, 'missing')} (manifest: {v})" for k, v in wanted.items() if found.get(k) != v]
+        if differ:
+            raise UsageError(f"{where} does not match the manifest: {'; '.join(differ)}")
 
     def __len__(self):
         return self.size
@@ -389,5 +417,4 @@ class LatentsDataset(torch.utils.data.Dataset):
         return z, int(f.get_slice("labels")[j : j + 1][0])
 
     def describe(self):
-        keep = ("vae", "scale_factor", "crop", "image_size", "flips", "latent", "latent_shape", "count", "classes")
-        return dict(kind="latents", path=str(self.path.resolve()), **{k: self.meta[k] for k in keep})
+        return dict(kind="latents", path=str(self.path.resolve()), **{k: self.meta[k] for k in DESCRIBED})

@@ -22,7 +22,7 @@ import torch
 from . import _args, pretrained
 from ._dist import init_distributed
 from ._parts import Parts
-from ._registry import model_from_checkpoint, model_name
+from ._registry import check_input_fits, model_from_checkpoint, model_name
 from ._util import (
     IMAGE_FORMATS,
     PRECISION_DTYPES,
@@ -324,15 +324,16 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=None, vae=
             raise UsageError(
                 f"--image-size {image_size} must be divisible by 8 (official DiT models sample SD-VAE latents)"
             )
+        check_input_fits(model, image_size, image_size // 8)
         if vae is None:
             raise UsageError(
                 "official DiT checkpoints generate SD-VAE latents: give --vae ema (or mse, as DiT's "
                 "sample.py), or a local folder with those diffusers AutoencoderKL weights"
             )
+    # A fastdit checkpoint builds the model it records (the flags agree, checked above); an official one --model's.
+    official = {} if ours else dict(input_size=image_size // 8, num_classes=num_classes or 1000)
     try:
-        net = model_from_checkpoint(
-            obj, str(ckpt), model, weights, input_size=image_size and image_size // 8, num_classes=num_classes or 1000
-        )
+        net = model_from_checkpoint(obj, str(ckpt), None if ours else model, weights, **official)
     except CheckpointError as e:
         raise UsageError(f"--ckpt: {e}") from e
     record = obj.get("vae") if ours else None

@@ -30,7 +30,7 @@ import torch
 
 from . import _args, _util, datasets
 from ._dist import env_world_size, init_distributed, local_shards
-from ._registry import MODELS, build_model, check_model_name, model_name
+from ._registry import MODELS, build_model, check_input_fits, check_model_name, model_name
 from ._util import PRECISION_DTYPES, UsageError, absolute_if_local, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, make_loader
 from .fid import add_train_arguments as add_fid_arguments
@@ -399,12 +399,7 @@ def check_args(a, world, input_size):
             f"--global-batch-size {a.global_batch_size} must be a multiple of the world size {world} "
             f"(the number of processes)"
         )
-    patch = int(a.model.rsplit("/", 1)[1])  # every name is DiT-<size>/<patch size>
-    if input_size % patch:
-        raise UsageError(
-            f"--image-size {a.image_size}: the model's input {input_size}x{input_size} must be divisible "
-            f"by {a.model}'s patch size {patch}"
-        )
+    check_input_fits(a.model, a.image_size, input_size)
     if a.sample_steps > a.diffusion_steps:
         raise UsageError(f"--sample-steps {a.sample_steps} must be at most --diffusion-steps {a.diffusion_steps}")
     if a.cfg_scale > 1 and a.class_dropout_prob == 0 and a.num_classes != 0:
@@ -647,6 +642,9 @@ class Trainer:
             a.tf32 = self.ckpt is None
         if a.vae and not (a.data or a.latents):
             raise UsageError("--vae needs --data (images encoded on the fly) or --latents (the VAE that decodes them)")
+        idle = [flag(k) for k in ("fid_ref", "fid_samples") if getattr(args, k) is not None]
+        if idle and not a.fid_every:
+            raise UsageError(f"{' and '.join(idle)} without --fid-every N would measure nothing: add --fid-every")
         if a.out is not None:
             check_run_folder(Path(a.out), self._resumed_run())
         world = self.dist.world_size

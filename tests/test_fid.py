@@ -9,6 +9,7 @@ suite fast (the network is fully convolutional; only the spatial feature's size 
 import importlib.util
 import json
 import math
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -134,7 +135,8 @@ def test_image_and_reference_files_give_clear_errors(tmp_path):
         (dict(arr_0=imgs.astype(np.float32) / 255), r"expected uint8 pixels 0..255, got float32 with values in \[0"),
         (dict(arr_0=imgs.astype(np.int64) * 2), r"pixel values must be in 0..255, got \[0, 5"),
         (dict(arr_0=imgs[:1]), "1 image"),
-        (dict(images=imgs), "no arr_0 images in it"),
+        (dict(images=imgs), r"no arr_0 in it \(its arrays: images\)"),
+        (dict(arr_0=np.array([1, "a"], dtype=object)), r"its array arr_0 is not readable \(ValueError: Object arrays"),
     ]:
         with pytest.raises(UsageError, match=message):
             fid.load_npz_images(write_npz(tmp_path / "x.npz", **arrays))
@@ -151,6 +153,12 @@ def test_image_and_reference_files_give_clear_errors(tmp_path):
         fid.Reference(tmp_path / "missing.npz")
     with pytest.raises(UsageError, match=r"mu \(5,\) and sigma \(4, 4\) are not"):
         fid.Reference(write_npz(tmp_path / "r.npz", mu=np.zeros(5), sigma=np.eye(4)))
+    with pytest.raises(UsageError, match=r"r.npz: no sigma in it \(its arrays: mu\)"):
+        fid.Reference(write_npz(tmp_path / "r.npz", mu=np.zeros(5)))
+    damaged = write_npz(tmp_path / "d.npz", arr_0=imgs)  # inverted pixels: the zip's CRC check fails on reading
+    Path(damaged).write_bytes(Path(damaged).read_bytes().replace(imgs.tobytes(), (~imgs).tobytes()))
+    with pytest.raises(UsageError, match=r"d.npz: its array arr_0 is not readable \(BadZipFile: Bad CRC-32"):
+        fid.Reference(damaged)
     with pytest.raises(UsageError, match="neither arr_0 images nor mu/sigma"):
         fid.Reference(write_npz(tmp_path / "r.npz", other=np.zeros(3)))
     # Statistics without images, or of another dimension than the features: the file and the way out, before the

@@ -176,6 +176,33 @@ def test_latents_skip_unreadable_images_and_list_them(sd_vae, rgb_folder, tmp_pa
     assert labels == [0, 0, 0, 0, 1, 1, 1] and m["class_counts"] == [4, 3]
 
 
+def test_a_damaged_latents_folder_is_named_before_any_work(encoded, sd_vae, rgb_folder, tmp_path, capsys):
+    """A chunk cut short or of other shapes than its manifest says, a manifest that is no JSON: one line naming the
+    file, when the folder is opened (not a traceback from a data loader mid-training)."""
+    from safetensors.torch import load_file, save_file
+
+    chunk = "chunk-000001.safetensors"
+
+    def damaged(name, damage):
+        shutil.copytree(encoded, tmp_path / name)
+        damage(tmp_path / name)
+        return tmp_path / name
+
+    def one_channel(folder):
+        tensors = {k: v[:, :1].contiguous() if v.dim() == 4 else v for k, v in load_file(str(folder / chunk)).items()}
+        save_file(tensors, str(folder / chunk), metadata=dict(unreadable="[]"))
+
+    for folder, message in [
+        (damaged("cut", lambda f: (f / chunk).write_bytes((f / chunk).read_bytes()[:-8])), "is not a readable"),
+        (damaged("shapes", one_channel), r"does not match the manifest: latents \[3, 1, 8, 8\] \(manifest: \[3, 4,"),
+    ]:
+        with pytest.raises(UsageError, match=f"chunk file {chunk} {message}"):
+            latents.LatentsDataset(folder)
+    no_json = damaged("no-json", lambda f: (f / "manifest.json").write_text("{"))
+    assert cli(latents_argv(sd_vae, rgb_folder, no_json)) == 2  # resuming into it
+    assert "manifest.json is not a fastdit latents manifest (Expecting" in capsys.readouterr().err
+
+
 def test_a_class_with_no_readable_image_is_named_and_not_trained_on(sd_vae, rgb_folder, tmp_path, capfd):
     """Every image of class c unreadable: `fastdit latents` says so; class-conditional training refuses the latents."""
     folder = tmp_path / "imgs"

@@ -29,9 +29,13 @@ def check_same_device(**tensors):
         raise ValueError(f"all inputs must be on one device, got {where}")
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    # The kernels take eps as a float32 scalar: a larger one (inf included) is not one.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= FLOAT32_MAX:
+        raise ValueError(f"eps must be a positive float at most float32's max ({FLOAT32_MAX:.4g}), got {eps!r}")
 
 
 def check_rows(x, x_name, per_batch, doc="(B, T, D)"):
