@@ -3,7 +3,8 @@
 Multi-GPU / multi-node: torchrun --nproc_per_node=8 -m fastdit.cli train --data DIR ...
 Every flag is checked when parsed (fastdit/_args.py). Bad input ends with one line on stderr naming
 the flag or file and exit code 2, before anything is written; a training run that cannot go on
-(NaN/Inf losses or weights) with exit code 1, its last good checkpoint kept.
+(NaN/Inf losses or weights) with exit code 1, its last good checkpoint kept; so does a command that
+runs out of memory (one line, no traceback).
 """
 
 import argparse
@@ -134,7 +135,8 @@ def bench(args):
 
 
 def main(argv=None):
-    """Run one fastdit command; returns its exit code: 0, 1 (training stopped), 2 (bad input), 130 (Ctrl-C)."""
+    """Run one fastdit command; returns its exit code: 0, 1 (training stopped, out of memory), 2 (bad input),
+    130 (Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmarks, --help included
         return bench(argv[1:])
@@ -151,6 +153,7 @@ def main(argv=None):
     from .train import TrainingError
 
     try:
+        _check_environment()
         args.func(args)
     except (UsageError, CheckpointError, OSError) as e:  # bad input, or a file that cannot be read or written
         print(f"fastdit {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -158,10 +161,35 @@ def main(argv=None):
     except TrainingError as e:
         print(f"fastdit {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(
+            f"fastdit {args.command}: error: out of memory: {_one_line(e)}; smaller settings need less", file=sys.stderr
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"fastdit {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_environment():
+    """FASTDIT_BACKEND and FASTDIT_ATTENTION, which the ops read when they first run: bad input, reported before any work."""
+    from . import ops
+
+    try:
+        ops.get_backend()
+        ops.requested_attention_backend()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _out_of_memory(error):
+    """Whether an allocation failed: Python's or numpy's MemoryError, CUDA's OutOfMemoryError, torch's CPU allocator."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
 
 def _one_line(error):

@@ -306,7 +306,9 @@ class Reference:
         with _open_npz(p, "reference") as f:
             for dim, key in STATS_SUFFIX.items():
                 if f"mu{key}" in f.files or f"sigma{key}" in f.files:
-                    mu, sigma = (np.asarray(_array(f, n, "reference", p), np.float64) for n in (f"mu{key}", f"sigma{key}"))
+                    mu, sigma = (
+                        np.asarray(_array(f, n, "reference", p), np.float64) for n in (f"mu{key}", f"sigma{key}")
+                    )
                     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
                         raise UsageError(
                             f"reference {p}: mu{key} {mu.shape} and sigma{key} {sigma.shape} are not "

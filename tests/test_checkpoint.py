@@ -153,6 +153,8 @@ def test_corrupt_safetensors(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(str(tmp_path / "nope.pt"), small())
+    with pytest.raises(TypeError, match=r"model must be the torch.nn.Module .* got str 'DiT-S/2' \(fastdit.load_model"):
+        load_checkpoint(str(tmp_path / "nope.pt"), "DiT-S/2")  # a name is load_model's
 
 
 def test_wrong_model_size_names_the_mismatch(tmp_path, weights):

@@ -118,6 +118,7 @@ INVALID = [
     ("train --fid-every 5", "--fid-every needs --fid-ref"),
     ("train --fid-every -1", "argument --fid-every"),
     ("train --fid-samples 0", "argument --fid-samples"),
+    ("train --fid-ref ref.npz", "--fid-ref without --fid-every N would measure nothing"),
     ("train --data /no/such/folder", "data path '/no/such/folder' does not exist"),
     ("train --data {F}/plain.txt", "is not a folder"),
     ("train --data {F}/empty", "holds no class sub-folders"),
@@ -164,6 +165,10 @@ INVALID = [
         "pos_embed: checkpoint (1, 4, 32), model (1, 4, 384); ",
     ),
     ("sample --ckpt {F}/official.pt --model DiT-S/2 --image-size 36 --vae x", "--image-size 36 must be divisible by 8"),
+    (
+        "sample --ckpt {F}/official.pt --model DiT-S/8 --image-size 32 --vae x",
+        "--image-size 32: the model's input 4x4 must be divisible by DiT-S/8's patch size 8",
+    ),
     ("sample --ckpt {F}/run --steps 0", "argument --steps"),
     ("sample --ckpt {F}/run --steps 1001", "--steps must be in [2, 1000] (the model's diffusion steps), got 1001"),
     ("sample --ckpt {F}/run --sampler ddim --steps 999", "--steps 999: timestep_respacing (section_counts) 'ddim999'"),
@@ -255,8 +260,10 @@ INVALID = [
     ("fid a.npz b.npz --metrics=", "argument --metrics: unknown metric(s) (none given)"),
     ("fid {F}/junk.pt {F}/junk.pt", "samples {F}/junk.pt: not an .npz file"),  # not 'contains pickled data'
     ("fid a.npz b.npz --out scores.txt", "argument --out: 'scores.txt': the numbers is written as .json"),
-    # the command itself
+    # the command itself, and the environment the ops read
     ("frobnicate", "invalid choice: 'frobnicate' (choose from 'train', 'sample'"),
+    ("sample --ckpt {F}/run", "FASTDIT_BACKEND must be one of auto, reference", dict(FASTDIT_BACKEND="fast")),
+    ("train --steps 1", "FASTDIT_ATTENTION must be one of auto, triton", dict(FASTDIT_ATTENTION="flash")),
 ]
 
 
@@ -462,6 +469,28 @@ def test_console_command_prints_no_traceback():
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr  # python -m fastdit passes on the exit code
     assert proc.stderr.strip() == "fastdit train: error: data path '/no/such/dir' does not exist"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("Unable to allocate 745. GiB for an array"),  # numpy
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nmore"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 7188 bytes"),
+    ],
+)
+def test_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(error, monkeypatch, capsys):
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(train, "run", run)
+    assert cli.main(["train"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastdit train: error: out of memory: "), lines
+    assert str(error).split("\n")[0] in lines[0]
+    monkeypatch.setattr(train, "run", lambda args: [][0])  # a bug, not the user's input: its traceback shows
+    with pytest.raises(IndexError):
+        cli.main(["train"])
 
 
 def test_global_batch_must_divide_the_world_size(monkeypatch, capsys):

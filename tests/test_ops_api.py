@@ -69,6 +69,8 @@ BAD_ROW_INPUTS = [
     (lambda x, v: ops.modulate_layer_norm(x.long(), v, v), TypeError, "x must be float32, float16 or bfloat16"),
     (lambda x, v: ops.modulate_layer_norm(x, v, "s"), TypeError, "scale must be a torch.Tensor"),
     (lambda x, v: ops.modulate_layer_norm(x, v, v, eps=0), ValueError, "eps must be a positive float"),
+    (lambda x, v: ops.modulate_layer_norm(x, v, v, eps=float("inf")), ValueError, "at most float32's max"),
+    (lambda x, v: ops.gated_residual_modulate_layer_norm(x, x, v, v, v, eps=1e39), ValueError, "eps must be"),
     (lambda x, v: ops.modulate_layer_norm(x, v, v.to("meta")), ValueError, "one device"),
     (lambda x, v: ops.modulate_layer_norm(x[:, :0], v, v), ValueError, "non-empty"),
     (lambda x, v: ops.gated_residual(x, x[:, :2], v), ValueError, "y must have shape"),

@@ -188,6 +188,12 @@ def test_load_model_builds_the_model_a_checkpoint_records(ckpt, tmp_path):
     assert all(torch.equal(v, stored["ema"][k]) for k, v in model.state_dict().items())
     trained = fastdit.load_model(ckpt, weights="model")
     assert all(torch.equal(v, stored["model"][k]) for k, v in trained.state_dict().items())
+    assert fastdit.load_model(run, "DiT-Tiny/2", input_size=8, in_channels=1).patch_size == 2  # agreeing: fine
+    with pytest.raises(
+        fastdit.CheckpointError,
+        match=r"contradicts input_size=\(4, 4\) \(it records \(8, 8\)\), model='DiT-S/2' \(it records 'DiT-Tiny/2'\)",
+    ):
+        fastdit.load_model(run, "DiT-S/2", input_size=4)  # not silently ignored
     official = tmp_path / "official.pt"  # a bare state_dict records no config: name it
     torch.save(fastdit.DiT_models["DiT-Tiny/2"](input_size=4, num_classes=10).state_dict(), official)
     with pytest.raises(fastdit.CheckpointError, match="records no model config"):

@@ -299,6 +299,14 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     old = torch.load(path, weights_only=True)
     assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
 
+    def refused(dir, prefix, suffix):  # a folder this user may not write in (simulated: root writes anywhere)
+        raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "x1y2z3w4" + suffix))
+
+    monkeypatch.setattr(_util.tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as refusal:
+        _util.atomic_save({}, path)
+    assert refusal.value.filename == str(path)  # the error line names the file asked for, not the temporary
+
 
 def test_crash_while_checkpointing_keeps_the_last_good_one(tmp_path, monkeypatch):
     run = train.main(FAST + ["--steps", "2", "--out", str(tmp_path)])

@@ -30,6 +30,7 @@ from ._attention_policy import (
     ATTENTION_BACKENDS,
     DETERMINISTIC_ATTENTION_BACKENDS,
     last_attention_backend,
+    requested_attention_backend,
     use_attention_backend,
     use_deterministic,
 )
@@ -47,7 +48,7 @@ OPS = (
 EXTRAS = {"attention_packed": "attention", "attention_backend": "attention"}
 __all__ = list(OPS) + list(EXTRAS) + [
     "BACKENDS", "get_backend", "use_backend",
-    "ATTENTION_BACKENDS", "DETERMINISTIC_ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "last_attention_backend",
+    "ATTENTION_BACKENDS", "DETERMINISTIC_ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "last_attention_backend", "requested_attention_backend",
 ]  # fmt: skip
 
 
