@@ -76,7 +76,7 @@ def ablate(args):
         result = train.run(run_args)
         rows.append(_row(design, result))
     table = format_table(rows)
-    (out / "ablation.md").write_text(table + "\n")
+    _util.atomic_write(out / "ablation.md", lambda f: f.write((table + "\n").encode()))
     plot_losses({r["design"]: _util.read_jsonl(Path(r["run"]) / "metrics.jsonl") for r in rows}, out / "ablation.png")
     print(f"\n{table}\n\nwrote {out / 'ablation.md'} and {out / 'ablation.png'}")
     return rows

@@ -274,6 +274,8 @@ def test_model_output_shape_errors():
             diffusion.training_losses(wrong, x, t)
     with pytest.raises(TypeError, match="shape"):
         diffusion.p_sample_loop(wrong, "2,3,4,4", device="cpu")
+    with pytest.raises(ValueError, match=r"noise must have the shape asked for, \(2, 3, 4, 4\), got \(3, 3, 4, 4\)"):
+        diffusion.ddim_sample_loop(wrong, (2, 3, 4, 4), torch.randn(3, 3, 4, 4))  # not silently its own shape
 
 
 def test_sampling_device_progress_and_progressive(capsys):

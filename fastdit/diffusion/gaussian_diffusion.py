@@ -476,6 +476,8 @@ class GaussianDiffusion:
         """Run `step` (p_sample or ddim_sample) from t = T-1 down to 0, yielding each step's dict."""
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list (N, C, ...), got {type(shape).__name__}")
+        if noise is not None and tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise must have the shape asked for, {tuple(shape)}, got {tuple(noise.shape)}")
         if device is None:
             device = _default_device(model, noise)
         img = noise if noise is not None else torch.randn(*shape, device=device)
