@@ -32,7 +32,8 @@ def add_arguments(p):
             action.help = argparse.SUPPRESS  # refused below: ablate starts one run per design of --blocks
         elif action.dest == "out":
             action.help = (
-                "output folder: a run folder per design, ablation.md, ablation.png; default runs/ablate-<data>-<time>"
+                "output folder: a run folder per design, ablation.md, ablation.png; an interrupted ablation "
+                "continues when the same command is given it again; default runs/ablate-<data>-<time>"
             )
     p.add_argument(
         "--blocks",
@@ -64,14 +65,22 @@ def ablate(args):
     """Train every design of args.blocks with the same options; returns the table's rows (dicts)."""
     designs = parse_blocks(args.blocks)
     if args.resume or args.block:
-        raise UsageError("--resume and --block do not apply to ablate: it starts one run per design of --blocks")
+        raise UsageError(
+            "--resume and --block do not apply to ablate: it runs one design of --blocks after another (an "
+            "interrupted ablation continues when the same command is run with its --out)"
+        )
     if args.results_dir:
         raise UsageError("--results-dir does not apply to ablate: its runs go into one folder, --out")
     train.dits_data_path(args)
     out = Path(args.out or f"runs/ablate-{data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = []
+    if args.out is None:
+        print(f"fastdit ablate: into {out} (if interrupted, the same command with --out {out} continues it)")
     for design in designs:
-        run_args = argparse.Namespace(**{**vars(args), "block": design, "out": str(out / design)})
+        run = out / design
+        # A run this command began (interrupted, or done) goes on from its last checkpoint, bit-exactly.
+        resume = str(run) if any((run / "checkpoints").glob("*.pt")) else None
+        run_args = argparse.Namespace(**{**vars(args), "block": design, "out": str(run), "resume": resume})
         del run_args.blocks
         result = train.run(run_args)
         rows.append(_row(design, result))
@@ -96,7 +105,7 @@ def _row(design, result):
         gflops=cost.gflops,
         final_loss=result.final_loss,
         fid=fids[-1] if fids else None,
-        seconds=result.seconds,
+        seconds=result.run_seconds,
         steps=ckpt["step"],
         run=result.out,
         samples=result.grid,

@@ -608,9 +608,10 @@ class TrainResult:
     grid: str
     curve: str
     losses: list = field(default_factory=list)  # this invocation's per-step mean losses (None: skipped step)
-    final_loss: float = float("nan")  # mean loss of the last (up to) 100 steps
+    final_loss: float = float("nan")  # mean loss of the run's last (up to) 100 steps, earlier invocations' too
     skipped: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # this invocation's
+    run_seconds: float = 0.0  # the run's: the invocations' up to the checkpoint this one resumed, and this one's
 
 
 class Trainer:
@@ -674,6 +675,7 @@ class Trainer:
         self.out = Path(self.dist.broadcast_object(str(self._out_dir())))
         self.metrics_path = self.out / "metrics.jsonl"
         self.step, self.position, self.skipped, self.last_checkpoint = 0, (0, 0), 0, None
+        self.prior_seconds, self.t_start = 0.0, time.time()
         self.bad_run = 0  # NaN/Inf steps in a row, as read back so far
         if self.ckpt is not None:
             self._load_state()
@@ -935,6 +937,7 @@ class Trainer:
                     rng=rngs,
                     world_size=self.dist.world_size,
                     skipped=self.skipped,
+                    train_seconds=self.prior_seconds + time.time() - self.t_start,
                     args=plain({k: v for k, v in vars(a).items() if k not in MACHINE_ARGS}),
                     model_name=a.model,
                     model_config=self.model_config,
@@ -971,6 +974,7 @@ class Trainer:
         set_optimizer_state_dict(self.raw, self.opt, ck["opt"], options=opts)
         self.scaler.load_state_dict(ck["scaler"])
         self.step, self.skipped = ck["step"], ck.get("skipped", 0)
+        self.prior_seconds = ck.get("train_seconds", 0.0)  # 0: a checkpoint from before it was recorded
         self.position = tuple(ck["data_position"])
         self.batches.start = self.position
         if ck["world_size"] == d.world_size:
@@ -1071,7 +1075,7 @@ class Trainer:
                     f"the run is at its last step ({a.steps}): writing its final samples and loss curve; pass a "
                     f"larger --steps to train on"
                 )
-        losses, t_start = [], time.time()
+        losses, self.t_start = [], time.time()
         bar = tqdm(total=a.steps, initial=self.step, disable=not d.is_main, desc="train", dynamic_ncols=True)
         try:
             if self.step < a.steps:
@@ -1085,16 +1089,25 @@ class Trainer:
         curve = self.out / "loss.png"
         if d.is_main:
             plot_loss_curve(_util.read_jsonl(self.metrics_path), curve, title=f"{a.model} on {self.dataset.name}")
-        seconds = time.time() - t_start
-        finite = [v for v in losses if v is not None][-100:]
-        final = sum(finite) / len(finite) if finite else float("nan")
+        seconds = time.time() - self.t_start
+        final, counted = d.broadcast_object(final_loss(self.metrics_path) if d.is_main else None)
         if d.is_main:
             print(
-                f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {len(finite)} "
+                f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {counted} "
                 f"steps), {self.skipped} skipped\n  checkpoint {checkpoint}\n  samples    {grid}\n"
                 f"  loss curve {curve}"
             )
-        return TrainResult(str(self.out), str(checkpoint), str(grid), str(curve), losses, final, self.skipped, seconds)
+        return TrainResult(
+            str(self.out),
+            str(checkpoint),
+            str(grid),
+            str(curve),
+            losses,
+            final,
+            self.skipped,
+            seconds,
+            self.prior_seconds + seconds,
+        )
 
     def _loop(self, bar):
         """The training steps up to --steps (the last checkpoint is the caller's); returns their losses."""
@@ -1213,6 +1226,14 @@ class Trainer:
     def close(self):
         self._restore.close()
         self.dist.close()
+
+
+def final_loss(metrics_path, last=100):
+    """(mean loss of the run's last `last` finite steps, how many) from its metrics log, which holds every
+    step of the run, the invocations before a resume too; (nan, 0) when there is none."""
+    losses = [r["loss"] for r in _util.read_jsonl(metrics_path) if "event" not in r and r.get("loss") is not None]
+    losses = losses[-last:]
+    return (sum(losses) / len(losses) if losses else float("nan")), len(losses)
 
 
 def plot_loss_curve(records, path, title):

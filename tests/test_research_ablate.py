@@ -6,16 +6,33 @@ from argparse import Namespace
 import torch
 from _train_helpers import FAST, one_thread, sample_one_per_class  # noqa: F401 (an autouse fixture)
 
+from fastdit import _util, train
 from fastdit.ablate import data_name
 from fastdit.cli import main as cli
 from fastdit.models import BLOCKS
 
 
-def test_ablate_trains_every_design_and_writes_a_table_and_a_plot(tmp_path, capsys):
-    out = tmp_path / "ablate"
-    assert cli(["ablate", "--steps", "2", *FAST, "--out", str(out)]) == 0
+def test_ablate_trains_every_design_and_writes_a_table_and_a_plot(tmp_path, monkeypatch, capsys):
+    out, steps, train_step = tmp_path / "ablate", [], train.Trainer.train_step
+
+    def step_or_crash(self, x, y):  # killed at the third design's second step, after its first checkpoint
+        if not steps or steps[-1][0] != self.args.block:
+            steps.append([self.args.block, 0])
+        if self.args.block == BLOCKS[2] and self.step == 1 and crash:
+            raise KeyboardInterrupt
+        steps[-1][1] += 1
+        return train_step(self, x, y)
+
+    monkeypatch.setattr(train.Trainer, "train_step", step_or_crash)
+    argv, crash = ["ablate", "--steps", "2", "--ckpt-every", "1", *FAST, "--out", str(out)], True
+    assert cli(argv) == 130 and not (out / "ablation.md").exists()
+    crash, steps[:] = False, []
+    assert cli(argv) == 0  # the same command continues: the third design from its step 1, then the fourth
+    assert steps == [[BLOCKS[2], 1], [BLOCKS[3], 2]]
     table = (out / "ablation.md").read_text().splitlines()
     assert [row.split(" | ")[0].lstrip("| ") for row in table[2:]] == list(BLOCKS)
+    losses = [r["loss"] for r in _util.read_jsonl(out / BLOCKS[2] / "metrics.jsonl") if "event" not in r]
+    assert len(losses) == 2 and f"| {sum(losses) / 2:.4f} |" in table[4]  # both steps, across the two commands
     assert (out / "ablation.png").stat().st_size > 0 and "ablation.md" in capsys.readouterr().out
     for design in BLOCKS:  # each run records its design, and its checkpoint samples back through the CLI
         ckpt = out / design / "checkpoints" / "0000002.pt"
@@ -30,6 +47,7 @@ def test_ablate_and_block_errors(capsys):
         (["ablate", "--blocks", "adaLN,film"], "--blocks must be a comma-separated list of"),
         (["ablate", "--blocks", "adaLN,adaLN"], "--blocks names a design twice"),
         (["ablate", "--block", "adaLN"], "--resume and --block do not apply to ablate"),
+        (["ablate", "--resume", "runs/x"], "the same command is run with its --out"),
         (["ablate", "--results-dir", "results"], "--results-dir does not apply to ablate"),
     ):
         assert cli(argv) == 2

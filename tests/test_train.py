@@ -73,6 +73,9 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     first = [r["loss"] for r in _util.read_jsonl(tmp_path / "split" / "metrics.jsonl") if "event" not in r]
     assert first[:3] + resumed.losses == whole.losses
     assert len(whole.losses) == 6 and len(set(whole.losses)) == 6
+    assert resumed.final_loss == whole.final_loss == sum(whole.losses) / 6  # the run's steps, both invocations'
+    split_seconds = torch.load(tmp_path / "split" / "checkpoints" / "0000003.pt", weights_only=True)["train_seconds"]
+    assert resumed.run_seconds == pytest.approx(split_seconds + resumed.seconds) and split_seconds > 0
     a, b = torch.load(whole.checkpoint, weights_only=True), torch.load(resumed.checkpoint, weights_only=True)
     for key in ("model", "ema"):
         assert_same_state(a[key], b[key])
