@@ -2,9 +2,10 @@
 
 Public names, arguments and results follow facebookresearch/DiT `diffusion/gaussian_diffusion.py`
 (itself adapted from openai/improved-diffusion and openai/guided-diffusion). Schedules are float64
-numpy arrays; a coefficient is gathered at the batch's timesteps and rounded to float32 exactly as
-DiT does, random numbers are drawn in the same places and order, and the arithmetic keeps DiT's
-order, so that from one torch seed the samples and losses equal the official ones.
+numpy arrays; a coefficient is gathered at the batch's timesteps, rounded to float32 and made a
+full-size tensor exactly as DiT does, random numbers are drawn in the same places and order, and the
+arithmetic keeps DiT's order (and so its tensors' layouts), so that from one torch seed the samples
+and losses equal the official ones, whatever the memory layout of the noise or the model's output.
 
 Notation: T steps, t in [0, T); alpha_bar_t = prod_{s<=t} (1 - beta_s);
 q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
@@ -160,18 +161,20 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------------------------------
     # Schedule lookup
 
-    def _extract(self, name, t, ndim):
-        """The float32 table `name` at timesteps t, shaped (B, 1, ...) with `ndim` dimensions.
+    def _extract(self, name, t, shape):
+        """The float32 table `name` at timesteps t, broadcast to `shape` (B, ...) as a contiguous tensor.
 
-        Equals DiT's _extract_into_tensor (float64 gather, then .float()) up to broadcasting; the
-        float32 copy of each table is made once per device.
+        Equals DiT's _extract_into_tensor (float64 gather, .float(), broadcast to a new tensor); the
+        float32 copy of each table is made once per device. Not a broadcast view: an operand's layout
+        decides its result's layout, a sample's layout the order of the next step's torch.randn_like
+        draws, and a reduction's layout its rounding; with DiT's layouts, DiT's samples.
         """
         key = (name, t.device)
         table = self._device_tables.get(key)
         if table is None:
             table = torch.from_numpy(getattr(self, name)).to(device=t.device, dtype=torch.float32)
             self._device_tables[key] = table
-        return table[t].view(-1, *([1] * (ndim - 1)))
+        return table[t].view(-1, *([1] * (len(shape) - 1))).expand(shape).contiguous()
 
     def _wrap_model(self, model):
         """The callable that sees this process's timesteps; SpacedDiffusion maps them to the original ones."""
@@ -182,10 +185,10 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x_start, t):
         """(mean, variance, log_variance) of q(x_t | x_0), each of x_start's shape."""
-        n = x_start.dim()
-        mean = self._extract("sqrt_alphas_cumprod", t, n) * x_start
-        variance = self._extract("_one_minus_alphas_cumprod", t, n).expand(x_start.shape)
-        log_variance = self._extract("log_one_minus_alphas_cumprod", t, n).expand(x_start.shape)
+        shape = x_start.shape
+        mean = self._extract("sqrt_alphas_cumprod", t, shape) * x_start
+        variance = self._extract("_one_minus_alphas_cumprod", t, shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -194,37 +197,38 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
             raise ValueError(f"noise must have x_start's shape {tuple(x_start.shape)}, got {tuple(noise.shape)}")
-        n = x_start.dim()
+        shape = x_start.shape
         return (
-            self._extract("sqrt_alphas_cumprod", t, n) * x_start
-            + self._extract("sqrt_one_minus_alphas_cumprod", t, n) * noise
+            self._extract("sqrt_alphas_cumprod", t, shape) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """(mean, variance, clipped log-variance) of the posterior q(x_{t-1} | x_t, x_0)."""
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start and x_t must share one shape, got {tuple(x_start.shape)} and {tuple(x_t.shape)}")
-        n = x_t.dim()
+        shape = x_t.shape
         posterior_mean = (
-            self._extract("posterior_mean_coef1", t, n) * x_start + self._extract("posterior_mean_coef2", t, n) * x_t
+            self._extract("posterior_mean_coef1", t, shape) * x_start
+            + self._extract("posterior_mean_coef2", t, shape) * x_t
         )
-        posterior_variance = self._extract("posterior_variance", t, n).expand(x_t.shape)
-        posterior_log_variance_clipped = self._extract("posterior_log_variance_clipped", t, n).expand(x_t.shape)
+        posterior_variance = self._extract("posterior_variance", t, shape)
+        posterior_log_variance_clipped = self._extract("posterior_log_variance_clipped", t, shape)
         return posterior_mean, posterior_variance, posterior_log_variance_clipped
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         if x_t.shape != eps.shape:
             raise ValueError(f"eps must have x_t's shape {tuple(x_t.shape)}, got {tuple(eps.shape)}")
-        n = x_t.dim()
+        shape = x_t.shape
         return (
-            self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t
-            - self._extract("sqrt_recipm1_alphas_cumprod", t, n) * eps
+            self._extract("sqrt_recip_alphas_cumprod", t, shape) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, shape) * eps
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        n = x_t.dim()
-        return (self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - pred_xstart) / self._extract(
-            "sqrt_recipm1_alphas_cumprod", t, n
+        shape = x_t.shape
+        return (self._extract("sqrt_recip_alphas_cumprod", t, shape) * x_t - pred_xstart) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, shape
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -270,15 +274,14 @@ class GaussianDiffusion:
             )
         return torch.split(model_output, C, dim=1)
 
-    def _p_mean_variance_from_output(self, model_output, x, t, clip_denoised, denoised_fn, var_values=None):
-        """p_mean_variance given the model's output; var_values, when given, is the variance part."""
-        n = x.dim()
+    def _p_mean_variance_from_output(self, model_output, x, t, clip_denoised, denoised_fn):
+        """p_mean_variance given the model's output."""
+        shape = x.shape
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            if var_values is None:
-                model_output, var_values = self._split_learned_variance(model_output, x)
+            model_output, var_values = self._split_learned_variance(model_output, x)
             # DiT reads LEARNED as LEARNED_RANGE too (IDDPM took it as the log-variance itself).
-            min_log = self._extract("posterior_log_variance_clipped", t, n)
-            max_log = self._extract("_log_betas", t, n)
+            min_log = self._extract("posterior_log_variance_clipped", t, shape)
+            max_log = self._extract("_log_betas", t, shape)
             frac = (var_values + 1) / 2  # [-1, 1] -> [min, max] in log space
             model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
@@ -287,7 +290,7 @@ class GaussianDiffusion:
                 names = ("_fixed_large_variance", "_fixed_large_log_variance")
             else:
                 names = ("posterior_variance", "posterior_log_variance_clipped")
-            model_variance, model_log_variance = (self._extract(name, t, n).expand(x.shape) for name in names)
+            model_variance, model_log_variance = (self._extract(name, t, shape) for name in names)
 
         if self.model_mean_type == ModelMeanType.START_X:
             pred_xstart = model_output
@@ -317,7 +320,7 @@ class GaussianDiffusion:
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """p_mean_variance's output had the model's score been conditioned by cond_fn (Song et al. 2020)."""
-        alpha_bar = self._extract("alphas_cumprod", t, x.dim())
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * self._wrap_model(cond_fn)(x, t, **(model_kwargs or {}))
         out = p_mean_var.copy()
@@ -405,8 +408,8 @@ class GaussianDiffusion:
         """One DDIM step (Song et al. 2020, eq. 12) to the previous timestep; eta = 0 is deterministic,
         eta = 1 matches DDPM's variance. Returns {"sample", "pred_xstart"}."""
         out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
-        alpha_bar = self._extract("alphas_cumprod", t, x.dim())
-        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.dim())
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = torch.randn_like(x)  # drawn even when eta == 0, as in DiT, to keep the random stream
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -420,7 +423,7 @@ class GaussianDiffusion:
         if eta != 0.0:
             raise ValueError(f"eta must be 0.0 for the reverse (deterministic) DDIM ODE, got {eta!r}")
         out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
-        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.dim())
+        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -540,10 +543,10 @@ class GaussianDiffusion:
         model_output = self._wrap_model(model)(x_t, t, **model_kwargs)
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             model_output, var_values = self._split_learned_variance(model_output, x_t)
-            # The bound learns the variance without moving the mean: the mean enters it detached.
-            frozen = self._p_mean_variance_from_output(
-                model_output.detach(), x_t, t, clip_denoised=False, denoised_fn=None, var_values=var_values
-            )
+            # The bound learns the variance without moving the mean: the mean enters it detached. Joined
+            # again as DiT does, so that the halves' layout, and with it the bound's rounding, are DiT's.
+            frozen_out = torch.cat([model_output.detach(), var_values], dim=1)
+            frozen = self._p_mean_variance_from_output(frozen_out, x_t, t, clip_denoised=False, denoised_fn=None)
             terms["vb"] = self._vb_terms_from_p(frozen, x_start, x_t, t)["output"]
             if self.loss_type == LossType.RESCALED_MSE:
                 # /1000 keeps the scale of the original implementation, where a larger VB term hurt the MSE.

@@ -31,14 +31,15 @@ class ToyModel(torch.nn.Module):
 
     Returns C channels, or 2C with learn_sigma (mean part unbounded, variance part in (-1, 1)).
     Depends on t through sin(t / 100 * freq), so a wrong timestep mapping changes the output.
-    Computes in x's dtype (float32 or float64).
+    Computes in x's dtype (float32 or float64); returns the output in `output_format` (a
+    torch.memory_format) when given, as a channels-last network would.
     """
 
-    def __init__(self, learn_sigma=True):
+    def __init__(self, learn_sigma=True, output_format=None):
         super().__init__()
         g = torch.Generator().manual_seed(1234)
         out = 2 * C if learn_sigma else C
-        self.learn_sigma = learn_sigma
+        self.learn_sigma, self.output_format = learn_sigma, output_format
         self.weight = torch.nn.Parameter(torch.randn(out, C, generator=g) / math.sqrt(C))
         self.freq = torch.nn.Parameter(torch.randn(out, generator=g))
         self.class_emb = torch.nn.Parameter(0.3 * torch.randn(NUM_CLASSES, out, generator=g))
@@ -47,9 +48,9 @@ class ToyModel(torch.nn.Module):
         w, freq, emb = (p.to(x.dtype) for p in (self.weight, self.freq, self.class_emb))
         h = (w[None, :, :, None, None] * x[:, None]).sum(2)  # (B, out, H, W)
         h = h + torch.sin(t.to(x.dtype)[:, None] / 100 * freq)[..., None, None] + emb[y][..., None, None]
-        if not self.learn_sigma:
-            return h
-        return torch.cat([h[:, :C], torch.tanh(h[:, C:])], dim=1)
+        if self.learn_sigma:
+            h = torch.cat([h[:, :C], torch.tanh(h[:, C:])], dim=1)
+        return h if self.output_format is None else h.contiguous(memory_format=self.output_format)
 
 
 def cond_fn(x, t, y):
@@ -86,13 +87,23 @@ def _training_case(create_kwargs, dtype=torch.float32, draw_noise=False):
     return run
 
 
-def _sampling_case(create_kwargs, loop="p_sample_loop", dtype=torch.float32, **loop_kwargs):
+def _sampling_case(
+    create_kwargs, loop="p_sample_loop", dtype=torch.float32, noise_format=None, output_format=None, **loop_kwargs
+):
+    """noise_format, output_format: memory formats of the given noise and of the model's output. A tensor's
+    layout decides the layout of what is computed from it, and torch.randn_like draws in the layout of
+    its argument (the previous step's sample), so layouts are part of "the same samples"."""
+
     def run(create_diffusion):
         diffusion = create_diffusion(**create_kwargs)
-        model = ToyModel(learn_sigma=create_kwargs.get("learn_sigma", True))
+        model = ToyModel(learn_sigma=create_kwargs.get("learn_sigma", True), output_format=output_format)
         y = torch.tensor([1, 3])
         torch.manual_seed(2024)
-        noise = torch.randn(2, C, H, W, dtype=dtype) if dtype != torch.float32 else None
+        noise = None
+        if dtype != torch.float32 or noise_format is not None:
+            noise = torch.randn(2, C, H, W, dtype=dtype).contiguous(
+                memory_format=noise_format or torch.contiguous_format
+            )
         sample = getattr(diffusion, loop)(model, (2, C, H, W), noise=noise, model_kwargs=dict(y=y), **loop_kwargs)
         # What the generator draws next proves the sampler drew exactly as many numbers.
         return {"sample": sample, "next_draw": torch.randn(4)}
@@ -168,6 +179,13 @@ CASES = {
     # DiT's sample.py samples with clip_denoised=False (the toy model's x_0 guesses then reach ~1e3).
     "ddim_noclip": _sampling_case(dict(timestep_respacing="ddim10"), loop="ddim_sample_loop", clip_denoised=False),
     "ddim_cond": _sampling_case(dict(timestep_respacing="ddim10"), loop="ddim_sample_loop", eta=0.5, cond_fn=cond_fn),
+    # channels-last noise (DiT's sample.py otherwise), and a channels-last network predicting x_0
+    "ddpm_noise_channels_last": _sampling_case(
+        dict(timestep_respacing="10"), noise_format=torch.channels_last, clip_denoised=False
+    ),
+    "ddpm_xstart_output_channels_last": _sampling_case(
+        dict(timestep_respacing="10", predict_xstart=True), output_format=torch.channels_last
+    ),
     "ddim_reverse": _ddim_reverse_case,
     "calc_bpd_loop": _bpd_case,
     "schedules": _schedules_case,
