@@ -218,6 +218,10 @@ def test_bad_arguments_name_the_argument():
             create_diffusion(bad)
     with pytest.raises(ValueError, match="diffusion_steps"):
         create_diffusion("", diffusion_steps=0)
+    # 15 linear steps have betas up to 20 / 15 > 1: refused (as DiT does) even where the respacing drops them
+    for respacing in ("", "1", "ddim5"):
+        with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\], got values in \[0.00666667, 1.33333\]"):
+            create_diffusion(respacing, diffusion_steps=15)
     with pytest.raises(ValueError, match="beta_schedule"):
         gd.get_beta_schedule("nope", beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=10)
     kinds = dict(
@@ -243,6 +247,12 @@ def test_public_api():
     assert create_diffusion("", learn_sigma=False).model_var_type == gd.ModelVarType.FIXED_LARGE
     assert create_diffusion("", learn_sigma=False, sigma_small=True).model_var_type == gd.ModelVarType.FIXED_SMALL
     assert create_diffusion(None, predict_xstart=True).model_mean_type == gd.ModelMeanType.START_X
+    # numpy's integers are integers (DiT takes them)
+    numpy_steps, int_steps = (
+        create_diffusion("10", diffusion_steps=np.int64(100)),
+        create_diffusion("10", diffusion_steps=100),
+    )
+    assert numpy_steps.timestep_map == int_steps.timestep_map and np.array_equal(numpy_steps.betas, int_steps.betas)
 
 
 def test_vb_term_trains_only_the_variance():

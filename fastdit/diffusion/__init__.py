@@ -7,6 +7,8 @@ sampler = create_diffusion("250")                           # sampling: 250 resp
 samples = sampler.p_sample_loop(model, z.shape, z, clip_denoised=False, model_kwargs=..., device=...)
 """
 
+import numbers
+
 from .._validate import check_positive_int
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -33,6 +35,8 @@ def create_diffusion(
     loss by diffusion_steps / 1000. sigma_small: with learn_sigma=False, use the posterior variance
     instead of beta_t. predict_xstart: the model predicts x_0 instead of the noise.
     """
+    if isinstance(diffusion_steps, numbers.Integral) and not isinstance(diffusion_steps, bool):
+        diffusion_steps = int(diffusion_steps)  # numpy's integers too, as DiT takes them
     check_positive_int("diffusion_steps", diffusion_steps)
     betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:

@@ -104,6 +104,16 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
 
 
+def checked_betas(betas):
+    """betas as a float64 array (for accuracy; rounded to float32 per use), checked: 1-D, non-empty, in (0, 1]."""
+    betas = np.array(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.shape[0] < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if not ((betas > 0).all() and (betas <= 1).all()):
+        raise ValueError(f"betas must lie in (0, 1], got values in [{betas.min():.6g}, {betas.max():.6g}]")
+    return betas
+
+
 class GaussianDiffusion:
     """Training and sampling utilities for one beta schedule.
 
@@ -116,12 +126,7 @@ class GaussianDiffusion:
         self.model_var_type = model_var_type
         self.loss_type = loss_type
 
-        betas = np.array(betas, dtype=np.float64)  # float64 for accuracy; rounded to float32 per use
-        if betas.ndim != 1 or betas.shape[0] < 1:
-            raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-        if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("betas must lie in (0, 1]")
-        self.betas = betas
+        self.betas = betas = checked_betas(betas)
         self.num_timesteps = int(betas.shape[0])
 
         alphas = 1.0 - betas

@@ -7,7 +7,7 @@ process's; the model keeps seeing the base process's timesteps.
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion
+from .gaussian_diffusion import GaussianDiffusion, checked_betas
 
 
 def _parse_section_counts(num_timesteps, section_counts):
@@ -82,7 +82,7 @@ class SpacedDiffusion(GaussianDiffusion):
 
     def __init__(self, use_timesteps, **kwargs):
         self.use_timesteps = set(use_timesteps)
-        base_betas = np.array(kwargs["betas"], dtype=np.float64)
+        base_betas = checked_betas(kwargs["betas"])  # the base process must be valid too, kept steps or not
         self.original_num_steps = len(base_betas)
         valid = set(range(len(base_betas)))
         unknown = sorted(self.use_timesteps - valid, key=str)
