@@ -276,7 +276,8 @@ def test_model_output_shape_errors():
     for t, error, match in [
         ([1, 2], ValueError, r"t must have shape \(B,\) = \(2,\), got \(\)"),  # a list, not a tensor
         (torch.tensor([1]), ValueError, r"t must have shape \(B,\) = \(2,\), got \(1,\)"),  # would broadcast
-        (torch.tensor([0.5, 2.0]), TypeError, "t must hold integer timesteps, got torch.float32"),
+        (torch.tensor([0.5, 2.0]), TypeError, r"t must hold integer timesteps \(torch.int64 or .*got torch.float32"),
+        (torch.tensor([1, 2], dtype=torch.uint8), TypeError, "got torch.uint8"),  # would index as a mask
         (torch.tensor([-1, 2]), ValueError, r"t must be in \[0, 10\), got values in \[-1, 2\]"),  # would wrap
         (torch.tensor([3, 10]), ValueError, r"t must be in \[0, 10\)"),
     ]:

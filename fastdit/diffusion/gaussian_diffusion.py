@@ -263,8 +263,9 @@ class GaussianDiffusion:
         reading them is free: _validate.can_read_values)."""
         if not isinstance(t, torch.Tensor) or t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(getattr(t, 'shape', ()))}")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"t must hold integer timesteps, got {t.dtype}")
+        # Index dtypes only: a uint8 t would index as a mask, an int16 one not at all.
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"t must hold integer timesteps (torch.int64 or torch.int32), got {t.dtype}")
         if len(t) and _validate.can_read_values(t) and not 0 <= int(t.min()) <= int(t.max()) < self.num_timesteps:
             raise ValueError(f"t must be in [0, {self.num_timesteps}), got values in [{int(t.min())}, {int(t.max())}]")
 
