@@ -47,7 +47,8 @@ def modulate(x, shift, scale):
 
 
 def _is_positive_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    # numbers.Integral: numpy's integers too, which the official code takes (np.arange, timm's to_2tuple)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
 
 
 def _is_real(v):
@@ -56,9 +57,9 @@ def _is_real(v):
 
 def _pair(v, name):
     if _is_positive_int(v):
-        return (v, v)
+        return (int(v), int(v))
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_positive_int(i) for i in v):
-        return tuple(v)
+        return tuple(int(i) for i in v)
     raise ValueError(f"{name} must be a positive int or a pair of positive ints (H, W), got {v!r}")
 
 

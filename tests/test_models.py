@@ -229,6 +229,15 @@ def test_sincos_pos_embed_layout():
     torch.testing.assert_close(torch.from_numpy(emb[2, 4:]), torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
 
 
+def test_grid_and_input_sizes_take_numpy_integers():
+    # The official code takes them (np.arange for the grid, timm's to_2tuple for input_size): a grid
+    # side computed with numpy, e.g. np.sqrt(T).astype(int), must not be refused.
+    np.testing.assert_array_equal(get_2d_sincos_pos_embed(8, np.int64(3)), get_2d_sincos_pos_embed(8, 3))
+    np.testing.assert_array_equal(get_2d_sincos_pos_embed(8, (np.int32(2), 3)), get_2d_sincos_pos_embed(8, (2, 3)))
+    sizes = small(input_size=np.int64(8)).x_embedder.img_size
+    assert sizes == (8, 8) and all(type(s) is int for s in sizes)
+
+
 def test_official_module_level_names_exist():
     """What `from models import ...` finds in the official models.py, fastdit.models has too."""
     official = ["DiT", "DiTBlock", "FinalLayer", "LabelEmbedder", "TimestepEmbedder", "modulate", "DiT_models"]
