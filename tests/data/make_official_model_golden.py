@@ -40,9 +40,10 @@ import torch
 OFFICIAL_COMMIT = "ed81ce2229091fd4ecc9a223645f95cf379d582b"
 GOLDEN_PATH = Path(__file__).with_name("official_model_golden.pt")
 CFG_SCALE = 4.0
-# Tiny configs (the fixture stays ~1 MB) covering: learn_sigma on and off; 4, 1 and 3 input channels;
-# class dropout 0.1, 0.5 and 0 (no null class); head dims 16 and 24 (a tail past a power of two);
-# patch sizes 2 and 4; 16 and 9 tokens; mlp_ratio 4 and 2.
+# Tiny configs (the fixture stays ~1 MB) covering: learn_sigma on and off; 4, 1, 3 and 5 input channels
+# (5: CFG guides 3 of the eps channels); class dropout 0.1, 0.5, 1 (every training label dropped) and 0
+# (no null class); a single class; head dims 16 and 24 (a tail past a power of two); patch sizes 2, 4
+# and 1 (patchify is a view); 16 and 9 tokens; mlp_ratio 4, 2 and 2.5 (int(hidden * mlp_ratio)).
 CONFIGS = {
     "c4_sigma": dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
                      mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True),
@@ -50,6 +51,8 @@ CONFIGS = {
                         mlp_ratio=2.0, class_dropout_prob=0.5, num_classes=5, learn_sigma=True),
     "c3_fixed_sigma": dict(input_size=6, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
                            mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=7, learn_sigma=False),
+    "c5_sigma_p1": dict(input_size=3, patch_size=1, in_channels=5, hidden_size=16, depth=1, num_heads=1,
+                        mlp_ratio=2.5, class_dropout_prob=1.0, num_classes=1, learn_sigma=True),
 }  # fmt: skip
 
 
