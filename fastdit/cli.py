@@ -150,12 +150,14 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    from . import ops
     from .train import TrainingError
 
     try:
         _check_environment()
         args.func(args)
-    except (UsageError, CheckpointError, OSError) as e:  # bad input, or a file that cannot be read or written
+    # bad input (a backend that cannot run here among it), or a file that cannot be read or written
+    except (UsageError, CheckpointError, OSError, ops.BackendUnavailable) as e:
         print(f"fastdit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -288,6 +288,25 @@ def test_every_bad_invocation_is_one_line_naming_it_and_writes_nothing(case, fil
     assert snapshot(files) == before
 
 
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (dict(FASTDIT_BACKEND="cuda"), "x is on cpu, and the cuda backend (FASTDIT_BACKEND=cuda) runs"),
+        (dict(FASTDIT_ATTENTION="xformers"), "attention backend 'xformers' needs the xformers package"),
+    ],
+)
+def test_a_backend_that_cannot_run_here_is_bad_input(env, expected, files, tmp_path, monkeypatch, capsys):
+    """Found at the model's first op (the sampling bar has started), it ends the command as bad input: one
+    error line, exit code 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["sample", "--ckpt", str(files / "run"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"fastdit sample: error: {expected}") and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_valid_edge_values_work(files, tmp_path, monkeypatch, capsys):
     """The smallest (or largest) value every check lets through runs end to end."""
     monkeypatch.chdir(tmp_path)

@@ -34,7 +34,7 @@ from ._attention_policy import (
     use_attention_backend,
     use_deterministic,
 )
-from ._dispatch import BACKENDS, get_backend, use_backend
+from ._dispatch import BACKENDS, BackendUnavailable, get_backend, use_backend
 
 OPS = (
     "modulate_layer_norm",
@@ -47,7 +47,7 @@ OPS = (
 # Further public functions of an op's module: name -> op.
 EXTRAS = {"attention_packed": "attention", "attention_backend": "attention"}
 __all__ = list(OPS) + list(EXTRAS) + [
-    "BACKENDS", "get_backend", "use_backend",
+    "BACKENDS", "BackendUnavailable", "get_backend", "use_backend",
     "ATTENTION_BACKENDS", "DETERMINISTIC_ATTENTION_BACKENDS", "use_attention_backend", "use_deterministic", "last_attention_backend", "requested_attention_backend",
 ]  # fmt: skip
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .. import reference
 from . import _attention_policy as policy
 from ._checks import check_qkv, check_tensor
+from ._dispatch import BackendUnavailable
 
 # --------------------------------------------------------------------------------------------
 # backends: run(q, k, v, deterministic) -> o (B, Tq, H, Dh) contiguous. Optional packages are
@@ -229,7 +230,7 @@ def resolve(q, k, v, backend=None):
     why = unavailable(name, q)
     if why is not None:
         here = ", ".join(n for n in BACKENDS if unavailable(n, q) is None)
-        raise RuntimeError(f"attention backend {name!r} {why}; available for these inputs: {here}")
+        raise BackendUnavailable(f"attention backend {name!r} {why}; available for these inputs: {here}")
     return name
 
 

@@ -17,6 +17,11 @@ ENV_VAR = "FASTDIT_BACKEND"
 _local = threading.local()
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run these inputs here: a package not installed, the native library not
+    built, or tensors on a device it does not run on. Bad input to a command, not a bug."""
+
+
 def _check_name(name, source):
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")

@@ -21,6 +21,7 @@ import torch
 
 from . import _layout, _rows
 from . import _triton_utils as tu
+from ._dispatch import BackendUnavailable
 from ._triton_utils import row_major
 
 ENV_LIB = "FASTDIT_NATIVE_LIB"
@@ -33,7 +34,7 @@ MAX_F = 16384  # FASTDIT_LAYOUT_MAX_F
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-class NativeUnavailable(RuntimeError):
+class NativeUnavailable(BackendUnavailable):
     """The native kernels cannot run here: the library is missing, unloadable or stale."""
 
 
@@ -110,7 +111,7 @@ def library():
 def check_device(name, device):
     """Raise unless `device` is a CUDA device: the native kernels run on NVIDIA GPUs only."""
     if device.type != "cuda":
-        raise RuntimeError(
+        raise BackendUnavailable(
             f"{name} is on {device}, and the cuda backend (FASTDIT_BACKEND=cuda) runs fastdit's native kernels "
             "on CUDA tensors only; use the auto, triton or reference backend for it"
         )
