@@ -96,6 +96,7 @@ COMMON = dict(
 FID_CFG_SCALE = 1.5  # DiT's sample_ddp.py default (its FID-50K)
 # DiT's linear betas end at 0.02 * 1000 / T, which must stay below 1 (the last step keeping some signal).
 MIN_DIFFUSION_STEPS = 21
+RECENT = 100  # the final loss is the mean of the run's last RECENT steps' losses
 # Not taken from a resumed checkpoint: they describe this machine, not the run.
 MACHINE_ARGS = ("resume", "out", "results_dir", "data_path", "device", "num_workers", "compile")
 # A resumed run keeps these: other values would not continue the same run (or fit its weights).
@@ -608,7 +609,7 @@ class TrainResult:
     grid: str
     curve: str
     losses: list = field(default_factory=list)  # this invocation's per-step mean losses (None: skipped step)
-    final_loss: float = float("nan")  # mean loss of the run's last (up to) 100 steps, earlier invocations' too
+    final_loss: float = float("nan")  # mean loss of the run's last (up to) RECENT steps, earlier invocations' too
     skipped: int = 0
     seconds: float = 0.0  # this invocation's
     run_seconds: float = 0.0  # the run's: the invocations' up to the checkpoint this one resumed, and this one's
@@ -676,6 +677,7 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self.step, self.position, self.skipped, self.last_checkpoint = 0, (0, 0), 0, None
         self.prior_seconds, self.t_start = 0.0, time.time()
+        self.recent_losses = []  # the run's last (up to) RECENT finite step losses, earlier invocations' too
         self.bad_run = 0  # NaN/Inf steps in a row, as read back so far
         if self.ckpt is not None:
             self._load_state()
@@ -938,6 +940,7 @@ class Trainer:
                     world_size=self.dist.world_size,
                     skipped=self.skipped,
                     train_seconds=self.prior_seconds + time.time() - self.t_start,
+                    recent_losses=list(self.recent_losses),
                     args=plain({k: v for k, v in vars(a).items() if k not in MACHINE_ARGS}),
                     model_name=a.model,
                     model_config=self.model_config,
@@ -974,7 +977,8 @@ class Trainer:
         set_optimizer_state_dict(self.raw, self.opt, ck["opt"], options=opts)
         self.scaler.load_state_dict(ck["scaler"])
         self.step, self.skipped = ck["step"], ck.get("skipped", 0)
-        self.prior_seconds = ck.get("train_seconds", 0.0)  # 0: a checkpoint from before it was recorded
+        # A checkpoint from before these were recorded: 0 seconds, no losses
+        self.prior_seconds, self.recent_losses = ck.get("train_seconds", 0.0), list(ck.get("recent_losses", []))
         self.position = tuple(ck["data_position"])
         self.batches.start = self.position
         if ck["world_size"] == d.world_size:
@@ -1090,7 +1094,8 @@ class Trainer:
         if d.is_main:
             plot_loss_curve(_util.read_jsonl(self.metrics_path), curve, title=f"{a.model} on {self.dataset.name}")
         seconds = time.time() - self.t_start
-        final, counted = d.broadcast_object(final_loss(self.metrics_path) if d.is_main else None)
+        counted = len(self.recent_losses)
+        final = sum(self.recent_losses) / counted if counted else float("nan")
         if d.is_main:
             print(
                 f"done: step {self.step} in {seconds:.0f}s, final loss {final:.4f} (mean of the last {counted} "
@@ -1191,6 +1196,7 @@ class Trainer:
                 self.bad_run = 0
                 losses.append(loss)
                 window.append(loss)
+                self.recent_losses = [*self.recent_losses[1 - RECENT :], loss]
                 self._record(log, dict(step=step, loss=loss, grad_norm=norm))
         if window:  # the bar shows what the next log line will: the mean loss since the last one
             bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)
@@ -1226,14 +1232,6 @@ class Trainer:
     def close(self):
         self._restore.close()
         self.dist.close()
-
-
-def final_loss(metrics_path, last=100):
-    """(mean loss of the run's last `last` finite steps, how many) from its metrics log, which holds every
-    step of the run, the invocations before a resume too; (nan, 0) when there is none."""
-    losses = [r["loss"] for r in _util.read_jsonl(metrics_path) if "event" not in r and r.get("loss") is not None]
-    losses = losses[-last:]
-    return (sum(losses) / len(losses) if losses else float("nan")), len(losses)
 
 
 def plot_loss_curve(records, path, title):

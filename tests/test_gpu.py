@@ -5,7 +5,8 @@ and the fused op's keep_x path against its plain one, bit for bit;
 attention with tensor-core bf16/fp16 dots at head dims 72 and 64, both dQ variants, the atomic one
 repeated to expose races; DiT-XL/2 in bf16 autocast, forward and every gradient, against the
 reference model; torch.compile(fullgraph=True) with inductor (tests/test_model_triton.py); CUDA-graph
-capture and replay of sampling; two training steps, then --resume, bit-exact.
+capture and replay of sampling; two training steps, then --resume, bit-exact; sample-ddp stopped and
+continued from the CUDA random state it saved, bit-exact.
 
 Marked `gpu`: skipped without CUDA; the device check runs them (python -m benchmarks --device-check).
 Sized to run in seconds each on an H100/H200, compiles included.
@@ -13,10 +14,12 @@ Sized to run in seconds each on an H100/H200, compiles included.
 
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
-from fastdit import DiT, DiT_models, ops, reference, sample, train
+from fastdit import DiT, DiT_models, _parts, ops, reference, sample, train
+from fastdit.cli import main as cli
 from fastdit.ops import _triton_utils
 from fastdit.reference_model import reference_DiT_models
 from tests.helpers import DTYPES, assert_close, reference_pair
@@ -212,3 +215,26 @@ def test_two_training_steps_then_resume_is_bit_exact(tmp_path, monkeypatch):
             assert torch.equal(a[key][name], b[key][name]), f"{key} {name} differs after --resume"
     for i, state in a["opt"]["state"].items():
         assert torch.equal(state["exp_avg"], b["opt"]["state"][i]["exp_avg"]), f"optimizer state {i}"
+
+
+def test_sample_ddp_continued_after_a_crash_writes_the_same_file(tmp_path, monkeypatch):
+    """The CUDA generator's state saved with each batch, restored on continuing; CUDA graphs captured then."""
+    monkeypatch.setenv("FASTDIT_ATTENTION", "triton")  # one backend in both processes' runs
+    run = train.main(["--global-batch-size", "16", "--sample-every", "0", "--steps", "1", "--device", "cuda",
+                      "--out", str(tmp_path / "run")])  # fmt: skip
+    args = ["sample-ddp", "--ckpt", run.checkpoint, "--device", "cuda", "--num-samples", "6", "--per-proc-batch-size",
+            "2", "--steps", "3", "--cuda-graphs"]  # fmt: skip
+    assert cli(args + ["--out", str(tmp_path / "whole.npz")]) == 0
+    save = _parts.Parts.save
+
+    def save_then_crash(self, batch, images):
+        save(self, batch, images)
+        if batch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_parts.Parts, "save", save_then_crash)
+    assert cli(args + ["--out", str(tmp_path / "split.npz")]) == 130
+    monkeypatch.setattr(_parts.Parts, "save", save)
+    assert cli(args + ["--out", str(tmp_path / "split.npz")]) == 0
+    whole, split = (np.load(tmp_path / f"{name}.npz")["arr_0"] for name in ("whole", "split"))
+    assert np.array_equal(whole, split)
