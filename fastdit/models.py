@@ -13,7 +13,8 @@ Between the fused ops only GEMMs and attention remain, each feeding the next op 
     (B, T, 3, H, Dh) is what attention reads, no head-split copy; proj's output goes straight into
     the fused gated residual + LayerNorm+modulate;
   - MLP: without autograd (sampling) on CUDA, fc1's bias and tanh-GELU run in the GEMM's epilogue
-    (_linear_gelu_tanh); fc2's output is the next fused op's input.
+    (_linear_gelu_tanh); in training GELU's output is recomputed in the backward, not kept
+    (_GeluLinear); fc2's output is the next fused op's input.
 """
 
 import math
@@ -214,6 +215,11 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    # Training recomputes GELU's output in the backward instead of keeping it (_GeluLinear); off under full
+    # gradient checkpointing, whose recomputation would then rerun fc2's GEMM (it reruns a Function's whole
+    # forward), for nothing: the block keeps only its inputs there.
+    recompute_gelu = True
+
     def __init__(self, in_features, hidden_features):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
@@ -225,10 +231,51 @@ class Mlp(nn.Module):
 
 
 def _mlp(mlp, x):
-    """mlp(x) (B, T, D) -> (B, T, D); fc1 + GELU as one GEMM where the epilogue applies (see _linear_gelu_tanh)."""
-    if x.is_cuda and not torch.is_grad_enabled() and type(mlp.fc1) is nn.Linear:
+    """mlp(x) (B, T, D) -> (B, T, D): in training GELU's output is recomputed in the backward, not kept (see
+    _GeluLinear); in sampling on CUDA fc1 and GELU run as one GEMM (see _linear_gelu_tanh). Layers swapped
+    for other modules (torchao's float8 linears) run as they are."""
+    if type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear or mlp.fc2.bias is None:
+        return mlp(x)
+    if torch.is_grad_enabled():
+        if not mlp.recompute_gelu:
+            return mlp(x)
+        dtype = _gemm_dtype(x)  # the casts autocast would make for fc2, outside the Function (autograd sees them)
+        return _GeluLinear.apply(mlp.fc1(x), mlp.fc2.weight.to(dtype), mlp.fc2.bias.to(dtype))  # (B, T, D)
+    if x.is_cuda:
         return mlp.fc2(_linear_gelu_tanh(x, mlp.fc1.weight, mlp.fc1.bias))
     return mlp(x)
+
+
+class _GeluLinear(torch.autograd.Function):
+    """fc2(gelu(h, approximate='tanh')) keeping only h for the backward, which recomputes gelu(h).
+
+    Unfused, autograd keeps both h (for GELU's backward) and gelu(h) (for fc2's weight gradient): two
+    (B, T, 4D) tensors, 16 bytes per channel per token under bf16 autocast (a block keeps 36 that way). This
+    keeps 8; the recomputation costs one elementwise pass over h (read 8, write 8 bytes per channel per token:
+    DiT-XL/2 at 32 x 256^2 images, ~4 GB of traffic, ~1 ms of a step, predicted, unmeasured).
+
+    The backward issues the ops autograd's would for F.linear over a contiguous (B, T, 4D) input (addmm
+    on the flattened rows; aten's mm_mat1_backward and mm_mat2_backward for row-major inputs and a
+    transposed weight; the bias's sum over rows; gelu_backward), in the same dtypes, so values and
+    gradients are the unfused ones bit for bit (tests/test_fused_forward.py). h, weight and bias arrive
+    in the GEMM's dtype; the backward runs without autocast, in the dtypes the forward used.
+        forward:  a = gelu(h); out = a W^T + b
+        backward: dW = g^T a; db = sum_rows g; dh = gelu'(h) * (g W)
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h, approximate="tanh"), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1])  # (B*T, D)
+            a = F.gelu(h, approximate="tanh").reshape(-1, h.shape[-1])  # (B*T, 4D), as the forward computed it
+            grad_h = torch.ops.aten.gelu_backward(g.mm(weight).view(h.shape), h, approximate="tanh")
+            return grad_h, g.t().mm(a), g.sum(0)
 
 
 def _linear_gelu_tanh(x, weight, bias):
@@ -448,15 +495,18 @@ class DiT(nn.Module):
         True or "full": keep only each block's inputs and recompute the whole block in the backward
         (about a third more FLOPs). "selective": keep the outputs of the GEMMs and attention and
         recompute only the cheap memory-bound ops between them (LayerNorm+modulate, the gated
-        residuals, GELU, casts). False or "none": keep everything. Per token and block, under bf16
-        autocast, that keeps 36, 24 or 6 bytes per channel (none, selective, full; the official
-        model keeps 48), as tests/test_fused_forward.py measures.
+        residuals, GELU, casts). False or "none": keep everything but GELU's output (see _GeluLinear).
+        Per token and block, under bf16 autocast, that keeps 28, 24 or 6 bytes per channel (none,
+        selective, full; the official model keeps 48), as tests/test_fused_forward.py measures.
         """
         if enabled not in CHECKPOINTING:
             raise ValueError(
                 f"gradient checkpointing must be one of {', '.join(map(repr, CHECKPOINTING))}, got {enabled!r}"
             )
         self.gradient_checkpointing = CHECKPOINTING[enabled]
+        for module in self.modules():
+            if isinstance(module, Mlp):
+                module.recompute_gelu = self.gradient_checkpointing != "full"
         return self
 
     def _check_inputs(self, x, t, y):

@@ -181,16 +181,16 @@ def retained_bytes(fn):
 
 def test_checkpointing_modes_keep_the_expected_activation_bytes():
     """Activation memory kept for the backward under bf16 autocast with the Triton ops (the GPU's path,
-    interpreted), per sample and block, to the byte. Per token, in bytes per channel: none 36 (one fp32
-    residual 4, the block's other one recomputed (models._norm_after); bf16 GEMM inputs 2+2+2 and
-    outputs qkv 6, proj 2, fc1 8, GELU 8, attention 2), selective 24 (the block's fp32 input 4 and the
-    GEMM and attention outputs 6+2+2+8+2), full 6 (the block's inputs); plus fp32 per-row values (LayerNorm mean and rstd, recomputed by selective and
-    full; attention's log-sum-exp per head, recomputed by full) and, per sample, the block's bf16 adaLN
-    modulation (6D). Measured by storage on the CPU as the second difference over batch 1-2 and depth
+    interpreted), per sample and block, to the byte. Per token, in bytes per channel: none 28 (one fp32
+    residual 4, the block's other one recomputed (models._norm_after); bf16 GEMM inputs 2+2 and outputs
+    qkv 6, proj 2, fc1 8, fc2 2, attention 2; GELU's output recomputed (models._GeluLinear)), selective 24
+    (the block's fp32 input 4 and the GEMM and attention outputs 6+2+2+8+2), full 6 (the block's inputs);
+    plus fp32 per-row values (LayerNorm mean and rstd, recomputed by selective and full; attention's
+    log-sum-exp per head, recomputed by full) and, per sample, the block's bf16 adaLN modulation (6D). Measured by storage on the CPU as the second difference over batch 1-2 and depth
     1-2: weights, their casts and the embeddings cancel out. (The official model, ReferenceDiT run the
     same way at DiT-XL's width, keeps 48 bytes per channel per token.)"""
     D, H, T = 72, 4, 16
-    per_token = {False: 36 * D + 2 * 8 + 4 * H, "selective": 24 * D + 4 * H, "full": 6 * D}
+    per_token = {False: 28 * D + 2 * 8 + 4 * H, "selective": 24 * D + 4 * H, "full": 6 * D}
     for mode, bytes_per_token in per_token.items():
         kept = {}
         for n in (1, 2):
@@ -207,6 +207,60 @@ def test_checkpointing_modes_keep_the_expected_activation_bytes():
                     loss.backward()
         per_sample_block = kept[2, 2] - kept[1, 2] - kept[2, 1] + kept[1, 1]
         assert per_sample_block == T * bytes_per_token + 2 * 6 * D, (mode, per_sample_block / (T * D))
+
+
+def saved_hidden(fn, tokens):
+    """fn()'s output and how many hidden activations ((tokens, 4D) elements) autograd saved for the backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = fn()
+    return out, saved.count(tokens * HIDDEN)
+
+
+HIDDEN = 4 * 144
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("backward_in_autocast", [False, True], ids=["", "backward-in-autocast"])
+def test_training_mlp_keeps_one_hidden_tensor_and_matches_the_unfused_mlp_bit_for_bit(
+    autocast, backward_in_autocast, device
+):
+    """With autograd on, _mlp keeps fc1's output and recomputes GELU's in the backward (models._GeluLinear):
+    one (B, T, 4D) tensor kept where the unfused Mlp keeps two, and the output and every gradient equal the
+    unfused Mlp's bit for bit (the same ops in the same dtypes); odd B, T = 1, a strided input."""
+    torch.manual_seed(0)
+    mlp = models.Mlp(144, HIDDEN).to(device)
+    for B, T, strided in ((3, 5, False), (1, 1, False), (2, 7, True)):
+        x = torch.randn(B, T, 288, device=device)[..., :144] if strided else torch.randn(B, T, 144, device=device)
+        g = torch.randn(B, T, 144, device=device)
+        results = []
+        for forward in (lambda m, v: m(v), models._mlp):
+            mlp.zero_grad(set_to_none=True)
+            v = x.detach().requires_grad_()
+            with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                out, kept = saved_hidden(lambda f=forward, v=v: f(mlp, v), B * T)
+                if backward_in_autocast:
+                    out.backward(g.to(out.dtype))
+            if not backward_in_autocast:
+                out.backward(g.to(out.dtype))
+            results.append((kept, out, v.grad, *(p.grad for p in mlp.parameters())))
+        (unfused_kept, *unfused), (kept, *fused) = results
+        assert (unfused_kept, kept) == (2, 1)
+        assert fused[0].dtype == (autocast or torch.float32)
+        for name, a, b in zip(("out", "x.grad", *(n for n, _ in mlp.named_parameters())), unfused, fused):
+            assert torch.equal(a, b), (name, B, T, strided)
+
+
+def test_full_checkpointing_reruns_no_mlp_gemm_twice():
+    """Full checkpointing recomputes whole blocks; their MLPs then run unfused (Mlp.recompute_gelu off), since
+    recomputing _GeluLinear's forward would rerun fc2's GEMM too; the other modes recompute GELU."""
+    model = small(depth=1)
+    assert [m.recompute_gelu for m in model.modules() if isinstance(m, models.Mlp)] == [True]
+    model.set_gradient_checkpointing("full")
+    assert [m.recompute_gelu for m in model.modules() if isinstance(m, models.Mlp)] == [False]
+    model.set_gradient_checkpointing("selective")
+    assert [m.recompute_gelu for m in model.modules() if isinstance(m, models.Mlp)] == [True]
 
 
 def test_set_gradient_checkpointing_names_the_modes():
