@@ -232,9 +232,10 @@ class Mlp(nn.Module):
 
 def _mlp(mlp, x):
     """mlp(x) (B, T, D) -> (B, T, D): in training GELU's output is recomputed in the backward, not kept (see
-    _GeluLinear); in sampling on CUDA fc1 and GELU run as one GEMM (see _linear_gelu_tanh). Layers swapped
-    for other modules (torchao's float8 linears) run as they are."""
-    if type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear or mlp.fc2.bias is None:
+    _GeluLinear); in sampling on CUDA fc1 and GELU run as one GEMM (see _linear_gelu_tanh). An MLP whose
+    parts were swapped or hooked (torchao's float8 linears, another activation, a subclass, forward hooks)
+    runs as it is."""
+    if not _is_plain(mlp):
         return mlp(x)
     if torch.is_grad_enabled():
         if not mlp.recompute_gelu:
@@ -244,6 +245,22 @@ def _mlp(mlp, x):
     if x.is_cuda:
         return mlp.fc2(_linear_gelu_tanh(x, mlp.fc1.weight, mlp.fc1.bias))
     return mlp(x)
+
+
+def _is_plain(mlp):
+    """Whether mlp is this module's Mlp as built: biased nn.Linear layers around tanh-GELU, no forward hooks."""
+    if type(mlp) is not Mlp:
+        return False
+    fc1, act, fc2 = mlp.fc1, mlp.act, mlp.fc2
+    return (
+        type(fc1) is nn.Linear
+        and type(fc2) is nn.Linear
+        and fc1.bias is not None
+        and fc2.bias is not None
+        and type(act) is nn.GELU
+        and act.approximate == "tanh"
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, fc1, act, fc2))
+    )
 
 
 class _GeluLinear(torch.autograd.Function):

@@ -252,6 +252,35 @@ def test_training_mlp_keeps_one_hidden_tensor_and_matches_the_unfused_mlp_bit_fo
             assert torch.equal(a, b), (name, B, T, strided)
 
 
+class ScaledMlp(models.Mlp):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "sampling"])
+@pytest.mark.parametrize("change", ["silu", "erf-gelu", "subclass", "hook", "no-bias"])
+def test_a_changed_mlp_runs_as_it_is(change, grad, device):
+    """The MLP's shortcuts (GELU recomputed in training, fc1+GELU as one GEMM in sampling on CUDA) assume the
+    Mlp as built: another activation, a subclass, a forward hook or a bias-free layer runs the module itself."""
+    torch.manual_seed(0)
+    mlp = (ScaledMlp if change == "subclass" else models.Mlp)(72, 288).to(device)
+    calls = []
+    if change == "silu":
+        mlp.act = torch.nn.SiLU()
+    elif change == "erf-gelu":
+        mlp.act = torch.nn.GELU()
+    elif change == "hook":
+        mlp.fc2.register_forward_hook(lambda module, args, out: calls.append(out.shape) or out + 1)
+    elif change == "no-bias":
+        mlp.fc1 = torch.nn.Linear(72, 288, bias=False, device=device)
+    x = torch.randn(3, 5, 72, device=device)
+    with torch.set_grad_enabled(grad):
+        expected, calls_expected = mlp(x), len(calls)
+        torch.testing.assert_close(models._mlp(mlp, x), expected, rtol=0, atol=0)
+    assert len(calls) == 2 * calls_expected
+
+
 def test_full_checkpointing_reruns_no_mlp_gemm_twice():
     """Full checkpointing recomputes whole blocks; their MLPs then run unfused (Mlp.recompute_gelu off), since
     recomputing _GeluLinear's forward would rerun fc2's GEMM too; the other modes recompute GELU."""
