@@ -259,8 +259,13 @@ def _is_plain(mlp):
         and fc2.bias is not None
         and type(act) is nn.GELU
         and act.approximate == "tanh"
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, fc1, act, fc2))
+        and not _hooked(mlp, fc1, act, fc2)
     )
+
+
+def _hooked(*modules):
+    """Whether any of the modules has forward hooks, which a fused path that skips calling it would skip too."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -377,6 +382,20 @@ def _keep_gemm_and_attention(ctx, op, *args, **kwargs):
     if op in _GEMMS or "attention" in str(op) or "attn" in str(op):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _is_plain_modulation(module):
+    """Whether an adaLN_modulation is as built, SiLU then a biased nn.Linear, without forward hooks: the one
+    GEMM of DiT._modulations reads its weights and skips the module, so a changed or hooked one runs itself."""
+    if type(module) is not nn.Sequential or len(module) != 2:
+        return False
+    act, linear = module
+    return (
+        type(act) is nn.SiLU
+        and type(linear) is nn.Linear
+        and linear.bias is not None
+        and not _hooked(module, act, linear)
+    )
 
 
 def _norm_after(x, pending, shift, scale, eps):
@@ -643,9 +662,10 @@ class DiT(nn.Module):
         """
         if self.block not in ADAPTIVE:  # cross-attention, in-context: no adaptive norms, nothing to compute
             return [None] * (len(self.blocks) + 1)
-        layers = [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
-        if not self.adaln_one_gemm or is_dtensor(layers[0].weight):
-            return [None] * len(layers)
+        modules = [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation]
+        if not self.adaln_one_gemm or not all(map(_is_plain_modulation, modules)) or is_dtensor(modules[0][-1].weight):
+            return [None] * len(modules)
+        layers = [module[-1] for module in modules]
         dtype = _gemm_dtype(layers[0].weight)
         weight = torch.cat([layer.weight.to(dtype) for layer in layers])  # (depth * 6D + 2D, D)
         bias = torch.cat([layer.bias.to(dtype) for layer in layers])  # (depth * 6D + 2D,)

@@ -93,6 +93,24 @@ def test_one_adaln_gemm_per_forward_same_outputs_and_gradients_as_per_layer():
     assert_same(fused_grads, ref_grads)
 
 
+@pytest.mark.parametrize("change", ["activation", "hook"])
+def test_a_changed_or_hooked_adaln_modulation_runs_itself(change):
+    """The one adaLN GEMM reads the layers' weights and skips their modules: a block whose adaLN_modulation was
+    changed (another activation) or hooked makes every layer compute its own, calling the modules."""
+    model, (x, t, y) = small(depth=2), batch()
+    seen = []
+    if change == "activation":
+        model.blocks[1].adaLN_modulation[0] = torch.nn.GELU()
+    else:
+        model.blocks[1].adaLN_modulation.register_forward_hook(lambda m, args, out: seen.append(out) or out * 0.5)
+    with torch.no_grad():
+        out = model(x, t, y)
+        model.adaln_one_gemm = False
+        per_layer = model(x, t, y)
+    torch.testing.assert_close(out, per_layer, rtol=0, atol=0)
+    assert len(seen) == (2 if change == "hook" else 0)
+
+
 def test_one_adaln_gemm_under_bf16_autocast_matches_per_layer():
     model, (_, t, _) = small(depth=2), batch(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
