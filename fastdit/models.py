@@ -100,6 +100,11 @@ def _check_config(
         raise ValueError(f"block must be one of {', '.join(BLOCKS)}; got {block!r}")
 
 
+def _hooked(*modules):
+    """Whether any of the modules has forward hooks, which a fused path that skips calling it would skip too."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens: a stride-p convolution, computed as patchify + one GEMM.
 
@@ -117,8 +122,22 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
+        if not self._is_plain_proj():  # a changed or hooked proj runs itself, as the official PatchEmbed calls it
+            return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
         tokens = ops.patchify(x, self.patch_size[0])  # (B, T, C*p*p), features in Conv2d weight order
         return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # (B, T, D)
+
+    def _is_plain_proj(self):
+        """Whether proj is the stride-p, p x p convolution it was built as (what patchify + one GEMM computes)."""
+        proj = self.proj
+        return (
+            type(proj) is nn.Conv2d
+            and proj.kernel_size == proj.stride == self.patch_size
+            and proj.padding == (0, 0)
+            and proj.dilation == (1, 1)
+            and proj.groups == 1
+            and not _hooked(proj)
+        )
 
 
 def _frequencies(dim, max_period=10000):
@@ -263,11 +282,6 @@ def _is_plain(mlp):
     )
 
 
-def _hooked(*modules):
-    """Whether any of the modules has forward hooks, which a fused path that skips calling it would skip too."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
 class _GeluLinear(torch.autograd.Function):
     """fc2(gelu(h, approximate='tanh')) keeping only h for the backward, which recomputes gelu(h).
 
@@ -349,8 +363,9 @@ class DiTBlock(nn.Module):
         if modulation is None:
             modulation = self.adaLN_modulation(c)  # (B, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
-        x, h = _norm_after(x, pending, shift_msa, scale_msa, self.norm1.eps)  # (B, T, D) each
-        x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        x, h = _norm_after(x, pending, shift_msa, scale_msa, layer_norm_eps(self.norm1, "norm1"))  # (B, T, D) each
+        eps = layer_norm_eps(self.norm2, "norm2")
+        x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, eps)
         y = _mlp(self.mlp, h)  # (B, T, D)
         if defer_residual:
             return x, (y, gate_mlp)
@@ -398,6 +413,19 @@ def _is_plain_modulation(module):
     )
 
 
+def layer_norm_eps(norm, name, affine=False):
+    """norm's eps, once norm is checked to be the LayerNorm it was built as (parameter-free in the adaptive
+    designs, affine in the others): the fused ops compute the norm themselves, reading only its eps (and an
+    affine one's weight and bias), so another module in its place would be ignored without a word."""
+    if type(norm) is nn.LayerNorm and norm.elementwise_affine == affine and (not affine or norm.bias is not None):
+        return norm.eps
+    raise TypeError(
+        f"{name} is {norm!r}, not the nn.LayerNorm{'' if affine else ' without elementwise_affine'} it was built "
+        "as: fastdit's DiT computes its LayerNorms inside fused kernels, reading only their eps"
+        f"{', weight and bias' if affine else ''}, so it cannot run another norm in their place"
+    )
+
+
 def _norm_after(x, pending, shift, scale, eps):
     """(x', modulate_layer_norm(x', shift, scale)) with x' = x plus the pending gated residual (y, gate), if any.
 
@@ -422,7 +450,7 @@ class FinalLayer(nn.Module):
         if modulation is None:
             modulation = self.adaLN_modulation(c)  # (B, 2D)
         shift, scale = modulation.chunk(2, dim=1)
-        _, h = _norm_after(x, pending, shift, scale, self.norm_final.eps)
+        _, h = _norm_after(x, pending, shift, scale, layer_norm_eps(self.norm_final, "norm_final"))
         return self.linear(h)
 
 

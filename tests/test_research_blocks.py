@@ -127,6 +127,20 @@ def test_design_matches_the_papers_description(design, poisoned):  # noqa: F811
             assert_close(f"{design} {backend} {name}", g, p, r)
 
 
+@pytest.mark.parametrize(
+    "design, name", [("cross-attention", "norm_cross"), ("in-context", "norm2"), ("adaLN", "norm1")]
+)
+def test_a_replaced_norm_is_refused_by_name(design, name):
+    """The fused ops compute every design's LayerNorms: a norm replaced by one they cannot compute (bias-free
+    where the design has an affine one, affine where it has none) is refused, never ignored."""
+    model = DiT(**TINY, block=design)
+    affine = design != "adaLN"
+    setattr(model.blocks[1], name, torch.nn.LayerNorm(48, bias=not affine))  # bias-free, or affine
+    x, t, y = torch.randn(2, 3, 8, 4), torch.tensor([1, 2]), torch.tensor([0, 4])
+    with pytest.raises(TypeError, match=f"^{name} is LayerNorm"):
+        model(x, t, y)
+
+
 def test_initialisation_per_design():
     """adaLN-Zero: every block the identity (zero modulation); adaLN: its modulation initialised like any linear
     layer; the standard designs: LayerNorm weight 1, bias 0. Every design starts with the output layer at zero."""
