@@ -101,8 +101,12 @@ def _check_config(
 
 
 def _hooked(*modules):
-    """Whether any of the modules has forward hooks, which a fused path that skips calling it would skip too."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Whether any of the modules has forward hooks, which a fused path that skips calling it would skip too.
+    (A loop, not any() over a generator: this runs a few times per block and forward.)"""
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+    return False
 
 
 class PatchEmbed(nn.Module):
@@ -270,7 +274,8 @@ def _is_plain(mlp):
     """Whether mlp is this module's Mlp as built: biased nn.Linear layers around tanh-GELU, no forward hooks."""
     if type(mlp) is not Mlp:
         return False
-    fc1, act, fc2 = mlp.fc1, mlp.act, mlp.fc2
+    layers = mlp._modules  # a dict read each, not nn.Module.__getattr__ (~1 us each, run per block and forward)
+    fc1, act, fc2 = layers.get("fc1"), layers.get("act"), layers.get("fc2")
     return (
         type(fc1) is nn.Linear
         and type(fc2) is nn.Linear
