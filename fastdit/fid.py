@@ -15,7 +15,6 @@ do not match the installed torch). So torch-fidelity installs with `pip install 
 import argparse
 import importlib
 import importlib.util
-import math
 import os
 import sys
 import types
@@ -35,6 +34,7 @@ POOL_DIM = 2048  # pool_3's features
 SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]
 IS_SPLIT = 5000  # ADM's split size for the Inception Score
 PR_NEIGHBOURS = 3  # ADM's k for the precision / recall manifolds
+PR_BATCH = 10000  # ADM's row and column batch sizes for the pairwise distances
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 
 
@@ -112,26 +112,46 @@ def features(images, net, batch_size, device, keys=("pool", "logits", "spatial")
 
 
 def statistics(feats):
-    """(mean, covariance) in float64 of features (N, D), N >= 2: what ADM reference batches store as mu, sigma."""
-    feats = np.asarray(feats, dtype=np.float64)
-    return feats.mean(0), np.cov(feats, rowvar=False)
+    """(mean, covariance) of features (N, D), N >= 2, as ADM's evaluator computes them (and its reference batches store
+    as mu, sigma): np.mean in the features' own dtype (float32 for Inception's), np.cov in float64."""
+    feats = np.asarray(feats)
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+
+
+def _mean_term(mu1, mu2):
+    """|mu1 - mu2|^2 in the means' common dtype, as ADM takes it (float32 means: a float32 difference and dot)."""
+    diff = mu1 - mu2
+    return diff.dot(diff)
+
+
+def _floating(a):
+    a = np.asarray(a)
+    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
+
+
+def _tr_sqrt(m):
+    """The sum of the square roots of the eigenvalues of a symmetric PSD matrix (rounding's negative ones as 0)."""
+    return np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians, in float64.
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians, as ADM's FIDStatistics.frechet_distance
+    (the means' term in their own dtype, the rest in float64).
 
-    tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
-    a symmetric PSD matrix with the same eigenvalues as S1 S2: no complex sqrtm is needed.
+    tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a symmetric PSD
+    matrix with the same eigenvalues as S1 S2: no complex sqrtm is needed. ADM takes scipy's sqrtm of S1 S2; the two
+    agree to rounding (tests/test_fid.py), except where scipy < 1.16's sqrtm fails on a singular product and ADM
+    retries with 1e-6 added to both diagonals: there ADM's number is off the exact one by about
+    2 sqrt(1e-6) per dimension that one set holds constant, and this is the exact one (as ADM gives with scipy >= 1.16).
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = np.atleast_1d(_floating(mu1)), np.atleast_1d(_floating(mu2))
+    s1, s2 = np.atleast_2d(_floating(sigma1)), np.atleast_2d(_floating(sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise UsageError(f"statistics of different shapes: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    a, b = s1.astype(np.float64), s2.astype(np.float64)
+    w, v = np.linalg.eigh((a + a.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return float(_mean_term(mu1, mu2) + np.trace(s1) + np.trace(s2) - 2 * _tr_sqrt(root1 @ b @ root1))
 
 
 def fid_from_features(feats, mu, sigma):
@@ -142,64 +162,94 @@ def fid_from_features(feats, mu, sigma):
     S^(1/2) sigma S^(1/2), with S = Xc^T Xc / (N - 1) of the centred features Xc, has the same
     nonzero eigenvalues as the N x N matrix Xc sigma Xc^T / (N - 1).
     """
-    feats = np.asarray(feats, dtype=np.float64)
+    feats = _floating(feats)
     n, d = feats.shape
     if n < 2:
         raise UsageError(f"FID needs at least 2 feature vectors, got {n}")
     if n > d:
         return frechet_distance(*statistics(feats), mu, sigma)
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    mu, sigma = _floating(mu), _floating(sigma)
     if mu.shape != (d,) or sigma.shape != (d, d):
         raise UsageError(
             f"statistics of different shapes: features of dimension {d}, mu {mu.shape}, sigma {sigma.shape}"
         )
-    mean = feats.mean(0)
-    xc = feats - mean  # (N, D)
-    gram = xc @ sigma @ xc.T / (n - 1)  # (N, N)
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((gram + gram.T) / 2), 0, None)).sum()
-    return float(np.sum((mean - mu) ** 2) + np.sum(xc**2) / (n - 1) + np.trace(sigma) - 2 * tr_covmean)
+    x = feats.astype(np.float64)
+    xc = x - x.mean(0)  # (N, D), centred as np.cov centres
+    gram = xc @ sigma.astype(np.float64) @ xc.T / (n - 1)  # (N, N)
+    return float(
+        _mean_term(np.mean(feats, axis=0), mu) + np.sum(xc**2) / (n - 1) + np.trace(sigma) - 2 * _tr_sqrt(gram)
+    )
 
 
 def inception_score(logits, split_size=IS_SPLIT):
-    """ADM's (and improved-GAN's) Inception Score: exp(mean KL(p(y|x) || p(y))) per split of `split_size`, averaged."""
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    p = torch.softmax(logits, dim=1)
+    """ADM's (and improved-GAN's) Inception Score: exp(mean KL(p(y|x) || p(y))) per split of `split_size` images (the
+    last one shorter when N is not a multiple), averaged. In float32 throughout, as ADM's TensorFlow softmax and numpy
+    arithmetic run; only where a probability underflows to 0 does ADM give NaN (log 0) and this 0 log 0 = 0."""
+    x = np.asarray(logits, dtype=np.float32)
+    if x.ndim != 2 or not x.size:
+        raise UsageError(f"Inception Score: expected logits (N, classes) with N >= 1, got shape {x.shape}")
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)  # (N, classes) float32
     scores = []
-    for part in p.split(split_size):
-        kl = (part * (part.clamp_min(1e-300).log() - part.mean(0, keepdim=True).log())).sum(1).mean()
-        scores.append(math.exp(kl.item()))
+    for lo in range(0, len(p), split_size):
+        part = p[lo : lo + split_size]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True))), 0)
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
     return float(np.mean(scores))
 
 
-def _kth_radii(feats, k, block):
-    """Distance of each row to its k-th nearest other row (ADM's manifold radius)."""
+def squared_distances(u, v):
+    """Squared Euclidean distances (len(u), len(v)), float32, as ADM's DistanceBlock computes them: in float16 (the
+    features, their squares, norms, dot products and each sum rounded to half; sums and matmuls accumulating in
+    float32, as TensorFlow runs them on a GPU), so that pairs closer than half's precision tie; in float32 when any
+    half result of the block overflows."""
+    d = _norm_expansion(u.half(), v.half())
+    if not torch.isfinite(d).all():
+        d = _norm_expansion(u.float(), v.float())
+    return d.float()
+
+
+def _norm_expansion(u, v):
+    """max(|u|^2 - 2 u.v + |v|^2, 0) in u's dtype, every operation rounded to it."""
+    norm_u = (u * u).sum(1, dtype=torch.float32).to(u.dtype)  # (b1,)
+    norm_v = (v * v).sum(1, dtype=torch.float32).to(v.dtype)  # (b2,)
+    uv = (u.float() @ v.float().T).to(u.dtype)  # (b1, b2); products of halves are exact in float32 (and in TF32)
+    return (norm_u[:, None] - 2 * uv + norm_v[None, :]).clamp_min(0)
+
+
+def manifold_radii(feats, k=PR_NEIGHBOURS, row_batch=PR_BATCH, col_batch=PR_BATCH):
+    """Each row's squared distance to its k-th nearest row, itself the 0th (ADM's ManifoldEstimator.manifold_radii),
+    over blocks of row_batch x col_batch distances (ADM's batch sizes, which decide where float32 takes over)."""
     radii = []
-    for lo in range(0, len(feats), block):
-        d = torch.cdist(feats[lo : lo + block], feats)  # (b, N)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
+    for lo in range(0, len(feats), row_batch):
+        rows = feats[lo : lo + row_batch]
+        d = torch.cat([squared_distances(rows, feats[c : c + col_batch]) for c in range(0, len(feats), col_batch)], 1)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # (b,): the (k+1)-th smallest of the row, itself included
     return torch.cat(radii)
 
 
-def _inside(points, centres, radii, block):
-    """Whether each point lies within radius of some centre."""
-    hit = []
-    for lo in range(0, len(points), block):
-        d = torch.cdist(points[lo : lo + block], centres)  # (b, M)
-        hit.append((d <= radii[None, :]).any(1))
-    return torch.cat(hit)
-
-
-def precision_recall(ref, samples, k=PR_NEIGHBOURS, device="cpu", block=4096):
-    """Improved precision and recall (Kynkäänniemi et al. 2019, as ADM): the share of samples inside the reference
-    manifold (balls to each reference's k-th neighbour), and of references inside the samples' manifold."""
+def precision_recall(ref, samples, k=PR_NEIGHBOURS, device="cpu", row_batch=PR_BATCH, col_batch=PR_BATCH):
+    """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM's evaluator computes them: the share of samples
+    within some reference's k-th-neighbour ball, and of references within some sample's, the distances as ADM's
+    DistanceBlock takes them (float16, see squared_distances) in its blocks of row_batch references x col_batch
+    samples."""
+    for name, size in (("row_batch", row_batch), ("col_batch", col_batch)):
+        if size < 1:
+            raise UsageError(f"precision/recall: {name} must be at least 1, got {size}")
     ref = torch.as_tensor(np.asarray(ref), dtype=torch.float32, device=device)
     samples = torch.as_tensor(np.asarray(samples), dtype=torch.float32, device=device)
     if min(len(ref), len(samples)) <= k:
         raise UsageError(f"precision/recall need more than {k} images on each side, got {len(ref)} and {len(samples)}")
-    r_ref, r_samples = _kth_radii(ref, k, block), _kth_radii(samples, k, block)
-    precision = _inside(samples, ref, r_ref, block).double().mean().item()
-    recall = _inside(ref, samples, r_samples, block).double().mean().item()
-    return precision, recall
+    r_ref, r_samples = (manifold_radii(x, k, row_batch, col_batch) for x in (ref, samples))
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    samples_in = torch.zeros(len(samples), dtype=torch.bool, device=device)
+    for lo in range(0, len(ref), row_batch):
+        for c in range(0, len(samples), col_batch):
+            d = squared_distances(ref[lo : lo + row_batch], samples[c : c + col_batch])  # (b1, b2)
+            ref_in[lo : lo + row_batch] |= (d <= r_samples[None, c : c + col_batch]).any(1)
+            samples_in[c : c + col_batch] |= (d <= r_ref[lo : lo + row_batch, None]).any(0)
+    return samples_in.double().mean().item(), ref_in.double().mean().item()
 
 
 #################################################################################
@@ -253,12 +303,6 @@ def _array(f, name, what, path):
         raise UsageError(f"{what} {path}: its array {name} is not readable ({type(e).__name__}: {e})") from e
 
 
-def load_npz_images(path, what="samples"):
-    """arr_0 of an ADM-format .npz -> uint8 (N, H, W, 3)."""
-    with _open_npz(path, what) as f:
-        return check_images(_array(f, "arr_0", what, path), f"{what} {path} arr_0")
-
-
 def load_folder_images(path, image_size):
     """Every image under a folder (any depth, any PIL mode), RGB, ADM center-cropped to image_size -> uint8
     (N, S, S, 3). Unreadable files are skipped with a warning naming each."""
@@ -284,43 +328,47 @@ STATS_SUFFIX = {"pool": "", "spatial": "_s"}  # ADM's reference batches: mu, sig
 
 
 class Reference:
-    """A reference for FID: an ADM reference batch .npz (its mu/sigma[, mu_s/sigma_s] statistics, and arr_0 images
-    when present), an image .npz (arr_0), or a folder of images (center-cropped to image_size)."""
+    """An ADM-format batch, read as ADM's evaluator reads both of its batches (read_activations, read_statistics):
+    arr_0 images, and stored statistics mu/sigma (pool_3) with mu_s/sigma_s (spatial) beside them, kept in their
+    stored dtype (ADM reads mu_s/sigma_s only where mu is there, and ignores them otherwise). Or, as a reference only,
+    a folder of images (center-cropped to image_size). `what` names the batch in errors; require_images: arr_0 must
+    be there (a sample batch)."""
 
-    def __init__(self, path, image_size=None):
-        self.path, self.images, self.stats = str(path), None, {}
+    def __init__(self, path, image_size=None, what="reference", require_images=False):
+        self.path, self.what, self.images, self.stats = str(path), what, None, {}
         p = Path(path)
         if p.is_dir():
             if image_size is None:
-                raise UsageError(f"reference folder {path}: the image size to crop to is unknown")
+                raise UsageError(f"{what} folder {path}: the image size to crop to is unknown")
             self.images = load_folder_images(p, image_size)
         elif p.is_file():
-            self._read_npz(p)
+            self._read_npz(p, require_images)
         else:
             raise UsageError(
-                f"reference {path!r} does not exist (give an ADM reference batch .npz, an image .npz or "
+                f"{what} {path!r} does not exist (give an ADM reference batch .npz, an image .npz or "
                 f"a folder of images)"
             )
 
-    def _read_npz(self, p):
-        with _open_npz(p, "reference") as f:
+    def _read_npz(self, p, require_images):
+        what = self.what
+        with _open_npz(p, what) as f:
             for dim, key in STATS_SUFFIX.items():
+                if dim != "pool" and "pool" not in self.stats:
+                    break  # ADM: no mu, no stored statistics at all
                 if f"mu{key}" in f.files or f"sigma{key}" in f.files:
-                    mu, sigma = (
-                        np.asarray(_array(f, n, "reference", p), np.float64) for n in (f"mu{key}", f"sigma{key}")
-                    )
+                    mu, sigma = (_floating(_array(f, n, what, p)) for n in (f"mu{key}", f"sigma{key}"))
                     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
                         raise UsageError(
-                            f"reference {p}: mu{key} {mu.shape} and sigma{key} {sigma.shape} are not "
+                            f"{what} {p}: mu{key} {mu.shape} and sigma{key} {sigma.shape} are not "
                             f"(D,) and (D, D) statistics"
                         )
                     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-                        raise UsageError(f"reference {p}: mu{key}/sigma{key} hold NaN or Inf")
+                        raise UsageError(f"{what} {p}: mu{key}/sigma{key} hold NaN or Inf")
                     self.stats[dim] = (mu, sigma)
-            if "arr_0" in f.files:
-                self.images = check_images(_array(f, "arr_0", "reference", p), f"reference {p} arr_0")
+            if require_images or "arr_0" in f.files:
+                self.images = check_images(_array(f, "arr_0", what, p), f"{what} {p} arr_0")
         if self.images is None and "pool" not in self.stats:
-            raise UsageError(f"reference {p}: neither arr_0 images nor mu/sigma statistics in it")
+            raise UsageError(f"{what} {p}: neither arr_0 images nor mu/sigma statistics in it")
 
     def stored_stats(self, feature, dim):
         """The stored (mu, sigma) of `feature` (pool | spatial), checked against the features' dimension `dim`."""
@@ -328,7 +376,7 @@ class Reference:
         if len(mu) != dim:
             k = STATS_SUFFIX[feature]
             raise UsageError(
-                f"reference {self.path}: mu{k}/sigma{k} are {len(mu)}-dimensional, but the Inception {feature} "
+                f"{self.what} {self.path}: mu{k}/sigma{k} are {len(mu)}-dimensional, but the Inception {feature} "
                 f"features are {dim}-dimensional (ADM's reference batches: 2048 for mu, 2023 for mu_s)"
             )
         return mu, sigma
@@ -343,12 +391,15 @@ FEATURE_OF = {"fid": "pool", "sfid": "spatial", "is": "logits", "precision": "po
 
 
 def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="cpu", progress=False):
-    """{metric: value} of uint8 sample images (N, H, W, 3) against a Reference, with the Inception `net`."""
+    """{metric: value} of the samples against a Reference, with the Inception `net`. The samples: uint8 images
+    (N, H, W, 3), or a Reference of them, whose stored statistics FID and sFID then take (as ADM's evaluator does)."""
     unknown = [m for m in metrics if m not in FEATURE_OF]
     if unknown or not metrics:
         raise UsageError(
             f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}"
         )
+    own = samples if isinstance(samples, Reference) else None
+    images = own.images if own else samples
     pr = [m for m in metrics if m in ("precision", "recall")]
     # the metrics that need the reference's images: precision/recall, and FID/sFID without stored statistics
     need_images = pr + [m for m in ("fid", "sfid") if m in metrics and FEATURE_OF[m] not in reference.stats]
@@ -358,12 +409,15 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
             f"reference {reference.path} holds statistics but no arr_0 images, which {', '.join(need_images)} "
             f"need: give --metrics {','.join(possible)}, or a reference with images"
         )
-    stored = [FEATURE_OF[m] for m in ("fid", "sfid") if m in metrics and FEATURE_OF[m] in reference.stats]
-    probe = features(samples[:2], net, 2, device, stored) if stored else {}  # a wrong D fails before the long pass
-    ref_stats = {k: reference.stored_stats(k, probe[k].shape[1]) for k in stored}
-    mine = features(
-        samples, net, batch_size, device, sorted({FEATURE_OF[m] for m in metrics}), progress, desc="inception (samples)"
-    )
+    distances = [FEATURE_OF[m] for m in ("fid", "sfid") if m in metrics]
+    ref_stored = [k for k in distances if k in reference.stats]
+    own_stored = [k for k in distances if own and k in own.stats]
+    probed = sorted(set(ref_stored + own_stored))
+    probe = features(images[:2], net, 2, device, probed) if probed else {}  # a wrong D fails before the long pass
+    ref_stats = {k: reference.stored_stats(k, probe[k].shape[1]) for k in ref_stored}
+    own_stats = {k: own.stored_stats(k, probe[k].shape[1]) for k in own_stored}
+    keys = sorted({FEATURE_OF[m] for m in metrics if m not in ("fid", "sfid") or FEATURE_OF[m] not in own_stats})
+    mine = features(images, net, batch_size, device, keys, progress, desc="inception (samples)") if keys else {}
     ref_keys = {FEATURE_OF[m] for m in need_images}
     theirs = (
         features(reference.images, net, batch_size, device, sorted(ref_keys), progress, desc="inception (reference)")
@@ -374,8 +428,9 @@ def evaluate(samples, reference, net, metrics=METRICS, batch_size=200, device="c
     for metric in ("fid", "sfid"):
         if metric in metrics:
             key = FEATURE_OF[metric]
-            out[metric] = fid_from_features(
-                mine[key], *(ref_stats[key] if key in ref_stats else statistics(theirs[key]))
+            ref = ref_stats[key] if key in ref_stats else statistics(theirs[key])
+            out[metric] = (
+                frechet_distance(*own_stats[key], *ref) if key in own_stats else fid_from_features(mine[key], *ref)
             )
     if "is" in metrics:
         out["is"] = inception_score(mine["logits"])
@@ -435,14 +490,14 @@ def run(args):
     if not Path(args.samples).is_file():
         raise UsageError(f"samples {args.samples!r} is not a file (give the .npz `fastdit sample-ddp` wrote)")
     device = pick_device(args.device, 0)
-    samples = load_npz_images(args.samples)
-    reference = Reference(args.ref, image_size=samples.shape[1])
+    samples = Reference(args.samples, what="samples", require_images=True)
+    reference = Reference(args.ref, image_size=samples.images.shape[1])
     net = Inception(args.inception_weights).to(device)
     results = evaluate(samples, reference, net, args.metrics, args.batch_size, device, progress=True)
     for name, value in results.items():
         print(f"{name:>9}: {value:.4f}")
     if args.out:
-        record = dict(samples=str(args.samples), ref=str(args.ref), num_samples=len(samples), **results)
+        record = dict(samples=str(args.samples), ref=str(args.ref), num_samples=len(samples.images), **results)
         atomic_write(args.out, lambda f: f.write(json.dumps(record, indent=1).encode()))
     return results
 

@@ -1,6 +1,8 @@
 """FID, sFID, IS, precision/recall (fastdit/fid.py), `fastdit fid`, and FID in the training loop.
 
-The metrics are judged against closed forms and scipy's sqrtm (ADM's formula). The Inception network
+The metrics are judged against ADM's evaluator itself (guided-diffusion's evaluations/evaluator.py, the code DiT's
+numbers come from): tests/data/adm_evaluator_golden.json holds its outputs on inputs the cases of
+tests/data/make_adm_evaluator_golden.py draw again here; and against closed forms. The Inception network
 is torch-fidelity's, with random weights injected as a local weights file through
 $FASTDIT_INCEPTION_WEIGHTS (nothing downloaded), run at 75x75 instead of 299x299 to keep the CPU
 suite fast (the network is fully convolutional; only the spatial feature's size changes).
@@ -21,6 +23,9 @@ from PIL import Image
 from fastdit import fid, train
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
+from tests.data import make_adm_evaluator_golden as adm
+
+ADM = json.loads(adm.GOLDEN.read_text())
 
 needs_inception = pytest.mark.skipif(
     importlib.util.find_spec("torch_fidelity") is None,
@@ -93,6 +98,136 @@ def test_gaussian_feature_sets_give_the_closed_form_distance_and_identical_sets_
     assert abs(fid.fid_from_features(f1[:3], *fid.statistics(f1[:3]))) < 1e-9
 
 
+def adm_inputs(cases, section, name, *keys):
+    """A golden case's inputs drawn again, checked to be the bits ADM's evaluator was given (all of them, or `keys`)."""
+    case = adm.draw(cases, name)
+    arrays = [case[k] for k in keys] if keys else list(case.values())
+    assert adm.digest(*arrays) == ADM[section][name]["inputs"], (
+        f"{name}: this numpy draws other numbers than the one {adm.GOLDEN.name} was made with"
+    )
+    return case
+
+
+def fid_tolerance(mine, ref, ranks):
+    """How far two sound computations of ADM's FID can be apart. The means' term |mu1 - mu2|^2: for float32 means a
+    float32 dot, which another BLAS sums in another order, each within D u sum(diff^2) of the exact dot (u: the means'
+    unit roundoff; seen: 1e-7 apart, numpy 1.23 against 2.4). The trace term, eigenvalues here against scipy's Schur
+    sqrtm in ADM, in float64: 1e-9 of tr S1 + tr S2 where S1 S2 is full rank (seen: 2e-15), plus, for each direction
+    where it is singular (D minus the lower rank), twice the square root of rounding's noise on a zero eigenvalue,
+    sqrt(D u64 |S1| |S2|) (seen: at most 1.5e-6, against tolerances of 6e-5 to 2e-4)."""
+    (mu1, s1), (mu2, s2) = mine, ref
+    s1, s2 = np.atleast_2d(s1), np.atleast_2d(s2)
+    d = len(s1)
+    diff = (mu1 - mu2).astype(np.float64)
+    means = 2 * d * np.finfo(np.result_type(mu1, mu2)).eps / 2 * diff.dot(diff)
+    singular = d - min(min(r, d) for r in ranks)
+    noise = np.sqrt(d * np.finfo(np.float64).eps / 2 * np.linalg.norm(s1, 2) * np.linalg.norm(s2, 2))
+    return means + 1e-9 * (np.trace(s1) + np.trace(s2)) + 2 * singular * noise
+
+
+def fid_case(name):
+    """(features, their statistics, the reference's statistics, the ranks of the two covariances) of a golden case."""
+    case = adm_inputs(adm.FID_CASES, "fid", name)
+    feats = case["features"]
+    mine = fid.statistics(feats)
+    ref = fid.statistics(case["ref"]) if "ref" in case else (case["mu"], case["sigma"])
+    ranks = (len(feats) - 1, len(case["ref"]) - 1 if "ref" in case else len(case["mu"]))
+    return feats, mine, ref, ranks
+
+
+@pytest.mark.parametrize("name", [n for n, g in ADM["fid"].items() if not g["eps_path"]])
+def test_fid_matches_adms_evaluator(name):
+    """Awkward sets (fewer samples than dimensions, identical and near-identical sets, float32 means far from zero,
+    float64 features, reference statistics stored in float32 or float64, D = 1, N = 2) through both routes:
+    statistics then frechet_distance, and fid_from_features (its N x N route where N <= D)."""
+    golden = ADM["fid"][name]
+    feats, mine, ref, ranks = fid_case(name)
+    # compute_statistics' mean is the same numpy call: the same bits, and its dtype carries into |mu1 - mu2|^2
+    assert adm.digest(mine[0]) == golden["mean"], f"{name}: the mean is not ADM's ({mine[0].dtype})"
+    assert [str(mine[0].dtype), str(np.asarray(ref[0]).dtype)] == golden["mu_dtypes"]
+    tol = fid_tolerance(mine, ref, ranks)
+    for route, got in (
+        ("statistics", fid.frechet_distance(*mine, *ref)),
+        ("features", fid.fid_from_features(feats, *ref)),
+    ):
+        assert abs(got - golden["fid"]) <= tol, (
+            f"{name} ({route}): FID {got!r}, ADM's {golden['fid']!r}: {got - golden['fid']:.3g} apart, tolerance {tol:.3g}"
+        )
+
+
+@pytest.mark.parametrize("name", [n for n, g in ADM["fid"].items() if g["eps_path"]])
+def test_where_adm_adds_eps_its_fid_is_that_of_the_offset_covariances(name):
+    """Where scipy < 1.16's sqrtm fails on S1 S2 (here: each set holds another feature constant, a dead unit), ADM
+    warns and takes sqrtm((S1 + eps I)(S2 + eps I)) with eps = 1e-6, keeping tr S1 + tr S2 unshifted: its FID is then
+    that of the offset covariances less 2 D eps. fastdit gives the exact FID (as ADM does with scipy >= 1.16's
+    sqrtm), 5e-3 (eps_path) and 4e-2 (eps_path_singular, 35 singular directions) above ADM's number."""
+    golden = ADM["fid"][name]
+    _, (mu1, s1), (mu2, s2), _ = fid_case(name)
+    eps, d = 1e-6, len(mu1)
+    shifted = (mu1, s1 + eps * np.eye(d)), (mu2, s2 + eps * np.eye(d))
+    got = fid.frechet_distance(*shifted[0], *shifted[1]) - 2 * d * eps
+    assert got == pytest.approx(golden["fid"], abs=fid_tolerance(*shifted, ranks=(d, d)))
+
+
+@pytest.mark.parametrize("name", list(ADM["inception_score"]))
+def test_inception_score_matches_adms_evaluator(name):
+    """Splits of 5000 with a short last one (5123 logits: 5000 + 123; 37 in one short split; a last split of one
+    image), near-certain predictions, uniform ones, float64 logits (ADM's softmax takes float32)."""
+    golden = ADM["inception_score"][name]
+    case = adm_inputs(adm.IS_CASES, "inception_score", name, "logits")
+    got = fid.inception_score(case["logits"], case["split_size"])
+    # ADM's arithmetic is float32 and so is fastdit's: equal here; 1e-6 (8 float32 ulps) leaves room for exp's last
+    # bit on other CPUs and numpy builds. The float64 arithmetic fastdit had was 2e-6 off on 5123 logits.
+    assert got == pytest.approx(golden["inception_score"], rel=1e-6), f"{name}: IS {got!r}"
+
+
+# Its dot products come within 3e-9 (relative) of a float16 rounding boundary, closer than float32 sums in another
+# order (another BLAS) are sure to be: one half ulp on a radius, one point on precision or recall may differ there.
+# The other cases' features are multiples of 1/8 whose float32 sums are exact in any order: equal bit for bit.
+PR_ORDER_SENSITIVE = {"float32_inception_scale"}
+
+
+@pytest.mark.parametrize("name", list(ADM["precision_recall"]))
+def test_precision_recall_match_adms_evaluator(name):
+    """ADM's k = 3 manifolds with its float16 distances: ties, duplicated points (a point repeated past k: radius 0),
+    half's overflow falling back to float32 in some blocks only, k + 1 points a side, batches of rows and columns
+    that do not divide the sets."""
+    golden = ADM["precision_recall"][name]
+    case = adm_inputs(adm.PR_CASES, "precision_recall", name, "ref", "samples")
+    batches = dict(row_batch=golden["row_batch"], col_batch=golden["col_batch"])
+    got = fid.precision_recall(case["ref"], case["samples"], **batches)
+    for side, want in (("ref", golden["ref_radii"]), ("samples", golden["sample_radii"])):
+        radii = fid.manifold_radii(torch.from_numpy(case[side]), **batches)
+        slack = 2.0**-10 * torch.tensor(want) if name in PR_ORDER_SENSITIVE else 0
+        assert (radii - torch.tensor(want)).abs().le(slack).all(), f"{name}: {side} radii are not ADM's"
+    slack = 1 / min(len(case["ref"]), len(case["samples"])) if name in PR_ORDER_SENSITIVE else 0
+    want = golden["precision"], golden["recall"]
+    assert all(abs(g - w) <= slack for g, w in zip(got, want)), f"{name}: precision, recall {got}, ADM's {want}"
+
+
+@pytest.mark.parametrize("name", list(ADM["reader"]))
+def test_batches_are_read_as_adms_evaluator_reads_them(name, tmp_path):
+    """ADM's read_activations (arr_0: plain, compressed, Fortran-ordered) and read_statistics (mu, sigma, mu_s, sigma_s
+    in their stored dtypes; mu_s/sigma_s only beside mu; none: computed from the images), for a reference and for a
+    sample batch (ADM reads both alike)."""
+    golden = ADM["reader"][name]
+    path = adm.write_batch(tmp_path / f"{name}.npz", adm.draw(adm.READER_CASES, name))
+    for batch in (fid.Reference(path), fid.Reference(path, what="samples", require_images=True)):
+        assert adm.digest(batch.images) == golden["images"]
+        stored = [adm.digest(*batch.stats[k]) for k in ("pool", "spatial") if k in batch.stats]
+        assert stored == (golden["stats"] or []), f"{name} ({batch.what}): statistics {sorted(batch.stats)}"
+
+
+def test_statistics_stored_in_the_samples_file_are_used_as_adm_uses_them(tmp_path):
+    """A sample .npz with mu/sigma (and mu_s/sigma_s) gets FID and sFID from them, as ADM's evaluator does: a
+    reference batch given as its own samples is at distance 0, where its images' features are not."""
+    path = adm.write_batch(tmp_path / "batch.npz", adm.draw(adm.READER_CASES, "reference_batch"))
+    net = lambda x: dict(pool=x.flatten(1)[:, :16].float(), spatial=x.flatten(1)[:, 16:28].float())  # noqa: E731
+    samples, ref = fid.Reference(path, what="samples", require_images=True), fid.Reference(path)
+    assert fid.evaluate(samples, ref, net, metrics=("fid", "sfid")) == pytest.approx(dict(fid=0, sfid=0), abs=1e-9)
+    assert fid.evaluate(samples.images, ref, net, metrics=("fid",))["fid"] > 1
+
+
 def test_gather_rows_interleaves_the_ranks_shares():
     class Rank:  # rank r of 3; the all-reduce of a real group sums the three ranks' buffers
         def __init__(self, r):
@@ -128,6 +263,10 @@ def write_npz(path, **arrays):
     return str(path)
 
 
+def sample_batch(path):
+    return fid.Reference(path, what="samples", require_images=True)
+
+
 def test_image_and_reference_files_give_clear_errors(tmp_path):
     imgs = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     for arrays, message in [
@@ -139,14 +278,14 @@ def test_image_and_reference_files_give_clear_errors(tmp_path):
         (dict(arr_0=np.array([1, "a"], dtype=object)), r"its array arr_0 is not readable \(ValueError: Object arrays"),
     ]:
         with pytest.raises(UsageError, match=message):
-            fid.load_npz_images(write_npz(tmp_path / "x.npz", **arrays))
-    assert fid.load_npz_images(write_npz(tmp_path / "g.npz", arr_0=imgs[..., :1])).shape == (4, 8, 8, 3)  # gray -> RGB
+            sample_batch(write_npz(tmp_path / "x.npz", **arrays))
+    assert sample_batch(write_npz(tmp_path / "g.npz", arr_0=imgs[..., :1])).images.shape == (4, 8, 8, 3)  # gray -> RGB
     for junk, message in [(b"junk", "not an .npz file"), (b"PK\x03\x04junk", "not a readable .npz file")]:
         (tmp_path / "junk.npz").write_bytes(junk)
         with pytest.raises(UsageError, match=message):
-            fid.load_npz_images(tmp_path / "junk.npz")
+            sample_batch(tmp_path / "junk.npz")
     np.save(tmp_path / "bare.npy", imgs)
-    for read in (fid.load_npz_images, fid.Reference):
+    for read in (sample_batch, fid.Reference):
         with pytest.raises(UsageError, match=r"bare.npy: a .npy array, not a .npz archive"):
             read(tmp_path / "bare.npy")
     with pytest.raises(UsageError, match="does not exist"):
@@ -170,7 +309,10 @@ def test_image_and_reference_files_give_clear_errors(tmp_path):
     assert fid.evaluate(imgs, stats_only, net, metrics=("fid",))["fid"] == pytest.approx(2048)
     for arrays, message in [
         (dict(arr_0=imgs, mu=np.zeros(64), sigma=np.eye(64)), r"small.npz: mu/sigma are 64-dimensional, but the Incep"),
-        (dict(arr_0=imgs, mu_s=np.zeros(63), sigma_s=np.eye(63)), r"small.npz: mu_s/sigma_s are 63-dimensional"),
+        (
+            dict(arr_0=imgs, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(63), sigma_s=np.eye(63)),
+            r"small.npz: mu_s/sigma_s are 63-dimensional",
+        ),
     ]:
         with pytest.raises(UsageError, match=message):
             fid.evaluate(imgs, fid.Reference(write_npz(tmp_path / "small.npz", **arrays)), net, ("fid", "sfid"))
