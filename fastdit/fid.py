@@ -140,9 +140,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
     tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a symmetric PSD
     matrix with the same eigenvalues as S1 S2: no complex sqrtm is needed. ADM takes scipy's sqrtm of S1 S2; the two
-    agree to rounding (tests/test_fid.py), except where scipy < 1.16's sqrtm fails on a singular product and ADM
-    retries with 1e-6 added to both diagonals: there ADM's number is off the exact one by about
-    2 sqrt(1e-6) per dimension that one set holds constant, and this is the exact one (as ADM gives with scipy >= 1.16).
+    agree to rounding (tests/test_fid.py), except where scipy < 1.16's sqrtm fails on a singular product (two sets
+    holding different features constant) and ADM retries with 1e-6 added to both diagonals: its FID is then lower
+    by about 2 sqrt(1e-6 v) for each direction one covariance lacks (v: the other's variance there), 5e-3 to 4e-2 in
+    tests/test_fid.py. This is the exact distance, which ADM gives with scipy >= 1.16.
     """
     mu1, mu2 = np.atleast_1d(_floating(mu1)), np.atleast_1d(_floating(mu2))
     s1, s2 = np.atleast_2d(_floating(sigma1)), np.atleast_2d(_floating(sigma2))
@@ -451,7 +452,11 @@ def _metric_list(text):
 
 
 def add_arguments(p):
-    p.add_argument("samples", help="sample .npz (arr_0: uint8 (N, H, W, 3), as `fastdit sample-ddp` writes)")
+    p.add_argument(
+        "samples",
+        help="sample .npz (arr_0: uint8 (N, H, W, 3), as `fastdit sample-ddp` writes; mu/sigma stored in it are "
+        "used for FID, as ADM's evaluator uses them)",
+    )
     p.add_argument(
         "ref",
         help="reference: an ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz; its "
