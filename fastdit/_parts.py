@@ -6,7 +6,8 @@ same command continues each rank after its last finished batch, from the random 
 so it writes the file an uninterrupted run writes. A different command (another checkpoint, seed,
 sampler, batch size, world size...) starts afresh. A larger --num-samples reuses the batches already
 sampled: a rank's batches are a prefix of its random stream. The folder is removed once the output is
-written.
+written. While a run writes it, each rank holds its lock file there (_util.exclusive_output): a second run
+of the same output is refused instead of mixing its batches in or removing them.
 """
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._util import atomic_write
+from ._util import LOCK_PREFIX, atomic_write, exclusive_output
 
 FORMAT = 1
 
@@ -26,15 +27,21 @@ class Parts:
     JSON-able dict of everything that decides the samples."""
 
     def __init__(self, out, settings, dist):
-        self.root = Path(out).parent / f".{Path(out).name}.parts"
+        self.out = Path(out)
+        self.root = self.out.parent / f".{self.out.name}.parts"
         self.settings, self.dist = dict(settings, format=FORMAT), dist
+
+    def exclusive(self):
+        """A context in which this run is the only one writing the folder (every rank agrees, or all raise
+        UsageError); open() and everything after it run inside it."""
+        return exclusive_output(self.root, str(self.out), self.dist)
 
     def path(self, rank, batch):
         return self.root / f"rank{rank:05d}-batch{batch:07d}.npz"
 
     def open(self):
-        """Keep the folder if a run of the same settings made it, else start an empty one (rank 0 decides,
-        every rank waits); -> how many batches this rank has finished."""
+        """Keep the folder if a run of the same settings made it, else empty it (rank 0 decides, every rank
+        waits); -> how many batches this rank has finished."""
         record = self.root / "settings.json"
         if self.dist.is_main:
             try:
@@ -42,8 +49,9 @@ class Parts:
             except (OSError, ValueError):
                 same = False
             if not same:
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.root.mkdir(parents=True)
+                for f in self.root.iterdir():  # the ranks' lock files stay: removed, they would lock nothing
+                    if not f.name.startswith(LOCK_PREFIX):
+                        f.unlink()
                 atomic_write(record, lambda f: f.write(json.dumps(self.settings, indent=1).encode()))
         self.dist.barrier()
         done = 0
@@ -71,9 +79,9 @@ class Parts:
         world, rank = self.dist.world_size, self.dist.rank if rank is None else rank
         return batch * n * world + np.arange(n) * world + rank
 
-    def gather(self, batches, num_samples, rgb=False):
+    def gather(self, batches, num_samples):
         """The first num_samples images of every rank's first `batches` batches, in DiT sample_ddp.py's order
-        (dit_index). rgb: a grayscale sample as 3 identical channels."""
+        (dit_index)."""
         out = None
         for rank in range(self.dist.world_size):
             for k in range(batches):
@@ -82,9 +90,8 @@ class Parts:
                 index = self.dit_index(k, len(images), rank)
                 keep = index < num_samples
                 if out is None:
-                    channels = 3 if rgb else images.shape[-1]
-                    out = np.empty((num_samples, *images.shape[1:-1], channels), np.uint8)
-                out[index[keep]] = images[keep]  # a grayscale (.., 1) broadcasts to rgb's 3 channels
+                    out = np.empty((num_samples, *images.shape[1:]), np.uint8)
+                out[index[keep]] = images[keep]
         return out
 
     def finished(self):

@@ -1,6 +1,9 @@
-"""Small shared helpers of the training stack: bad-input errors, atomic file writes, image grids, memory."""
+"""Small shared helpers of the training stack: bad-input errors, atomic file writes, output locks, image grids,
+memory."""
 
 import contextlib
+import errno
+import fcntl
 import io
 import json
 import os
@@ -64,6 +67,83 @@ def remove_stale_temporaries(folder):
     return [str(f) for f in stale]
 
 
+# The lock files of exclusive_output, one per rank: LOCK_PREFIX + the rank, in the folder written.
+LOCK_PREFIX = ".lock-rank"
+
+
+@contextlib.contextmanager
+def exclusive_output(folder, what, dist, writes=True):
+    """Run the block as the only fastdit command writing into `folder` (what: the output, as errors name it).
+
+    Resumable outputs (sample-ddp's parts, latents' chunks, a training run's folder) are continued by the
+    same command; a second one started while the first still runs (a relaunch, orphaned torchrun workers)
+    would write and delete the first one's files. Every rank that writes into the folder (writes) holds an
+    advisory lock, fcntl.flock on its file LOCK_PREFIX<rank> there, for the block's life: the OS releases it
+    when the process ends, so a crash never leaves a stale lock and a rerun continues. The ranks agree: all
+    go on, or all raise the UsageError. (On some network file systems flock does not guard against a
+    process on another host.) dist: fastdit._dist.Dist.
+    """
+    folder, held, error = Path(folder), None, None
+    if writes:
+        path = folder / f"{LOCK_PREFIX}{dist.rank:05d}"
+        try:  # an error on one rank is every rank's: none waits for the others
+            folder.mkdir(parents=True, exist_ok=True)
+            held = _lock(path)
+        except OSError as e:
+            error = f"{e.filename or path}: {e.strerror}"
+        else:
+            if held is None:
+                error = (
+                    f"{what}: another fastdit process is writing it (it holds {path}); wait for it to end, or "
+                    f"stop it, then run the command again"
+                )
+    refused = [e for e in dist.all_gather_object(error) if e]
+    try:
+        if refused:
+            raise UsageError(refused[0])
+        yield
+    finally:
+        if held is not None:
+            _unlock(held, path)
+
+
+def _lock(path):
+    """An open file of `path` holding an exclusive flock on it, or None while another process holds one."""
+    while True:
+        f = open(path, "ab")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                f.close()
+                raise
+            print(
+                f"fastdit: warning: {path}: {e.strerror}: nothing keeps a second run from writing here", file=sys.stderr
+            )
+            return f
+        if _is_file_at(f, path):
+            return f
+        f.close()  # its holder removed it between our open and our lock (_unlock): lock the file now there
+
+
+def _unlock(f, path):
+    """Remove the lock file while still holding it (a process that opened it before sees it gone and retries),
+    unless it is no longer ours (the folder was removed and made again), then release it."""
+    if _is_file_at(f, path):
+        path.unlink()
+    f.close()
+
+
+def _is_file_at(f, path):
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def absolute_if_local(path):
     """A path that exists here, made absolute (a run stored with it resumes from any working directory);
     anything else (a hub id, a missing path, "", None) unchanged."""
@@ -118,8 +198,43 @@ def to_uint8(images):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def as_rgb(images):
+    """uint8 (..., C) images with a grayscale one (C = 1) as 3 identical channels, as FID tools want them."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
 # The grid writers by file suffix (formats every Pillow build can write).
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+# The largest side of a grid image: 65,500 pixels, what libjpeg (Pillow's JPEG writer) takes, the smallest limit
+# of IMAGE_FORMATS' writers (PNG, BMP and TIFF take 2**31 - 1), so that a grid fastdit accepts is written in any
+# of them. It also bounds the grid's memory: the grid is built whole, its images sampled in one batch (an
+# unbounded `fastdit sample --per-class` had the OS kill the process).
+MAX_GRID_SIDE = 65_500
+
+
+def grid_limits(h, w, captions=(), min_cell=64, pad=2):
+    """(rows, per row): the most rows, and images a row, that a save_grid grid of h x w images can have within
+    MAX_GRID_SIDE pixels a side, each row captioned on its left with one of `captions` (none: no captions)."""
+    zoom = _grid_zoom(h, w, min_cell)
+    label = _text_box(captions)[0] + 2 * pad * zoom if len(captions) else 0
+    # (rows * (h + pad) + pad) * zoom pixels high, (per_row * (w + pad) + pad) * zoom + label wide
+    return (MAX_GRID_SIDE // zoom - pad) // (h + pad), ((MAX_GRID_SIDE - label) // zoom - pad) // (w + pad)
+
+
+def _grid_zoom(h, w, min_cell):
+    """The integer factor that enlarges h x w images to cells of at least min_cell pixels."""
+    return max(1, -(-min_cell // max(h, w)))
+
+
+def _text_box(texts):
+    """(width, height) of a box that holds each of `texts` written in Pillow's default font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, measure = ImageFont.load_default(), ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [measure.textbbox((0, 0), str(t), font=font) for t in texts]
+    return max(b[2] for b in boxes), max(b[3] for b in boxes) + 4
 
 
 def save_grid(images, path, nrow, labels=None, min_cell=64, pad=2):
@@ -144,7 +259,7 @@ def save_grid(images, path, nrow, labels=None, min_cell=64, pad=2):
         r, col = divmod(i, ncol)
         y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
         grid[y0 : y0 + h, x0 : x0 + w] = arr[i]
-    zoom = max(1, -(-min_cell // max(h, w)))
+    zoom = _grid_zoom(h, w, min_cell)
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if zoom > 1:
         img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
@@ -162,9 +277,7 @@ def _caption(img, rows, cell_h, cell_w, pad):
 
     font = ImageFont.load_default()
     fill = 255 if img.mode == "L" else (255, 255, 255)
-    measure = ImageDraw.Draw(img)
-    boxes = [measure.textbbox((0, 0), str(t), font=font) for r in rows for t in r]
-    text_w, text_h = max(b[2] for b in boxes), max(b[3] for b in boxes) + 4
+    text_w, text_h = _text_box([t for r in rows for t in r])
     if all(len(set(map(str, r))) == 1 for r in rows):
         out = Image.new(img.mode, (img.width + text_w + 2 * pad, img.height))
         out.paste(img, (text_w + 2 * pad, 0))

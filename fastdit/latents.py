@@ -9,7 +9,8 @@
 Chunk c holds source items [c * chunk_size, (c + 1) * chunk_size); under torchrun rank r encodes
 the chunks c = r mod world_size. A chunk file is written atomically, so after a crash the same
 command removes the half-written temporaries, skips the chunks already written and finishes the
-rest; rank 0 then marks the manifest complete. Training reads only complete folders. Unreadable
+rest; rank 0 then marks the manifest complete. While a run writes DIR, a second one is refused
+(each rank holds a lock file there, DIR/.lock-rankNNNNN). Training reads only complete folders. Unreadable
 images are skipped with a warning naming each, and listed in the manifest.
 """
 
@@ -23,7 +24,14 @@ import torch
 
 from . import _args, datasets
 from ._dist import init_distributed
-from ._util import PRECISION_DTYPES, UsageError, atomic_write, remove_stale_temporaries
+from ._util import (
+    LOCK_PREFIX,
+    PRECISION_DTYPES,
+    UsageError,
+    atomic_write,
+    exclusive_output,
+    remove_stale_temporaries,
+)
 from .data import UnreadableImage, build_dataset, warn_unreadable
 from .vae import SmallVAECodec, load_vae
 
@@ -155,8 +163,8 @@ def plan(dataset, codec, args, flips):
 FINISHED_KEYS = ("complete", "count", "chunks", "skipped", "class_counts")  # what finish() adds to the settings
 
 
-def _start(out, settings):
-    """Create DIR with an incomplete manifest, or check that DIR holds a run of the same settings."""
+def _check_out(out, settings):
+    """Refuse (UsageError) an --out that is a file, a folder of latents of other settings, or one of other files."""
     path = out / MANIFEST
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the latents")
@@ -168,12 +176,32 @@ def _start(out, settings):
                 f"--out {out} holds latents made with other settings ({', '.join(differ)} differ): "
                 f"give another --out, or delete it to start over"
             )
+    elif out.is_dir() and any(not f.name.startswith(LOCK_PREFIX) for f in out.iterdir()):
+        raise UsageError(f"--out {out} is a folder with other files in it: give a new or empty folder")
+
+
+def _start(out, settings):
+    """Create DIR with an incomplete manifest, or check that DIR holds a run of the same settings (and remove
+    what a killed one left half-written: call it as the only process writing DIR, exclusive_output)."""
+    _check_out(out, settings)
+    if (out / MANIFEST).is_file():
         for stale in remove_stale_temporaries(out):  # a process killed while writing a chunk left its temporary
             print(f"removed {stale}, a file a killed run left half-written")
-        return
-    if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"--out {out} is a folder with other files in it: give a new or empty folder")
-    write_manifest(out, dict(settings, complete=False))
+    else:
+        write_manifest(out, dict(settings, complete=False))
+
+
+def _on_main(dist, check, *args):
+    """check(*args) on rank 0; a UsageError it raises, raised on every rank (none waits for the others)."""
+    refused = None
+    if dist.is_main:
+        try:
+            check(*args)
+        except UsageError as e:
+            refused = str(e)
+    refused = dist.broadcast_object(refused)
+    if refused:
+        raise UsageError(refused)
 
 
 def read_manifest(path):
@@ -308,32 +336,27 @@ def make_latents(args):
         flips = args.flips if args.flips != "auto" else ("both" if dataset.flip else "none")
         settings = plan(dataset, codec, args, flips)
         out = Path(args.out)
-        refused = None
-        if dist.is_main:
-            try:
-                _start(out, settings)
-            except UsageError as e:
-                refused = str(e)
-        refused = dist.broadcast_object(refused)  # every rank stops, none waits for the others
-        if refused:
-            raise UsageError(refused)
-        t0 = time.time()
-        encode_chunks(dataset, codec, out, settings, dist.rank, dist.world_size, args.batch_size, args.num_workers)
-        dist.barrier()
-        if dist.is_main:
-            manifest = finish(out, settings)
-            print(
-                f"encoded {manifest['count']} images{' (and their mirror images)' if manifest['flips'] else ''} into "
-                f"latents {tuple(manifest['latent_shape'])} in {time.time() - t0:.1f}s -> {out} (scale factor "
-                f"{codec.scale_factor:.5f}; {len(manifest['skipped'])} unreadable images skipped)"
-            )
-            empty = empty_classes(manifest)
-            if empty:
+        _on_main(dist, _check_out, out, settings)  # bad input first: a refused --out is left untouched
+        # A second run would encode the same chunks and remove the temporaries of the first one's writes.
+        with exclusive_output(out, str(out), dist):
+            _on_main(dist, _start, out, settings)  # checked again: DIR may have changed before the lock
+            t0 = time.time()
+            encode_chunks(dataset, codec, out, settings, dist.rank, dist.world_size, args.batch_size, args.num_workers)
+            dist.barrier()
+            if dist.is_main:
+                manifest = finish(out, settings)
                 print(
-                    f"fastdit: warning: no image of class {', '.join(map(repr, empty))} was "
-                    f"readable: a class-conditional model trained on these latents never sees it",
-                    file=sys.stderr,
+                    f"encoded {manifest['count']} images{' (and their mirror images)' if manifest['flips'] else ''} "
+                    f"into latents {tuple(manifest['latent_shape'])} in {time.time() - t0:.1f}s -> {out} (scale "
+                    f"factor {codec.scale_factor:.5f}; {len(manifest['skipped'])} unreadable images skipped)"
                 )
+                empty = empty_classes(manifest)
+                if empty:
+                    print(
+                        f"fastdit: warning: no image of class {', '.join(map(repr, empty))} was "
+                        f"readable: a class-conditional model trained on these latents never sees it",
+                        file=sys.stderr,
+                    )
         return str(out)
     finally:
         dist.close()

@@ -25,11 +25,14 @@ from ._parts import Parts
 from ._registry import check_input_fits, model_from_checkpoint, model_name
 from ._util import (
     IMAGE_FORMATS,
+    MAX_GRID_SIDE,
     PRECISION_DTYPES,
     UsageError,
     amp_forward,
+    as_rgb,
     atomic_write,
     find_checkpoint,
+    grid_limits,
     load_plain,
     save_grid,
     tf32,
@@ -56,20 +59,37 @@ def sampling_diffusion(sampler, steps, learn_sigma=True, diffusion_steps=1000):
         raise UsageError(f"--steps {steps}: {e}") from e
 
 
-def grid_labels(num_classes, input_size, per_class=None):
-    """Labels of a sample grid and its row length: a row per class (at most 10; DiT's 8 ImageNet classes for
-    1000-class models), per_class images each (default 10 for small images, else 4; DiT's grid: one each).
+def grid_labels(num_classes, input_size, per_class=None, classes=None):
+    """Labels of a sample grid and its row length: a row per class of `classes` (default: at most 10; DiT's 8
+    ImageNet classes for 1000-class models), per_class images each (default 10 for small images, else 4;
+    DiT's default grid: one each).
 
     An unconditional model (num_classes 0) gets the number of images instead: 10 rows of per_class
     images, or 2 rows for large images."""
     small = input_size <= 32
-    if num_classes == 1000 and per_class is None:
+    if num_classes == 1000 and per_class is None and classes is None:
         return DIT_SAMPLE_LABELS, 4
     per_class = per_class or (10 if small else 4)
     if num_classes == 0:
         return (10 if small else 2) * per_class, per_class
-    classes = DIT_SAMPLE_LABELS if num_classes == 1000 else range(min(num_classes, 10))
+    if classes is None:
+        classes = DIT_SAMPLE_LABELS if num_classes == 1000 else range(min(num_classes, 10))
     return [c for c in classes for _ in range(per_class)], per_class
+
+
+def check_grid_fits(loaded, per_class, classes):
+    """Refuse (UsageError), before any sampling, a grid of --per-class images a row (or of --classes rows)
+    that cannot be written: larger than MAX_GRID_SIDE pixels a side."""
+    model, names = loaded.model, loaded.classes
+    rows, _ = grid_labels(model.num_classes, model.x_embedder.img_size[0], 1, classes)  # one image a row
+    captions = [names[c] if names else c for c in rows] if model.num_classes else ()
+    h, w = decoded_size(loaded)
+    max_rows, max_per_row = grid_limits(h, w, captions)
+    limit = f"a grid image is at most {MAX_GRID_SIDE:,} pixels a side (JPEG's limit in Pillow)"
+    if per_class is not None and per_class > max_per_row:
+        raise UsageError(f"--per-class {per_class}: at most {max_per_row} for {h}x{w} images: {limit}")
+    if classes is not None and len(classes) > max_rows:
+        raise UsageError(f"--classes: at most {max_rows} rows of {h}x{w} images, got {len(classes)}: {limit}")
 
 
 def has_null_class(model):
@@ -356,6 +376,12 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=None, vae=
     )
 
 
+def decoded_size(loaded):
+    """(H, W) of the images a Loaded model samples (its latents decoded)."""
+    factor = loaded.codec.factor if loaded.codec else 1
+    return tuple(s * factor for s in loaded.model.x_embedder.img_size)
+
+
 def _check_agrees_with_checkpoint(obj, ckpt, **given):
     """A fastdit checkpoint records its model: --model, --image-size or --num-classes given as well must agree."""
     recorded = dict(
@@ -485,7 +511,8 @@ def add_ddp_arguments(p):
     p.add_argument(
         "--rgb",
         action="store_true",
-        help="store grayscale samples as 3 identical channels (FID tools want RGB); default off",
+        help="store grayscale samples as 3 identical channels (FID tools want RGB), in the .npz and in "
+        "--sample-dir's PNGs alike; default off",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument(
@@ -580,15 +607,12 @@ def sample(args, dist):
     num_classes = model.num_classes
     if args.classes and num_classes == 0:
         raise UsageError("--classes: the model is unconditional (trained with --num-classes 0)")
-    if args.classes:
-        if any(c >= num_classes for c in args.classes):
-            raise UsageError(
-                f"--classes must be in [0, {num_classes}) for this model, got {','.join(map(str, args.classes))}"
-            )
-        per = args.per_class or (10 if model.x_embedder.img_size[0] <= 32 else 4)
-        labels = [c for c in args.classes for _ in range(per)]
-    else:
-        labels, per = grid_labels(num_classes, model.x_embedder.img_size[0], args.per_class)
+    if args.classes and any(c >= num_classes for c in args.classes):
+        raise UsageError(
+            f"--classes must be in [0, {num_classes}) for this model, got {','.join(map(str, args.classes))}"
+        )
+    check_grid_fits(loaded, args.per_class, args.classes)
+    labels, per = grid_labels(num_classes, model.x_embedder.img_size[0], args.per_class, args.classes)
     guided = has_null_class(model)  # DiT's sample.py always guides, even at scale 1
     cfg_scale = (4.0 if guided else 1.0) if args.cfg_scale is None else args.cfg_scale
     out = args.out or default_out(args, cfg_scale, ".png")
@@ -636,9 +660,6 @@ def sample_ddp(args, dist):
     if args.sample_dir:
         pngs = Path(args.sample_dir) / dits_sample_folder_name(args, given_ckpt, loaded, cfg_scale)
         out = pngs.with_name(f"{pngs.name}.npz")
-        pngs.mkdir(parents=True, exist_ok=True)
-        if dist.is_main:
-            print(f"saving .png samples at {pngs}")
     else:
         out = Path(args.out or default_out(args, cfg_scale, f"-n{args.num_samples}.npz"))
     global_batch = args.per_proc_batch_size * dist.world_size
@@ -658,27 +679,34 @@ def sample_ddp(args, dist):
         device=dist.device,
     )
     parts = Parts(out, _sampling_settings(args, dist, cfg_scale, cfg_channels), dist)
-    done = parts.open()
-    if done and dist.is_main:
-        print(f"sample-ddp: continuing from {parts.root}: {min(done, batches)} of {batches} batches already sampled")
-    try:
-        _sample_batches(args, dist, run, loaded.codec, range(done, batches), parts, pngs)
-    except BaseException:
-        if dist.is_main and parts.finished():
+    with parts.exclusive():
+        if pngs is not None:
+            pngs.mkdir(parents=True, exist_ok=True)
+            if dist.is_main:
+                print(f"saving .png samples at {pngs}")
+        done = parts.open()
+        if done and dist.is_main:
             print(
-                f"fastdit: sample-ddp stopped; the batches it finished are kept in {parts.root}: the same command "
-                f"continues from them",
-                file=sys.stderr,
-                flush=True,
+                f"sample-ddp: continuing from {parts.root}: {min(done, batches)} of {batches} batches already sampled"
             )
-        raise
-    dist.barrier()
-    if dist.is_main:
-        arr = parts.gather(batches, args.num_samples, rgb=args.rgb)
-        atomic_write(out, lambda f: np.savez(f, arr_0=arr))
-        parts.remove()
-        print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
-    dist.barrier()
+        try:
+            _sample_batches(args, dist, run, loaded.codec, range(done, batches), parts, pngs)
+        except BaseException:
+            if dist.is_main and parts.finished():
+                print(
+                    f"fastdit: sample-ddp stopped; the batches it finished are kept in {parts.root}: the same "
+                    f"command continues from them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise
+        dist.barrier()
+        if dist.is_main:
+            arr = parts.gather(batches, args.num_samples)
+            atomic_write(out, lambda f: np.savez(f, arr_0=arr))
+            parts.remove()
+            print(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}")
+        dist.barrier()
     return str(out)
 
 
@@ -686,7 +714,7 @@ def dits_sample_folder_name(args, given_ckpt, loaded, cfg_scale):
     """The name DiT's sample_ddp.py gives its samples (folder and .npz), for these settings."""
     model = args.model or loaded.name or "DiT"
     ckpt = os.path.basename(given_ckpt).replace(".pt", "") if given_ckpt else "pretrained"
-    h, w = (s * (loaded.codec.factor if loaded.codec else 1) for s in loaded.model.x_embedder.img_size)
+    h, w = decoded_size(loaded)
     size = args.image_size or (h if h == w else f"{h}x{w}")
     if loaded.codec is None:
         vae = "none"
@@ -702,6 +730,7 @@ def _sampling_settings(args, dist, cfg_scale, cfg_channels):
     stat = ckpt.stat()
     settings = {k: getattr(args, k) for k in ("model", "image_size", "num_classes", "vae", "weights", "sampler")}
     settings.update({k: getattr(args, k) for k in ("steps", "seed", "precision", "compile", "cuda_graphs", "tf32")})
+    settings["rgb"] = args.rgb  # the batches (and --sample-dir's PNGs) hold the images as the output does
     return dict(
         settings,
         ckpt=[str(ckpt), stat.st_size, stat.st_mtime_ns],
@@ -714,9 +743,9 @@ def _sampling_settings(args, dist, cfg_scale, cfg_channels):
 
 
 def _sample_batches(args, dist, run, codec, batches, parts, pngs=None):
-    """This rank's batches (a range of batch numbers) from the Sampler `run`, as uint8 images, each saved
-    into `parts` when done (and, with `pngs`, as pngs/NNNNNN.png numbered as DiT's); a range not starting
-    at 0 continues from the random state saved before it."""
+    """This rank's batches (a range of batch numbers) from the Sampler `run`, as uint8 images (with --rgb, RGB),
+    each saved into `parts` when done (and, with `pngs`, as pngs/NNNNNN.png numbered as DiT's); a range not
+    starting at 0 continues from the random state saved before it."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -728,6 +757,8 @@ def _sample_batches(args, dist, run, codec, batches, parts, pngs=None):
         y = torch.randint(0, model.num_classes, (n,), device=dist.device) if model.num_classes else n
         with torch.no_grad():
             images = to_uint8(to_images(run(y, z=z), codec))  # (n, H, W, C)
+        if args.rgb:
+            images = as_rgb(images)  # (n, H, W, 3)
         if pngs is not None:  # before the batch counts as done: a finished batch has its files
             for index, image in zip(parts.dit_index(k, n), images):
                 Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(pngs / f"{index:06d}.png")

@@ -12,7 +12,8 @@ One process per device under torchrun (DistributedDataParallel, or FSDP with --f
 EMA, optimizer, grad scaler, step, every rank's RNG states, the data position, the arguments),
 so `--resume` continues with exactly the losses an uninterrupted run would have produced (on
 GPUs too with --deterministic). A run whose loss, gradients or weights turn NaN/Inf stops with
-its last good checkpoint kept.
+its last good checkpoint kept. One command writes a run folder at a time: a second one (a --resume
+while the run still goes on) is refused.
 """
 
 import argparse
@@ -683,8 +684,10 @@ class Trainer:
             self._load_state()
         else:
             seed_everything(a.seed * world + self.dist.rank)  # DiT's per-rank seed
+        # Two runs in one folder (a --resume while the run still goes on, or default names of the same second)
+        # would rewrite each other's metrics log and delete each other's half-written checkpoints.
+        self._restore.enter_context(_util.exclusive_output(self.out, str(self.out), self.dist, self.dist.is_main))
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             if self.ckpt_path is not None:  # a run killed while writing a file left its temporary copy
                 for folder in (self.out, self.out / "checkpoints", self.out / "samples"):
                     for stale in _util.remove_stale_temporaries(folder):

@@ -1,5 +1,9 @@
 """Shared by the training-stack tests (test_train*.py, test_vae.py, test_sample.py, test_cli.py)."""
 
+import contextlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -23,3 +27,19 @@ def one_thread():
 def sample_one_per_class(ckpt, png):
     """`fastdit sample` of a checkpoint in 2 steps, one image per class, into png: the exit code."""
     return cli(["sample", "--ckpt", str(ckpt), "--steps", "2", "--per-class", "1", "--out", str(png)])
+
+
+@contextlib.contextmanager
+def another_process_holding(lock):
+    """A process holding the advisory lock on file `lock`, as a running fastdit command holds its output's, until
+    the block ends; then it is killed (SIGKILL, as a crash would end it), leaving the file behind."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    hold = (
+        "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); input()"
+    )
+    with subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
+        try:
+            assert p.stdout.readline() == b"1\n"
+            yield
+        finally:
+            p.kill()  # leaving the with: the pipes closed, the process waited for

@@ -13,7 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import another_process_holding, one_thread  # noqa: F401 (an autouse fixture)
 from _vae_helpers import rgb_folder, save_tiny_sd_vae, sd_vae  # noqa: F401 (fixtures)
 from PIL import Image
 from test_fid import needs_inception, random_inception_weights
@@ -161,6 +161,34 @@ def test_latents_resume_after_a_crash_and_shard_over_ranks(encoded, sd_vae, rgb_
     assert latents.encode_chunks(dataset, codec, sharded, settings, rank=0, world_size=2, batch_size=2) == [0, 2]
     latents.finish(sharded, settings)
     assert_same_latents(sharded, encoded)
+
+
+def test_a_second_run_of_the_same_folder_is_refused(encoded, sd_vae, rgb_folder, tmp_path, monkeypatch, capsys):
+    """While a run writes DIR (here: one killed after its first chunk, with a chunk's write in flight), the same
+    command is refused, one line, the first one's files untouched; the holder killed, it finishes DIR."""
+    out, write = tmp_path / "lat", latents._write_chunk
+
+    def write_then_crash(*args):
+        write(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latents, "_write_chunk", write_then_crash)
+    assert cli(latents_argv(sd_vae, rgb_folder, out)) == 130
+    monkeypatch.setattr(latents, "_write_chunk", write)
+    in_flight = out / ".chunk-000001.safetensors.a1b2c3d4.tmp"  # the running command's write, not yet renamed
+    in_flight.write_bytes(b"half a chunk")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    with another_process_holding(out / ".lock-rank00000"):
+        assert cli(latents_argv(sd_vae, rgb_folder, out)) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastdit latents: error: {out}: another fastdit process is writing it (it holds {out}/.lock-rank00000); "
+        f"wait for it to end, or stop it, then run the command again"
+    ]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in before} == before
+    assert cli(latents_argv(sd_vae, rgb_folder, out)) == 0
+    assert not in_flight.exists() and not (out / ".lock-rank00000").exists()
+    assert_same_latents(out, encoded)
 
 
 def test_latents_skip_unreadable_images_and_list_them(sd_vae, rgb_folder, tmp_path, capfd):

@@ -57,6 +57,7 @@ def test_train_and_sample_without_labels(tmp_path, capsys, monkeypatch):
     for argv, message in (
         (["sample", "--classes", "1"], "--classes: the model is unconditional"),
         (["sample", "--cfg-scale", "4"], "--cfg-scale 4.0: the model is unconditional"),
+        (["sample", "--per-class", "100000000000"], "--per-class 100000000000: at most 818 for 8x8 images: a grid"),
     ):
         assert cli([*argv, "--ckpt", str(ckpt), "--out", str(tmp_path / "x.png")]) == 2
         assert message in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """fastdit sample (PNG grid) and fastdit sample-ddp (ADM .npz) from a tiny checkpoint."""
 
 import contextlib
+import errno
+import fcntl
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -8,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import FAST, another_process_holding, one_thread  # noqa: F401 (an autouse fixture)
 from _vae_helpers import sd_vae  # noqa: F401 (a fixture)
 from PIL import Image
 
 import fastdit
-from fastdit import DiT, _parts, pretrained, sample, train
-from fastdit._util import UsageError
+from fastdit import DiT, _parts, _util, pretrained, sample, train
+from fastdit._util import MAX_GRID_SIDE, UsageError, grid_limits, save_grid
 from fastdit.cli import build_parser
 from fastdit.cli import main as cli
 
@@ -116,6 +119,70 @@ def test_sample_ddp_continues_after_a_crash_to_the_same_file(ckpt, tmp_path, mon
     assert sampled == [0, 1, 2, 3] and not np.array_equal(np.load(out)["arr_0"], whole)
 
 
+def test_a_second_run_of_the_same_output_is_refused_and_the_first_ones_batches_kept(
+    ckpt, tmp_path, monkeypatch, capsys
+):
+    """A crashed run's batches, then a second command of the output (other settings, which would empty the parts
+    folder) while another process holds the lock: refused, one line, nothing touched. The holder killed (its lock
+    file stays), the first command continues from its batches to the file an uninterrupted run writes."""
+    args = ["sample-ddp", "--ckpt", ckpt, "--num-samples", "4", "--per-proc-batch-size", "2", "--steps", "2"]
+    assert cli(args + ["--out", str(tmp_path / "whole.npz")]) == 0
+    out, save = tmp_path / "split.npz", _parts.Parts.save
+
+    def save_then_crash(self, batch, images):
+        save(self, batch, images)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_parts.Parts, "save", save_then_crash)
+    assert cli(args + ["--out", str(out)]) == 130
+    monkeypatch.setattr(_parts.Parts, "save", save)
+    parts = tmp_path / ".split.npz.parts"
+    kept = {p.name: p.read_bytes() for p in parts.iterdir()}
+    assert sorted(kept) == ["rank00000-batch0000000.npz", "settings.json"]
+    capsys.readouterr()
+    with another_process_holding(parts / ".lock-rank00000"):
+        assert cli(args + ["--seed", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastdit sample-ddp: error: {out}: another fastdit process is writing it (it holds {parts}/.lock-rank00000); "
+        f"wait for it to end, or stop it, then run the command again"
+    ]
+    assert {p.name: p.read_bytes() for p in parts.iterdir() if p.name in kept} == kept and not out.exists()
+    assert cli(args + ["--out", str(out)]) == 0
+    assert "continuing from" in capsys.readouterr().out
+    assert np.array_equal(np.load(out)["arr_0"], np.load(tmp_path / "whole.npz")["arr_0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split.npz", "whole.npz"]  # the parts and the lock removed
+
+
+def test_output_lock_ranks_agree_races_and_file_systems_without_locks(tmp_path, monkeypatch, capsys):
+    alone = SimpleNamespace(rank=0, all_gather_object=lambda error: [error])
+    with_refused_rank1 = SimpleNamespace(rank=0, all_gather_object=lambda error: [error, "rank 1: refused"])
+    with (
+        pytest.raises(UsageError, match="rank 1: refused"),
+        _util.exclusive_output(tmp_path, "out", with_refused_rank1),
+    ):
+        pytest.fail("a rank went on")
+    assert not list(tmp_path.iterdir())  # rank 0's lock released and its file removed
+    lock, flock, calls = tmp_path / ".lock-rank00000", fcntl.flock, []
+
+    def holder_ends_between_open_and_lock(f, operation):
+        if not calls:
+            os.unlink(lock)  # what the holder's release does: the file we opened is no longer the lock file
+        calls.append(f)
+        flock(f, operation)
+
+    monkeypatch.setattr(fcntl, "flock", holder_ends_between_open_and_lock)
+    with _util.exclusive_output(tmp_path, "out", alone):
+        assert len(calls) == 2 and os.path.samestat(os.fstat(calls[1].fileno()), os.stat(lock))
+
+    def no_locks(f, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with _util.exclusive_output(tmp_path, "out", alone):
+        calls.append("ran")
+    assert calls[-1] == "ran" and "No locks available: nothing keeps a second run" in capsys.readouterr().err
+
+
 def test_sample_dir_writes_dits_pngs_and_npz(ckpt, tmp_path):
     args = ["sample-ddp", "--ckpt", ckpt, "--num-samples", "5", "--per-proc-batch-size", "2", "--steps", "2"]
     assert cli(args + ["--sample-dir", str(tmp_path / "samples")]) == 0
@@ -127,6 +194,12 @@ def test_sample_dir_writes_dits_pngs_and_npz(ckpt, tmp_path):
     assert np.array_equal(arr[..., 0], np.stack([np.asarray(Image.open(p)) for p in pngs[:5]]))
     assert cli(args + ["--out", str(tmp_path / "out.npz")]) == 0
     assert np.array_equal(np.load(tmp_path / "out.npz")["arr_0"], arr)
+    # --rgb: the PNGs hold what the .npz holds, the grayscale samples as 3 identical channels
+    assert cli(args + ["--rgb", "--sample-dir", str(tmp_path / "rgb")]) == 0
+    rgb = np.load(tmp_path / "rgb" / f"{name}.npz")["arr_0"]
+    pngs = [Image.open(tmp_path / "rgb" / name / p.name) for p in pngs]
+    assert rgb.shape == (5, 8, 8, 3) and np.array_equal(rgb, np.repeat(arr, 3, axis=-1))
+    assert all(p.mode == "RGB" for p in pngs) and np.array_equal(rgb, np.stack([np.asarray(p) for p in pngs[:5]]))
 
 
 def test_dits_sample_folder_names():
@@ -213,6 +286,34 @@ def test_sample_errors(ckpt, tmp_path, capsys):
     assert cli(["sample-ddp", "--ckpt", ckpt, "--out", str(tmp_path / "x.png")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastdit")]
     assert len(err) == 3 and "does not exist" in err[0] and "[0, 10)" in err[1] and ".npz" in err[2]
+
+
+def test_a_grid_too_large_to_write_is_refused_before_sampling(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "generate", None)  # sampling would fail with a traceback
+    assert cli(["sample", "--ckpt", ckpt, "--per-class", "100000000000"]) == 2
+    assert cli(["sample", "--ckpt", ckpt, "--classes", ",".join(["3"] * 819)]) == 2
+    limit = f"a grid image is at most {MAX_GRID_SIDE:,} pixels a side (JPEG's limit in Pillow)"
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastdit sample: error: --per-class 100000000000: at most 818 for 8x8 images: {limit}",
+        f"fastdit sample: error: --classes: at most 818 rows of 8x8 images, got 819: {limit}",
+    ]
+
+
+@pytest.mark.parametrize("size", [8, 40], ids=["enlarged", "as-is"])
+def test_grid_limits_are_the_largest_grid_written_as_jpeg(size, tmp_path):
+    """save_grid at grid_limits' most images a row (and rows), captioned, is written as JPEG; one more is too wide."""
+    captions = ["seven", 7]
+    rows, per_row = grid_limits(size, size, captions)
+    images = torch.rand(max(rows, per_row) + 1, 1, size, size) * 2 - 1
+
+    def save(n, nrow):  # rows of one class each, captioned on their left
+        return save_grid(images[:n], tmp_path / "grid.jpg", nrow, [captions[i // nrow % 2] for i in range(n)])
+
+    assert max(Image.open(save(per_row, per_row)).size) <= MAX_GRID_SIDE
+    assert max(Image.open(save(rows, 1)).size) <= MAX_GRID_SIDE
+    for n, nrow in ((per_row + 1, per_row + 1), (rows + 1, 1)):
+        with pytest.raises(OSError):  # libjpeg: "Maximum supported image dimension is 65500 pixels"
+            save(n, nrow)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import FAST, another_process_holding, one_thread  # noqa: F401 (an autouse fixture)
 
 import fastdit
 from fastdit import DiT, _util, load_checkpoint, train
@@ -51,8 +51,9 @@ def test_default_job_smoke(tmp_path, capsys):
     assert log["images_per_s"] > 0 and log["memory_gb"] > 0 and log["loss"] > 0
 
 
-def test_resume_is_bit_exact(tmp_path, monkeypatch):
-    """6 steps in one go == 3 steps, a crash, --resume, 3 more: the same losses, weights, EMA and optimizer."""
+def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
+    """6 steps in one go == 3 steps, a crash, --resume, 3 more: the same losses, weights, EMA and optimizer.
+    A --resume while another process writes the run folder is refused first, the folder untouched."""
     args = FAST + ["--steps", "6", "--ckpt-every", "3"]
     whole = train.main(args + ["--out", str(tmp_path / "whole")])
 
@@ -68,7 +69,18 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
         train.main(args + ["--out", str(tmp_path / "split")])
     monkeypatch.setattr(train.Trainer, "train_step", step)
     assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["0000003.pt"]
-    resumed = train.main(["--resume", str(tmp_path / "split")])  # every option comes from the checkpoint
+    split = tmp_path / "split"
+    files = {p: p.stat().st_mtime_ns for p in split.rglob("*")}
+    capsys.readouterr()
+    with another_process_holding(split / ".lock-rank00000"):  # e.g. the crashed run's orphaned process, still on
+        assert cli(["train", "--resume", str(split)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastdit train: error: {split}: another fastdit process is writing it (it holds {split}/.lock-rank00000); "
+        f"wait for it to end, or stop it, then run the command again"
+    ]
+    assert {p: p.stat().st_mtime_ns for p in split.rglob("*") if p in files} == files
+    resumed = train.main(["--resume", str(split)])  # every option comes from the checkpoint
+    assert not (split / ".lock-rank00000").exists()  # the killed holder's file, removed by the run that locked it
 
     first = [r["loss"] for r in _util.read_jsonl(tmp_path / "split" / "metrics.jsonl") if "event" not in r]
     assert first[:3] + resumed.losses == whole.losses

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import FAST, another_process_holding, one_thread  # noqa: F401 (an autouse fixture)
 
 from fastdit import train
 from fastdit.cli import main as cli
@@ -81,6 +81,12 @@ def test_ddp_two_processes_identical_replicas_nan_skip_and_bit_exact_resume(tmp_
 def test_sample_ddp_two_processes(tmp_path):
     ckpt = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")]).checkpoint
     args = ["--ckpt", ckpt, "--num-samples", "5", "--per-proc-batch-size", "2", "--steps", "2", "--seed", "0"]
+    lock = tmp_path / ".two.npz.parts" / ".lock-rank00001"
+    with another_process_holding(lock):  # rank 1 of an earlier run (its torchrun killed), still sampling
+        proc = run2(["-m", "fastdit.cli", "sample-ddp", *args, "--out", str(tmp_path / "two.npz")])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fastdit sample-ddp: error:")]
+    assert proc.returncode != 0 and len(errors) == 2, proc.stdout + proc.stderr  # both ranks stop, neither waits
+    assert all(f"another fastdit process is writing it (it holds {lock})" in line for line in errors)
     proc = run2(["-m", "fastdit.cli", "sample-ddp", *args, "--out", str(tmp_path / "two.npz")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     two = np.load(tmp_path / "two.npz")["arr_0"]
