@@ -10,8 +10,8 @@ Chunk c holds source items [c * chunk_size, (c + 1) * chunk_size); under torchru
 the chunks c = r mod world_size. A chunk file is written atomically, so after a crash the same
 command removes the half-written temporaries, skips the chunks already written and finishes the
 rest; rank 0 then marks the manifest complete. While a run writes DIR, a second one is refused
-(each rank holds a lock file there, DIR/.lock-rankNNNNN). Training reads only complete folders. Unreadable
-images are skipped with a warning naming each, and listed in the manifest.
+(each rank holds a lock file there, DIR/.lock-rankNNNNN). Training reads only complete folders.
+Unreadable images are skipped with a warning naming each, and listed in the manifest.
 """
 
 import bisect

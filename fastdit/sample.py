@@ -85,7 +85,7 @@ def check_grid_fits(loaded, per_class, classes):
     captions = [names[c] if names else c for c in rows] if model.num_classes else ()
     h, w = decoded_size(loaded)
     max_rows, max_per_row = grid_limits(h, w, captions)
-    limit = f"a grid image is at most {MAX_GRID_SIDE:,} pixels a side (JPEG's limit in Pillow)"
+    limit = f"a grid image is at most {MAX_GRID_SIDE:,} pixels a side (libjpeg's limit)"
     if per_class is not None and per_class > max_per_row:
         raise UsageError(f"--per-class {per_class}: at most {max_per_row} for {h}x{w} images: {limit}")
     if classes is not None and len(classes) > max_rows:
@@ -486,7 +486,8 @@ def add_arguments(p):
     p.add_argument(
         "--per-class",
         type=_args.positive,
-        help="samples per class (unconditional models: per row); default 10 for small images, else 4",
+        help="samples per class (unconditional models: per row), at most what keeps the grid within 65,500 "
+        "pixels a side (libjpeg's limit; 818 for the 8x8 digits); default 10 for small images, else 4",
     )
     p.add_argument(
         "--out",

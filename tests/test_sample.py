@@ -292,7 +292,7 @@ def test_a_grid_too_large_to_write_is_refused_before_sampling(ckpt, monkeypatch,
     monkeypatch.setattr(sample, "generate", None)  # sampling would fail with a traceback
     assert cli(["sample", "--ckpt", ckpt, "--per-class", "100000000000"]) == 2
     assert cli(["sample", "--ckpt", ckpt, "--classes", ",".join(["3"] * 819)]) == 2
-    limit = f"a grid image is at most {MAX_GRID_SIDE:,} pixels a side (JPEG's limit in Pillow)"
+    limit = f"a grid image is at most {MAX_GRID_SIDE:,} pixels a side (libjpeg's limit)"
     assert capsys.readouterr().err.splitlines() == [
         f"fastdit sample: error: --per-class 100000000000: at most 818 for 8x8 images: {limit}",
         f"fastdit sample: error: --classes: at most 818 rows of 8x8 images, got 819: {limit}",
