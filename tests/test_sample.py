@@ -122,21 +122,25 @@ def test_sample_ddp_continues_after_a_crash_to_the_same_file(ckpt, tmp_path, mon
 def test_a_second_run_of_the_same_output_is_refused_and_the_first_ones_batches_kept(
     ckpt, tmp_path, monkeypatch, capsys
 ):
-    """A crashed run's batches, then a second command of the output (other settings, which would empty the parts
-    folder) while another process holds the lock: refused, one line, nothing touched. The holder killed (its lock
-    file stays), the first command continues from its batches to the file an uninterrupted run writes."""
+    """A run crashed after its first batch, then a second command of the output (other settings, which would empty
+    the parts folder) while another process holds the lock: refused, one line, nothing touched. The holder killed
+    (its lock file stays), the first command continues from its batches to the file an uninterrupted run writes."""
     args = ["sample-ddp", "--ckpt", ckpt, "--num-samples", "4", "--per-proc-batch-size", "2", "--steps", "2"]
     assert cli(args + ["--out", str(tmp_path / "whole.npz")]) == 0
-    out, save = tmp_path / "split.npz", _parts.Parts.save
+    out, save, parts = tmp_path / "split.npz", _parts.Parts.save, tmp_path / ".split.npz.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text("{}")  # an earlier run of other settings: its batch is cleared away
+    (parts / "rank00000-batch0000003.npz").write_bytes(b"another run's batch")
 
     def save_then_crash(self, batch, images):
         save(self, batch, images)
+        with open(parts / ".lock-rank00000", "ab") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: emptying the folder kept the lock file
         raise KeyboardInterrupt
 
     monkeypatch.setattr(_parts.Parts, "save", save_then_crash)
     assert cli(args + ["--out", str(out)]) == 130
     monkeypatch.setattr(_parts.Parts, "save", save)
-    parts = tmp_path / ".split.npz.parts"
     kept = {p.name: p.read_bytes() for p in parts.iterdir()}
     assert sorted(kept) == ["rank00000-batch0000000.npz", "settings.json"]
     capsys.readouterr()
