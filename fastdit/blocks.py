@@ -19,14 +19,7 @@ LayerNorm (defer_residual) and the two run as one gated_residual_modulate_layer_
 import torch.nn as nn
 
 from . import ops
-from .models import Attention, DiTBlock, FinalLayer, Mlp, _mlp, _norm_after, layer_norm_eps
-
-
-def _affine(norm, name, batch):
-    """(shift, scale, eps), shift and scale (B, D), that make modulate_layer_norm the LayerNorm `norm` with its
-    weight and bias."""
-    eps = layer_norm_eps(norm, name, affine=True)
-    return norm.bias.expand(batch, -1), (norm.weight - 1).expand(batch, -1), eps
+from .models import Attention, DiTBlock, FinalLayer, Mlp, _mlp, _norm_after
 
 
 def _ones(x):
@@ -52,9 +45,8 @@ class AdaLNBlock(DiTBlock):
         if modulation is None:
             modulation = self.adaLN_modulation(c)  # (B, 4D)
         shift_msa, scale_msa, shift_mlp, scale_mlp = modulation.chunk(4, dim=1)
-        x, h = _norm_after(x, pending, shift_msa, scale_msa, layer_norm_eps(self.norm1, "norm1"))  # (B, T, D) each
-        eps = layer_norm_eps(self.norm2, "norm2")
-        x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), _ones(x), shift_mlp, scale_mlp, eps)
+        x, h = _norm_after(x, pending, self.norm1, (shift_msa, scale_msa), keep_x=True)  # (B, T, D) each
+        x, h = _norm_after(x, (self.attn(h), _ones(x)), self.norm2, (shift_mlp, scale_mlp))  # (B, T, D) each
         return _close(x, _mlp(self.mlp, h), defer_residual)
 
 
@@ -100,15 +92,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x, c, pending=None, defer_residual=False, modulation=None):
         """x (B, T, D), c: the conditioning sequence (B, L, D) that cross-attention reads -> x (B, T, D), or
         (x, pending) with defer_residual (see DiTBlock). `modulation` is unused (no adaptive norms)."""
-        B = x.shape[0]
-        x, h = _norm_after(x, pending, *_affine(self.norm1, "norm1", B))  # (B, T, D) each
+        x, h = _norm_after(x, pending, self.norm1, keep_x=True)  # (B, T, D) each
         y = self.attn(h)  # (B, T, D)
         if self.cross_attn is not None:
-            x, h = ops.gated_residual_modulate_layer_norm(x, y, _ones(x), *_affine(self.norm_cross, "norm_cross", B))
+            x, h = _norm_after(x, (y, _ones(x)), self.norm_cross)  # (B, T, D) each
             y = self.cross_attn(h, c)  # (B, T, D)
-        x, h = ops.gated_residual_modulate_layer_norm(  # x: the cross-attention residual, kept by its op
-            x, y, _ones(x), *_affine(self.norm2, "norm2", B), keep_x=self.cross_attn is not None
-        )
+        # x: the cross-attention residual, kept by its op
+        x, h = _norm_after(x, (y, _ones(x)), self.norm2, keep_x=self.cross_attn is not None)  # (B, T, D) each
         return _close(x, _mlp(self.mlp, h), defer_residual)
 
 
@@ -122,7 +112,7 @@ class StandardFinalLayer(nn.Module):
 
     def forward(self, x, c, pending=None, modulation=None):
         """x (B, T, D) -> (B, T, p*p*C); `pending`: the last block's deferred residual."""
-        _, h = _norm_after(x, pending, *_affine(self.norm_final, "norm_final", x.shape[0]))
+        _, h = _norm_after(x, pending, self.norm_final, keep_x=True)  # (B, T, D)
         return self.linear(h)
 
 

@@ -368,9 +368,8 @@ class DiTBlock(nn.Module):
         if modulation is None:
             modulation = self.adaLN_modulation(c)  # (B, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
-        x, h = _norm_after(x, pending, shift_msa, scale_msa, layer_norm_eps(self.norm1, "norm1"))  # (B, T, D) each
-        eps = layer_norm_eps(self.norm2, "norm2")
-        x, h = ops.gated_residual_modulate_layer_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, eps)
+        x, h = _norm_after(x, pending, self.norm1, (shift_msa, scale_msa), keep_x=True)  # (B, T, D) each
+        x, h = _norm_after(x, (self.attn(h), gate_msa), self.norm2, (shift_mlp, scale_mlp))  # (B, T, D) each
         y = _mlp(self.mlp, h)  # (B, T, D)
         if defer_residual:
             return x, (y, gate_mlp)
@@ -418,28 +417,38 @@ def _is_plain_modulation(module):
     )
 
 
-def layer_norm_eps(norm, name, affine=False):
-    """norm's eps, once norm is checked to be the LayerNorm it was built as (parameter-free in the adaptive
-    designs, affine in the others): the fused ops compute the norm themselves, reading only its eps (and an
-    affine one's weight and bias), so another module in its place would be ignored without a word."""
-    if type(norm) is nn.LayerNorm and norm.elementwise_affine == affine and (not affine or norm.bias is not None):
-        return norm.eps
-    raise TypeError(
-        f"{name} is {norm!r}, not the nn.LayerNorm{'' if affine else ' without elementwise_affine'} it was built "
-        "as: fastdit's DiT computes its LayerNorms inside fused kernels, reading only their eps"
-        f"{', weight and bias' if affine else ''}, so it cannot run another norm in their place"
+def _is_plain_norm(norm, affine):
+    """Whether norm is the nn.LayerNorm it was built as (parameter-free in the adaptive designs, affine with a
+    bias in the others) without forward hooks: the fused ops compute such a norm themselves, reading only its
+    eps (and weight and bias), and never call it."""
+    return (
+        type(norm) is nn.LayerNorm
+        and norm.elementwise_affine == affine
+        and (not affine or norm.bias is not None)
+        and not _hooked(norm)
     )
 
 
-def _norm_after(x, pending, shift, scale, eps):
-    """(x', modulate_layer_norm(x', shift, scale)) with x' = x plus the pending gated residual (y, gate), if any.
+def _norm_after(x, residual, norm, modulation=None, keep_x=False):
+    """(x', h): x' = x + gate * y for a residual (y, gate) (x itself for None), h = norm(x'), modulated by
+    modulation = (shift, scale), each (B, D), in the adaptive designs (their norms are parameter-free; the
+    other designs' norms are affine and take none).
 
-    x is the previous block's mid-block residual, which that block's fused op keeps for its backward:
-    keep_x shares it, and this op recomputes its own residual x' there, so each block keeps one
-    fp32 residual stream, not two (4 bytes per channel per token; the backward reads no more)."""
-    if pending is None:
-        return x, ops.modulate_layer_norm(x, shift, scale, eps)
-    return ops.gated_residual_modulate_layer_norm(x, *pending, shift, scale, eps, keep_x=True)
+    One fused op computes both: modulate_layer_norm, or gated_residual_modulate_layer_norm with a residual
+    (an affine norm being modulate with shift b and scale w - 1). With keep_x its backward keeps x and
+    recomputes x', for an x that another op keeps anyway (the previous block's mid-block residual): a block
+    then keeps one fp32 residual stream, not two. A norm that is not as built (another module, another
+    LayerNorm setting, a forward hook) runs itself, unfused, as the official block calls it."""
+    if not _is_plain_norm(norm, affine=modulation is None):
+        if residual is not None:
+            x = ops.gated_residual(x, *residual)
+        h = norm(x)
+        return x, h if modulation is None else modulate(h, *modulation)
+    if modulation is None:  # an affine LayerNorm as modulate_layer_norm, shift and scale (B, D) stride-0 views
+        modulation = norm.bias.expand(x.shape[0], -1), (norm.weight - 1).expand(x.shape[0], -1)
+    if residual is None:
+        return x, ops.modulate_layer_norm(x, *modulation, norm.eps)
+    return ops.gated_residual_modulate_layer_norm(x, *residual, *modulation, norm.eps, keep_x=keep_x)
 
 
 class FinalLayer(nn.Module):
@@ -455,7 +464,7 @@ class FinalLayer(nn.Module):
         if modulation is None:
             modulation = self.adaLN_modulation(c)  # (B, 2D)
         shift, scale = modulation.chunk(2, dim=1)
-        _, h = _norm_after(x, pending, shift, scale, layer_norm_eps(self.norm_final, "norm_final"))
+        _, h = _norm_after(x, pending, self.norm_final, (shift, scale), keep_x=True)  # (B, T, D)
         return self.linear(h)
 
 

@@ -147,29 +147,39 @@ def test_official_block_forward_matches_reference_block():
         torch.testing.assert_close(model.blocks[0](x, c), ref.blocks[0](x, c), rtol=1e-5, atol=1e-6)
 
 
-def test_changed_modules_are_run_or_refused_never_ignored():
-    """The fused forward computes the LayerNorms itself and the patch embedding as one GEMM: a norm's eps is
-    read (the official model's output with eps changed), another norm in its place is refused naming it, and a
-    changed or hooked patch convolution runs itself (the official model's output with it swapped in)."""
-    ref = randomize(small(ReferenceDiT, math_attention=True)).eval()
-    model = small().eval()
-    model.load_state_dict(ref.state_dict())
-    x, t, y = inputs()
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_changed_modules_run_themselves_never_ignored(backend):
+    """The fused forward computes the LayerNorms itself and the patch embedding as one GEMM, without calling
+    those modules: a norm's changed eps is read, and a norm of another kind or setting, a hooked norm and a
+    changed or hooked patch convolution run themselves. Output and every gradient (the changed modules' own
+    parameters among them) against the official model, ReferenceDiT, changed the same way."""
+    ref = small(ReferenceDiT, math_attention=True, class_dropout_prob=0.0)
+    model = small(class_dropout_prob=0.0)
     for m in (model, ref):
-        m.blocks[1].norm2.eps = m.final_layer.norm_final.eps = 0.5
+        m.blocks[1].norm2.eps = 0.5
+        m.blocks[1].norm1 = torch.nn.RMSNorm(64, eps=1e-5)  # another kind, with a weight
+        m.blocks[0].norm2 = torch.nn.LayerNorm(64)  # learned affine where the design has none
+        m.final_layer.norm_final.register_forward_hook(lambda mod, args, out: 2 * out)
         m.x_embedder.proj = torch.nn.Conv2d(4, 64, kernel_size=3, stride=2, padding=1)
-    model.x_embedder.proj.load_state_dict(ref.x_embedder.proj.state_dict())
+    with torch.no_grad():  # the new norms' weights and biases away from 1 and 0
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.load_state_dict(randomize(ref).state_dict())
     seen = []
     model.x_embedder.proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    with ops.use_backend("reference"), torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=1e-5, atol=1e-6)
-        assert seen == [(3, 64, 4, 4)]
-        model.blocks[1].norm1 = torch.nn.RMSNorm(64)
-        with pytest.raises(TypeError, match=r"^norm1 is RMSNorm.*, not the nn.LayerNorm without elementwise_affine"):
-            model(x, t, y)
-        model.blocks[1].norm1 = torch.nn.LayerNorm(64)  # learned affine: its weight and bias would be ignored
-        with pytest.raises(TypeError, match="^norm1 is LayerNorm"):
-            model(x, t, y)
+    x, t, y = inputs()
+    with ops.use_backend(backend):
+        out = model(x, t, y)
+        out.square().mean().backward()
+    want = ref(x, t, y)
+    want.square().mean().backward()
+    assert seen == [(3, 64, 4, 4)]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_training_mode_gradients_match_reference_model():

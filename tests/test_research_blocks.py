@@ -2,6 +2,7 @@
 PyTorch rendering written here from the paper's description (it shares no code with fastdit.models), on the
 reference backend and on the Triton kernels (interpreted on CPU); initialisation; checkpoints; the CLI."""
 
+import copy
 import math
 
 import pytest
@@ -127,18 +128,59 @@ def test_design_matches_the_papers_description(design, poisoned):  # noqa: F811
             assert_close(f"{design} {backend} {name}", g, p, r)
 
 
+class SubclassedLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm in all but type: the fused ops do not compute it, so it runs itself."""
+
+
 @pytest.mark.parametrize(
-    "design, name", [("cross-attention", "norm_cross"), ("in-context", "norm2"), ("adaLN", "norm1")]
+    "design, name",
+    [("adaLN-Zero", "norm2"), ("adaLN", "norm1"), ("cross-attention", "norm_cross"), ("in-context", "norm2")],
 )
-def test_a_replaced_norm_is_refused_by_name(design, name):
-    """The fused ops compute every design's LayerNorms: a norm replaced by one they cannot compute (bias-free
-    where the design has an affine one, affine where it has none) is refused, never ignored."""
-    model = DiT(**TINY, block=design)
-    affine = design != "adaLN"
-    setattr(model.blocks[1], name, torch.nn.LayerNorm(48, bias=not affine))  # bias-free, or affine
-    x, t, y = torch.randn(2, 3, 8, 4), torch.tensor([1, 2]), torch.tensor([0, 4])
-    with pytest.raises(TypeError, match=f"^{name} is LayerNorm"):
-        model(x, t, y)
+def test_a_changed_or_hooked_norm_runs_itself(design, name):
+    """Every design's LayerNorms are computed inside the fused ops, which never call them: a norm that is not as
+    built (here a subclass, with its eps changed) runs itself, unfused, and its hooks fire; output and every
+    gradient as the fused ops give with that eps. A hook that doubles an affine norm's output is a norm with
+    twice its weight and bias."""
+    torch.manual_seed(0)
+    x, t, y = torch.randn(3, 3, 8, 4), torch.tensor([1, 2, 999]), torch.tensor([0, 4, 2])
+    model = DiT(**TINY, block=design, class_dropout_prob=0.0)
+    with torch.no_grad():  # like a trained model: no zero weights, norms away from 1 and 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def run(change):
+        m = copy.deepcopy(model)
+        change(getattr(m.blocks[1], name))
+        out = m(x, t, y)
+        out.square().mean().backward()
+        return [out] + [p.grad for p in m.parameters() if p.requires_grad]
+
+    def eps(norm):
+        norm.eps = 0.5
+
+    calls = []
+
+    def subclassed(norm):
+        norm.__class__ = SubclassedLayerNorm
+        norm.eps = 0.5
+        norm.register_forward_hook(lambda *_: calls.append(1))
+
+    with ops.use_backend("reference"):
+        fused, unfused = run(eps), run(subclassed)
+        assert len(calls) == 1
+        for a, b in zip(fused, unfused):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if design in ("cross-attention", "in-context"):  # affine norms
+
+            def doubled_params(norm):
+                with torch.no_grad():
+                    norm.weight.mul_(2), norm.bias.mul_(2)
+
+            def doubled_output(norm):
+                norm.register_forward_hook(lambda mod, args, out: 2 * out)
+
+            want, got = run(doubled_params), run(doubled_output)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
 def test_initialisation_per_design():
