@@ -196,6 +196,28 @@ def test_training_mode_gradients_match_reference_model():
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_float64_model_matches_the_official_one_in_float64(device):
+    """model.double() (a gradient check, a float64 sampling run) works as the official model's does: output and
+    every gradient equal ReferenceDiT's in float64 to float64 rounding, on the default backend (the kernels
+    compute in float32, so `auto` runs float64 on the reference, and attention on a float64 backend)."""
+    ref = randomize(small(ReferenceDiT, math_attention=True, class_dropout_prob=0.0)).double().to(device)
+    model = small(class_dropout_prob=0.0).double().to(device)
+    model.load_state_dict(ref.state_dict())
+    x, t, y = (a.to(device) for a in inputs())
+    x = x.double()
+    out = model(x, t, y)
+    out.square().mean().backward()
+    want = ref(x, t, y)
+    want.square().mean().backward()
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = randomize(small(class_dropout_prob=0.0))
     x, t, y = inputs()

@@ -66,7 +66,7 @@ BAD_ROW_INPUTS = [
     (lambda x, v: ops.modulate_layer_norm(x[0], v, v), ValueError, "x must be 3-D"),
     (lambda x, v: ops.modulate_layer_norm(x, v[:, :4], v), ValueError, r"shift must have shape \(B, D\) = \(2, 8\)"),
     (lambda x, v: ops.modulate_layer_norm(x, v, v[:1]), ValueError, "scale must have shape"),
-    (lambda x, v: ops.modulate_layer_norm(x.long(), v, v), TypeError, "x must be float32, float16 or bfloat16"),
+    (lambda x, v: ops.modulate_layer_norm(x.long(), v, v), TypeError, "x must be float32, float16, bfloat16 or float64"),
     (lambda x, v: ops.modulate_layer_norm(x, v, "s"), TypeError, "scale must be a torch.Tensor"),
     (lambda x, v: ops.modulate_layer_norm(x, v, v, eps=0), ValueError, "eps must be a positive float"),
     (lambda x, v: ops.modulate_layer_norm(x, v, v, eps=float("inf")), ValueError, "at most float32's max"),
@@ -111,6 +111,49 @@ def test_row_ops_reject_bad_inputs(call, exc, match):
 def test_layout_and_attention_ops_reject_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+FLOAT64_CALLS = {  # op -> a call on float64 inputs (rows, row vectors, an image, q)
+    "modulate_layer_norm": lambda x, v, img, q: ops.modulate_layer_norm(x, v, v, eps=1e-5),
+    "gated_residual": lambda x, v, img, q: ops.gated_residual(x, x.flip(1), v),
+    "gated_residual_modulate_layer_norm": lambda x, v, img, q: ops.gated_residual_modulate_layer_norm(x, x, v, v, v),
+    "patchify": lambda x, v, img, q: ops.patchify(img, 2),
+    "unpatchify": lambda x, v, img, q: ops.unpatchify(ops.patchify(img, 2), 2, 3, grid_size=(2, 3)),
+    "attention": lambda x, v, img, q: ops.attention(q, q.flip(1), q),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT64_CALLS))
+def test_float64_runs_the_reference_in_float64_and_the_kernel_backends_refuse_it(name):
+    """The kernels compute in float32: `auto` runs float64 inputs (a model.double()) on the reference, in
+    float64, on any device; the Triton backend, asked for by name, refuses them naming what to use."""
+    x, v = rows(dtype=torch.float64)
+    args = x, v, torch.randn(2, 3, 4, 6, dtype=torch.float64), torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    call = FLOAT64_CALLS[name]
+    with ops.use_backend("reference"), ops.use_attention_backend("math"):
+        want = call(*args)
+    with ops.use_backend("auto"), ops.use_attention_backend("auto"):
+        got = call(*args)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (want, got))):
+        assert b.dtype == torch.float64 and torch.equal(a, b), name
+    with ops.use_backend("triton"), ops.use_attention_backend("triton"):
+        with pytest.raises((TypeError, ops.BackendUnavailable), match="float64"):
+            call(*args)
+    with ops.use_backend("triton"):  # one float64 input among float32 ones is refused too
+        with pytest.raises(TypeError, match="x or another input is float64, which the triton backend"):
+            ops.gated_residual(x.float(), x.float(), v)
+
+
+def test_auto_routes_float64_to_the_reference_where_it_would_run_the_kernels(monkeypatch):
+    """On CUDA tensors `auto` runs the kernels; float64 among the inputs takes the reference instead."""
+    from fastdit.ops import _triton_utils
+
+    monkeypatch.setattr(_triton_utils, "resolve", lambda device, name: "triton")  # as for a CUDA tensor
+    x, v = rows()
+    with ops.use_backend("auto"):
+        assert _triton_utils.implementation("x", x, v) == "triton"
+        assert _triton_utils.implementation("x", x, v.double()) == "reference"
+        assert _triton_utils.implementation("x", x.double()) == "reference"
 
 
 def test_reference_backend_hands_the_reference_every_argument(monkeypatch):

@@ -93,11 +93,14 @@ class Backend:
     cuda_only: bool = False
     cuda_half_only: bool = False  # on CUDA, float16 / bfloat16 inputs only
     max_head_dim: int | None = None
+    float64: bool = True  # takes float64 inputs
     run_packed: Callable | None = None  # (qkv (B, T, 3, H, Dh), deterministic) -> o, one packed gradient
 
 
 BACKENDS = {
-    "triton": Backend(_triton, ("triton",), "pip install triton", max_head_dim=256, run_packed=_triton_packed),
+    "triton": Backend(
+        _triton, ("triton",), "pip install triton", max_head_dim=256, float64=False, run_packed=_triton_packed
+    ),
     "flash_attn": Backend(
         _flash_attn,
         ("flash_attn", "flash_attn_interface"),
@@ -132,6 +135,8 @@ def unavailable(name, q):
         return f"runs on CUDA tensors only; the inputs are on {q.device}"
     if b.cuda_half_only and q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
         return f"takes float16 or bfloat16 CUDA tensors only; the inputs are {q.dtype}"
+    if not b.float64 and q.dtype == torch.float64:
+        return "takes float32, float16 or bfloat16 tensors (it computes in float32); the inputs are float64"
     if b.max_head_dim is not None and q.shape[-1] > b.max_head_dim:
         return f"takes head dims up to {b.max_head_dim}; got {q.shape[-1]}"
     return None

@@ -4,15 +4,16 @@ import torch
 
 from .._validate import check_positive_int
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the reference backend only (the kernels compute in float32): see implementation().
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_tensor(name, t, ndim, shape_doc):
-    """`t` is a float32/float16/bfloat16 tensor with `ndim` dimensions (`shape_doc` names them)."""
+    """`t` is a float32/float16/bfloat16/float64 tensor with `ndim` dimensions (`shape_doc` names them)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {shape_doc}, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {shape_doc}, got shape {tuple(t.shape)}")
 

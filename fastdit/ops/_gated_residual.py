@@ -56,7 +56,7 @@ def gated_residual(x, y, gate):
     """x + gate[:, None] * y; x, y (B, T, D), gate (B, D)."""
     check_rows(x, "x", {"gate": gate})
     check_like("y", y, x)
-    impl = implementation("x", x)
+    impl = implementation("x", x, y, gate)
     if impl == "reference":
         return reference.gated_residual(x, y, gate)
     kernels(impl, _rows).check_width(x.shape[-1])

@@ -95,7 +95,7 @@ def gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps=1e-6, *, ke
     check_eps(eps)
     if not isinstance(keep_x, bool):
         raise TypeError(f"keep_x must be True or False, got {keep_x!r}")
-    impl = implementation("x", x)
+    impl = implementation("x", x, y, gate, shift, scale)
     if impl == "reference":
         return reference.gated_residual_modulate_layer_norm(x, y, gate, shift, scale, eps)
     kernels(impl, _rows).check_width(x.shape[-1])

@@ -65,7 +65,7 @@ def modulate_layer_norm(x, shift, scale, eps=1e-6):
     """
     check_rows(x, "x", {"shift": shift, "scale": scale})
     check_eps(eps)
-    impl = implementation("x", x)
+    impl = implementation("x", x, shift, scale)
     if impl == "reference":
         return reference.modulate_layer_norm(x, shift, scale, eps)
     kernels(impl, _rows).check_width(x.shape[-1])

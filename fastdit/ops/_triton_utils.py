@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ._dispatch import resolve
+from ._dispatch import get_backend, resolve
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -85,10 +85,20 @@ def offset64(i, stride_i, j, stride_j):
     return i.to(tl.int64) * stride_i + j.to(tl.int64) * stride_j
 
 
-def implementation(name, t):
-    """What an op runs on its input `name` = t: 'reference', 'triton' or 'cuda' (raising where the
-    kernels cannot run there). The custom ops take it as their `impl` argument."""
+def implementation(name, t, *others):
+    """What an op runs on its input `name` = t and its other inputs: 'reference', 'triton' or 'cuda'
+    (raising where the kernels cannot run there). The custom ops take it as their `impl` argument.
+
+    The kernels compute in float32: float64 inputs (a model.double(), say, for a gradient check) run the
+    reference, in float64, under `auto`; the kernel backends, asked for by name, refuse them."""
     impl = resolve(t.device, name)
+    if impl != "reference" and any(u.dtype == torch.float64 for u in (t, *others)):
+        if get_backend() == "auto":
+            return "reference"
+        raise TypeError(
+            f"{name} or another input is float64, which the {impl} backend's kernels do not take (they compute "
+            "in float32): float64 runs on the reference backend, which `auto` picks for it"
+        )
     if impl == "triton":
         check_device(name, t)
     return impl
