@@ -253,6 +253,11 @@ def test_public_api():
         create_diffusion("10", diffusion_steps=100),
     )
     assert numpy_steps.timestep_map == int_steps.timestep_map and np.array_equal(numpy_steps.betas, int_steps.betas)
+    # DiT's private helper, which code built on DiT imports
+    t = torch.tensor([3, 0, 7])
+    got = gd._extract_into_tensor(diffusion.sqrt_alphas_cumprod, t, (3, 2, 4, 4))
+    want = torch.tensor(diffusion.sqrt_alphas_cumprod[[3, 0, 7]], dtype=torch.float32)
+    assert got.shape == (3, 2, 4, 4) and got.is_contiguous() and torch.equal(got, want.view(3, 1, 1, 1).expand(3, 2, 4, 4))
 
 
 def test_vb_term_trains_only_the_variance():

@@ -28,6 +28,14 @@ def mean_flat(tensor):
     return tensor.mean(dim=list(range(1, len(tensor.shape))))
 
 
+def _extract_into_tensor(arr, timesteps, broadcast_shape):
+    """DiT's module-level helper, for code that imports it: the numpy array arr (float64) at `timesteps`,
+    cast to float32 and broadcast to broadcast_shape as a new tensor on timesteps' device."""
+    values = torch.from_numpy(arr).to(timesteps.device)[timesteps].float()  # (B,)
+    values = values.reshape(*values.shape, *[1] * (len(broadcast_shape) - values.dim()))  # (B, 1, ...)
+    return values.expand(torch.broadcast_shapes(values.shape, broadcast_shape)).contiguous()
+
+
 class ModelMeanType(enum.Enum):
     """What the model's (first C) output channels predict."""
 
