@@ -257,7 +257,8 @@ def test_public_api():
     t = torch.tensor([3, 0, 7])
     got = gd._extract_into_tensor(diffusion.sqrt_alphas_cumprod, t, (3, 2, 4, 4))
     want = torch.tensor(diffusion.sqrt_alphas_cumprod[[3, 0, 7]], dtype=torch.float32)
-    assert got.shape == (3, 2, 4, 4) and got.is_contiguous() and torch.equal(got, want.view(3, 1, 1, 1).expand(3, 2, 4, 4))
+    assert got.shape == (3, 2, 4, 4) and got.is_contiguous()
+    assert torch.equal(got, want.view(3, 1, 1, 1).expand(3, 2, 4, 4))
 
 
 def test_vb_term_trains_only_the_variance():
