@@ -101,12 +101,24 @@ def _check_config(
 
 
 def _hooked(*modules):
-    """Whether any of the modules has forward hooks, which a fused path that skips calling it would skip too.
-    (A loop, not any() over a generator: this runs a few times per block and forward.)"""
+    """Whether any of the modules has forward hooks, which a fused path that skips calling it, or changes what
+    it returns, would not honour. FSDP2's hooks (fully_shard hooks every unit it shards) are not counted:
+    they gather and free the parameters around any forward. (Loops, not any() over generators: this runs a
+    few times per block and forward.)"""
     for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return True
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for hook in hooks.values():
+                if not type(getattr(hook, "__self__", hook)).__module__.startswith("torch.distributed.fsdp"):
+                    return True
     return False
+
+
+def _settled(module, x, pending):
+    """(x, pending) for a call of module (a block or the final layer): as they are, or for a hooked module,
+    with the pending residual applied (x + gate * y, one op) so that its hooks see the official input."""
+    if pending is None or not _hooked(module):
+        return x, pending
+    return ops.gated_residual(x, *pending), None  # (N, T, D), nothing pending
 
 
 class PatchEmbed(nn.Module):
@@ -668,21 +680,31 @@ class DiT(nn.Module):
         *mods, final_mod = self._modulations(c)  # (N, 6D) per block, (N, 2D); or None each
         pending = None  # each block's closing residual, applied fused into the next LayerNorm+modulate
         for block, mod in zip(self.blocks, mods):
-            x, pending = self._block(block, x, c, pending, mod)  # (N, T, D), ((N, T, D), (N, D))
+            x, pending = self._block(block, x, c, pending, mod)  # (N, T, D), ((N, T, D), (N, D)) or None
         if self.block == "in-context":  # the conditioning tokens leave before the final layer
-            x, pending = x[:, :T], (pending[0][:, :T], pending[1])
-        x = self.final_layer(x, c, pending, modulation=final_mod)  # (N, T, p*p*out_channels)
+            x, pending = x[:, :T], pending and (pending[0][:, :T], pending[1])
+        x, pending = _settled(self.final_layer, x, pending)
+        x = self.final_layer(x, c, pending=pending, modulation=final_mod)  # (N, T, p*p*out_channels)
         return self.unpatchify(x, grid)  # (N, out_channels, H, W)
 
     def _block(self, block, x, c, pending, modulation):
+        """block's (x, pending): its closing residual left to the next LayerNorm (see DiTBlock), or, for a block
+        with forward hooks, applied (pending None), the block called as the official one is: its hooks see
+        its input x and c, and its output, which they may replace."""
+        x, pending = _settled(block, x, pending)
+        hooked = pending is None and _hooked(block)
+        kwargs = dict(modulation=modulation)
+        if not hooked:
+            kwargs.update(pending=pending, defer_residual=True)
         mode = self.gradient_checkpointing if torch.is_grad_enabled() else False
         if not mode:
-            return block(x, c, pending, True, modulation)
-        if mode == "full":
-            return checkpoint(block, x, c, pending, True, modulation, use_reentrant=False)
-        # The partial is built here, not kept in a global: torch.compile traces only an inline one.
-        context = partial(create_selective_checkpoint_contexts, _keep_gemm_and_attention)
-        return checkpoint(block, x, c, pending, True, modulation, use_reentrant=False, context_fn=context)
+            out = block(x, c, **kwargs)
+        elif mode == "full":
+            out = checkpoint(block, x, c, use_reentrant=False, **kwargs)
+        else:  # the partial is built here, not kept in a global: torch.compile traces only an inline one
+            context = partial(create_selective_checkpoint_contexts, _keep_gemm_and_attention)
+            out = checkpoint(block, x, c, use_reentrant=False, context_fn=context, **kwargs)
+        return (out, None) if hooked else out
 
     def _modulations(self, c):
         """adaLN_modulation(c) of every block and of the final layer from one GEMM: c (N, D) -> [(N, 6D)] * depth

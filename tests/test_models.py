@@ -196,6 +196,60 @@ def test_training_mode_gradients_match_reference_model():
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("mode", [False, "full", "selective"])
+def test_hooks_on_blocks_and_the_final_layer_see_and_change_what_they_do_in_the_official_model(mode):
+    """Each block leaves its closing residual to the next LayerNorm, returning (x, pending): a hooked block or
+    final layer gets the official input and returns the official output instead, so hooks that read features
+    (REPA-style alignment, probes) or replace them see and do what they do on ReferenceDiT. Output, captures
+    and every gradient against it, with and without gradient checkpointing."""
+    ref = randomize(small(ReferenceDiT, math_attention=True, class_dropout_prob=0.0, depth=3))
+    model = small(class_dropout_prob=0.0, depth=3)
+    model.load_state_dict(ref.state_dict())
+    model.set_gradient_checkpointing(mode)
+    seen = {}
+    for name, m in (("ours", model), ("ref", ref)):
+        m.blocks[1].register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__((name, "in"), args))
+        m.blocks[1].register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__((name, "out"), out))
+        m.blocks[0].register_forward_hook(lambda mod, args, out: 0.5 * out)  # a hook that replaces the output
+        m.final_layer.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__((name, "final"), args))
+    x, t, y = inputs()
+    with ops.use_backend("reference"):
+        out = model(x, t, y)
+        out.square().mean().backward()
+    want = ref(x, t, y)
+    want.square().mean().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    ours_in, ref_in = seen["ours", "in"], seen["ref", "in"]
+    assert len(ours_in) == len(ref_in) == 2  # (x, c), as the official block is called
+    for got, expected in (
+        (ours_in, ref_in),
+        (seen["ours", "out"], seen["ref", "out"]),
+        (seen["ours", "final"][:2], seen["ref", "final"]),
+    ):
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, expected))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fsdp_hooks_do_not_count_as_hooks():
+    """fully_shard hooks every block it shards; those hooks take any output, so the fused chain stays on."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = small()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(model.blocks[0])
+        assert model.blocks[0]._forward_pre_hooks and not models._hooked(model.blocks[0])
+        model.blocks[0].register_forward_hook(lambda *_: None)
+        assert models._hooked(model.blocks[0])
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_float64_model_matches_the_official_one_in_float64(device):
     """model.double() (a gradient check, a float64 sampling run) works as the official model's does: output and

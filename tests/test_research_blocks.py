@@ -183,6 +183,33 @@ def test_a_changed_or_hooked_norm_runs_itself(design, name):
             torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [0, -1], ids=["first", "last"])
+@pytest.mark.parametrize("design", BLOCKS)
+def test_a_hooked_block_sees_its_input_and_output_in_every_design(design, block):
+    """A hooked block is called as in an unfused model: its hooks see (x, c) and its output, the (B, T, D)
+    hidden state (in-context: T + 2 tokens), and the model's output and gradients do not change; so with a
+    hooked final layer, after a block that left its residual pending or after a hooked one."""
+    x, t, y = torch.randn(3, 3, 8, 4), torch.tensor([1, 2, 999]), torch.tensor([0, 4, 2])
+    model = DiT(**TINY, block=design, class_dropout_prob=0.0)
+    with torch.no_grad():  # like a trained model: no zero weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def run(m):
+        with ops.use_backend("reference"):
+            out = m(x, t, y)
+            out.square().mean().backward()
+        return [out] + [p.grad for p in m.parameters() if p.requires_grad]
+
+    hooked, seen = copy.deepcopy(model), []
+    hooked.blocks[block].register_forward_hook(lambda mod, args, out: seen.append((len(args), out.shape)))
+    hooked.final_layer.register_forward_pre_hook(lambda mod, args: seen.append((len(args), args[0].shape)))
+    for a, b in zip(run(model), run(hooked)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    tokens = 8 + 2 * (design == "in-context")
+    assert seen == [(2, (3, tokens, 48)), (2, (3, 8, 48))]
+
+
 def test_initialisation_per_design():
     """adaLN-Zero: every block the identity (zero modulation); adaLN: its modulation initialised like any linear
     layer; the standard designs: LayerNorm weight 1, bias 0. Every design starts with the output layer at zero."""
