@@ -24,6 +24,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -886,6 +887,11 @@ class Trainer:
         the embedders and final layer the root unit. The EMA copy is sharded the same way."""
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        # A block returns its output with its closing residual still to apply (DiTBlock's defer_residual): the
+        # GEMM's (B, T, D) output, a view, and a chunk of the modulation. FSDP2 warns that an in-place op on a
+        # view returned by a unit would skip its backward hook; the next block's fused op reads them, never
+        # writing them.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Block\) returned a view tensor")
         for module in (self.raw, self.ema):
             for block in module.blocks:
                 fully_shard(block)
