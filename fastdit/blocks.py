@@ -19,7 +19,7 @@ LayerNorm (defer_residual) and the two run as one gated_residual_modulate_layer_
 import torch.nn as nn
 
 from . import ops
-from .models import Attention, DiTBlock, FinalLayer, Mlp, _mlp, _norm_after
+from .models import Attention, DiTBlock, FinalLayer, Mlp, _mlp, _norm_after, takes_pending
 
 
 def _ones(x):
@@ -40,6 +40,7 @@ class AdaLNBlock(DiTBlock):
         super().__init__(hidden_size, num_heads, mlp_ratio)
         self.adaLN_modulation[-1] = nn.Linear(hidden_size, 4 * hidden_size, bias=True)
 
+    @takes_pending
     def forward(self, x, c, pending=None, defer_residual=False, modulation=None):
         """x (B, T, D), c (B, D) -> x (B, T, D), or (x, pending) with defer_residual (see DiTBlock)."""
         if modulation is None:
@@ -89,6 +90,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
+    @takes_pending
     def forward(self, x, c, pending=None, defer_residual=False, modulation=None):
         """x (B, T, D), c: the conditioning sequence (B, L, D) that cross-attention reads -> x (B, T, D), or
         (x, pending) with defer_residual (see DiTBlock). `modulation` is unused (no adaptive norms)."""
@@ -110,6 +112,7 @@ class StandardFinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
 
+    @takes_pending
     def forward(self, x, c, pending=None, modulation=None):
         """x (B, T, D) -> (B, T, p*p*C); `pending`: the last block's deferred residual."""
         _, h = _norm_after(x, pending, self.norm_final, keep_x=True)  # (B, T, D)

@@ -113,12 +113,29 @@ def _hooked(*modules):
     return False
 
 
-def _settled(module, x, pending):
-    """(x, pending) for a call of module (a block or the final layer): as they are, or for a hooked module,
-    with the pending residual applied (x + gate * y, one op) so that its hooks see the official input."""
-    if pending is None or not _hooked(module):
-        return x, pending
-    return ops.gated_residual(x, *pending), None  # (N, T, D), nothing pending
+def takes_pending(forward):
+    """Marks the forward of a block or final layer that takes the previous block's closing residual as `pending`
+    (and a block, `defer_residual`), and its adaLN `modulation` if computed already: see DiTBlock.forward."""
+    forward.takes_pending = True
+    return forward
+
+
+def _chains(module):
+    """Whether module takes part in the fused chain: its forward is marked takes_pending (not a subclass's
+    override, not another kind of module's)."""
+    return getattr(type(module).forward, "takes_pending", False)
+
+
+def _fuses(module):
+    """Whether DiT.forward chains module (a block or the final layer) fused: it takes `pending` and has no forward
+    hooks. Otherwise it is called as the official model calls it, module(x, c), its input's residual applied
+    first (_applied)."""
+    return _chains(module) and not _hooked(module)
+
+
+def _applied(x, pending):
+    """x with a pending residual (y, gate) applied: x + gate * y (N, T, D), one op."""
+    return x if pending is None else ops.gated_residual(x, *pending)
 
 
 class PatchEmbed(nn.Module):
@@ -368,6 +385,7 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
+    @takes_pending
     def forward(self, x, c, pending=None, defer_residual=False, modulation=None):
         """x (B, T, D), c (B, D) -> x (B, T, D): the official block.
 
@@ -470,6 +488,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
+    @takes_pending
     def forward(self, x, c, pending=None, modulation=None):
         """x (B, T, D), c (B, D) -> (B, T, p*p*C); `pending`: a block's deferred residual, `modulation`:
         adaLN_modulation(c) (B, 2D) if already computed (see DiTBlock)."""
@@ -683,19 +702,22 @@ class DiT(nn.Module):
             x, pending = self._block(block, x, c, pending, mod)  # (N, T, D), ((N, T, D), (N, D)) or None
         if self.block == "in-context":  # the conditioning tokens leave before the final layer
             x, pending = x[:, :T], pending and (pending[0][:, :T], pending[1])
-        x, pending = _settled(self.final_layer, x, pending)
-        x = self.final_layer(x, c, pending=pending, modulation=final_mod)  # (N, T, p*p*out_channels)
+        if _fuses(self.final_layer):
+            x = self.final_layer(x, c, pending=pending, modulation=final_mod)  # (N, T, p*p*out_channels)
+        else:
+            x = self.final_layer(_applied(x, pending), c)  # (N, T, p*p*out_channels)
         return self.unpatchify(x, grid)  # (N, out_channels, H, W)
 
     def _block(self, block, x, c, pending, modulation):
-        """block's (x, pending): its closing residual left to the next LayerNorm (see DiTBlock), or, for a block
-        with forward hooks, applied (pending None), the block called as the official one is: its hooks see
-        its input x and c, and its output, which they may replace."""
-        x, pending = _settled(block, x, pending)
-        hooked = pending is None and _hooked(block)
-        kwargs = dict(modulation=modulation)
-        if not hooked:
-            kwargs.update(pending=pending, defer_residual=True)
+        """block's (x, pending): its closing residual left to the next LayerNorm (see DiTBlock), or for a block
+        not chained fused (_fuses: one with forward hooks, or of another kind) applied, pending None: the block
+        is called as the official one is, block(x, c), and its hooks see its input and its output, the
+        (N, T, D) hidden state, which they may replace."""
+        fused = _fuses(block)
+        if fused:
+            kwargs = dict(pending=pending, defer_residual=True, modulation=modulation)
+        else:
+            x, kwargs = _applied(x, pending), {}
         mode = self.gradient_checkpointing if torch.is_grad_enabled() else False
         if not mode:
             out = block(x, c, **kwargs)
@@ -704,7 +726,7 @@ class DiT(nn.Module):
         else:  # the partial is built here, not kept in a global: torch.compile traces only an inline one
             context = partial(create_selective_checkpoint_contexts, _keep_gemm_and_attention)
             out = checkpoint(block, x, c, use_reentrant=False, context_fn=context, **kwargs)
-        return (out, None) if hooked else out
+        return out if fused else (out, None)
 
     def _modulations(self, c):
         """adaLN_modulation(c) of every block and of the final layer from one GEMM: c (N, D) -> [(N, 6D)] * depth
@@ -726,7 +748,8 @@ class DiT(nn.Module):
         """
         if self.block not in ADAPTIVE:  # cross-attention, in-context: no adaptive norms, nothing to compute
             return [None] * (len(self.blocks) + 1)
-        modules = [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation]
+        # None for a block or final layer of another kind, which computes its own: then every layer does
+        modules = [m.adaLN_modulation if _chains(m) else None for m in (*self.blocks, self.final_layer)]
         if not self.adaln_one_gemm or not all(map(_is_plain_modulation, modules)) or is_dtensor(modules[0][-1].weight):
             return [None] * len(modules)
         layers = [module[-1] for module in modules]

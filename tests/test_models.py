@@ -1,6 +1,7 @@
 """The DiT backbone against the facebookresearch/DiT contract: keys, shapes, init, forward, CFG, and
 against the official model's own numbers (tests/model_golden.py) and the independent ReferenceDiT."""
 
+import copy
 import subprocess
 import sys
 
@@ -228,6 +229,38 @@ def test_hooks_on_blocks_and_the_final_layer_see_and_change_what_they_do_in_the_
     ):
         for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, expected))):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class ScaledBlock(models.DiTBlock):
+    """A research change to the block: its forward overridden, with the official signature."""
+
+    def forward(self, x, c):
+        return 0.5 * super().forward(x, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_blocks_and_final_layers_of_another_kind_run_as_the_official_model_calls_them(backend):
+    """A block or final layer swapped for another kind of module (here the official ones, from ReferenceDiT, and
+    a DiTBlock subclass that overrides forward) is called as module(x, c) with its input's residual applied,
+    the others keep their fused chain: output and every gradient against ReferenceDiT changed the same way."""
+    ref = randomize(small(ReferenceDiT, math_attention=True, class_dropout_prob=0.0, depth=4))
+    model = small(class_dropout_prob=0.0, depth=4)
+    model.load_state_dict(ref.state_dict())
+    model.blocks[1], model.final_layer = copy.deepcopy(ref.blocks[1]), copy.deepcopy(ref.final_layer)
+    model.blocks[2].__class__ = ScaledBlock
+    ref_forward = ref.blocks[2].forward
+    ref.blocks[2].forward = lambda x, c: 0.5 * ref_forward(x, c)
+    x, t, y = inputs()
+    with ops.use_backend(backend):
+        out = model(x, t, y)
+        out.square().mean().backward()
+    want = ref(x, t, y)
+    want.square().mean().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         if p.requires_grad:
