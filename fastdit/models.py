@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import _validate, ops
-from ._dist import is_dtensor
 from ._validate import check_positive_int
 
 # The DiT paper's block designs (its §3.2 and Figure 5): DiT(block=...). adaLN-Zero is DiT's own
@@ -113,6 +112,16 @@ def _hooked(*modules):
     return False
 
 
+def _plain_parameters(*modules):
+    """Whether the modules' parameters are plain nn.Parameters, which fused paths may read, concatenate and cast:
+    not quantized weights (torchao's are tensor subclasses), nor FSDP2's sharded DTensors."""
+    for m in modules:
+        for p in m._parameters.values():
+            if p is not None and type(p) is not nn.Parameter:
+                return False
+    return True
+
+
 def takes_pending(forward):
     """Marks the forward of a block or final layer that takes the previous block's closing residual as `pending`
     (and a block, `defer_residual`), and its adaLN `modulation` if computed already: see DiTBlock.forward."""
@@ -170,6 +179,7 @@ class PatchEmbed(nn.Module):
             and proj.dilation == (1, 1)
             and proj.groups == 1
             and not _hooked(proj)
+            and _plain_parameters(proj)
         )
 
 
@@ -313,6 +323,7 @@ def _is_plain(mlp):
         and type(act) is nn.GELU
         and act.approximate == "tanh"
         and not _hooked(mlp, fc1, act, fc2)
+        and _plain_parameters(fc1, fc2)
     )
 
 
@@ -444,6 +455,7 @@ def _is_plain_modulation(module):
         and type(linear) is nn.Linear
         and linear.bias is not None
         and not _hooked(module, act, linear)
+        and _plain_parameters(linear)
     )
 
 
@@ -456,6 +468,7 @@ def _is_plain_norm(norm, affine):
         and norm.elementwise_affine == affine
         and (not affine or norm.bias is not None)
         and not _hooked(norm)
+        and _plain_parameters(norm)
     )
 
 
@@ -750,7 +763,7 @@ class DiT(nn.Module):
             return [None] * (len(self.blocks) + 1)
         # None for a block or final layer of another kind, which computes its own: then every layer does
         modules = [m.adaLN_modulation if _chains(m) else None for m in (*self.blocks, self.final_layer)]
-        if not self.adaln_one_gemm or not all(map(_is_plain_modulation, modules)) or is_dtensor(modules[0][-1].weight):
+        if not self.adaln_one_gemm or not all(map(_is_plain_modulation, modules)):  # (FSDP2-sharded ones too)
             return [None] * len(modules)
         layers = [module[-1] for module in modules]
         dtype = _gemm_dtype(layers[0].weight)

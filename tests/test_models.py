@@ -267,6 +267,41 @@ def test_blocks_and_final_layers_of_another_kind_run_as_the_official_model_calls
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+class LoggedTensor(torch.Tensor):
+    """A weight of another tensor type, as quantized ones are (torchao's): logs the functions that read it."""
+
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func.__name__ in ("__get__", "detach", "requires_grad_"):  # attributes; what nn.Parameter() calls
+            return super().__torch_function__(func, types, args, kwargs)
+        cls.seen.append(func)
+        with torch._C.DisableTorchFunctionSubclass():  # plain tensors out
+            return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "sampling"])
+def test_weights_of_another_tensor_type_are_left_to_their_modules(grad):
+    """Fused paths read, concatenate and cast the weights of the MLP, the adaLN modulation, the patch convolution:
+    a weight that is not a plain nn.Parameter (a quantized one: torchao's quantize_ made the one-GEMM modulation
+    fail in torch.cat) leaves the work to its module, whose F.linear or conv2d it then meets, and to nothing else."""
+    torch.manual_seed(0)
+    model = randomize(small(class_dropout_prob=0.0)).train(grad)
+    x, t, y = inputs()
+    want = model(x, t, y)
+    layers = [model.x_embedder.proj] + [
+        layer for b in model.blocks for layer in (b.mlp.fc1, b.mlp.fc2, b.adaLN_modulation[1])
+    ]
+    for layer in layers:
+        layer.weight = torch.nn.Parameter(layer.weight.detach().as_subclass(LoggedTensor))
+    LoggedTensor.seen.clear()
+    with torch.set_grad_enabled(grad):
+        got = model(x, t, y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert set(LoggedTensor.seen) == {torch.nn.functional.linear, torch.nn.functional.conv2d}, set(LoggedTensor.seen)
+
+
 def test_fsdp_hooks_do_not_count_as_hooks():
     """fully_shard hooks every block it shards; those hooks take any output, so the fused chain stays on."""
     import torch.distributed as dist
