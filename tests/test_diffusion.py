@@ -259,6 +259,9 @@ def test_public_api():
     want = torch.tensor(diffusion.sqrt_alphas_cumprod[[3, 0, 7]], dtype=torch.float32)
     assert got.shape == (3, 2, 4, 4) and got.is_contiguous()
     assert torch.equal(got, want.view(3, 1, 1, 1).expand(3, 2, 4, 4))
+    with CASES.default_dtype(torch.float64):  # DiT adds torch.zeros of the default dtype: float64 values
+        got = gd._extract_into_tensor(diffusion.sqrt_alphas_cumprod, t, (3, 2, 4, 4))
+    assert got.dtype == torch.float64 and torch.equal(got, want.double().view(3, 1, 1, 1).expand(3, 2, 4, 4))
 
 
 def test_vb_term_trains_only_the_variance():

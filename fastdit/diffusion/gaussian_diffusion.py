@@ -28,10 +28,18 @@ def mean_flat(tensor):
     return tensor.mean(dim=list(range(1, len(tensor.shape))))
 
 
+def _coefficient_dtype():
+    """The dtype of a gathered coefficient: DiT adds its float32 values to torch.zeros(shape), of the default
+    dtype, so under torch.set_default_dtype(torch.float64) the (float32-rounded) values are float64 and
+    the arithmetic on them too."""
+    return torch.promote_types(torch.float32, torch.get_default_dtype())
+
+
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
     """DiT's module-level helper, for code that imports it: the numpy array arr (float64) at `timesteps`,
-    cast to float32 and broadcast to broadcast_shape as a new tensor on timesteps' device."""
-    values = torch.from_numpy(arr).to(timesteps.device)[timesteps].float()  # (B,)
+    rounded to float32 and broadcast to broadcast_shape as a new tensor (see _coefficient_dtype) on
+    timesteps' device."""
+    values = torch.from_numpy(arr).to(timesteps.device)[timesteps].float().to(_coefficient_dtype())  # (B,)
     values = values.reshape(*values.shape, *[1] * (len(broadcast_shape) - values.dim()))  # (B, 1, ...)
     return values.expand(torch.broadcast_shapes(values.shape, broadcast_shape)).contiguous()
 
@@ -175,17 +183,19 @@ class GaussianDiffusion:
     # Schedule lookup
 
     def _extract(self, name, t, shape):
-        """The float32 table `name` at timesteps t, broadcast to `shape` (B, ...) as a contiguous tensor.
+        """The table `name` rounded to float32 at timesteps t, broadcast to `shape` (B, ...) as a contiguous
+        tensor of _coefficient_dtype() (float32 unless the default dtype is float64).
 
         Equals DiT's _extract_into_tensor (float64 gather, .float(), broadcast to a new tensor); the
-        float32 copy of each table is made once per device. Not a broadcast view: an operand's layout
-        decides its result's layout, a sample's layout the order of the next step's torch.randn_like
-        draws, and a reduction's layout its rounding; with DiT's layouts, DiT's samples.
+        rounded copy of each table is made once per device and dtype. Not a broadcast view: an operand's
+        layout decides its result's layout, a sample's layout the order of the next step's
+        torch.randn_like draws, and a reduction's layout its rounding; with DiT's layouts, DiT's samples.
         """
-        key = (name, t.device)
+        dtype = _coefficient_dtype()
+        key = (name, t.device, dtype)
         table = self._device_tables.get(key)
         if table is None:
-            table = torch.from_numpy(getattr(self, name)).to(device=t.device, dtype=torch.float32)
+            table = torch.from_numpy(getattr(self, name)).to(device=t.device, dtype=torch.float32).to(dtype)
             self._device_tables[key] = table
         return table[t].view(-1, *([1] * (len(shape) - 1))).expand(shape).contiguous()
 

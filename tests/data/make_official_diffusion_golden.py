@@ -16,6 +16,7 @@ order of torch.randn draws (initial noise, then one draw per step) is part of wh
 """
 
 import argparse
+import contextlib
 import importlib
 import math
 import sys
@@ -100,13 +101,35 @@ def _sampling_case(
         y = torch.tensor([1, 3])
         torch.manual_seed(2024)
         noise = None
-        if dtype != torch.float32 or noise_format is not None:
+        if dtype != torch.get_default_dtype() or noise_format is not None:
             noise = torch.randn(2, C, H, W, dtype=dtype).contiguous(
                 memory_format=noise_format or torch.contiguous_format
             )
         sample = getattr(diffusion, loop)(model, (2, C, H, W), noise=noise, model_kwargs=dict(y=y), **loop_kwargs)
         # What the generator draws next proves the sampler drew exactly as many numbers.
         return {"sample": sample, "next_draw": torch.randn(4)}
+
+    return run
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch.set_default_dtype(dtype) inside the block, restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _under_default_float64(case):
+    """`case` run under torch.set_default_dtype(torch.float64). DiT's coefficient tensors are the float32
+    values plus torch.zeros of the default dtype: float64 there, so float32 inputs give float64 results."""
+
+    def run(create_diffusion):
+        with default_dtype(torch.float64):
+            return case(create_diffusion)
 
     return run
 
@@ -185,6 +208,11 @@ CASES = {
     ),
     "ddpm_xstart_output_channels_last": _sampling_case(
         dict(timestep_respacing="10", predict_xstart=True), output_format=torch.channels_last
+    ),
+    # under torch.set_default_dtype(torch.float64), with float32 data
+    "train_hybrid_default_float64": _under_default_float64(_training_case(_ALL)),
+    "ddim_eta05_default_float64": _under_default_float64(
+        _sampling_case(dict(timestep_respacing="ddim10"), loop="ddim_sample_loop", eta=0.5, dtype=torch.float32)
     ),
     "ddim_reverse": _ddim_reverse_case,
     "calc_bpd_loop": _bpd_case,
