@@ -183,7 +183,7 @@ def info(args):
     training FLOPs per image that MFU uses (6 x the paper's Gflops: 2 FLOPs per multiply-add, backward = 2 forwards)."""
     import json
 
-    from ._registry import MODELS
+    from ._registry import MODELS, check_input_fits
 
     if args.model != "all" and args.model not in MODELS:
         raise UsageError(f"unknown --model {args.model!r}; valid names: all, {', '.join(MODELS)}")
@@ -191,6 +191,12 @@ def info(args):
         raise UsageError(f"--block must be one of {', '.join(BLOCKS)} or all, got {args.block!r}")
     models = OFFICIAL if args.model == "all" else (args.model,)
     blocks = BLOCKS if args.block == "all" else (args.block,)
+    if args.image_size % args.vae_factor:
+        raise UsageError(
+            f"--image-size {args.image_size} must be divisible by --vae-factor {args.vae_factor} (pixels per latent)"
+        )
+    for m in models:  # in the flags' words, before flops() says it in its arguments'
+        check_input_fits(m, args.image_size, args.image_size // args.vae_factor)
     rows = [
         flops(
             m,

@@ -113,13 +113,27 @@ def warn_unreadable(error, skipped):
     print(f"fastdit: warning: skipped an unreadable image ({skipped} so far): {error}", file=sys.stderr, flush=True)
 
 
-def list_image_folder(root):
-    """root/<class>/<images, any depth> -> (sorted class names, [(path, label)]); clear errors for empty ones."""
+def check_data_path(data):
+    """A UsageError unless --data names an existing folder (None: the digits). Checked before anything slow
+    (a VAE to load, or to download): a mistyped path is the first thing said."""
+    if data is not None and datasets.parse(data):
+        datasets.folder(data)
+    elif data is not None:
+        _image_folder(data)
+
+
+def _image_folder(root):
     root = Path(root)
     if not root.exists():
         raise UsageError(f"data path {str(root)!r} does not exist")
     if not root.is_dir():
         raise UsageError(f"data path {str(root)!r} is not a folder (expected <folder>/<class>/<image>)")
+    return root
+
+
+def list_image_folder(root):
+    """root/<class>/<images, any depth> -> (sorted class names, [(path, label)]); clear errors for empty ones."""
+    root = _image_folder(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise UsageError(

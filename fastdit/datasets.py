@@ -61,14 +61,20 @@ def parse(data):
     return (scheme, rest) if sep and scheme in DATASETS else None
 
 
-def build(data, image_size=None, channels=None, flip=None):
-    """The dataset named by data = 'SCHEME:DIR' (see parse), at image_size (default: its own size)."""
-    scheme, folder = parse(data)
-    if not folder:
+def folder(data):
+    """The existing folder that data = 'SCHEME:DIR' names, else a UsageError saying what is wrong."""
+    scheme, rest = parse(data)
+    if not rest:
         raise UsageError(f"--data {data}: give the folder after the colon, e.g. --data {scheme}:data/{scheme}")
-    root = Path(folder).expanduser()
+    root = Path(rest).expanduser()
     if not root.is_dir():
         raise UsageError(f"--data {data}: {str(root)!r} is not a folder")
+    return root
+
+
+def build(data, image_size=None, channels=None, flip=None):
+    """The dataset named by data = 'SCHEME:DIR' (see parse), at image_size (default: its own size)."""
+    scheme, root = parse(data)[0], folder(data)
     cls = DATASETS[scheme]
     if channels not in (None, cls.native_channels):
         raise UsageError(f"--data {data}: {scheme} images have {cls.native_channels} channel(s), not {channels}")

@@ -32,7 +32,7 @@ from ._util import (
     exclusive_output,
     remove_stale_temporaries,
 )
-from .data import UnreadableImage, build_dataset, warn_unreadable
+from .data import UnreadableImage, build_dataset, check_data_path, warn_unreadable
 from .vae import SmallVAECodec, load_vae
 
 FORMAT = "fastdit-latents"
@@ -323,6 +323,7 @@ def make_latents(args):
     """
     dist = init_distributed(args.device)
     try:
+        check_data_path(args.data)
         codec = load_vae(args.vae, dist.device, args.precision, revision=args.vae_revision)
         trained = codec.trained_on or {}
         # Default size: the digits, MNIST, CIFAR-10 at the size the VAE was trained on; DiT's 256 for a folder.

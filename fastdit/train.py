@@ -3,7 +3,7 @@
 With no data option this is the main job: DiT-Tiny/2 trained in PIXEL space on scikit-learn's
 handwritten digits (1797 real 8x8 grayscale images, 10 classes, shipped with scikit-learn), a
 few minutes on a laptop CPU. With --data FOLDER it trains on your images (pixel space, or
-latent space with --vae encoding on the fly); with --latents FILE on latents precomputed by
+latent space with --vae encoding on the fly); with --latents DIR on latents precomputed by
 `fastdit latents`. Defaults follow the data: under 100,000 items a DiT-Tiny and a short schedule,
 above DiT's DiT-XL/2 recipe; every option given wins.
 
@@ -23,6 +23,7 @@ import gc
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from . import _args, _util, datasets
 from ._dist import env_world_size, init_distributed, local_shards
 from ._registry import MODELS, build_model, check_input_fits, check_model_name, model_name
 from ._util import PRECISION_DTYPES, UsageError, absolute_if_local, amp_forward, atomic_save, load_plain, plain
-from .data import ShardedBatches, build_dataset, make_loader
+from .data import ShardedBatches, build_dataset, check_data_path, make_loader
 from .fid import add_train_arguments as add_fid_arguments
 from .fid import fid_monitor
 from .latents import LatentsDataset, empty_classes
@@ -161,7 +162,7 @@ def add_arguments(p):
     p.add_argument(
         "--block",
         choices=BLOCKS,
-        help="the DiT paper's block design (its Figure 5): adaLN-Zero (DiT's), "
+        help="the DiT paper's block design (its Figure 3): adaLN-Zero (DiT's), "
         "adaLN, cross-attention or in-context; default adaLN-Zero",
     )
     p.add_argument(
@@ -730,6 +731,7 @@ class Trainer:
             self.decoder = load_vae_record(self.vae_record, self.device, name=a.vae)  # fails now, not at the first grid
         else:
             if a.vae:
+                check_data_path(a.data)
                 self.codec = self.decoder = load_vae(a.vae, self.device)
                 self.vae_record = self.codec.describe()
                 if a.image_size % self.codec.factor:
@@ -985,7 +987,10 @@ class Trainer:
         set_model_state_dict(self.raw, ck["model"], options=opts)
         set_model_state_dict(self.ema, ck["ema"], options=opts)
         set_optimizer_state_dict(self.raw, self.opt, ck["opt"], options=opts)
-        self.scaler.load_state_dict(ck["scaler"])
+        for group in self.opt.param_groups:  # the loaded groups hold the run's; a --lr given on resume wins
+            group["lr"], group["weight_decay"] = self.args.lr, self.args.weight_decay
+        if ck["scaler"]:  # empty: saved by a run without fp16, whose resume with fp16 starts a fresh scaler
+            self.scaler.load_state_dict(ck["scaler"])
         self.step, self.skipped = ck["step"], ck.get("skipped", 0)
         # A checkpoint from before these were recorded: 0 seconds, no losses
         self.prior_seconds, self.recent_losses = ck.get("train_seconds", 0.0), list(ck.get("recent_losses", []))
@@ -1239,6 +1244,21 @@ class Trainer:
                 + (f"  skipped {self.skipped}" if self.skipped else "")
             )
 
+    def how_to_go_on(self):
+        """What an interrupted run left, in one line: its last checkpoint and the command that resumes from it."""
+        last = self.last_checkpoint
+        if last is None:
+            every = self.args.ckpt_every
+            when = f"every --ckpt-every {every} steps" if every else "--ckpt-every 0: at the end only"
+            return (
+                f"fastdit: train stopped at step {self.step}, before its first checkpoint ({when}): nothing to resume"
+            )
+        in_run = Path(last).resolve().parent.parent == self.out.resolve()
+        return (
+            f"fastdit: train stopped at step {self.step}; its last checkpoint is {last}: "
+            f"`fastdit train --resume {self.out if in_run else last}` continues from it"
+        )
+
     def close(self):
         self._restore.close()
         if self.dist.active:
@@ -1317,6 +1337,10 @@ def run(args):
     try:
         with _util.tf32(trainer.args.tf32, trainer.device):
             return trainer.fit()
+    except KeyboardInterrupt:
+        if trainer.dist.is_main:
+            print(trainer.how_to_go_on(), file=sys.stderr)
+        raise
     finally:
         trainer.close()
 

@@ -248,6 +248,12 @@ def load_vae(name, device="cpu", precision="fp32", revision=None):
 def load_vae_record(record, device="cpu", name=None, precision="fp32"):
     """The codec a record (from a latents manifest or a checkpoint) describes: loaded by its name and revision,
     or from `name` (e.g. a local copy); its weights must be the recorded ones."""
+    recorded = Path(record["name"])
+    if name is None and recorded.is_absolute() and not recorded.exists():  # local VAEs are recorded by absolute path
+        raise UsageError(
+            f"the VAE recorded with these latents (or the model trained on them), {recorded}, is not there any "
+            f"more: give --vae with its new path (a copy with the same weights)"
+        )
     codec = load_vae(name or record["name"], device, precision, revision=None if name else record.get("revision"))
     check_same_vae(record, codec)
     return codec

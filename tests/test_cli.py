@@ -3,6 +3,7 @@ traceback), valid edge values work, every option's help states its default, `fas
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,9 @@ INVALID = [
     ("train --data {F}/plain.txt", "is not a folder"),
     ("train --data {F}/empty", "holds no class sub-folders"),
     ("train --data {F}/broken", "none of the 1 images under '{F}/broken' is readable (the first: {F}/broken/a/0.png: "),
+    # a mistyped path is said before a VAE is loaded (or downloaded: offline, that error would come instead)
+    ("train --data-path /no/such/folder", "data path '/no/such/folder' does not exist"),
+    ("train --data mnist:/no/mnist --vae ema", "--data mnist:/no/mnist: '/no/mnist' is not a folder"),
     ("train --latents /no/latents", "latents folder '/no/latents' does not exist"),
     ("train --latents {F}/run/checkpoints/0000002.pt", "is a file, not a folder"),
     ("train --latents {F}/empty", "has no manifest.json"),
@@ -252,6 +256,10 @@ INVALID = [
     ("latents --vae {F}/vae/vae.pt --out x.pt --flips sideways", "argument --flips: invalid choice"),
     ("latents --vae {F}/vae/vae.pt --out x.pt --data /no/such", "data path '/no/such' does not exist"),
     ("latents --vae {F}/vae/vae.pt --out x --data {F}/broken", "none of the 1 images under '{F}/broken' is readable"),
+    ("latents --vae ema --out x --data /no/such", "data path '/no/such' does not exist"),
+    # info
+    ("info --model DiT-S/2 --image-size 30", "--image-size 30 must be divisible by --vae-factor 8"),
+    ("info --model DiT-XL/2 --image-size 8", "--image-size 8: the model's input 1x1 must be divisible by DiT-XL/2's"),
     # fid
     ("fid /no/samples.npz /no/ref.npz", "samples '/no/samples.npz' is not a file"),
     ("fid", "the following arguments are required: samples, ref"),
@@ -305,6 +313,43 @@ def test_a_backend_that_cannot_run_here_is_bad_input(env, expected, files, tmp_p
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f"fastdit sample: error: {expected}") and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_options_given_on_resume_apply(files, tmp_path):
+    """--lr and --weight-decay given with --resume drive the optimizer (not the values its loaded state holds),
+    and --precision fp16 resumes a run saved without fp16 (so without GradScaler state) with a fresh scaler."""
+    run = shutil.copytree(files / "run", tmp_path / "run")
+    given = ["--lr", "0.05", "--weight-decay", "0.1", "--precision", "fp16"]
+    trainer = train.Trainer(train.parse_args(["--resume", str(run), "--steps", "3", *given]))
+    try:
+        assert [(g["lr"], g["weight_decay"]) for g in trainer.opt.param_groups] == [(0.05, 0.1)]
+        assert trainer.scaler.is_enabled() and trainer.step == 2
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize(
+    "ckpt_every, said",
+    [
+        (2, "its last checkpoint is {out}/checkpoints/0000002.pt: `fastdit train --resume {out}` continues from it"),
+        (0, "before its first checkpoint (--ckpt-every 0: at the end only): nothing to resume"),
+    ],
+)
+def test_ctrl_c_in_training_says_how_the_run_goes_on(ckpt_every, said, tmp_path, monkeypatch, capsys):
+    real, steps = train.Trainer.train_step, []
+
+    def step(self, x, y):  # Ctrl-C during the 4th step
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        steps.append(x)
+        return real(self, x, y)
+
+    monkeypatch.setattr(train.Trainer, "train_step", step)
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--steps", "5", "--ckpt-every", str(ckpt_every), "--out", str(out)]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "fastdit train: interrupted"
+    assert lines[-2].startswith("fastdit: train stopped at step 3") and said.format(out=out) in lines[-2], lines[-2]
 
 
 def test_valid_edge_values_work(files, tmp_path, monkeypatch, capsys):

@@ -77,6 +77,9 @@ def test_vae_path_errors(tmp_path, monkeypatch):
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(UsageError, match="not a fastdit VAE"):
         vae.load_vae(tmp_path / "other.pt")
+    moved = dict(name=str(tmp_path / "moved" / "vae.pt"), fingerprint="0", scale_factor=1.0)  # as recorded
+    with pytest.raises(UsageError, match=r"the VAE recorded with these latents .*/moved/vae.pt, is not there any more"):
+        vae.load_vae_record(moved)  # sample or train --latents, not given --vae: the error is not about --vae
     if importlib.util.find_spec("diffusers") is not None:
         offline_hub(monkeypatch, tmp_path / "empty-cache")
         with pytest.raises(
