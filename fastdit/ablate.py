@@ -82,7 +82,13 @@ def ablate(args):
         resume = str(run) if any((run / "checkpoints").glob("*.pt")) else None
         run_args = argparse.Namespace(**{**vars(args), "block": design, "out": str(run), "resume": resume})
         del run_args.blocks
-        result = train.run(run_args)
+        try:
+            result = train.run(run_args)
+        except KeyboardInterrupt:  # instead of train's advice: the ablation goes on, not one run of it
+            raise KeyboardInterrupt(
+                f"in {design}: the same command with --out {out} keeps the designs done and goes on from "
+                f"{design}'s last checkpoint, if it has one"
+            ) from None
         rows.append(_row(design, result))
     table = format_table(rows)
     _util.atomic_write(out / "ablation.md", lambda f: f.write((table + "\n").encode()))

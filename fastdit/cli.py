@@ -170,8 +170,8 @@ def main(argv=None):
             f"fastdit {args.command}: error: out of memory: {_one_line(e)}; smaller settings need less", file=sys.stderr
         )
         return 1
-    except KeyboardInterrupt:
-        print(f"fastdit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its message, if any: what the command left and how it goes on
+        print(f"fastdit {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
 

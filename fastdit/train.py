@@ -23,7 +23,6 @@ import gc
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -1245,18 +1244,16 @@ class Trainer:
             )
 
     def how_to_go_on(self):
-        """What an interrupted run left, in one line: its last checkpoint and the command that resumes from it."""
+        """After Ctrl-C: how far the run got, its last checkpoint and the command that goes on from it."""
         last = self.last_checkpoint
         if last is None:
             every = self.args.ckpt_every
-            when = f"every --ckpt-every {every} steps" if every else "--ckpt-every 0: at the end only"
-            return (
-                f"fastdit: train stopped at step {self.step}, before its first checkpoint ({when}): nothing to resume"
-            )
+            when = f"one every {every} steps" if every else "--ckpt-every 0: at the end only"
+            return f"after step {self.step}, with no checkpoint yet ({when}): nothing to resume"
         in_run = Path(last).resolve().parent.parent == self.out.resolve()
         return (
-            f"fastdit: train stopped at step {self.step}; its last checkpoint is {last}: "
-            f"`fastdit train --resume {self.out if in_run else last}` continues from it"
+            f"after step {self.step}; `fastdit train --resume {self.out if in_run else last}` goes on from the "
+            f"last checkpoint, {last}"
         )
 
     def close(self):
@@ -1338,9 +1335,9 @@ def run(args):
         with _util.tf32(trainer.args.tf32, trainer.device):
             return trainer.fit()
     except KeyboardInterrupt:
-        if trainer.dist.is_main:
-            print(trainer.how_to_go_on(), file=sys.stderr)
-        raise
+        if not trainer.dist.is_main:
+            raise
+        raise KeyboardInterrupt(trainer.how_to_go_on()) from None  # the line `fastdit train: interrupted` ends with
     finally:
         trainer.close()
 

@@ -26,6 +26,10 @@ def test_ablate_trains_every_design_and_writes_a_table_and_a_plot(tmp_path, monk
     monkeypatch.setattr(train.Trainer, "train_step", step_or_crash)
     argv, crash = ["ablate", "--steps", "2", "--ckpt-every", "1", *FAST, "--out", str(out)], True
     assert cli(argv) == 130 and not (out / "ablation.md").exists()
+    said = capsys.readouterr().err.strip().splitlines()[-1]  # the ablation's way on, not its run's (train --resume)
+    assert said == f"fastdit ablate: interrupted: in {BLOCKS[2]}: the same command with --out {out} keeps the " + (
+        f"designs done and goes on from {BLOCKS[2]}'s last checkpoint, if it has one"
+    )
     crash, steps[:] = False, []
     assert cli(argv) == 0  # the same command continues: the third design from its step 1, then the fourth
     assert steps == [[BLOCKS[2], 1], [BLOCKS[3], 2]]
