@@ -153,18 +153,22 @@ def absolute_if_local(path):
 
 
 def find_checkpoint(path, flag):
-    """A checkpoint file, or a run folder's latest checkpoints/NNNNNNN.pt; `flag` names the option in errors."""
+    """A checkpoint file, or the latest NNNNNNN.pt of a run folder's checkpoints/ (or of that folder given itself);
+    `flag` names the option in errors."""
     p = Path(path)
     if p.is_dir():
-        found = sorted(
-            (f for f in (p / "checkpoints").glob("*.pt") if re.fullmatch(r"\d+\.pt", f.name)), key=lambda f: int(f.stem)
-        )
+        found = _numbered_checkpoints(p / "checkpoints") or _numbered_checkpoints(p)
         if not found:
             raise UsageError(f"{flag} {path}: no checkpoints/NNNNNNN.pt in this folder")
         return found[-1]
     if not p.is_file():
         raise UsageError(f"{flag} {path}: no such checkpoint file or run folder")
     return p
+
+
+def _numbered_checkpoints(folder):
+    """folder's NNNNNNN.pt files, by step."""
+    return sorted((f for f in folder.glob("*.pt") if re.fullmatch(r"\d+\.pt", f.name)), key=lambda f: int(f.stem))
 
 
 def _umask():

@@ -335,6 +335,11 @@ def load_sampler_model(ckpt, model=None, image_size=None, num_classes=None, vae=
         )
     if ours:
         _check_agrees_with_checkpoint(obj, ckpt, model=model, image_size=image_size, num_classes=num_classes)
+        if vae is not None and obj.get("vae") is None:  # a VAE would "decode" its images into noise
+            raise UsageError(
+                f"--vae {vae}: {ckpt} is a pixel-space model (trained without a VAE; its samples are images): "
+                f"leave --vae out"
+            )
     else:
         if model is None or image_size is None:
             raise UsageError(

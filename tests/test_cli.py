@@ -198,6 +198,10 @@ INVALID = [
     ("sample --ckpt {F}/run --model DiT-S/2", "--model DiT-S/2 contradicts {F}/run/checkpoints/0000002.pt, a "),
     ("sample-ddp --ckpt {F}/run --num-classes 5", "--num-classes 5 contradicts"),
     ("sample --ckpt {F}/run --weights best", "argument --weights"),
+    (
+        "sample --ckpt {F}/run --vae {F}/vae/vae.pt",
+        "--vae {F}/vae/vae.pt: {F}/run/checkpoints/0000002.pt is a pixel-space",
+    ),
     # sample-ddp
     ("sample-ddp --ckpt {F}/run --num-samples 0", "argument --num-samples"),
     ("sample-ddp --ckpt {F}/run --per-proc-batch-size 0", "argument --per-proc-batch-size"),
@@ -497,9 +501,8 @@ def test_outputs_go_under_runs_by_default(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--ckpt", str(files / "run"), "--steps", "2", "--per-class", "1", "--classes", "1", "--seed", "5"]
     assert cli.main(["sample", *args]) == 0
-    assert (
-        cli.main(["sample-ddp", *args[:4], "--num-samples", "1", "--per-proc-batch-size", "1", "--cfg-scale", "1"]) == 0
-    )
+    ddp = ["--ckpt", str(files / "run" / "checkpoints"), *args[2:4]]  # the checkpoints folder: its latest, as the run's
+    assert cli.main(["sample-ddp", *ddp, "--num-samples", "1", "--per-proc-batch-size", "1", "--cfg-scale", "1"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     written = sorted(p.name for p in (tmp_path / "runs" / "samples").iterdir())
     assert written == ["run-0000002-ddpm2-cfg1-seed0-n1.npz", "run-0000002-ddpm2-cfg4-seed5.png"]
