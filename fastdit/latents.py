@@ -342,7 +342,14 @@ def make_latents(args):
         with exclusive_output(out, str(out), dist):
             _on_main(dist, _start, out, settings)  # checked again: DIR may have changed before the lock
             t0 = time.time()
-            encode_chunks(dataset, codec, out, settings, dist.rank, dist.world_size, args.batch_size, args.num_workers)
+            try:
+                encode_chunks(
+                    dataset, codec, out, settings, dist.rank, dist.world_size, args.batch_size, args.num_workers
+                )
+            except KeyboardInterrupt:  # said on the command's one `interrupted` line
+                raise KeyboardInterrupt(
+                    f"the chunks done are kept in {out}: the same command encodes the rest"
+                ) from None
             dist.barrier()
             if dist.is_main:
                 manifest = finish(out, settings)

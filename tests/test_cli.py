@@ -14,7 +14,7 @@ import torch
 from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
 from PIL import Image
 
-from fastdit import DiT, cli, train
+from fastdit import DiT, cli, latents, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -355,6 +355,17 @@ def test_ctrl_c_in_training_says_how_the_run_goes_on(ckpt_every, said, tmp_path,
     out = tmp_path / "run"
     assert cli.main(["train", *FAST, "--steps", "5", "--ckpt-every", str(ckpt_every), "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "fastdit train: interrupted: " + said.format(out=out)
+
+
+def test_ctrl_c_in_latents_says_the_same_command_goes_on(files, tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latents, "encode_chunks", interrupted)
+    out = tmp_path / "latents"
+    assert cli.main(["latents", "--vae", str(files / "vae" / "vae.pt"), "--out", str(out)]) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"fastdit latents: interrupted: the chunks done are kept in {out}: the same command encodes the rest"
 
 
 def test_valid_edge_values_work(files, tmp_path, monkeypatch, capsys):
