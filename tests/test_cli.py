@@ -261,9 +261,6 @@ INVALID = [
     ("latents --vae {F}/vae/vae.pt --out x.pt --data /no/such", "data path '/no/such' does not exist"),
     ("latents --vae {F}/vae/vae.pt --out x --data {F}/broken", "none of the 1 images under '{F}/broken' is readable"),
     ("latents --vae ema --out x --data /no/such", "data path '/no/such' does not exist"),
-    # info
-    ("info --model DiT-S/2 --image-size 30", "--image-size 30 must be divisible by --vae-factor 8"),
-    ("info --model DiT-XL/2 --image-size 8", "--image-size 8: the model's input 1x1 must be divisible by DiT-XL/2's"),
     # fid
     ("fid /no/samples.npz /no/ref.npz", "samples '/no/samples.npz' is not a file"),
     ("fid", "the following arguments are required: samples, ref"),

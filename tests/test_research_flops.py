@@ -97,8 +97,8 @@ def test_info_command(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "DiT-M/2"], "unknown --model 'DiT-M/2'"),
-    (["--image-size", "100"], "image_size 100 must be divisible by vae_factor 8"),
-    (["--model", "DiT-XL/8", "--image-size", "32"], "DiT-XL/8 at image size 32: input_size (4, 4) must be divisible by patch_size 8"),
+    (["--image-size", "100"], "--image-size 100 must be divisible by --vae-factor 8"),  # the flags' names
+    (["--model", "DiT-XL/8", "--image-size", "32"], "--image-size 32: the model's input 4x4 must be divisible by DiT-XL/8's patch size 8"),
     (["--block", "film"], "--block must be one of"),
     (["--num-classes", "-1"], "argument --num-classes"),
 ])  # fmt: skip
