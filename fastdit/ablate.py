@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import _util, datasets, train
+from ._signals import reworded
 from ._util import UsageError
 from .models import BLOCKS
 
@@ -84,10 +85,11 @@ def ablate(args):
         del run_args.blocks
         try:
             result = train.run(run_args)
-        except KeyboardInterrupt:  # instead of train's advice: the ablation goes on, not one run of it
-            raise KeyboardInterrupt(
+        except KeyboardInterrupt as e:  # instead of train's advice: the ablation goes on, not one run of it
+            raise reworded(
+                e,
                 f"in {design}: the same command with --out {out} keeps the designs done and goes on from "
-                f"{design}'s last checkpoint, if it has one"
+                f"{design}'s last checkpoint, if it has one",
             ) from None
         rows.append(_row(design, result))
     table = format_table(rows)

@@ -33,7 +33,10 @@ fastdit: DiT training and sampling on fused kernels.
   fastdit ablate                                          the four block designs on the digits, one budget
   fastdit bench ...                                       the benchmarks (source checkout)
 
-Under torchrun every command that samples or trains runs one process per device."""
+Under torchrun every command that samples or trains runs one process per device. Ctrl-C, SIGTERM or
+SIGUSR1 (a cluster's notice before it kills a job): train (after writing the checkpoint of the step in
+flight, on a signal), sample-ddp and latents keep what they did and say how to go on; exit code 130
+(Ctrl-C) or 128 + the signal's number (143: SIGTERM, 138: SIGUSR1)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,7 +139,7 @@ def bench(args):
 
 def main(argv=None):
     """Run one fastdit command; returns its exit code: 0, 1 (training stopped, out of memory), 2 (bad input),
-    130 (Ctrl-C)."""
+    130 (Ctrl-C), 128 + the signal's number after a stop signal (143: SIGTERM, 138: SIGUSR1; _signals)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmarks, --help included
         return bench(argv[1:])
@@ -151,6 +154,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     from . import ops
+    from ._signals import Stopped
     from .train import TrainingError
 
     try:
@@ -170,6 +174,9 @@ def main(argv=None):
             f"fastdit {args.command}: error: out of memory: {_one_line(e)}; smaller settings need less", file=sys.stderr
         )
         return 1
+    except Stopped as e:  # as Ctrl-C: its message, if any, says what the command kept and how it goes on
+        print(f"fastdit {args.command}: stopped by {e.name}" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt as e:  # its message, if any: what the command left and how it goes on
         print(f"fastdit {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130

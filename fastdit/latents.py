@@ -24,6 +24,7 @@ import torch
 
 from . import _args, datasets
 from ._dist import init_distributed
+from ._signals import StopSignals, reworded
 from ._util import (
     LOCK_PREFIX,
     PRECISION_DTYPES,
@@ -342,14 +343,14 @@ def make_latents(args):
         with exclusive_output(out, str(out), dist):
             _on_main(dist, _start, out, settings)  # checked again: DIR may have changed before the lock
             t0 = time.time()
-            try:
-                encode_chunks(
-                    dataset, codec, out, settings, dist.rank, dist.world_size, args.batch_size, args.num_workers
-                )
-            except KeyboardInterrupt:  # said on the command's one `interrupted` line
-                raise KeyboardInterrupt(
-                    f"the chunks done are kept in {out}: the same command encodes the rest"
-                ) from None
+            # A stop signal (SIGTERM, SIGUSR1) raises where Ctrl-C would: the chunks done are kept all the same.
+            with StopSignals(raising=True):
+                try:
+                    encode_chunks(
+                        dataset, codec, out, settings, dist.rank, dist.world_size, args.batch_size, args.num_workers
+                    )
+                except KeyboardInterrupt as e:  # said on the command's one `interrupted` (or `stopped by`) line
+                    raise reworded(e, f"the chunks done are kept in {out}: the same command encodes the rest") from None
             dist.barrier()
             if dist.is_main:
                 manifest = finish(out, settings)

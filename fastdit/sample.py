@@ -23,6 +23,7 @@ from . import _args, pretrained
 from ._dist import init_distributed
 from ._parts import Parts
 from ._registry import check_input_fits, model_from_checkpoint, model_name
+from ._signals import StopSignals, reworded
 from ._util import (
     IMAGE_FORMATS,
     MAX_GRID_SIDE,
@@ -695,17 +696,17 @@ def sample_ddp(args, dist):
             print(
                 f"sample-ddp: continuing from {parts.root}: {min(done, batches)} of {batches} batches already sampled"
             )
-        try:
-            _sample_batches(args, dist, run, loaded.codec, range(done, batches), parts, pngs)
-        except BaseException:
-            if dist.is_main and parts.finished():
-                print(
-                    f"fastdit: sample-ddp stopped; the batches it finished are kept in {parts.root}: the same "
-                    f"command continues from them",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            raise
+        # A stop signal (SIGTERM, SIGUSR1) raises where Ctrl-C would: the finished batches are kept all the same.
+        with StopSignals(raising=True):
+            try:
+                _sample_batches(args, dist, run, loaded.codec, range(done, batches), parts, pngs)
+            except BaseException as e:
+                if dist.is_main and parts.finished():
+                    kept = f"the batches it finished are kept in {parts.root}: the same command continues from them"
+                    if isinstance(e, KeyboardInterrupt):  # said on the command's `interrupted` (`stopped by`) line
+                        raise reworded(e, kept) from None
+                    print(f"fastdit: sample-ddp stopped; {kept}", file=sys.stderr, flush=True)
+                raise
         dist.barrier()
         if dist.is_main:
             arr = parts.gather(batches, args.num_samples)

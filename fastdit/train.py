@@ -13,7 +13,10 @@ EMA, optimizer, grad scaler, step, every rank's RNG states, the data position, t
 so `--resume` continues with exactly the losses an uninterrupted run would have produced (on
 GPUs too with --deterministic). A run whose loss, gradients or weights turn NaN/Inf stops with
 its last good checkpoint kept. One command writes a run folder at a time: a second one (a --resume
-while the run still goes on) is refused.
+while the run still goes on) is refused. SIGTERM or SIGUSR1 (a cluster's notice before it kills the
+job) stops the run after the step in flight, every rank after the same one, with that step's
+checkpoint and one line saying how --resume goes on; the exit code is 128 + the signal's number
+(143, 138). Ctrl-C stops at once (exit code 130): --resume goes on from the last checkpoint.
 """
 
 import argparse
@@ -34,6 +37,7 @@ import torch
 from . import _args, _util, datasets
 from ._dist import env_world_size, init_distributed, local_shards
 from ._registry import MODELS, build_model, check_input_fits, check_model_name, model_name
+from ._signals import AgreedStop, Stopped, StopSignals, reworded
 from ._util import PRECISION_DTYPES, UsageError, absolute_if_local, amp_forward, atomic_save, load_plain, plain
 from .data import ShardedBatches, build_dataset, check_data_path, make_loader
 from .fid import add_train_arguments as add_fid_arguments
@@ -1094,11 +1098,15 @@ class Trainer:
                     f"larger --steps to train on"
                 )
         losses, self.t_start = [], time.time()
+        # From here a stop signal ends the run after a step, with its checkpoint (not killed mid-setup: no step lost).
+        self._stop_signals = StopSignals()
         bar = tqdm(total=a.steps, initial=self.step, disable=not d.is_main, desc="train", dynamic_ncols=True)
         try:
             if self.step < a.steps:
-                losses = self._loop(bar)
+                losses, stop = self._loop(bar)
                 checkpoint = self._outside_clock(bar, self.save_checkpoint)
+                if stop:  # the checkpoint of the step the ranks agreed on is written: the same as a periodic one
+                    raise Stopped(stop)
             else:
                 checkpoint = self.last_checkpoint
         finally:
@@ -1129,8 +1137,10 @@ class Trainer:
         )
 
     def _loop(self, bar):
-        """The training steps up to --steps (the last checkpoint is the caller's); returns their losses."""
+        """The training steps up to --steps, or up to the step after which the ranks agreed to stop on a stop
+        signal (the last checkpoint is the caller's); returns their losses and the signal's number (0: none)."""
         a = self.args
+        agreed = AgreedStop(self._stop_signals, self.dist)
         loader = make_loader(self.dataset, self.batches, a.num_workers, self.device.type == "cuda", a.seed)
         losses, window, pending = [], [], []  # pending: the steps' device stats not read back yet
         log = open(self.metrics_path, "a") if self.dist.is_main else None
@@ -1144,6 +1154,10 @@ class Trainer:
                 self.step += 1
                 self.position = self.batches.advance(self.position)
                 bar.update(1)
+                stop = agreed.after_step()
+                if stop:  # the checkpoint's numbers (and the NaN/Inf guards) first, then the caller saves
+                    self._read_back(pending, log, bar, losses, window)
+                    return losses, stop
                 last = self.step >= a.steps
                 logs = self.step % a.log_every == 0 or last
                 saves = a.ckpt_every and self.step % a.ckpt_every == 0 and not last
@@ -1159,7 +1173,7 @@ class Trainer:
                     fid = self._outside_clock(bar, self.measure_fid, log)
                     bar.write(f"step {self.step:7d}  FID {fid:.3f} ({a.fid_samples} EMA samples)")
                 if self.step >= a.steps:
-                    break
+                    return losses, agreed.drain()
                 if a.ckpt_every and self.step % a.ckpt_every == 0:
                     self._outside_clock(bar, self.save_checkpoint)
                 if a.sample_every and self.step % a.sample_every == 0:
@@ -1167,7 +1181,6 @@ class Trainer:
         finally:
             if log:
                 log.close()
-        return losses
 
     def _outside_clock(self, bar, fn, *args):
         """fn(*args) as a pause: the throughput in the logs and the bar's rate and ETA count training time only."""
@@ -1261,6 +1274,10 @@ class Trainer:
         if self.dist.active:
             self._release_distributed()
         self.dist.close()
+        # Last: under torchrun, a rank's stop can bring the launcher's SIGTERM before `fastdit` said its line.
+        if getattr(self, "_stop_signals", None) is not None:
+            self._stop_signals.close()
+            self._stop_signals = None
 
     def _release_distributed(self):
         """Free what holds the process group (the DDP or FSDP model, the EMA, the optimizer's sharded state,
@@ -1334,10 +1351,10 @@ def run(args):
     try:
         with _util.tf32(trainer.args.tf32, trainer.device):
             return trainer.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (after its checkpoint)
         if not trainer.dist.is_main:
             raise
-        raise KeyboardInterrupt(trainer.how_to_go_on()) from None  # the line `fastdit train: interrupted` ends with
+        raise reworded(e, trainer.how_to_go_on()) from None  # what the line `fastdit train: interrupted` ends with
     finally:
         trainer.close()
 

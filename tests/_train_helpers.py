@@ -1,8 +1,11 @@
 """Shared by the training-stack tests (test_train*.py, test_vae.py, test_sample.py, test_cli.py)."""
 
 import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -43,3 +46,30 @@ def another_process_holding(lock):
             yield
         finally:
             p.kill()  # leaving the with: the pipes closed, the process waited for
+
+
+class Unhandled(Exception):
+    """A stop signal that reached the test's own handler: the code under test did not take it."""
+
+
+@contextlib.contextmanager
+def stop_signals_guarded():
+    """While the block runs, a SIGTERM or SIGUSR1 that the code under test leaves alone raises Unhandled instead
+    of ending pytest; after the block, the test's handlers must be back (the code put back what it found)."""
+
+    def unhandled(signum, frame):
+        raise Unhandled(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, unhandled) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+        assert all(signal.getsignal(sig) is unhandled for sig in previous), "the handlers found were not put back"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def send_stop_signal(signum):
+    """This process sends itself `signum`, as a cluster would; a handler that raises does so in the sleep."""
+    os.kill(os.getpid(), signum)
+    time.sleep(60)  # cut short at once by the handler's exception (PEP 475)

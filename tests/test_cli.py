@@ -4,6 +4,7 @@ traceback), valid edge values work, every option's help states its default, `fas
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_helpers import FAST, one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import FAST, one_thread, send_stop_signal, stop_signals_guarded  # noqa: F401 (autouse fixture)
 from PIL import Image
 
 from fastdit import DiT, cli, latents, train
@@ -350,19 +351,28 @@ def test_ctrl_c_in_training_says_how_the_run_goes_on(ckpt_every, said, tmp_path,
 
     monkeypatch.setattr(train.Trainer, "train_step", step)
     out = tmp_path / "run"
-    assert cli.main(["train", *FAST, "--steps", "5", "--ckpt-every", str(ckpt_every), "--out", str(out)]) == 130
+    with stop_signals_guarded():  # the stop signals' handlers the Trainer set are undone: the ones found are back
+        assert cli.main(["train", *FAST, "--steps", "5", "--ckpt-every", str(ckpt_every), "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "fastdit train: interrupted: " + said.format(out=out)
 
 
-def test_ctrl_c_in_latents_says_the_same_command_goes_on(files, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "signum, code, how", [(None, 130, "interrupted"), (signal.SIGTERM, 128 + signal.SIGTERM, "stopped by SIGTERM")]
+)
+def test_ctrl_c_or_a_stop_signal_in_latents_says_the_same_command_goes_on(
+    signum, code, how, files, tmp_path, monkeypatch, capsys
+):
     def interrupted(*args):
-        raise KeyboardInterrupt
+        if signum is None:
+            raise KeyboardInterrupt
+        send_stop_signal(signum)
 
     monkeypatch.setattr(latents, "encode_chunks", interrupted)
     out = tmp_path / "latents"
-    assert cli.main(["latents", "--vae", str(files / "vae" / "vae.pt"), "--out", str(out)]) == 130
+    with stop_signals_guarded():
+        assert cli.main(["latents", "--vae", str(files / "vae" / "vae.pt"), "--out", str(out)]) == code
     said = capsys.readouterr().err.strip().splitlines()[-1]
-    assert said == f"fastdit latents: interrupted: the chunks done are kept in {out}: the same command encodes the rest"
+    assert said == f"fastdit latents: {how}: the chunks done are kept in {out}: the same command encodes the rest"
 
 
 def test_valid_edge_values_work(files, tmp_path, monkeypatch, capsys):

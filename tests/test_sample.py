@@ -4,6 +4,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 from _sync_trap import SyncTrap, checks_as_on_a_gpu  # noqa: F401 (a fixture)
-from _train_helpers import FAST, another_process_holding, one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import (  # noqa: F401 (an autouse fixture)
+    FAST,
+    another_process_holding,
+    one_thread,
+    send_stop_signal,
+    stop_signals_guarded,
+)
 from _vae_helpers import sd_vae  # noqa: F401 (a fixture)
 from PIL import Image
 
@@ -85,6 +92,27 @@ def test_sample_ddp_writes_an_adm_npz(ckpt, tmp_path):
     )
     rgb = np.load(out)["arr_0"]
     assert rgb.shape == (2, 8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_sample_ddp_stopped_by_a_signal_says_what_it_kept(ckpt, tmp_path, monkeypatch, capsys):
+    """SLURM's notice (SIGUSR1) after the first batch: one line says what is kept and that the same command goes on,
+    exit code 128 + 10; the handlers found are put back."""
+    save = _parts.Parts.save
+
+    def save_then_signal(self, batch, images):
+        save(self, batch, images)
+        send_stop_signal(signal.SIGUSR1)
+
+    monkeypatch.setattr(_parts.Parts, "save", save_then_signal)
+    out = tmp_path / "s.npz"
+    args = ["sample-ddp", "--ckpt", ckpt, "--per-proc-batch-size", "2", "--steps", "2", "--num-samples", "4"]
+    with stop_signals_guarded():
+        assert cli(args + ["--out", str(out)]) == 128 + signal.SIGUSR1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fastdit sample-ddp: stopped by SIGUSR1: the batches it finished are kept in {tmp_path / '.s.npz.parts'}: "
+        f"the same command continues from them"
+    )
+    assert not out.exists() and any((tmp_path / ".s.npz.parts").glob("rank*-batch*.npz"))
 
 
 def test_sample_ddp_continues_after_a_crash_to_the_same_file(ckpt, tmp_path, monkeypatch, capsys):

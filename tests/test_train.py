@@ -6,6 +6,10 @@ import contextlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,6 +101,43 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
         assert torch.equal(state["exp_avg_sq"], b["opt"]["state"][i]["exp_avg_sq"])
     assert a["scaler"] == b["scaler"] and a["data_position"] == b["data_position"]
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_sigterm_stops_after_the_step_in_flight_with_its_checkpoint_and_resume_is_bit_exact(tmp_path):
+    """A cluster's SIGTERM to `fastdit train` (a process of its own): the step in flight ends, its checkpoint
+    is written, one line says how the run goes on, exit code 128 + 15; --resume then ends where an
+    uninterrupted run does, bit for bit."""
+    out = tmp_path / "stopped"
+    argv = [*FAST, "--steps", "1000", "--ckpt-every", "0", "--log-every", "1", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    with open(tmp_path / "stderr", "w") as err:  # a file, not a pipe: the progress bar never fills it and blocks
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastdit", "train", *argv], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while len([r for r in _util.read_jsonl(out / "metrics.jsonl") if "event" not in r]) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "stderr").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (ckpt,) = (out / "checkpoints").iterdir()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert ckpt.name == f"{step:07d}.pt" and step >= 2
+    assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == (
+        f"fastdit train: stopped by SIGTERM: after step {step}; `fastdit train --resume {out}` goes on from the last "
+        f"checkpoint, {ckpt}"
+    )
+    resumed = train.main(["--resume", str(out), "--steps", str(step + 2)])
+    whole = train.main(FAST + ["--steps", str(step + 2), "--ckpt-every", "0", "--out", str(tmp_path / "whole")])
+    assert resumed.losses == whole.losses[step:]
+    a, b = torch.load(whole.checkpoint, weights_only=True), torch.load(resumed.checkpoint, weights_only=True)
+    for key in ("model", "ema"):
+        assert_same_state(a[key], b[key])
 
 
 def test_resume_options_and_errors(tmp_path):

@@ -24,8 +24,9 @@ ARGS = ["--global-batch-size", "16", "--steps", "4", "--ckpt-every", "2", "--sam
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def run2(argv, **env):
-    """`torchrun --nproc_per_node 2 ARGV` -> the finished process."""
+def run2(argv, timeout=300, **env):
+    """`torchrun --nproc_per_node 2 ARGV` -> the finished process; a run that hangs past `timeout` seconds fails the
+    test, its processes ended."""
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -33,13 +34,21 @@ def run2(argv, **env):
         **env,
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun passes SIGTERM on to its workers (sessions of their own), kills them 30 s later
+            out, err = proc.communicate(timeout=120)
+            pytest.fail(f"torchrun {' '.join(argv)} still ran after {timeout} s:\n{out}{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def torchrun(tmp_path, name, argv, crash_at=0, nan_at=""):
+def torchrun(tmp_path, name, argv, crash_at=0, nan_at="", signal_at="", timeout=300):
     """Run the training worker on 2 processes; returns (exit code, [rank 0 report, rank 1 report] or None, log)."""
     out = tmp_path / name
-    proc = run2([str(WORKER), str(out), str(crash_at), "--", *argv], FASTDIT_TEST_NAN_AT=nan_at)
+    worker = [str(WORKER), str(out), str(crash_at), "--", *argv]
+    proc = run2(worker, timeout, FASTDIT_TEST_NAN_AT=nan_at, FASTDIT_TEST_SIGNAL_AT=signal_at)
     reports = [out.with_name(f"{name}.rank{r}.json") for r in range(2)]
     if not all(r.exists() for r in reports):
         return proc.returncode, None, proc.stdout + proc.stderr
@@ -76,6 +85,22 @@ def test_ddp_two_processes_identical_replicas_nan_skip_and_bit_exact_resume(tmp_
     for kind in ("model", "ema"):  # rank 0 holds the gathered full weights
         for key, value in ddp[kind].items():
             torch.testing.assert_close(fsdp[kind][key], value, rtol=1e-5, atol=1e-7, msg=f"{kind} {key}")
+
+
+def test_a_stop_signal_to_one_rank_stops_both_after_the_same_step_with_its_checkpoint(tmp_path):
+    """SIGTERM reaches rank 1 alone, as it is about to run step 3: the ranks agree to stop after step 4 (the
+    all-reduce of step 3's flags, read after step 4), write that step's checkpoint together and exit."""
+    argv = ARGS + ["--steps", "8", "--ckpt-every", "0", "--out", str(tmp_path / "run")]
+    code, reports, log = torchrun(tmp_path, "run", argv, signal_at="1:2", timeout=120)  # ranks that disagree hang
+    assert code != 0 and reports is None, log
+    assert [(tmp_path / f"run.rank{r}.stopped").read_text() for r in range(2)] == ["4", "4"], log
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000004.pt"]
+    said = [line for line in log.splitlines() if line.startswith("fastdit train: stopped")]
+    assert sorted(said) == [
+        "fastdit train: stopped by SIGTERM",  # rank 1: as after Ctrl-C, rank 0 alone says how the run goes on
+        f"fastdit train: stopped by SIGTERM: after step 4; `fastdit train --resume {tmp_path / 'run'}` goes on from "
+        f"the last checkpoint, {tmp_path / 'run' / 'checkpoints' / '0000004.pt'}",
+    ], log
 
 
 def test_sample_ddp_two_processes(tmp_path):
