@@ -627,6 +627,7 @@ class Trainer:
         self.dist = init_distributed(args.device or "auto")
         self.device = self.dist.device
         self._restore = contextlib.ExitStack()  # process-wide settings of this run, undone by close()
+        self._stop_signals = None  # fit's StopSignals: SIGTERM and SIGUSR1 noted, their handlers put back by close()
         try:
             self._setup(args)
         except BaseException:
@@ -1172,7 +1173,7 @@ class Trainer:
                 if fid:
                     fid = self._outside_clock(bar, self.measure_fid, log)
                     bar.write(f"step {self.step:7d}  FID {fid:.3f} ({a.fid_samples} EMA samples)")
-                if self.step >= a.steps:
+                if self.step >= a.steps:  # a signal in the last step: its checkpoint, not the grid (--resume writes it)
                     return losses, agreed.drain()
                 if a.ckpt_every and self.step % a.ckpt_every == 0:
                     self._outside_clock(bar, self.save_checkpoint)
@@ -1274,8 +1275,9 @@ class Trainer:
         if self.dist.active:
             self._release_distributed()
         self.dist.close()
-        # Last: under torchrun, a rank's stop can bring the launcher's SIGTERM before `fastdit` said its line.
-        if getattr(self, "_stop_signals", None) is not None:
+        # Last: under torchrun, a rank that stopped and ended brings the launcher's SIGTERM to the others, which
+        # note it (instead of dying) until here, close to `fastdit` saying its line.
+        if self._stop_signals is not None:
             self._stop_signals.close()
             self._stop_signals = None
 

@@ -120,6 +120,8 @@ def test_sigterm_stops_after_the_step_in_flight_with_its_checkpoint_and_resume_i
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # a second one (in the step in flight, or the save) changes nothing
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "stderr").read_text()
     finally:
         if proc.poll() is None:
