@@ -1251,8 +1251,9 @@ class Trainer:
         if self.dist.is_main:
             self._record(log, rec)
             loss = f"{rec['loss']:.4f}" if window else "n/a"
+            speed = rec["images_per_s"]  # three figures below 100 (a slow CPU run is not "0 img/s")
             bar.write(
-                f"step {self.step:7d}  loss {loss}  {rec['images_per_s']:.0f} img/s  "
+                f"step {self.step:7d}  loss {loss}  {f'{speed:.0f}' if speed >= 100 else f'{speed:.3g}'} img/s  "
                 f"{'cuda max allocated' if self.device.type == 'cuda' else 'peak RSS'} {mem:.2f} GiB"
                 + (f"  skipped {self.skipped}" if self.skipped else "")
             )

@@ -547,6 +547,10 @@ def test_throughput_counts_skipped_steps(monkeypatch):
     train.Trainer._log(host, None, SimpleNamespace(write=lines.append), [1.0, 3.0])
     assert (records[0]["steps_per_s"], records[0]["images_per_s"], records[0]["loss"]) == (2.0, 32.0, 2.0)
     assert (host._window_start, host._window_step) == (102.0, 10) and "loss 2.0000  32 img/s" in lines[0]
+    host.step, host.args.global_batch_size = 11, 1  # then 1 step in 2.5 s: 0.4 img/s, not "0 img/s"
+    monkeypatch.setattr(train.time, "time", lambda: 104.5)
+    train.Trainer._log(host, None, SimpleNamespace(write=lines.append), [1.0])
+    assert "loss 1.0000  0.4 img/s" in lines[1]
 
 
 def test_pauses_are_outside_the_throughput_and_eta_clock(monkeypatch):
