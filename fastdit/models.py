@@ -483,8 +483,7 @@ def _norm_after(x, residual, norm, modulation=None, keep_x=False):
     then keeps one fp32 residual stream, not two. A norm that is not as built (another module, another
     LayerNorm setting, a forward hook) runs itself, unfused, as the official block calls it."""
     if not _is_plain_norm(norm, affine=modulation is None):
-        if residual is not None:
-            x = ops.gated_residual(x, *residual)
+        x = _applied(x, residual)
         h = norm(x)
         return x, h if modulation is None else modulate(h, *modulation)
     if modulation is None:  # an affine LayerNorm as modulate_layer_norm, shift and scale (B, D) stride-0 views

@@ -148,6 +148,25 @@ def test_official_block_forward_matches_reference_block():
         torch.testing.assert_close(model.blocks[0](x, c), ref.blocks[0](x, c), rtol=1e-5, atol=1e-6)
 
 
+def assert_step_matches(model, ref, backend="reference", rtol=(1e-5, 1e-4), atol=(1e-6, 1e-6)):
+    """One training step's output and every parameter gradient (loss: the output's mean square, on inputs())
+    of model, on `backend`, against ref's; rtol and atol: (output, gradients). Returns model's output."""
+    x, t, y = inputs()
+    x = x.to(next(ref.parameters()))
+    t, y = t.to(x.device), y.to(x.device)
+    with ops.use_backend(backend):
+        out = model(x, t, y)
+        out.square().mean().backward()
+    want = ref(x, t, y)
+    want.square().mean().backward()
+    torch.testing.assert_close(out, want, rtol=rtol[0], atol=atol[0])
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=rtol[1], atol=atol[1], msg=name)
+    return out
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_changed_modules_run_themselves_never_ignored(backend):
     """The fused forward computes the LayerNorms itself and the patch embedding as one GEMM, without calling
@@ -169,18 +188,8 @@ def test_changed_modules_run_themselves_never_ignored(backend):
     model.load_state_dict(randomize(ref).state_dict())
     seen = []
     model.x_embedder.proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    x, t, y = inputs()
-    with ops.use_backend(backend):
-        out = model(x, t, y)
-        out.square().mean().backward()
-    want = ref(x, t, y)
-    want.square().mean().backward()
+    assert_step_matches(model, ref, backend)
     assert seen == [(3, 64, 4, 4)]
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_training_mode_gradients_match_reference_model():
@@ -213,13 +222,7 @@ def test_hooks_on_blocks_and_the_final_layer_see_and_change_what_they_do_in_the_
         m.blocks[1].register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__((name, "out"), out))
         m.blocks[0].register_forward_hook(lambda mod, args, out: 0.5 * out)  # a hook that replaces the output
         m.final_layer.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__((name, "final"), args))
-    x, t, y = inputs()
-    with ops.use_backend("reference"):
-        out = model(x, t, y)
-        out.square().mean().backward()
-    want = ref(x, t, y)
-    want.square().mean().backward()
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert_step_matches(model, ref)
     ours_in, ref_in = seen["ours", "in"], seen["ref", "in"]
     assert len(ours_in) == len(ref_in) == 2  # (x, c), as the official block is called
     for got, expected in (
@@ -229,10 +232,6 @@ def test_hooks_on_blocks_and_the_final_layer_see_and_change_what_they_do_in_the_
     ):
         for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, expected))):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 class ScaledBlock(models.DiTBlock):
@@ -254,17 +253,7 @@ def test_blocks_and_final_layers_of_another_kind_run_as_the_official_model_calls
     model.blocks[2].__class__ = ScaledBlock
     ref_forward = ref.blocks[2].forward
     ref.blocks[2].forward = lambda x, c: 0.5 * ref_forward(x, c)
-    x, t, y = inputs()
-    with ops.use_backend(backend):
-        out = model(x, t, y)
-        out.square().mean().backward()
-    want = ref(x, t, y)
-    want.square().mean().backward()
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_step_matches(model, ref, backend)
 
 
 class LoggedTensor(torch.Tensor):
@@ -326,18 +315,8 @@ def test_a_float64_model_matches_the_official_one_in_float64(device):
     ref = randomize(small(ReferenceDiT, math_attention=True, class_dropout_prob=0.0)).double().to(device)
     model = small(class_dropout_prob=0.0).double().to(device)
     model.load_state_dict(ref.state_dict())
-    x, t, y = (a.to(device) for a in inputs())
-    x = x.double()
-    out = model(x, t, y)
-    out.square().mean().backward()
-    want = ref(x, t, y)
-    want.square().mean().backward()
+    out = assert_step_matches(model, ref, "auto", rtol=(1e-12, 1e-10), atol=(1e-13, 1e-13))
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-10, atol=1e-13, msg=name)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
