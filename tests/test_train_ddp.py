@@ -4,6 +4,7 @@ fastdit sample-ddp: each rank samples its shard with its own seed, rank 0 writes
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from _train_helpers import FAST, another_process_holding, one_thread  # noqa: F401 (an autouse fixture)
 
 from fastdit import train
+from fastdit._dist import Dist
+from fastdit._signals import AgreedStop
 from fastdit.cli import main as cli
 
 WORKER = Path(__file__).with_name("_train_worker.py")
@@ -101,6 +104,30 @@ def test_a_stop_signal_to_one_rank_stops_both_after_the_same_step_with_its_check
         f"fastdit train: stopped by SIGTERM: after step 4; `fastdit train --resume {tmp_path / 'run'}` goes on from "
         f"the last checkpoint, {tmp_path / 'run' / 'checkpoints' / '0000004.pt'}",
     ], log
+
+
+class Noted:
+    """A StopSignals stand-in: the signal number a handler noted (0: none)."""
+
+    received = 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_agreed_stop_answers_one_step_late(device):
+    """AgreedStop in a process group of one (gloo; on CUDA NCCL, its answer read back through pinned memory
+    behind an event): each step's answer is the all-reduce the step before enqueued, and drain() waits for
+    the last one (a signal in the last step)."""
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        signals = Noted()
+        agreed = AgreedStop(signals, Dist(0, 1, 0, torch.device(device), owns_group=False))
+        assert [agreed.after_step(), agreed.after_step()] == [0, 0]
+        signals.received = signal.SIGUSR1
+        assert agreed.after_step() == 0, "this step's flag is still in flight"
+        signals.received = signal.SIGTERM
+        assert [agreed.after_step(), agreed.drain(), agreed.drain()] == [signal.SIGUSR1, signal.SIGTERM, 0]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sample_ddp_two_processes(tmp_path):
