@@ -34,17 +34,23 @@ def reworded(interrupt, message):
     return Stopped(interrupt.signum, message) if isinstance(interrupt, Stopped) else KeyboardInterrupt(message)
 
 
+def interruption(signum):
+    """What a noted signal raises: Ctrl-C's (SIGINT) KeyboardInterrupt, or Stopped."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
 class StopSignals:
-    """While open, SIGTERM and SIGUSR1 no longer end the process: the handler only notes the first one's
-    number in `received` (0: none), for the program to act on where it is safe; with raising=True it also
-    raises Stopped where the main thread is, as Ctrl-C raises KeyboardInterrupt. Later signals change
+    """While open, SIGTERM and SIGUSR1 (with ctrl_c=True SIGINT too: a program whose state is whole only
+    between steps) no longer end the process: the handler only notes the first one's number in `received`
+    (0: none), for the program to act on where it is safe; with raising=True (settable while open) it also
+    raises `interruption` where the main thread is, as Ctrl-C raises KeyboardInterrupt. Later signals change
     nothing (a second SIGTERM while a checkpoint is written does not break off the write). close() puts
     back the handlers it found. Outside the main thread, where Python cannot set handlers, it does nothing."""
 
-    def __init__(self, raising=False):
+    def __init__(self, raising=False, ctrl_c=False):
         self.received, self.raising, self._previous = 0, raising, {}
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
+            for sig in (signal.SIGINT, *STOP_SIGNALS) if ctrl_c else STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._note)
 
     def _note(self, signum, frame):
@@ -52,7 +58,7 @@ class StopSignals:
             return
         self.received = signum
         if self.raising:
-            raise Stopped(signum)
+            raise interruption(signum)
 
     def close(self):
         for sig, handler in self._previous.items():  # None: a handler set outside Python, not restorable

@@ -1,5 +1,5 @@
-"""Small shared helpers of the training stack: bad-input errors, atomic file writes, output locks, image grids,
-memory."""
+"""Small shared helpers of the training stack: bad-input errors, atomic file writes, output locks, RNG states,
+image grids, memory."""
 
 import contextlib
 import errno
@@ -7,6 +7,7 @@ import fcntl
 import io
 import json
 import os
+import random
 import re
 import resource
 import sys
@@ -59,11 +60,12 @@ def atomic_write(path, write):
 
 def remove_stale_temporaries(folder):
     """Delete the temporary files atomic_write leaves in `folder` when its process is killed mid-write
-    (.NAME.XXXXXXXX.tmp, mkstemp's 8 random characters). Returns their paths."""
+    (.NAME.XXXXXXXX.tmp, mkstemp's 8 random characters), saying so for each. Returns their paths."""
     stale = [f for f in Path(folder).glob(".*.tmp") if re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", f.name) and f.is_file()]
     for f in stale:
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
+        print(f"removed {f}, a file a killed run left half-written")
     return [str(f) for f in stale]
 
 
@@ -190,6 +192,28 @@ def load_plain(path, what):
         return read_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as e:
         raise UsageError(f"{what}: {e}") from e
+
+
+def rng_state(device):
+    """This process's RNG states as tensors and plain values (torch.load(weights_only=True) reads them)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        python=[version, list(py_state), py_gauss],
+    )
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
 
 
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

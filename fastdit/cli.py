@@ -35,8 +35,8 @@ fastdit: DiT training and sampling on fused kernels.
 
 Under torchrun every command that samples or trains runs one process per device. Ctrl-C, SIGTERM or
 SIGUSR1 (a cluster's notice before it kills a job): train (after writing the checkpoint of the step in
-flight, on a signal), sample-ddp and latents keep what they did and say how to go on; exit code 130
-(Ctrl-C) or 128 + the signal's number (143: SIGTERM, 138: SIGUSR1)."""
+flight, on a signal), vae (its state after the step in flight), sample-ddp and latents keep what they
+did and say how to go on; exit code 130 (Ctrl-C) or 128 + the signal's number (143: SIGTERM, 138: SIGUSR1)."""
 
 
 class _Parser(argparse.ArgumentParser):

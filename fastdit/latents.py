@@ -186,8 +186,7 @@ def _start(out, settings):
     what a killed one left half-written: call it as the only process writing DIR, exclusive_output)."""
     _check_out(out, settings)
     if (out / MANIFEST).is_file():
-        for stale in remove_stale_temporaries(out):  # a process killed while writing a chunk left its temporary
-            print(f"removed {stale}, a file a killed run left half-written")
+        remove_stale_temporaries(out)  # a process killed while writing a chunk left its temporary
     else:
         write_manifest(out, dict(settings, complete=False))
 

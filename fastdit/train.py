@@ -38,7 +38,17 @@ from . import _args, _util, datasets
 from ._dist import env_world_size, init_distributed, local_shards
 from ._registry import MODELS, build_model, check_input_fits, check_model_name, model_name
 from ._signals import AgreedStop, Stopped, StopSignals, reworded
-from ._util import PRECISION_DTYPES, UsageError, absolute_if_local, amp_forward, atomic_save, load_plain, plain
+from ._util import (
+    PRECISION_DTYPES,
+    UsageError,
+    absolute_if_local,
+    amp_forward,
+    atomic_save,
+    load_plain,
+    plain,
+    rng_state,
+    set_rng_state,
+)
 from .data import ShardedBatches, build_dataset, check_data_path, make_loader
 from .fid import add_train_arguments as add_fid_arguments
 from .fid import fid_monitor
@@ -453,28 +463,6 @@ def find_checkpoint(path):
     return _util.find_checkpoint(path, "--resume")
 
 
-def rng_state(device):
-    """This process's RNG states as tensors and plain values (torch.load(weights_only=True) reads them)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return dict(
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        python=[version, list(py_state), py_gauss],
-    )
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, py_state, py_gauss = state["python"]
-    random.setstate((version, tuple(py_state), py_gauss))
-
-
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -697,8 +685,7 @@ class Trainer:
         if self.dist.is_main:
             if self.ckpt_path is not None:  # a run killed while writing a file left its temporary copy
                 for folder in (self.out, self.out / "checkpoints", self.out / "samples"):
-                    for stale in _util.remove_stale_temporaries(folder):
-                        print(f"removed {stale}, a file a killed run left half-written")
+                    _util.remove_stale_temporaries(folder)
             # Steps after the checkpoint will be redone: drop them from the log.
             kept = [r for r in _util.read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
             _util.write_jsonl(self.metrics_path, kept)

@@ -7,6 +7,7 @@ revision, a fingerprint of its weights, scale factor, shapes) that travels with 
 folder and checkpoint, so that sampling decodes with the VAE the latents were encoded with.
 """
 
+import functools
 import hashlib
 import re
 import time
@@ -17,7 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _args
-from ._util import PRECISION_DTYPES, UsageError, atomic_save, load_plain, save_grid
+from ._signals import StopSignals, interruption, reworded
+from ._util import (
+    PRECISION_DTYPES,
+    UsageError,
+    atomic_save,
+    exclusive_output,
+    load_plain,
+    remove_stale_temporaries,
+    rng_state,
+    save_grid,
+    set_rng_state,
+)
 from .data import build_dataset
 
 VAE_FORMAT = "fastdit-vae"
@@ -132,6 +144,11 @@ class SmallVAECodec(LatentCodec):
 
     def __init__(self, path, device="cpu", precision="fp32"):
         ckpt = load_plain(path, "VAE checkpoint")
+        if isinstance(ckpt, dict) and ckpt.get("format") == STATE_FORMAT:
+            raise UsageError(
+                f"{path} is the state of an interrupted `fastdit vae` run, not a VAE: run that command again to "
+                f"finish it (it writes vae.pt)"
+            )
         if not isinstance(ckpt, dict) or ckpt.get("format") != VAE_FORMAT:
             raise UsageError(f"{path} is not a fastdit VAE checkpoint (written by `fastdit vae`)")
         self.vae = SmallVAE(**ckpt["config"]).to(device).eval()
@@ -289,7 +306,13 @@ def check_same_vae(record, codec):
 DESCRIPTION = """\
 Train fastdit's small convolutional VAE on the embedded digits (upsampled to 16x16) or an image folder.
 Writes <out>/vae.pt (weights, config, latent scale factor) and <out>/reconstructions.png; then
-`fastdit latents --vae <out>/vae.pt` encodes a dataset with it for `fastdit train --latents`."""
+`fastdit latents --vae <out>/vae.pt` encodes a dataset with it for `fastdit train --latents`.
+Until then <out>/training-state.pt keeps the run (every --ckpt-every steps, and after the step in flight
+on Ctrl-C, SIGTERM or SIGUSR1): the same command with the same --out continues it, ending with the
+weights of an uninterrupted run (bit for bit on a CPU); vae.pt replaces it once training is done."""
+# The resumable state of a run in progress: never a VAE (load_vae refuses it), removed once vae.pt is written.
+STATE_FILE = "training-state.pt"
+STATE_FORMAT = "fastdit-vae-state"
 
 
 def add_arguments(parser):
@@ -316,27 +339,102 @@ def add_arguments(parser):
         "--base-channels", type=_args.positive, default=32, help="channels of the convolutions; default 32"
     )
     parser.add_argument("--beta", type=_args.number(0), default=1e-3, help="KL weight (per pixel); default 0.001")
-    parser.add_argument("--steps", type=_args.positive, default=1000, help="training steps; default 1000")
+    parser.add_argument(
+        "--steps",
+        type=_args.positive,
+        default=1000,
+        help="training steps (a continued run may have more); default 1000",
+    )
     parser.add_argument("--batch-size", type=_args.positive, default=128, help="images per step; default 128")
     parser.add_argument(
         "--lr", type=_args.number(0, low_open=True), default=2e-3, help="Adam learning rate; default 0.002"
     )
     parser.add_argument("--seed", type=_args.seed, default=0, help="seed of the weights and batches; default 0")
     _args.add_device(parser, per_rank=False)
-    parser.add_argument("--out", type=_args.output_folder, help="output folder; default runs/vae-<data>-<time>")
+    parser.add_argument(
+        "--out",
+        type=_args.output_folder,
+        help="output folder (the same command with it continues an interrupted run); default runs/vae-<data>-<time>",
+    )
     parser.add_argument(
         "--log-every", type=_args.positive, default=100, help="show the losses every N steps; default 100"
     )
+    parser.add_argument(
+        "--ckpt-every",
+        type=_args.non_negative,
+        default=100,
+        help=f"save the run's state (<out>/{STATE_FILE}) every N steps, to continue it after a crash (0: only when "
+        "stopped and after the last step); default 100",
+    )
+
+
+def run_settings(args, dataset):
+    """What decides the trained weights, by flag: a continued run must have the same ones (--steps may grow)."""
+    data = dataset.describe()
+    return {
+        "--data": {k: v for k, v in data.items() if k not in ("image_size", "channels")},  # their own flags
+        "--image-size": args.image_size,
+        "--channels": data["channels"],
+        "--latent-channels": args.latent_channels,
+        "--downsample": args.downsample,
+        "--base-channels": args.base_channels,
+        "--beta": args.beta,
+        "--batch-size": args.batch_size,
+        "--lr": args.lr,
+        "--seed": args.seed,
+    }
+
+
+def _setting_text(flag, value):
+    return f"{value.get('path', value['kind'])} ({value['size']} images)" if flag == "--data" else str(value)
+
+
+def unfinished_run(out, settings, steps):
+    """The state of the interrupted run in `out` that this one continues (None: there is none). Refused
+    (UsageError): an `out` holding a finished VAE, or a run of other settings, or one past --steps."""
+    if (out / "vae.pt").exists():  # latents encoded and runs trained with that VAE need it unchanged
+        raise UsageError(f"--out {out} holds another VAE ({out / 'vae.pt'}): give a new --out")
+    path = out / STATE_FILE
+    if not path.exists():
+        return None
+    state = load_plain(path, f"--out {out}: the interrupted run's state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UsageError(f"{path} is not the state of a `fastdit vae` run: give another --out, or delete it")
+    for flag, value in settings.items():
+        kept = state["settings"].get(flag)
+        if kept != value:
+            raise UsageError(
+                f"{flag} {_setting_text(flag, value)} differs from the interrupted run's {_setting_text(flag, kept)} "
+                f"(its state: {path}): continue it with the same settings, or give another --out"
+            )
+    done = len(state["losses"])
+    if steps < done:
+        raise UsageError(
+            f"--steps {steps}: the interrupted run in {out} is at step {done} already; give --steps {done} or more"
+        )
+    return state
+
+
+def save_state(path, settings, vae, opt, losses, device):
+    """The run so far, to continue it: its step is the number of losses (one a step)."""
+    state = dict(
+        format=STATE_FORMAT,
+        settings=settings,
+        vae=vae.state_dict(),
+        opt=opt.state_dict(),
+        losses=losses,
+        rng=rng_state(device),  # the batches and the posterior samples
+    )
+    atomic_save(state, path)
 
 
 def train_vae(args):
     """Train SmallVAE; write <out>/vae.pt (weights, config, latent scale factor) and a reconstruction grid.
+    With the state of an interrupted run in <out>, continue it.
 
-    Returns dict(path, losses (per step), scale_factor, out).
+    Returns dict(path, losses (per step, the whole run's), scale_factor, out).
     """
-    from tqdm import tqdm
-
-    from ._dist import pick_device
+    from ._dist import Dist, pick_device
 
     if args.image_size % 2**args.downsample:
         raise UsageError(f"--image-size {args.image_size} must be divisible by 2**--downsample = {2**args.downsample}")
@@ -344,28 +442,83 @@ def train_vae(args):
     dataset = build_dataset(args.data, args.image_size, channels=args.channels, flip=False)
     images = dataset.all_images()  # (N, C, S, S) in [-1, 1]
     out = Path(args.out or f"runs/vae-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "vae.pt").exists():  # latents encoded and runs trained with that VAE need it unchanged
-        raise UsageError(f"--out {out} holds another VAE ({out / 'vae.pt'}): give a new --out")
-    torch.manual_seed(args.seed)
-    vae = SmallVAE(images.shape[1], args.latent_channels, args.base_channels, args.downsample).to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    losses = []
-    bar = tqdm(range(args.steps), desc="vae", dynamic_ncols=True)
-    for step in bar:
-        x = images[torch.randint(0, len(images), (args.batch_size,))].to(device)
-        parts = vae.loss(x, args.beta)
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        opt.step()
-        losses.append(parts["loss"].item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", mse=f"{parts['mse'].item():.4f}", kl=f"{parts['kl'].item():.3f}")
+    settings = run_settings(args, dataset)
+    unfinished_run(out, settings, args.steps)  # bad input first: a refused --out is left untouched
+    if args.out is None:
+        print(f"fastdit vae: into {out} (if interrupted, the same command with --out {out} continues it)")
+    # A second command in the same folder would write over this one's state; a plain run is a world of one.
+    with exclusive_output(out, str(out), Dist(0, 1, 0, device, owns_group=False)):
+        state = unfinished_run(out, settings, args.steps)  # again: the folder may have changed before the lock
+        remove_stale_temporaries(out)  # a process killed while writing the state left its temporary
+        torch.manual_seed(args.seed)
+        vae = SmallVAE(images.shape[1], args.latent_channels, args.base_channels, args.downsample).to(device)
+        opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+        losses = []
+        if state is not None:
+            vae.load_state_dict(state["vae"])
+            opt.load_state_dict(state["opt"])
+            losses = state["losses"]
+            set_rng_state(state["rng"], device)
+            print(f"fastdit vae: continuing the run in {out} from step {len(losses)}")
+        try:
+            # Ctrl-C too ends the step in flight: the state is whole only between steps.
+            with StopSignals(ctrl_c=True) as stop:
+                save = functools.partial(save_state, out / STATE_FILE, settings, vae, opt, losses, device)
+                _train_steps(vae, opt, images, args, losses, stop, save)
+                stop.raising = True  # the last step's state is written: from here a signal stops at once,
+                if stop.received:  # and one that came while it was written stops now
+                    raise interruption(stop.received)
+                scale = _scale_and_grid(vae, images, out, device)
+                stop.raising = False  # vae.pt written and the state removed, or neither: a signal now comes too late
+                return _write_vae(vae, scale, dataset, args, losses, out)
+        except KeyboardInterrupt as e:  # said on the command's one `interrupted` (or `stopped by`) line
+            raise reworded(
+                e,
+                f"after step {len(losses)} of {args.steps}, kept in {out / STATE_FILE}: the same command with "
+                f"--out {out} goes on from there",
+            ) from None
+
+
+def _train_steps(vae, opt, images, args, losses, stop, save):
+    """The steps up to --steps, each appending its loss; save() every --ckpt-every steps, after the last, and
+    after the step in flight when `stop` has noted a signal, which is then raised (as its interruption)."""
+    from tqdm import tqdm
+
+    with tqdm(total=args.steps, initial=len(losses), desc="vae", dynamic_ncols=True) as bar:
+        while len(losses) < args.steps:
+            x = images[torch.randint(0, len(images), (args.batch_size,))].to(next(vae.parameters()).device)
+            parts = vae.loss(x, args.beta)
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            opt.step()
+            losses.append(parts["loss"].item())
+            bar.update(1)
+            step = len(losses)
+            if step % args.log_every == 0 or step == args.steps:
+                bar.set_postfix(
+                    loss=f"{losses[-1]:.4f}", mse=f"{parts['mse'].item():.4f}", kl=f"{parts['kl'].item():.3f}"
+                )
+            stopping = stop.received  # read once: one that comes while the state is written stops after the next step
+            if stopping or step == args.steps or (args.ckpt_every and step % args.ckpt_every == 0):
+                save()
+            if stopping:
+                raise interruption(stopping)
+
+
+def _scale_and_grid(vae, images, out, device):
+    """The latent scale factor; writes the reconstruction grid."""
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(b.to(device))[0] for b in images.split(512)])
         scale = 1.0 / means.std().item()  # makes the latents roughly unit variance, like SD's 0.18215
         shown = images[:32].to(device)
         recon = vae.decode(vae.encode(shown)[0])
+    save_grid(torch.cat([shown, recon]).cpu(), out / "reconstructions.png", nrow=16)
+    return scale
+
+
+def _write_vae(vae, scale, dataset, args, losses, out):
+    """vae.pt, which replaces the run's state: the run is done."""
     path = out / "vae.pt"
     atomic_save(
         dict(
@@ -380,7 +533,7 @@ def train_vae(args):
         ),
         path,
     )
-    save_grid(torch.cat([shown, recon]).cpu(), out / "reconstructions.png", nrow=16)
+    (out / STATE_FILE).unlink()  # nothing left to continue: a folder holding vae.pt is refused
     print(
         f"VAE: final loss {losses[-1]:.4f}, latent scale factor {scale:.4f}, latents "
         f"{args.latent_channels}x{args.image_size // 2**args.downsample}x{args.image_size // 2**args.downsample}"

@@ -1,9 +1,15 @@
-"""A tiny diffusers AutoencoderKL with random weights (nothing downloaded) and a small RGB image folder."""
+"""A tiny diffusers AutoencoderKL with random weights (nothing downloaded), a small RGB image folder, and
+`fastdit vae` stopped by a signal."""
+
+import contextlib
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from fastdit import vae
 
 
 def save_tiny_sd_vae(path, seed=0):
@@ -40,3 +46,20 @@ def rgb_folder(tmp_path_factory):
             shape = (20, 24, 3) if i else (18, 18, 3)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / cls / f"{i}.png")
     return root
+
+
+@contextlib.contextmanager
+def vae_signalled(signum, step):
+    """While the block runs, `fastdit vae` sends itself `signum` in the middle of its step `step` (1-based), as a
+    user's Ctrl-C (SIGINT) or a cluster (SIGTERM, SIGUSR1) would."""
+    real, calls = vae.SmallVAE.loss, []
+
+    def loss(self, x, beta):
+        calls.append(x)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real(self, x, beta)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(vae.SmallVAE, "loss", loss)
+        yield

@@ -231,6 +231,7 @@ INVALID = [
     ("vae --channels 2", "argument --channels: invalid choice"),
     ("vae --channels 3", "the digits have 1 channel"),
     ("vae --log-every 0", "argument --log-every"),
+    ("vae --ckpt-every -1", "argument --ckpt-every: must be an integer >= 0"),
     ("vae --seed -3", "argument --seed"),
     ("vae --out {F}/plain.txt", "argument --out"),
     ("vae --out {F}/vae", "--out {F}/vae holds another VAE ({F}/vae/vae.pt): give a new --out"),

@@ -2,13 +2,17 @@
 
 import argparse
 import importlib.util
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from _train_helpers import one_thread, stop_signals_guarded  # noqa: F401 (an autouse fixture)
+from _vae_helpers import vae_signalled
+from PIL import Image
 
-from fastdit import data, latents, train, vae
+from fastdit import _util, data, latents, train, vae
 from fastdit._util import UsageError
 from fastdit.cli import main as cli
 
@@ -58,6 +62,111 @@ def test_small_vae_loss_parts():
     model = vae.SmallVAE(1, 2, 8, 1)
     parts = model.loss(torch.rand(4, 1, 8, 8) * 2 - 1, beta=0.5)
     assert torch.allclose(parts["loss"], parts["mse"] + 0.5 * parts["kl"]) and parts["kl"] >= 0
+
+
+TINY_VAE = ["vae", "--steps", "6", "--batch-size", "8", "--base-channels", "8", "--log-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def whole_vae(tmp_path_factory):
+    """vae.pt of an uninterrupted 6-step run: what an interrupted and continued one must end with."""
+    out = tmp_path_factory.mktemp("whole") / "vae"
+    assert cli(TINY_VAE + ["--out", str(out)]) == 0
+    return torch.load(out / "vae.pt", weights_only=True)
+
+
+def assert_finished_as(out, whole):
+    """`out` holds what the uninterrupted run wrote, the same to the bit, and no state left to continue."""
+    assert sorted(os.listdir(out)) == ["reconstructions.png", "vae.pt"]
+    done = torch.load(out / "vae.pt", weights_only=True)
+    assert (done["scale_factor"], done["final_loss"], done["steps"]) == (
+        whole["scale_factor"],
+        whole["final_loss"],
+        whole["steps"],
+    )
+    assert done["vae"].keys() == whole["vae"].keys()
+    assert all(torch.equal(done["vae"][k], whole["vae"][k]) for k in whole["vae"])
+
+
+def state_step(out):
+    return len(torch.load(out / vae.STATE_FILE, weights_only=True)["losses"])
+
+
+def test_vae_stopped_by_sigterm_keeps_its_state_refuses_other_settings_and_goes_on(whole_vae, tmp_path, capsys):
+    """SIGTERM in step 3 of 4: the step ends, its state is written, one line says how to go on, exit code 143.
+    The state is no VAE; other settings (or fewer --steps) are refused; --steps 6 then ends as the whole run."""
+    out = tmp_path / "vae"
+    with stop_signals_guarded(), vae_signalled(signal.SIGTERM, 3):
+        assert cli(TINY_VAE + ["--steps", "4", "--out", str(out)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fastdit vae: stopped by SIGTERM: after step 3 of 4, kept in {out / vae.STATE_FILE}: the same command "
+        f"with --out {out} goes on from there"
+    )
+    assert os.listdir(out) == [vae.STATE_FILE] and state_step(out) == 3
+    with pytest.raises(UsageError, match="is the state of an interrupted `fastdit vae` run, not a VAE"):
+        vae.load_vae(out / vae.STATE_FILE)
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(images / "a" / f"{i}.png")
+    for given, said in [
+        (
+            ["--data", str(images)],
+            f"--data {images} (2 images) differs from the interrupted run's digits (1797 images)",
+        ),
+        (["--lr", "0.01"], "--lr 0.01 differs from the interrupted run's 0.002"),
+        (["--image-size", "8"], "--image-size 8 differs from the interrupted run's 16"),
+        (["--steps", "2"], "--steps 2: the interrupted run in {out} is at step 3 already; give --steps 3 or more"),
+    ]:
+        assert cli(TINY_VAE + ["--out", str(out), *given]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"fastdit vae: error: {said.format(out=out)}")
+    assert cli(TINY_VAE + ["--out", str(out)]) == 0  # --steps 4 -> 6: the run goes on
+    assert f"continuing the run in {out} from step 3" in capsys.readouterr().out
+    assert_finished_as(out, whole_vae)
+    assert cli(TINY_VAE + ["--out", str(out)]) == 2  # a finished VAE stays as it is
+    assert f"--out {out} holds another VAE" in capsys.readouterr().err
+
+
+def test_vae_ctrl_c_ends_the_step_in_flight_and_names_the_default_folder(whole_vae, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in step 2 (--out not given: a folder named after the time) ends that step and writes its state;
+    the line names the real folder, and the same command with that --out ends as the whole run."""
+    monkeypatch.chdir(tmp_path)
+    with vae_signalled(signal.SIGINT, 2):
+        assert cli(TINY_VAE) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    (out,) = (tmp_path / "runs").iterdir()
+    out = out.relative_to(tmp_path)
+    said = capsys.readouterr()
+    assert said.out.startswith(f"fastdit vae: into {out} (if interrupted, the same command with --out {out} continues")
+    assert said.err.strip().splitlines()[-1] == (
+        f"fastdit vae: interrupted: after step 2 of 6, kept in {out / vae.STATE_FILE}: the same command with "
+        f"--out {out} goes on from there"
+    )
+    assert state_step(out) == 2
+    assert cli(TINY_VAE + ["--out", str(out)]) == 0
+    assert_finished_as(out, whole_vae)
+
+
+def test_vae_crash_while_saving_its_state_keeps_the_last_good_one(whole_vae, tmp_path, monkeypatch, capsys):
+    """--ckpt-every 2: a crash in the middle of writing step 4's state leaves step 2's (atomic_save), from which
+    the same command ends as the whole run."""
+    out, save, saves = tmp_path / "vae", torch.save, []
+
+    def fails_second(obj, f):
+        saves.append(obj)
+        if len(saves) == 2:
+            f.write(b"\x80\x02half a pickle")
+            raise OSError("disk full")
+        return save(obj, f)
+
+    monkeypatch.setattr(_util.torch, "save", fails_second)
+    assert cli(TINY_VAE + ["--ckpt-every", "2", "--out", str(out)]) == 2
+    monkeypatch.undo()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "fastdit vae: error: disk full"
+    assert os.listdir(out) == [vae.STATE_FILE] and state_step(out) == 2  # no temporary, no lock file left
+    assert cli(TINY_VAE + ["--ckpt-every", "2", "--out", str(out)]) == 0
+    assert_finished_as(out, whole_vae)
 
 
 def offline_hub(monkeypatch, cache):
