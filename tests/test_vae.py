@@ -132,9 +132,10 @@ def test_vae_ctrl_c_ends_the_step_in_flight_and_names_the_default_folder(whole_v
     """Ctrl-C in step 2 (--out not given: a folder named after the time) ends that step and writes its state;
     the line names the real folder, and the same command with that --out ends as the whole run."""
     monkeypatch.chdir(tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
     with vae_signalled(signal.SIGINT, 2):
         assert cli(TINY_VAE) == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
     (out,) = (tmp_path / "runs").iterdir()
     out = out.relative_to(tmp_path)
     said = capsys.readouterr()
