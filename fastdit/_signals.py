@@ -47,6 +47,11 @@ class StopSignals:
     nothing (a second SIGTERM while a checkpoint is written does not break off the write). close() puts
     back the handlers it found. Outside the main thread, where Python cannot set handlers, it does nothing."""
 
+    # Set by the `fastdit` command, whose process ends when its command returns: once a signal stopped it,
+    # close() leaves SIGTERM and SIGUSR1 ignored, so that another one (torchrun passes each on, a cluster may
+    # send several) cannot kill it between its line and its exit code. Library callers get their handlers back.
+    ignore_after_stop = False
+
     def __init__(self, raising=False, ctrl_c=False):
         self.received, self.raising, self._previous = 0, raising, {}
         if threading.current_thread() is threading.main_thread():
@@ -61,7 +66,10 @@ class StopSignals:
             raise interruption(signum)
 
     def close(self):
+        stopped = self.received and StopSignals.ignore_after_stop
         for sig, handler in self._previous.items():  # None: a handler set outside Python, not restorable
+            if stopped and sig in STOP_SIGNALS:
+                handler = signal.SIG_IGN
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
@@ -115,6 +123,9 @@ class AgreedStop:
         self._pending = None
         if self.device.type == "cuda":
             self._copied.synchronize()
-            return int(self._host[0])
-        work.wait()
-        return int(flag[0])
+            agreed = int(self._host[0])
+        else:
+            work.wait()
+            agreed = int(flag[0])
+        self.signals.received = self.signals.received or agreed  # another rank's: this process stops on it too
+        return agreed

@@ -140,7 +140,8 @@ def bench(args):
 def main(argv=None):
     """Run one fastdit command; returns its exit code: 0, 1 (training stopped, out of memory), 2 (bad input),
     130 (Ctrl-C), 128 + the signal's number after a stop signal (143: SIGTERM, 138: SIGUSR1; _signals)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    program = argv is None  # the process ends when the command returns (in-process callers pass their argv)
+    argv = sys.argv[1:] if program else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmarks, --help included
         return bench(argv[1:])
     parser = build_parser()
@@ -154,8 +155,10 @@ def main(argv=None):
         parser.print_help()
         return 2
     from . import ops
-    from ._signals import Stopped
+    from ._signals import Stopped, StopSignals
     from .train import TrainingError
+
+    StopSignals.ignore_after_stop = program
 
     try:
         _check_environment()

@@ -122,6 +122,9 @@ def test_sigterm_stops_after_the_step_in_flight_with_its_checkpoint_and_resume_i
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)  # a second one (in the step in flight, or the save) changes nothing
+        while "stopped by" not in (tmp_path / "stderr").read_text() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # nor does one after its line, as the process ends (torchrun's, say)
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "stderr").read_text()
     finally:
         if proc.poll() is None:
