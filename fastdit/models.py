@@ -641,8 +641,8 @@ class DiT(nn.Module):
         for name, v in (("x", x), ("t", t), ("y", y)):
             if v is not None:
                 _check_is_tensor(name, v)
-        if x.dim() != 4 or x.shape[1] != self.in_channels or not len(x):
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W) with N >= 1, got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:  # N may be 0, as in the official model
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         p = self.patch_size
         H, W = x.shape[-2:]
         if H % p or W % p:
@@ -790,12 +790,14 @@ class DiT(nn.Module):
         _check_is_tensor("x", x)
         if len(x) % 2:
             raise ValueError(f"x must be an even batch (conditional half, then unconditional half), got {len(x)}")
-        half = x[: len(x) // 2]
+        n_half = len(x) // 2
+        half = x[:n_half]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
         n = min(3, self.in_channels) if cfg_channels == "paper" else self.in_channels
         eps, rest = model_out[:, :n], model_out[:, n:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        # Slices, not the official torch.split(eps, len(eps) // 2), which fails on an empty batch (one empty part)
+        cond_eps, uncond_eps = eps[:n_half], eps[n_half:]
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)

@@ -223,6 +223,12 @@ class RowOpTests:
         for a, b in zip([*outs, *grads], [*again_outs, *again_grads]):
             assert torch.equal(a, b), "two runs differ: the reductions must be deterministic"
 
+    def test_empty_batch(self, device, monkeypatch):
+        # B = 0 (the model on x[mask] with an empty mask): the reference's empty outputs and gradients, dtypes
+        # promoted as ever (an fp32 stream, bf16 adaLN rows), and no kernel launched over no programs
+        inputs = self.inputs(0, 5, 72, torch.float32, device, vec_dtype=torch.bfloat16)
+        check_empty_batch(type(self).op, type(self).ref, inputs, monkeypatch)
+
     def test_rejects_rows_wider_than_the_kernels(self, device, kernel_backend):
         D = max_width(kernel_backend) + 1
         with pytest.raises(ValueError, match=f"D={D} exceeds"):
@@ -238,3 +244,27 @@ def check_exact(fn, ref_fn, x, grad_kind="contiguous"):
     assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
     assert torch.equal(out, ref_out), "forward differs from the reference"
     assert torch.equal(dx, ref_dx), "gradient differs from the reference"
+
+
+def forbid_kernels(monkeypatch):
+    """Until monkeypatch undoes it, a kernel about to run fails the test: every kernel, Triton's and the native
+    ones alike, gets its buffers from _triton_utils.empty first."""
+
+    def refuse(*args):
+        raise AssertionError("a kernel ran: it asked _triton_utils.empty for its buffers")
+
+    monkeypatch.setattr(_triton_utils, "empty", refuse)
+
+
+def check_empty_batch(fn, ref_fn, inputs, monkeypatch):
+    """fn on inputs of batch size B = 0: no kernel runs, and every output and every input's gradient has the
+    shape and dtype ref_fn's (fastdit.reference's) has. Returns fn's outputs."""
+    forbid_kernels(monkeypatch)
+    ref_outs = ref_fn(*inputs)
+    grad_out = [torch.empty_like(o) for o in (ref_outs if isinstance(ref_outs, tuple) else [ref_outs])]  # B = 0
+    outs, grads = run_op(fn, inputs, grad_out)
+    ref_outs, ref_grads = run_op(ref_fn, inputs, grad_out)
+    labels = [f"output {i}" for i in range(len(outs))] + [f"gradient of input {i}" for i in range(len(grads))]
+    for label, got, want in zip(labels, [*outs, *grads], [*ref_outs, *ref_grads], strict=True):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{label}: {got.shape} {got.dtype}, not {want.shape} {want.dtype}"
+    return outs

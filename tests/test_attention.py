@@ -1,6 +1,8 @@
 """fastdit.ops.attention: the Triton kernels (forward, both backwards) and every installed backend
 against fastdit.reference.attention, backend selection, determinism, the model, torch.compile."""
 
+import re
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from fastdit.ops import _attention as attention_module
 from fastdit.ops import _attention_policy
 from tests.helpers import DTYPES, assert_close, reference_pair
 from tests.kernel_helpers import (
+    check_empty_batch,
     poisoned,  # noqa: F401 (fixture)
     round_bfloat16_like_the_gpu,
 )
@@ -175,6 +178,27 @@ def test_other_backends_match_reference(backend, dtype, device):
     if why is not None:
         pytest.skip(f"{backend} {why}")
     check_against_reference(q, k, v, backend)
+
+
+@pytest.mark.parametrize("backend", ops.ATTENTION_BACKENDS)
+def test_empty_batch_runs_math_on_every_backend(backend, device, monkeypatch):
+    """B = 0: the reference's empty output and gradients, from `math` whatever was asked (no kernel launched over
+    no programs, nothing for auto to measure); a backend asked for by name that cannot take such inputs says so."""
+    q, k, v = qkv_views(0, 5, 2, 72, torch.float16, device)
+    why = None if backend == "auto" else attention_module.unavailable(backend, q)
+    if why is not None:
+        with pytest.raises(ops.BackendUnavailable, match=re.escape(why)):
+            ops.attention(q, k, v, backend=backend)
+        return
+    monkeypatch.setattr(attention_module, "time_backend", None)  # auto must not measure
+    k, v = k[:, :2], v[:, :2]  # cross-attention's two keys
+    check_empty_batch(lambda *qkv: ops.attention(*qkv, backend=backend), reference.attention, [q, k, v], monkeypatch)
+    assert ops.last_attention_backend() == "math" == ops.attention_backend(q, k, v, backend)
+    packed = torch.randn(0, 5, 3, 2, 72, dtype=torch.float16, device=device)
+    check_empty_batch(
+        lambda qkv: ops.attention_packed(qkv, backend), lambda qkv: reference.attention(*qkv.unbind(2)), [packed],
+        monkeypatch,
+    )  # fmt: skip
 
 
 def test_missing_backends_raise_a_clear_error_and_auto_skips_them(monkeypatch):

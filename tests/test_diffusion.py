@@ -314,6 +314,24 @@ def test_sampling_device_progress_and_progressive(capsys):
     torch.testing.assert_close(final, diffusion.ddim_sample_loop(model, (2, 3, 8, 8), model_kwargs=y), rtol=0, atol=0)
 
 
+def test_an_empty_batch():
+    """N = 0: training_losses as in DiT (empty losses, zero gradients); the sampling loops and calc_bpd_loop, which
+    fail in DiT (its timesteps torch.tensor([i] * 0) are float32, which no table lookup takes), return empty."""
+    torch.manual_seed(0)
+    model = fastdit.DiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    diffusion = create_diffusion("3")
+    x, y = torch.randn(0, 4, 4, 4), torch.zeros(0, dtype=torch.int64)
+    terms = diffusion.training_losses(model, x, y.clone(), dict(y=y))
+    assert sorted(terms) == ["loss", "mse", "vb"] and all(v.shape == (0,) for v in terms.values())
+    terms["loss"].mean().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.requires_grad)
+    for loop in (diffusion.p_sample_loop, diffusion.ddim_sample_loop):
+        out = loop(model.forward_with_cfg, (0, 4, 4, 4), model_kwargs=dict(y=y, cfg_scale=4.0), device="cpu")
+        assert out.shape == (0, 4, 4, 4)
+    bpd = diffusion.calc_bpd_loop(model, x, model_kwargs=dict(y=y))
+    assert bpd["total_bpd"].shape == (0,) and bpd["vb"].shape == (0, 3)
+
+
 def test_timestep_samplers():
     diffusion = create_diffusion("")
     np.random.seed(0)

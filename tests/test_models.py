@@ -14,6 +14,7 @@ from fastdit import DiT, DiT_models, models, ops
 from fastdit.models import get_2d_sincos_pos_embed
 from fastdit.reference_model import ReferenceDiT, reference_DiT_models, timestep_embedding
 from tests import model_golden
+from tests.kernel_helpers import forbid_kernels
 
 CONFIGS = {  # the official table: name -> (depth, hidden_size, patch_size, num_heads)
     "DiT-XL/2": (28, 1152, 2, 16), "DiT-XL/4": (28, 1152, 4, 16), "DiT-XL/8": (28, 1152, 8, 16),
@@ -148,10 +149,11 @@ def test_official_block_forward_matches_reference_block():
         torch.testing.assert_close(model.blocks[0](x, c), ref.blocks[0](x, c), rtol=1e-5, atol=1e-6)
 
 
-def assert_step_matches(model, ref, backend="reference", rtol=(1e-5, 1e-4), atol=(1e-6, 1e-6)):
-    """One training step's output and every parameter gradient (loss: the output's mean square, on inputs())
-    of model, on `backend`, against ref's; rtol and atol: (output, gradients). Returns model's output."""
-    x, t, y = inputs()
+def assert_step_matches(model, ref, backend="reference", rtol=(1e-5, 1e-4), atol=(1e-6, 1e-6), n=3):
+    """One training step's output and every parameter gradient (loss: the output's mean square, on inputs(n))
+    of model, on `backend`, against ref's (None where ref's is); rtol and atol: (output, gradients). Returns
+    model's output."""
+    x, t, y = inputs(n)
     x = x.to(next(ref.parameters()))
     t, y = t.to(x.device), y.to(x.device)
     with ops.use_backend(backend):
@@ -190,6 +192,40 @@ def test_changed_modules_run_themselves_never_ignored(backend):
     model.x_embedder.proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
     assert_step_matches(model, ref, backend)
     assert seen == [(3, 64, 4, 4)]
+
+
+@pytest.mark.parametrize(
+    "backend, train, checkpointing", [("reference", True, False), ("triton", True, "full"), ("triton", False, False)]
+)
+def test_an_empty_batch_runs_as_in_the_official_model(backend, train, checkpointing, device, monkeypatch):
+    """model(x[mask], t[mask], y[mask]) with an empty mask: the official model returns an empty output, and the
+    backward gives every trained parameter a gradient of zeros; forward_with_cfg (which fails in the official
+    code: torch.split of nothing makes one part) returns an empty output too. No kernel runs."""
+    ref = randomize(small(ReferenceDiT, math_attention=True)).to(device).train(train)
+    model = small().to(device).train(train).set_gradient_checkpointing(checkpointing)
+    model.load_state_dict(ref.state_dict())
+    forbid_kernels(monkeypatch)
+    out = assert_step_matches(model, ref, backend, n=0)
+    assert out.shape == (0, 8, 8, 8) and out.dtype == torch.float32
+    x, t, y = (v.to(device) for v in inputs(0))
+    with torch.no_grad(), ops.use_backend(backend):  # sampling (on CUDA: fc1 and GELU in one GEMM)
+        assert model(x, t, y).shape == model.forward_with_cfg(x, t, y, 4.0).shape == (0, 8, 8, 8)
+
+
+@pytest.mark.parametrize("block, num_classes", [("cross-attention", 10), ("in-context", 0)])
+def test_an_empty_batch_in_the_other_designs(block, num_classes, monkeypatch):
+    """The official rule for an empty batch (an empty output, zero gradients) in the paper's other designs,
+    conditional or not, with learn_sigma off, on the Triton backend under selective checkpointing."""
+    model = randomize(small(block=block, num_classes=num_classes, learn_sigma=False))
+    model.set_gradient_checkpointing("selective")
+    x, t, y = inputs(0)
+    forbid_kernels(monkeypatch)
+    with ops.use_backend("triton"):
+        out = model(x, t, y if num_classes else None)
+        out.square().mean().backward()
+    assert out.shape == (0, 4, 8, 8)
+    for name, p in model.named_parameters():
+        assert not p.requires_grad or torch.equal(p.grad, torch.zeros_like(p)), name
 
 
 def test_training_mode_gradients_match_reference_model():
@@ -459,7 +495,8 @@ T2, Y2 = torch.tensor([1, 500]), torch.tensor([3, 7])
         (X2.numpy(), T2, Y2, TypeError, "x must be a torch.Tensor"),
         (X2.double(), T2, Y2, TypeError, "x is torch.float64 but the model's weights are torch.float32"),
         (X2.long(), T2, Y2, TypeError, "x is torch.int64"),
-        (X2[:0], T2[:0], Y2[:0], ValueError, r"x must be \(N, 4, H, W\) with N >= 1, got shape \(0, 4, 8, 8\)"),
+        (X2[:0], T2, Y2, ValueError, r"t must be \(0,\), one value per sample of x, got shape \(2,\)"),
+        (X2[:0], T2[:0], Y2[:0, None], ValueError, r"y must be \(0,\)"),
         (X2, T2[:1], Y2, ValueError, r"t must be \(2,\)"),
         (X2, T2[:, None], Y2, ValueError, r"t must be \(2,\)"),
         (X2, T2, Y2[:1], ValueError, r"y must be \(2,\)"),  # would broadcast over the batch

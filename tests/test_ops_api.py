@@ -5,6 +5,7 @@ import torch
 
 from fastdit import ops, reference
 from fastdit.ops import _dispatch
+from tests.kernel_helpers import forbid_kernels
 
 
 def test_every_contract_op_is_exposed():
@@ -72,7 +73,8 @@ BAD_ROW_INPUTS = [
     (lambda x, v: ops.modulate_layer_norm(x, v, v, eps=float("inf")), ValueError, "at most float32's max"),
     (lambda x, v: ops.gated_residual_modulate_layer_norm(x, x, v, v, v, eps=1e39), ValueError, "eps must be"),
     (lambda x, v: ops.modulate_layer_norm(x, v, v.to("meta")), ValueError, "one device"),
-    (lambda x, v: ops.modulate_layer_norm(x[:, :0], v, v), ValueError, "non-empty"),
+    (lambda x, v: ops.modulate_layer_norm(x[:, :0], v, v), ValueError, "non-empty T and D"),  # B = 0 runs
+    (lambda x, v: ops.gated_residual(x[..., :0], x[..., :0], v[:, :0]), ValueError, "non-empty T and D"),
     (lambda x, v: ops.gated_residual(x, x[:, :2], v), ValueError, "y must have shape"),
     (lambda x, v: ops.gated_residual(x, x, v.int()), TypeError, "gate must be float32"),
     (lambda x, v: ops.gated_residual_modulate_layer_norm(x, x, v, v, v[:, 1:]), ValueError, "scale must have shape"),
@@ -92,6 +94,7 @@ def test_row_ops_reject_bad_inputs(call, exc, match):
     [
         (lambda: ops.patchify(torch.randn(1, 4, 9, 8), 2), ValueError, "multiples of patch_size=2"),
         (lambda: ops.patchify(torch.randn(4, 8, 8), 2), ValueError, "x must be 4-D"),
+        (lambda: ops.patchify(torch.randn(2, 0, 8, 8), 2), ValueError, "at least one channel"),  # no features
         (lambda: ops.patchify(torch.randn(1, 4, 8, 8), 0), ValueError, "patch_size must be a positive int"),
         (lambda: ops.patchify(torch.randn(1, 4, 8, 8), 2.0), ValueError, "patch_size must be a positive int"),
         (lambda: ops.unpatchify(torch.randn(1, 16, 15), 2, 4), ValueError, "last dimension must be"),
@@ -101,6 +104,7 @@ def test_row_ops_reject_bad_inputs(call, exc, match):
         (lambda: ops.attention(*[torch.randn(1, 4, 2, 8)] * 2, torch.randn(1, 5, 2, 8)), ValueError, "same shape"),
         (lambda: ops.attention(torch.randn(1, 4, 2, 8), *[torch.randn(1, 4, 2, 4)] * 2), ValueError, "match q"),
         (lambda: ops.attention(torch.randn(4, 2, 8), *[torch.randn(1, 4, 2, 8)] * 2), ValueError, "q must be 4-D"),
+        (lambda: ops.attention(torch.randn(1, 4, 2, 8), *[torch.randn(1, 0, 2, 8)] * 2), ValueError, "non-empty T"),  # no keys
         (
             lambda: ops.attention(torch.randn(1, 4, 2, 8).half(), *[torch.randn(1, 4, 2, 8)] * 2),
             TypeError,
@@ -156,16 +160,29 @@ def test_auto_routes_float64_to_the_reference_where_it_would_run_the_kernels(mon
         assert _triton_utils.implementation("x", x.double()) == "reference"
 
 
+def test_compiled_ops_take_an_empty_batch(monkeypatch):
+    """Under torch.compile an empty batch traces to the reference (a graph of its own: torch specialises sizes 0
+    and 1), and the check for it guards nothing on a dynamic batch: B = 3 and 5 share one graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x, v: ops.gated_residual_modulate_layer_norm(x, x, v, v, v), backend=counter, dynamic=True)
+    with ops.use_backend("triton"):
+        with monkeypatch.context() as patch:
+            forbid_kernels(patch)
+            r, out = f(*rows(B=0))
+        assert r.shape == out.shape == (0, 3, 8)
+        f(*rows(B=3))
+        graphs = counter.frame_count
+        f(*rows(B=5))
+    assert counter.frame_count == graphs
+
+
 def test_reference_backend_hands_the_reference_every_argument(monkeypatch):
     """Under the reference backend no kernel runs (every kernel buffer comes from _triton_utils.empty)
     and each op passes its arguments through unchanged: non-default eps, a non-square grid, and
     distinct tensors in every slot, so a dropped or swapped argument changes the result."""
-    from fastdit.ops import _triton_utils
-
-    def no_kernel(*args):
-        raise AssertionError("a Triton kernel ran under the reference backend")
-
-    monkeypatch.setattr(_triton_utils, "empty", no_kernel)
+    forbid_kernels(monkeypatch)
     x, y = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     gate, shift, scale = torch.randn(3, 2, 8).unbind(0)
     img, tokens = torch.randn(2, 3, 4, 6), torch.randn(2, 6, 12)  # tokens: a 2 x 3 grid of 2 x 2 x 3 patches

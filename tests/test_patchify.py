@@ -5,7 +5,13 @@ import torch
 
 from fastdit import ops, reference
 from tests.helpers import DTYPES
-from tests.kernel_helpers import KERNEL_FIXTURES, check_exact, kernel_backend, poisoned  # noqa: F401 (fixtures)
+from tests.kernel_helpers import (  # noqa: F401 (fixtures)
+    KERNEL_FIXTURES,
+    check_empty_batch,
+    check_exact,
+    kernel_backend,
+    poisoned,
+)
 
 pytestmark = KERNEL_FIXTURES
 
@@ -38,3 +44,8 @@ def test_strided_images_and_gradients(image, grad_kind, device):
 def test_rejects_too_many_features(device):
     with pytest.raises(ValueError, match="patch_size\\*\\*2 \\* channels = 16400 exceeds"):
         ops.patchify(torch.randn(1, 16400, 1, 1, device=device), 1)
+
+
+def test_empty_batch(device, monkeypatch):
+    x = torch.randn(0, 3, 6, 4, dtype=torch.bfloat16, device=device)
+    check_empty_batch(lambda x: ops.patchify(x, 2), lambda x: reference.patchify(x, 2), [x], monkeypatch)

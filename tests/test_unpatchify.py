@@ -5,7 +5,13 @@ import torch
 
 from fastdit import ops, reference
 from tests.helpers import DTYPES
-from tests.kernel_helpers import KERNEL_FIXTURES, check_exact, kernel_backend, poisoned  # noqa: F401 (fixtures)
+from tests.kernel_helpers import (  # noqa: F401 (fixtures)
+    KERNEL_FIXTURES,
+    check_empty_batch,
+    check_exact,
+    kernel_backend,
+    poisoned,
+)
 
 pytestmark = KERNEL_FIXTURES
 
@@ -41,3 +47,8 @@ def test_strided_tokens_and_gradients(tokens, grad_kind, device):
 def test_rejects_too_many_features(device):
     with pytest.raises(ValueError, match="patch_size\\*\\*2 \\* channels = 16400 exceeds"):
         ops.unpatchify(torch.randn(1, 1, 16400, device=device), 1, 16400)
+
+
+def test_empty_batch(device, monkeypatch):
+    x = torch.randn(0, 6, 12, dtype=torch.bfloat16, device=device)  # a 2 x 3 grid of 2 x 2 x 3 patches
+    check_empty_batch(*unpatchify_pair(2, 3, (2, 3)), [x], monkeypatch)

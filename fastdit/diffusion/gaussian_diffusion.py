@@ -514,7 +514,7 @@ class GaussianDiffusion:
 
             indices = tqdm(indices)
         for i in indices:
-            t = torch.tensor([i] * shape[0], device=device)
+            t = _timesteps(i, shape[0], device)
             with torch.no_grad():
                 out = step(model, img, t, **step_kwargs)
                 yield out
@@ -593,7 +593,7 @@ class GaussianDiffusion:
 
     def _prior_bpd(self, x_start):
         """KL(q(x_{T-1} | x_0) || N(0, I)) in bits per dimension, (N,): the bound's prior term."""
-        t = torch.tensor([self.num_timesteps - 1] * x_start.shape[0], device=x_start.device)
+        t = _timesteps(self.num_timesteps - 1, x_start.shape[0], x_start.device)
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / _LN2
@@ -606,7 +606,7 @@ class GaussianDiffusion:
         batch_size = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
         for t in list(range(self.num_timesteps))[::-1]:
-            t_batch = torch.tensor([t] * batch_size, device=x_start.device)
+            t_batch = _timesteps(t, batch_size, x_start.device)
             noise = torch.randn_like(x_start)
             x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
             with torch.no_grad():
@@ -626,6 +626,12 @@ class GaussianDiffusion:
             "xstart_mse": torch.stack(xstart_mse, dim=1),
             "mse": torch.stack(mse, dim=1),
         }
+
+
+def _timesteps(i, n, device):
+    """(n,) int64 timesteps, all i: DiT's torch.tensor([i] * n), whose dtype is float32 for n = 0 (an empty
+    list), which no timestep lookup takes."""
+    return torch.full((n,), i, dtype=torch.int64, device=device)
 
 
 def _default_device(model, noise):

@@ -228,15 +228,21 @@ def _auto(q, k, v):
 
 
 def resolve(q, k, v, backend=None):
-    """The concrete backend attention(q, k, v, backend) runs; raises if an explicit one cannot run here."""
+    """The concrete backend attention(q, k, v, backend) runs; raises if an explicit one cannot run here.
+
+    An empty batch (B = 0) runs `math`, once an explicit backend has been found able to take such inputs:
+    there is nothing to compute, nothing for `auto` to measure (its choice, cached per shape without B, would
+    be made on nothing), and no kernel is launched over no programs (an error on some versions).
+    """
     name = policy.requested_attention_backend(backend)
-    if name == "auto":
-        return _auto(q, k, v)
-    why = unavailable(name, q)
-    if why is not None:
-        here = ", ".join(n for n in BACKENDS if unavailable(n, q) is None)
-        raise BackendUnavailable(f"attention backend {name!r} {why}; available for these inputs: {here}")
-    return name
+    if name != "auto":
+        why = unavailable(name, q)
+        if why is not None:
+            here = ", ".join(n for n in BACKENDS if unavailable(n, q) is None)
+            raise BackendUnavailable(f"attention backend {name!r} {why}; available for these inputs: {here}")
+    if q.shape[0] == 0:
+        return "math"
+    return _auto(q, k, v) if name == "auto" else name
 
 
 # --------------------------------------------------------------------------------------------

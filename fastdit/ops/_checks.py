@@ -40,11 +40,12 @@ def check_eps(eps):
 
 
 def check_rows(x, x_name, per_batch, doc="(B, T, D)"):
-    """x is (B, T, D) and each of `per_batch` (name -> tensor) is (B, D); returns (B, T, D)."""
+    """x is (B, T, D) and each of `per_batch` (name -> tensor) is (B, D); returns (B, T, D). B may be 0 (see
+    implementation()); an empty row or sequence has no LayerNorm statistics, so T and D may not."""
     check_tensor(x_name, x, 3, doc)
     B, T, D = x.shape
-    if T < 1 or D < 1 or B < 1:
-        raise ValueError(f"{x_name} must have non-empty B, T and D, got shape {tuple(x.shape)}")
+    if T < 1 or D < 1:
+        raise ValueError(f"{x_name} must have non-empty T and D, got shape {tuple(x.shape)}")
     for name, t in per_batch.items():
         check_tensor(name, t, 2, "(B, D)")
         check_shape(name, t, (B, D), "(B, D)")
@@ -67,9 +68,12 @@ def check_same_dtype(**tensors):
 
 
 def check_image(x, patch_size, name="x"):
-    """x is (B, C, H, W) with H and W divisible by patch_size."""
+    """x is (B, C, H, W), C >= 1 (tokens of no features are refused like an empty D), with H and W divisible
+    by patch_size."""
     check_tensor(name, x, 4, "(B, C, H, W)")
     check_positive_int("patch_size", patch_size)
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one channel, got shape {tuple(x.shape)}")
     H, W = x.shape[-2:]
     if H % patch_size or W % patch_size or H == 0 or W == 0:
         raise ValueError(
@@ -115,7 +119,7 @@ def check_qkv(q, k, v):
     B, _, H, Dh = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, Dh):
         raise ValueError(f"k must match q in B, H and Dh: q is {tuple(q.shape)}, k is {tuple(k.shape)}")
-    if min(q.shape) < 1 or min(k.shape) < 1:
-        raise ValueError(f"q, k and v must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if min(q.shape[1:]) < 1 or min(k.shape[1:]) < 1:  # B may be 0; a softmax over no keys is undefined
+        raise ValueError(f"q, k and v must have non-empty T, H and Dh, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     check_same_dtype(q=q, k=k, v=v)
     check_same_device(q=q, k=k, v=v)

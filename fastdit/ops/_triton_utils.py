@@ -90,7 +90,12 @@ def implementation(name, t, *others):
     (raising where the kernels cannot run there). The custom ops take it as their `impl` argument.
 
     The kernels compute in float32: float64 inputs (a model.double(), say, for a gradient check) run the
-    reference, in float64, under `auto`; the kernel backends, asked for by name, refuse them."""
+    reference, in float64, under `auto`; the kernel backends, asked for by name, refuse them.
+
+    An empty batch (t of B = 0, `model(x[mask], ...)` with an empty mask) runs the reference on every backend,
+    once the backend has accepted the inputs: there is nothing to compute, and a kernel launched over no
+    programs is an error or undefined on some Triton and CUDA versions. PyTorch's ops return the empty outputs
+    and gradients, and the kernels, their launchers and custom ops never see B = 0."""
     impl = resolve(t.device, name)
     if impl != "reference" and any(u.dtype == torch.float64 for u in (t, *others)):
         if get_backend() == "auto":
@@ -101,7 +106,7 @@ def implementation(name, t, *others):
         )
     if impl == "triton":
         check_device(name, t)
-    return impl
+    return "reference" if t.shape[0] == 0 else impl
 
 
 # Tile sizes (elements of a BLOCK_T x BLOCK_COLS program tile). On the GPU, 4096 elements over 8
