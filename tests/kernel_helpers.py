@@ -266,5 +266,5 @@ def check_empty_batch(fn, ref_fn, inputs, monkeypatch):
     ref_outs, ref_grads = run_op(ref_fn, inputs, grad_out)
     labels = [f"output {i}" for i in range(len(outs))] + [f"gradient of input {i}" for i in range(len(grads))]
     for label, got, want in zip(labels, [*outs, *grads], [*ref_outs, *ref_grads], strict=True):
-        assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{label}: {got.shape} {got.dtype}, not {want.shape} {want.dtype}"
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{label}: {got.shape} {got.dtype}, not {want}"
     return outs

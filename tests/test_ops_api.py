@@ -104,7 +104,7 @@ def test_row_ops_reject_bad_inputs(call, exc, match):
         (lambda: ops.attention(*[torch.randn(1, 4, 2, 8)] * 2, torch.randn(1, 5, 2, 8)), ValueError, "same shape"),
         (lambda: ops.attention(torch.randn(1, 4, 2, 8), *[torch.randn(1, 4, 2, 4)] * 2), ValueError, "match q"),
         (lambda: ops.attention(torch.randn(4, 2, 8), *[torch.randn(1, 4, 2, 8)] * 2), ValueError, "q must be 4-D"),
-        (lambda: ops.attention(torch.randn(1, 4, 2, 8), *[torch.randn(1, 0, 2, 8)] * 2), ValueError, "non-empty T"),  # no keys
+        (lambda: ops.attention(torch.randn(1, 4, 2, 8), *[torch.randn(1, 0, 2, 8)] * 2), ValueError, "non-empty T"),
         (
             lambda: ops.attention(torch.randn(1, 4, 2, 8).half(), *[torch.randn(1, 4, 2, 8)] * 2),
             TypeError,

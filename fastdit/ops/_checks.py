@@ -41,7 +41,8 @@ def check_eps(eps):
 
 def check_rows(x, x_name, per_batch, doc="(B, T, D)"):
     """x is (B, T, D) and each of `per_batch` (name -> tensor) is (B, D); returns (B, T, D). B may be 0 (see
-    implementation()); an empty row or sequence has no LayerNorm statistics, so T and D may not."""
+    implementation()), T and D may not: LayerNorm over no features is undefined (a mean of nothing), and no
+    DiT input has no tokens (patchify and unpatchify refuse an empty grid)."""
     check_tensor(x_name, x, 3, doc)
     B, T, D = x.shape
     if T < 1 or D < 1:
