@@ -1,5 +1,6 @@
 """GPU readiness without a GPU: every kernel and configuration the launchers choose for the DiT
-family (row, layout and attention kernels; three dtypes and bf16 autocast's mix) compiled ahead of
+family (row, layout and attention kernels; three dtypes and bf16 autocast's mix; head counts with and
+without 16 as a divisor, which Triton specialises on) compiled ahead of
 time through Triton's whole pipeline (fastdit/ops/_codegen.py): for sm_80 and sm_90 with the
 installed Triton, and for sm_90 with Triton 3.6, the GPU machine's (an H100 or H200; sm_80 there
 would only double the gate's time). Each compiles, spills nothing, fits the programs per SM its

@@ -153,7 +153,9 @@ ROW_DTYPES = {  # name: (x dtype, y and adaLN vectors' dtype); autocast: fp32 re
     "bfloat16": (torch.bfloat16, torch.bfloat16), "autocast": (torch.float32, torch.bfloat16),
 }  # fmt: skip
 LAYOUTS = ((4, 32, 2), (4, 64, 2), (4, 32, 4), (4, 32, 8))  # (latent channels, latent size, patch)
-HEAD_DIMS = (72, 64)
+# (head dim, heads): DiT-XL; DiT-L; DiT-S (and B: 12). Triton specialises on H's divisibility by 16,
+# and the head offsets compile differently without it (a dK/dV kernel once spilled on sm_80 there).
+ATTENTION_SHAPES = ((72, 16), (64, 16), (64, 6))
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -221,10 +223,13 @@ def dit_family(B=16, T=256, widths=ROW_WIDTHS, row_dtypes=tuple(ROW_DTYPES), lay
                     lambda C=C, size=size, p=p, dtype=dtype: layout_ops(B, C, size, p, dtype),
                 )
             )
-    for Dh in HEAD_DIMS:
+    for Dh, H in ATTENTION_SHAPES:
         for dtype in DTYPES:
             out.append(
-                (f"attention Dh={Dh} {_TYPES[dtype]}", lambda Dh=Dh, dtype=dtype: attention_ops(2, T, 16, Dh, dtype))
+                (
+                    f"attention Dh={Dh} H={H} {_TYPES[dtype]}",
+                    lambda Dh=Dh, H=H, dtype=dtype: attention_ops(2, T, H, Dh, dtype),
+                )
             )
     return out
 
