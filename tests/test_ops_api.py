@@ -1,5 +1,8 @@
 """fastdit.ops: backend selection and input validation shared by every op."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -241,3 +244,31 @@ except RuntimeError as e:
 """
     proc = _fresh_python(code)
     assert "Triton was imported before TRITON_INTERPRET=1 was set" in proc.stdout, proc.stderr[-2000:]
+
+
+TRITON_36 = Path(__file__).resolve().parents[1] / ".ci" / "triton-3.6"
+
+
+@pytest.mark.skipif(
+    not (TRITON_36 / "triton").is_dir(), reason=f"Triton 3.6 is not at {TRITON_36} (.ci/run puts it there)"
+)
+def test_triton_36_interprets_the_kernels_with_a_current_numpy():
+    # Triton 3.6's interpreter converts loop bounds and int arguments with int() of a shape-(1,)
+    # array, which numpy >= 2.4 refuses; fastdit gives it 3.7's conversion (a row loop and an
+    # attention key loop below, both over tensor bounds).
+    code = """
+import numpy, torch, triton, fastdit
+from fastdit import ops, reference
+assert triton.__version__.startswith("3.6."), triton.__version__
+torch.manual_seed(0)
+x, v, qkv = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 5, 3, 2, 16)
+with ops.use_backend("triton"):
+    y = ops.modulate_layer_norm(x, v, v)
+torch.testing.assert_close(y, reference.modulate_layer_norm(x, v, v))
+o = ops.attention_packed(qkv, backend="triton")
+torch.testing.assert_close(o, reference.attention(*qkv.unbind(2)))
+print("ok", numpy.__version__)
+"""
+    pythonpath = os.pathsep.join(filter(None, [str(TRITON_36), os.environ.get("PYTHONPATH")]))
+    proc = _fresh_python(code, TRITON_INTERPRET="1", PYTHONPATH=pythonpath)
+    assert proc.stdout.startswith("ok"), proc.stderr[-2000:]

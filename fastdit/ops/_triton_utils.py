@@ -25,6 +25,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on"
 _LIBRARY_INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
 
 
+def _squeeze_interpreted_indices():
+    """Triton 3.6's interpreter turns a scalar into a Python index (a loop bound, an int argument)
+    with int() of a shape-(1,) array, which numpy >= 2.4 refuses: every kernel then fails with
+    "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171). Triton
+    3.7 squeezes the array first; this gives 3.6 the same conversion, in the scope it patches and
+    restores around each interpreted launch."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET and triton.__version__.startswith("3.6."):
+    _squeeze_interpreted_indices()
+
+
 def check_device(name, t):
     """Raise if the kernels cannot run on `t`'s device in this process."""
     if t.device.type == "cpu" and not (INTERPRET and _LIBRARY_INTERPRETED):
