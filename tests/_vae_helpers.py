@@ -14,7 +14,9 @@ from fastdit import vae
 
 def save_tiny_sd_vae(path, seed=0):
     """A 2-level AutoencoderKL (factor 2, 4 latent channels, SD's scaling factor 0.18215) -> save_pretrained(path)."""
-    from diffusers.models import AutoencoderKL
+    AutoencoderKL = pytest.importorskip(
+        "diffusers.models", reason="diffusers is not installed (pip install -e '.[test]')"
+    ).AutoencoderKL
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(

@@ -33,9 +33,9 @@ def compile_gate(pythonpath, archs, cache_dir):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(cache_dir),
                PYTHONPATH=os.pathsep.join(filter(None, [pythonpath, str(REPO), os.environ.get("PYTHONPATH")])))  # fmt: skip
     check = "import triton, os; print(triton.__version__, os.path.exists(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')))"
-    version, has_cuobjdump = subprocess.run(
-        [sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True
-    ).stdout.split()
+    found = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert found.returncode == 0, f"Triton from {pythonpath or 'site-packages'} does not import: {found.stderr[-2000:]}"
+    version, has_cuobjdump = found.stdout.split()
     if has_cuobjdump != "True":
         pytest.skip(f"Triton {version} here cannot compile ahead of time for NVIDIA GPUs (no bundled cuobjdump)")
     cmd = [
