@@ -50,8 +50,8 @@ def git_commit():
 def collect():
     """The environment of this process: GPU (or CPU for smoke runs), driver, versions, commit, date."""
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
