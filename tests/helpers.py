@@ -25,9 +25,13 @@ ill-conditioned inputs, e.g. attention logits near -100). NaN never passes. A fa
 by how much.
 """
 
+from pathlib import Path
+
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The GPU machine's Triton, beside the installed one (.ci/run: pip install --target .ci/triton-3.6 triton==3.6.0 --no-deps).
+TRITON_36 = Path(__file__).resolve().parents[1] / ".ci" / "triton-3.6"
 K_NOISE = 8.0  # per-element floor, in PyTorch's RMS errors
 Z_SYSTEMATIC = 8.0  # allowance for a bias or scale error's component, in PyTorch's RMS errors
 

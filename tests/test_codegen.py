@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TRITON_36
+
 REPO = Path(__file__).resolve().parents[1]
-TRITON_36 = REPO / ".ci" / "triton-3.6"
 ATTENTION_DOTS = ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
 
 

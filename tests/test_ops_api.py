@@ -1,13 +1,13 @@
 """fastdit.ops: backend selection and input validation shared by every op."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastdit import ops, reference
 from fastdit.ops import _dispatch
+from tests.helpers import TRITON_36
 from tests.kernel_helpers import forbid_kernels
 
 
@@ -244,9 +244,6 @@ except RuntimeError as e:
 """
     proc = _fresh_python(code)
     assert "Triton was imported before TRITON_INTERPRET=1 was set" in proc.stdout, proc.stderr[-2000:]
-
-
-TRITON_36 = Path(__file__).resolve().parents[1] / ".ci" / "triton-3.6"
 
 
 @pytest.mark.skipif(
