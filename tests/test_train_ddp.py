@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo). fastdit train: DDP replicas stay identical, a NaN on one rank skips the
-step on both, a crash + --resume is bit-exact, FSDP continues a DDP checkpoint to the same weights (to rounding).
+step on both, a crash + --resume is bit-exact, FSDP continues a DDP checkpoint to the same weights (to rounding),
+a stop signal to one rank stops both (DDP and FSDP) after the same step.
 fastdit sample-ddp: each rank samples its shard with its own seed, rank 0 writes one .npz."""
 
 import json
@@ -104,6 +105,26 @@ def test_a_stop_signal_to_one_rank_stops_both_after_the_same_step_with_its_check
         f"fastdit train: stopped by SIGTERM: after step 4; `fastdit train --resume {tmp_path / 'run'}` goes on from "
         f"the last checkpoint, {tmp_path / 'run' / 'checkpoints' / '0000004.pt'}",
     ], log
+
+
+def test_fsdp_stops_on_a_signal_to_one_rank_and_its_resume_is_bit_exact(tmp_path):
+    """The same stop under FSDP, whose checkpoint gathers the sharded weights and optimizer state with
+    collectives (ranks that disagreed would hang there): the run resumed from the stop's checkpoint ends
+    with the weights, EMA and losses of a run never stopped."""
+    argv = ARGS + ["--steps", "6", "--ckpt-every", "0", "--fsdp"]
+    code, reports, log = torchrun(
+        tmp_path, "run", argv + ["--out", str(tmp_path / "run")], signal_at="1:2", timeout=120
+    )
+    assert code != 0 and reports is None, log
+    assert [(tmp_path / f"run.rank{r}.stopped").read_text() for r in range(2)] == ["4", "4"], log
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000004.pt"]
+    code, resumed, log = torchrun(tmp_path, "resumed", ["--resume", str(tmp_path / "run")], timeout=120)
+    assert code == 0, log
+    code, whole, log = torchrun(tmp_path, "whole", argv + ["--out", str(tmp_path / "whole")], timeout=120)
+    assert code == 0, log
+    for rank in range(2):
+        assert resumed[rank]["losses"] == whole[rank]["losses"][4:]
+        assert (resumed[rank]["model"], resumed[rank]["ema"]) == (whole[rank]["model"], whole[rank]["ema"])
 
 
 class Noted:
