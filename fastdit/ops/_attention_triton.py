@@ -316,8 +316,8 @@ class Blocks:
     programs_per_sm: int = 1  # the occupancy this choice counts on (checked ahead of time: tests/test_codegen.py)
 
     def launch(self):
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages,
-                    maxnreg=tu.register_cap(self.programs_per_sm, self.num_warps))  # fmt: skip
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n,
+                    **tu.launch_options(self.num_warps, self.programs_per_sm, self.num_stages))  # fmt: skip
 
 
 def split_head_dim(head_dim):
@@ -451,7 +451,7 @@ def backward(do, q, k, v, o, lse, deterministic, grads=None):
     delta = tu.empty((B, H, Tq), torch.float32, q.device)
     attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, **_layout_args(o, do), BLOCK_M=DELTA_BLOCK_M,
-        maxnreg=tu.register_cap(1, 4),
+        **tu.launch_options(4, programs_per_sm=1),
     )  # fmt: skip
 
     # Atomic dQ accumulates in float32 (zeroed), copied into dq after; the deterministic kernel writes dq.

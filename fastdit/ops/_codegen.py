@@ -6,7 +6,7 @@ compiled ahead of time for a GPU that is not there.
 prints one JSON line per distinct launch of the DiT family (`dit_family`): kernel, shape and dtypes,
 launch configuration, registers, spills (stack and local bytes), shared memory, the programs per SM
 that fit and the ones its launcher assumes, and PTX counts that show whether tensor cores, pipelined
-copies (cp.async) and 16-byte loads survived. CI gates the kernels on it (tests/test_codegen.py);
+copies (cp.async), 16-byte loads and fused multiply-adds survived. CI gates the kernels on it (tests/test_codegen.py);
 the device check compiles the launches of its own workloads up front (benchmarks/precompile.py).
 What it cannot tell: speed, and races.
 
@@ -50,12 +50,14 @@ class Launch:
     num_warps: int
     num_stages: int
     maxnreg: int = None
+    fp_fusion: bool = None  # None: Triton's default, which changes in 3.10
     label: str = dataclasses.field(default="", compare=False)  # the workload that launched it
 
     def key(self):
         """What Triton's specialisation sees: integers by width, divisibility by 16 and equality to 1."""
         args = tuple(("int", abs(a[1]) >= 2**31, a[1] % 16 == 0, a[1] == 1) if a[0] == "int" else a for a in self.args)
-        return (self.module, self.kernel, args, self.constexprs, self.num_warps, self.num_stages, self.maxnreg)
+        return (self.module, self.kernel, args, self.constexprs, self.num_warps, self.num_stages, self.maxnreg,
+                self.fp_fusion)  # fmt: skip
 
     @property
     def flags(self):
@@ -67,6 +69,7 @@ class Launch:
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
             **({"maxnreg": self.maxnreg} if self.maxnreg else {}),
+            **({"enable_fp_fusion": self.fp_fusion} if self.fp_fusion is not None else {}),
         }
 
     def function(self):
@@ -101,9 +104,11 @@ class _Recorder:
         self.module, self.name, self.kernel, self.launches, self.label = module, name, kernel, launches, label
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):  # Triton's defaults
+        def launch(
+            *args, num_warps=4, num_stages=3, maxnreg=None, enable_fp_fusion=None, **constexprs
+        ):  # Triton's defaults
             self.launches.append(Launch(self.module, self.name, tuple(map(_describe, args)), tuple(sorted(constexprs.items())),
-                                        num_warps, num_stages, maxnreg, self.label[0]))  # fmt: skip
+                                        num_warps, num_stages, maxnreg, enable_fp_fusion, self.label[0]))  # fmt: skip
 
         return launch
 
@@ -299,6 +304,7 @@ def compile_launch(launch, arch):
         programs_per_sm=programs_per_sm(regs, launch.num_warps, shared, arch),
         tensor_core_ops=ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
         cp_async=ptx.count("cp.async.c") + ptx.count("cp.async.bulk"), vector_loads=ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
+        fused_multiply_adds=ptx.count("fma.rn"),
     )  # fmt: skip
 
 

@@ -73,7 +73,7 @@ def _launch(img, tok, p, channels_last, to_image):
     layout_kernel[(B * token_blocks,)](
         img, tok, T, F, C, p, W // p, token_blocks, *img.stride(), *tok.stride()[:2],
         TO_IMAGE=to_image, CHANNELS_LAST=channels_last, BLOCK_T=block_t, BLOCK_F=block_f,
-        num_warps=tu.num_warps(block_t * block_f),
+        **tu.launch_options(tu.num_warps(block_t * block_f)),
     )  # fmt: skip
 
 

@@ -295,7 +295,7 @@ def forward(x, y=None, gate=None, shift=None, scale=None, eps=0.0):
         x, y, gate, shift, scale, r, out, mean, rstd,
         T, D, blk.rows, eps, *strides,
         HAS_RESIDUAL=y is not None, HAS_NORM=shift is not None, BLOCK_T=blk.block_t, BLOCK_D=blk.block_d,
-        ALIGN=alignment(D, *strides), num_warps=blk.num_warps, maxnreg=tu.register_cap(programs, blk.num_warps),
+        ALIGN=alignment(D, *strides), **tu.launch_options(blk.num_warps, programs),
     )  # fmt: skip
     return outputs
 
@@ -357,8 +357,7 @@ def backward(
         grad_out, grad_r, r, y, gate, scale, mean, rstd, dx, dy, partial,
         B, T, D, blk.rows, *strides,
         HAS_RESIDUAL=y is not None, HAS_NORM=grad_out is not None, RECOMPUTE_R=recompute_r, BLOCK_T=blk.block_t,
-        BLOCK_D=blk.block_d, ALIGN=alignment(D, *strides), num_warps=blk.num_warps,
-        maxnreg=tu.register_cap(programs, blk.num_warps),
+        BLOCK_D=blk.block_d, ALIGN=alignment(D, *strides), **tu.launch_options(blk.num_warps, programs),
     )  # fmt: skip
     return dx, dy, partial.sum(dim=2)  # second stage: a fixed-order reduction over the chunks
 

@@ -100,6 +100,21 @@ def register_cap(programs_per_sm, num_warps):
     return min(255, REGISTERS_PER_SM // (programs_per_sm * num_warps * 32) // 8 * 8)
 
 
+def launch_options(num_warps, programs_per_sm=None, num_stages=3):
+    """A kernel launch's compile options: warps, pipeline stages (Triton's default 3), the register
+    cap for `programs_per_sm` programs per SM (None: ptxas chooses), and fused multiply-adds.
+
+    FMAs are asked for, not left to Triton's default: every kernel was checked and compiled with
+    them, as Triton up to 3.9 compiles by default, and Triton 3.10 turns that default off (3.9 warns
+    at each process's first compile that it will)."""
+    return dict(
+        num_warps=num_warps,
+        num_stages=num_stages,
+        maxnreg=None if programs_per_sm is None else register_cap(programs_per_sm, num_warps),
+        enable_fp_fusion=True,
+    )
+
+
 @triton.jit
 def offset64(i, stride_i, j, stride_j):
     """i * stride_i + j * stride_j in 64 bits: tensors past 2**31 elements index correctly."""
