@@ -1,10 +1,13 @@
 """fastdit.ops.attention: the Triton kernels (forward, both backwards) and every installed backend
 against fastdit.reference.attention, backend selection, determinism, the model, torch.compile."""
 
+import dataclasses
+import gc
 import re
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastdit import ops, reference
 from fastdit.models import DiT
@@ -244,21 +247,53 @@ def test_auto_measures_once_skips_failures_and_never_measures_while_tracing(monk
     assert attention_module.pick_auto(("other",), ["sdpa", "math"], measure, can_measure=True) == "sdpa"
 
 
-def test_auto_measurement_runs_inside_activation_checkpointing(monkeypatch):
-    """auto times backends in the first forward, which may be inside torch.utils.checkpoint."""
-    timed = []
+@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+def test_auto_measures_inside_activation_checkpointing(checkpointing, monkeypatch):
+    """On a GPU auto times the backends in the first training forward, which may be a checkpointed block's;
+    the backward's recomputation then takes the cached choice without measuring. Here _auto runs its CUDA
+    path on CPU tensors (CPU timers for CUDA events): the measurement must stay out of the checkpoint, which
+    would otherwise fail the recomputation (full) or keep the measurement's outputs until the backward
+    (selective: up to GBs in a first step on a GPU)."""
+    monkeypatch.setattr(attention_module, "AUTO_CACHE", {})
+    monkeypatch.setattr(attention_module, "AUTO_CANDIDATES", ("sdpa_flash", "sdpa_math"))  # fast on the CPU
+    timed, measured = [], []
     monkeypatch.setattr(attention_module, "_cuda_median_ms", lambda fn: (fn(), fn(), timed.append(1), 1.0)[-1])
-    x = torch.randn(2, 5, 3, 2, 8, requires_grad=True)
+    for name in attention_module.AUTO_CANDIDATES:  # the storage of every output the measurement makes
+        run = attention_module.BACKENDS[name].run
 
-    def block(x):
-        q, k, v = x.unbind(2)
-        assert attention_module.time_backend("sdpa", q, k, v, training=True, deterministic=False) == 1.0
-        return ops.attention(q, k, v, backend="math")
+        def recorded(q, k, v, deterministic, run=run):
+            o = run(q, k, v, deterministic)
+            if q.is_leaf:  # the measurement's detached q, not the model's
+                measured.append(StorageWeakRef(o.untyped_storage()))
+            return o
 
-    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).square().sum().backward()
-    expected = torch.autograd.grad(reference.attention(*x.unbind(2)).square().sum(), x)[0]
-    torch.testing.assert_close(x.grad, expected)
-    assert len(timed) == 2  # the forward and the checkpoint's recomputation
+        monkeypatch.setitem(
+            attention_module.BACKENDS, name, dataclasses.replace(attention_module.BACKENDS[name], run=recorded)
+        )
+
+    def auto_as_on_cuda(q, k, v):  # _auto past its CPU shortcut: measure once per key, then the cached choice
+        def measure(name):
+            return attention_module.time_backend(name, q, k, v, training=True, deterministic=False)
+
+        key = (q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device, True, False)
+        return attention_module.pick_auto(key, ["sdpa_flash", "sdpa_math", "sdpa"], measure, can_measure=True)
+
+    monkeypatch.setattr(attention_module, "_auto", auto_as_on_cuda)
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, hidden_size=72, depth=2, num_heads=4, num_classes=10)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 7])
+    grads = {}
+    for mode in (checkpointing, "none"):
+        model.zero_grad()
+        model.set_gradient_checkpointing(mode)
+        loss = model(x, t, y).square().mean()
+        gc.collect()
+        assert measured and all(s.expired() for s in measured), "the checkpoint keeps the measurement's outputs"
+        loss.backward()
+        grads[mode] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(timed) == 2 and ops.last_attention_backend() == "sdpa_flash"  # each candidate once, then cached
+    for g, g_ref in zip(grads[checkpointing], grads["none"]):
+        torch.testing.assert_close(g, g_ref)
 
 
 def test_backend_selection_precedence(monkeypatch):

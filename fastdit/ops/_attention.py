@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .. import reference
 from . import _attention_policy as policy
@@ -171,10 +172,20 @@ def _cuda_median_ms(fn, min_reps=5, max_reps=100, target_ms=25.0):
 
 
 def time_backend(name, q, k, v, training, deterministic):
-    """ms of one forward (plus backward when training) of backend `name` on q, k, v (detached: only read)."""
+    """ms of one forward (plus backward when training) of backend `name` on q, k, v (detached: only read).
+
+    Measured outside the caller's activation checkpointing: the first training forward of a checkpointed
+    block measures, and checkpointing's saved-tensor hooks (and selective checkpointing's dispatch mode)
+    would take the measurement's graph for part of the block (its recomputation then fails) or keep its
+    outputs until the block's backward. Plain hooks replace the checkpoint's: they save a detached alias
+    (the tensor itself would tie an output to its own graph in a reference cycle, never freed)."""
     run = BACKENDS[name].run
     leaves = [t.detach().requires_grad_(training) for t in (q, k, v)]
-    with torch.enable_grad() if training else torch.no_grad():
+    with (
+        _disable_current_modes(),
+        torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, lambda t: t),
+        torch.enable_grad() if training else torch.no_grad(),
+    ):
         do = torch.randn_like(run(*leaves, deterministic)) if training else None
 
         def step():
