@@ -247,6 +247,17 @@ def test_auto_measures_once_skips_failures_and_never_measures_while_tracing(monk
     assert attention_module.pick_auto(("other",), ["sdpa", "math"], measure, can_measure=True) == "sdpa"
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_measuring_a_backend_leaves_the_random_stream_as_it_was(training, monkeypatch):
+    """The measurement's random output gradient is drawn on a forked stream: a training run's noise after
+    its first step does not depend on whether auto measured there (a resumed run measures at another step)."""
+    monkeypatch.setattr(attention_module, "_cuda_median_ms", lambda fn: (fn(), 1.0)[-1])
+    q, k, v = torch.randn(3, 2, 5, 2, 8).unbind(0)
+    state = torch.get_rng_state()
+    assert attention_module.time_backend("sdpa", q, k, v, training=training, deterministic=False) == 1.0
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("checkpointing", ["full", "selective"])
 def test_auto_measures_inside_activation_checkpointing(checkpointing, monkeypatch):
     """On a GPU auto times the backends in the first training forward, which may be a checkpointed block's;

@@ -178,10 +178,13 @@ def time_backend(name, q, k, v, training, deterministic):
     block measures, and checkpointing's saved-tensor hooks (and selective checkpointing's dispatch mode)
     would take the measurement's graph for part of the block (its recomputation then fails) or keep its
     outputs until the block's backward. Plain hooks replace the checkpoint's: they save a detached alias
-    (the tensor itself would tie an output to its own graph in a reference cycle, never freed)."""
+    (the tensor itself would tie an output to its own graph in a reference cycle, never freed). The random
+    streams are put back after: a run draws the same numbers whether or not it measured (a resumed run
+    measures again, at another step)."""
     run = BACKENDS[name].run
     leaves = [t.detach().requires_grad_(training) for t in (q, k, v)]
     with (
+        torch.random.fork_rng(devices=[q.device] if q.is_cuda else []),
         _disable_current_modes(),
         torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, lambda t: t),
         torch.enable_grad() if training else torch.no_grad(),
