@@ -483,6 +483,33 @@ def test_end_to_end_job_records_oom_and_fails_on_errors(monkeypatch):
     assert harness.RESULTS[-1]["status"] == "error: RuntimeError: kernel exploded"
 
 
+def test_attention_rows_say_why_another_backend_refused_a_case_and_fastdits_own_fail(monkeypatch):
+    """A forced SDPA kernel may refuse a case (shape or stride limits, "No available kernel"): its row says so,
+    untimed, and the suite goes on; an error in fastdit's own backends fails the case."""
+    from benchmarks import bench_attention
+
+    monkeypatch.setattr(harness, "RESULTS", [])
+    monkeypatch.setattr(bench_attention, "cannot_run", lambda impl, T, Dh: None)
+
+    def runner(error):
+        def run(q, k, v):
+            raise error
+
+        return lambda impl: run
+
+    monkeypatch.setattr(bench_attention, "runner", runner(RuntimeError("No available kernel. Aborting execution.")))
+    row = bench_attention.measure("sdpa_cudnn", 32, 72, "fwd")
+    assert (
+        row["ms"] is None
+        and row["status"] == "rejected this case: RuntimeError: No available kernel. Aborting execution."
+    )
+    monkeypatch.setattr(bench_attention, "runner", runner(torch.cuda.OutOfMemoryError("CUDA out of memory.")))
+    assert bench_attention.measure("triton", 32, 72, "bwd")["status"].startswith("out of memory at batch")
+    monkeypatch.setattr(bench_attention, "runner", runner(RuntimeError("kernel exploded")))
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        bench_attention.measure("triton", 32, 72, "fwd")
+
+
 def test_end_to_end_training_rows_per_configuration(monkeypatch):
     """The headline model trains in every configuration as its own row: images/s, MFU, peak memory (None
     on the CPU) and the step's breakdown by op category; the checkpointing modes named; FP8 without
