@@ -41,6 +41,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch._functorch.config
 
 from benchmarks import cases, harness, workloads
 from fastdit import ops, reference
@@ -82,6 +83,9 @@ def batch(T, impl):
 def runner(impl):
     """(q, k, v) -> o for an impl name; the forward also fixes which backward runs."""
     if impl == "math_compiled":
+        # The timed backward retains its graph (one forward, many backwards), which a compiled backward
+        # donating its buffers refuses (seen on the H200, torch 2.11): keep them.
+        torch._functorch.config.donated_buffer = False
         return harness.compiled(reference.attention)
     if impl == "triton_deterministic":
 

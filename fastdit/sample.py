@@ -161,7 +161,7 @@ class Sampler:
     buffers: x and the timesteps t are updated in place. The draws and arithmetic are those of
     p_sample_loop / ddim_sample_loop, so a seed gives the same samples.
 
-    cuda_graphs (default: on CUDA): the step is captured once per batch shape into a CUDA graph and
+    device (default: the model's). cuda_graphs (default: on CUDA): the step is captured once per batch shape into a CUDA graph and
     replayed for every step and every later batch of that shape: the host launches one graph per
     step instead of every kernel of the forward and the update (hundreds for DiT-XL/2's 28 blocks),
     so the GPU never waits on Python between kernels. compile: torch.compile of the model, once; with graphs
@@ -183,9 +183,11 @@ class Sampler:
         diffusion_steps=1000,
         compile=False,
         cuda_graphs=None,
-        device="cpu",
+        device=None,
     ):
-        self.model, self.device = model, torch.device(device)
+        # device None: the model's (a Sampler of a CUDA model samples on CUDA, with graphs by default)
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if cuda_graphs and self.device.type != "cuda":
             raise UsageError("--cuda-graphs needs a CUDA device (this run is on the CPU)")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
